@@ -1,0 +1,46 @@
+"""Shared fixtures of the headless test suite."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED_DATA = Path(os.environ.get("DEEPDOSIMETRICS_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+# Tests share 2 cores: keep each library from starting more threads than that.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository root."""
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data, or skip when this checkout has none beside it."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} is absent (a fresh clone has no ../shared)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def openkbp_train(shared_data: Path) -> Path:
+    """The 170 OpenKBP patients in NRRD (flat layout)."""
+    path = shared_data / "openkbp" / "train"
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent")
+    return path
+
+
+@pytest.fixture(scope="session")
+def phantom_cohort(tmp_path_factory) -> Path:
+    """A small deterministic phantom cohort (4 patients, 48x48x32), generated once per session."""
+    from DeepDosimetricsLib.phantom import synthesize_cohort
+
+    out = tmp_path_factory.mktemp("phantoms") / "cohort"
+    return Path(synthesize_cohort(out, patients=4, shape=(48, 48, 32), seed=0, quiet=True))
