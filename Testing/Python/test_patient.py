@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from DeepDosimetricsLib.cohort import Cohort
 from DeepDosimetricsLib.errors import InputError
 from DeepDosimetricsLib.geometry import Geometry
