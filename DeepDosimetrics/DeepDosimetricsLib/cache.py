@@ -1,0 +1,396 @@
+"""The compact preprocessing cache that training and encoding read tiles from.
+
+Each patient is resampled to a chosen spacing (default: keep), cropped to the body's bounding box
+plus a margin, and stored as memory-mapped ``.npy`` files: ``hu.npy`` (int16 HU), ``body.npy`` and
+one ``mask_<name>.npy`` per structure (uint8 0/1), ``dose.npy`` (float16 Gy), with ``manifest.json``
+recording both geometries and the crop so results map back to the original CT grid. The target chosen
+by ``synonyms.choose_target`` is stored as ``PTV``. Channels (windows, masks, scaled dose) are computed
+per tile when a tile is read, so reading a tile costs O(tile) whatever the patient's size.
+
+Layout of a cache folder::
+
+    cohort.json                 cohort manifest: config, source cohort, patients, failures
+    <patient id>/manifest.json  per-patient manifest (written last: its presence marks a patient done)
+    <patient id>/hu.npy, body.npy, mask_PTV.npy, mask_<name>.npy, dose.npy
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .channels import AIR_HU, ChannelSpec, compute_channels, parse_channels
+from .errors import InputError
+from .geometry import Geometry
+
+log = logging.getLogger(__name__)
+
+#: bumped whenever the stored layout changes; a cache of another version is rebuilt
+FORMAT_VERSION = 1
+COHORT_MANIFEST = "cohort.json"
+PATIENT_MANIFEST = "manifest.json"
+#: environment variable naming the folder under which default cache folders are created
+CACHE_ENV = "DEEPDOSIMETRICS_CACHE"
+TARGET_NAME = "PTV"
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """How a cohort is preprocessed into the cache.
+
+    spacing: output voxel spacing (x, y, z) in mm; None keeps each patient's CT spacing.
+    margin_mm: margin added around the body's bounding box before cropping.
+    structures: structures to store besides the target and the body (names or synonyms); None: all.
+    target: preferred target structure for the ``PTV`` mask; None: ``synonyms.choose_target``'s default.
+    """
+
+    spacing: Optional[Tuple[float, float, float]] = None
+    margin_mm: float = 10.0
+    structures: Optional[Tuple[str, ...]] = None
+    target: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.spacing is not None:
+            spacing = tuple(float(v) for v in self.spacing)
+            if len(spacing) != 3 or not all(v > 0 for v in spacing):
+                raise InputError(f"cache spacing must be three positive numbers of mm, got {self.spacing}")
+            object.__setattr__(self, "spacing", spacing)
+        if not self.margin_mm >= 0:
+            raise InputError(f"cache margin must be >= 0 mm, got {self.margin_mm}")
+        object.__setattr__(self, "margin_mm", float(self.margin_mm))
+        if self.structures is not None:
+            object.__setattr__(self, "structures", tuple(str(s) for s in self.structures))
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-friendly dictionary."""
+        data = asdict(self)
+        data["spacing"] = list(self.spacing) if self.spacing is not None else None
+        data["structures"] = list(self.structures) if self.structures is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> CacheConfig:
+        """Inverse of ``to_dict``."""
+        return cls(
+            spacing=tuple(data["spacing"]) if data.get("spacing") is not None else None,
+            margin_mm=float(data.get("margin_mm", 10.0)),
+            structures=tuple(data["structures"]) if data.get("structures") is not None else None,
+            target=data.get("target"),
+        )
+
+    def hash(self) -> str:
+        """A short hash of the configuration and the format version (what a built patient must match)."""
+        text = json.dumps({"format": FORMAT_VERSION, **self.to_dict()}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file and ``os.replace``."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(data, indent=2, default=_json_default))
+    os.replace(temporary, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+class CachedPatient:
+    """One patient of the cache: memory-mapped arrays on the cropped, resampled grid, read lazily."""
+
+    def __init__(self, folder: PathLike) -> None:
+        self.folder = Path(folder)
+        manifest_path = self.folder / PATIENT_MANIFEST
+        try:
+            self.manifest: Dict[str, Any] = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise InputError(f"cache manifest {manifest_path} cannot be read ({error})") from None
+        self.id: str = self.manifest["patient"]
+        #: the cropped, resampled grid the arrays lie on
+        self.geometry = Geometry.from_dict(self.manifest["cropped_geometry"])
+        #: the patient's original CT grid
+        self.original_geometry = Geometry.from_dict(self.manifest["original_geometry"])
+        #: the resampled (uncropped) grid
+        self.resampled_geometry = Geometry.from_dict(self.manifest["resampled_geometry"])
+        self._arrays: Dict[str, np.ndarray] = {}
+
+    def __repr__(self) -> str:
+        return f"CachedPatient({self.id!r}, shape={self.shape}, structures={self.structure_names})"
+
+    # ------------------------------------------------------------------ arrays
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        """(z, y, x) of the cropped, resampled volume."""
+        return self.geometry.shape_zyx
+
+    @property
+    def crop_start_xyz(self) -> Tuple[int, int, int]:
+        """Index (x, y, z) of the crop's first voxel in the resampled grid."""
+        return tuple(self.manifest["crop"]["start"])
+
+    def _load(self, file_name: str) -> np.ndarray:
+        array = self._arrays.get(file_name)
+        if array is None:
+            path = self.folder / file_name
+            try:
+                array = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as error:
+                raise InputError(f"patient {self.id}: cache file {path} cannot be read ({error})") from None
+            self._arrays[file_name] = array
+        return array
+
+    @property
+    def hu(self) -> np.ndarray:
+        """CT in HU, int16 (z, y, x), memory-mapped."""
+        return self._load(self.manifest["files"]["hu"])
+
+    @property
+    def body(self) -> np.ndarray:
+        """Body mask, uint8 (z, y, x), memory-mapped."""
+        return self._load(self.manifest["files"]["body"])
+
+    @property
+    def has_dose(self) -> bool:
+        """Whether the patient has a dose."""
+        return bool(self.manifest["has_dose"])
+
+    @property
+    def dose(self) -> Optional[np.ndarray]:
+        """Dose in Gy, float16 (z, y, x), memory-mapped; None when the patient has no dose."""
+        if not self.has_dose:
+            return None
+        return self._load(self.manifest["files"]["dose"])
+
+    @property
+    def prescription_gy(self) -> Optional[float]:
+        """The prescription dose in Gy when known."""
+        value = self.manifest.get("prescription_gy")
+        return float(value) if value is not None else None
+
+    @property
+    def structure_names(self) -> List[str]:
+        """Names of the stored masks (``PTV`` is the target), besides the body."""
+        return list(self.manifest["structures"])
+
+    def original_structure_name(self, name: str) -> Optional[str]:
+        """The name a stored structure had in the patient's files."""
+        entry = self.manifest["structures"].get(self.resolve_structure(name) or "")
+        return entry["original"] if entry else None
+
+    def resolve_structure(self, name: str) -> Optional[str]:
+        """The stored name for a structure name (exact, original name, or case-insensitive); else None."""
+        structures = self.manifest["structures"]
+        if name in structures:
+            return name
+        for stored, entry in structures.items():
+            if entry["original"] == name:
+                return stored
+        lowered = name.lower()
+        for stored, entry in structures.items():
+            if stored.lower() == lowered or entry["original"].lower() == lowered:
+                return stored
+        if lowered in ("body", "external"):
+            return "BODY"
+        return None
+
+    def has_structure(self, name: str) -> bool:
+        """Whether a mask (or the body) is stored under this name."""
+        return self.resolve_structure(name) is not None
+
+    def mask(self, name: str) -> np.ndarray:
+        """A structure mask, uint8 (z, y, x), memory-mapped (``BODY`` gives the body)."""
+        stored = self.resolve_structure(name)
+        if stored is None:
+            known = ", ".join(self.structure_names) or "none"
+            raise InputError(f"patient {self.id} has no structure {name} in the cache (structures: {known})")
+        if stored == "BODY" and stored not in self.manifest["structures"]:
+            return self.body
+        return self._load(self.manifest["structures"][stored]["file"])
+
+    # ------------------------------------------------------------------ channels
+    def check_channels(self, specs: Union[str, Sequence[Union[str, ChannelSpec]]]) -> List[ChannelSpec]:
+        """Raise InputError naming the patient and the first channel this patient cannot provide."""
+        specs = parse_channels(specs)
+        for spec in specs:
+            if spec.kind == "mask" and not self.has_structure(spec.name):
+                known = ", ".join(self.structure_names) or "none"
+                raise InputError(
+                    f"patient {self.id} has no structure {spec.name}; channel {spec.label!r} needs it "
+                    f"(structures: {known})"
+                )
+            if spec.kind == "dose":
+                if not self.has_dose:
+                    raise InputError(f"patient {self.id} has no dose; channel {spec.label!r} needs it")
+                if spec.dose_max_gy is None and self.prescription_gy is None:
+                    raise InputError(
+                        f"patient {self.id} has no known prescription; channel {spec.label!r} needs it "
+                        "(use dose or dose:GY for a fixed maximum)"
+                    )
+        return specs
+
+    def read_tile(
+        self,
+        specs: Union[str, Sequence[Union[str, ChannelSpec]]],
+        start_zyx: Sequence[int],
+        size_zyx: Sequence[int],
+        out: Optional[np.ndarray] = None,
+    ) -> np.ndarray:
+        """Channels of one tile, float32 (C, z, y, x) in [0, 1], computed from the memmaps.
+
+        The tile may reach outside the volume: those voxels read as air (HU -1024, masks 0, dose 0).
+        Costs O(tile): only the tile's part of each memmap is touched.
+        """
+        specs = self.check_channels(specs)
+        start = np.asarray(start_zyx, dtype=int)
+        size = np.asarray(size_zyx, dtype=int)
+        if start.shape != (3,) or size.shape != (3,) or np.any(size <= 0):
+            raise InputError(f"tile start {tuple(start_zyx)} / size {tuple(size_zyx)} must be 3 ints, size > 0")
+        shape = np.asarray(self.shape)
+        lo = np.clip(start, 0, shape)
+        hi = np.clip(start + size, 0, shape)
+        source = tuple(slice(a, b) for a, b in zip(lo, hi))
+        target = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
+        inside = bool(np.all(hi > lo))
+        tile_shape = tuple(int(v) for v in size)
+
+        def read(array: np.ndarray, fill: Any) -> np.ndarray:
+            if inside and np.array_equal(lo, start) and np.array_equal(hi, start + size):
+                return np.asarray(array[source])
+            tile = np.full(tile_shape, fill, dtype=array.dtype)
+            if inside:
+                tile[target] = array[source]
+            return tile
+
+        kinds = {spec.kind for spec in specs}
+        hu = read(self.hu, AIR_HU) if "window" in kinds else None
+        masks = {spec.name: read(self.mask(spec.name), 0) for spec in specs if spec.kind == "mask"}
+        dose = read(self.dose, 0) if "dose" in kinds else None
+        return compute_channels(specs, hu, masks, dose, prescription_gy=self.prescription_gy, out=out)
+
+    # ------------------------------------------------------------------ back to the original grid
+    def to_original_grid(self, volume_zyx: np.ndarray, interpolation: str = "linear", fill: float = 0.0):
+        """A volume on the cache grid (``shape``) as a SimpleITK image on the patient's original CT grid.
+
+        The crop is undone (``fill`` outside it) and the resampling reverted (``linear`` or ``nearest``).
+        Float input gives a float32 image; integer input keeps its type.
+        """
+        import SimpleITK as sitk
+
+        volume = np.asarray(volume_zyx)
+        if volume.shape != self.shape:
+            raise InputError(
+                f"patient {self.id}: volume of shape {volume.shape} does not match the cache grid {self.shape}"
+            )
+        interpolators = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}
+        if interpolation not in interpolators:
+            raise InputError(f"interpolation must be 'linear' or 'nearest', got {interpolation!r}")
+        if volume.dtype == np.bool_:
+            volume = volume.astype(np.uint8)
+        elif volume.dtype.kind == "f" and volume.dtype != np.float32:
+            volume = volume.astype(np.float32)
+        image = self.geometry.image_from_array(volume)
+        reference = self.original_geometry.reference_image(image.GetPixelID())
+        return sitk.Resample(
+            image, reference, sitk.Transform(), interpolators[interpolation], float(fill), image.GetPixelID()
+        )
+
+
+@dataclass
+class CachedCohort:
+    """A cache folder: the patients built for one cohort and configuration."""
+
+    folder: Path
+    config: CacheConfig = field(default_factory=CacheConfig)
+    ids: List[str] = field(default_factory=list)
+    #: patient id -> why it could not be cached
+    failed: Dict[str, str] = field(default_factory=dict)
+    source: Optional[str] = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self) -> Iterator[CachedPatient]:
+        return (self[pid] for pid in self.ids)
+
+    def __contains__(self, pid: object) -> bool:
+        return pid in self.ids
+
+    def __getitem__(self, pid: str) -> CachedPatient:
+        if pid not in self.ids:
+            raise InputError(f"patient {pid} is not in the cache {self.folder}")
+        return CachedPatient(self.folder / pid)
+
+    def check_channels(self, specs: Union[str, Sequence[Union[str, ChannelSpec]]]) -> List[ChannelSpec]:
+        """Check every patient can provide the channels (InputError naming the first that cannot)."""
+        specs = parse_channels(specs)
+        for patient in self:
+            patient.check_channels(specs)
+        return specs
+
+
+def patient_is_complete(folder: Path, config: CacheConfig) -> bool:
+    """Whether a patient folder holds a finished build for this configuration."""
+    try:
+        manifest = json.loads((Path(folder) / PATIENT_MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return manifest.get("format_version") == FORMAT_VERSION and manifest.get("config_hash") == config.hash()
+
+
+def default_cache_dir(cohort_dir: PathLike, config: CacheConfig) -> Path:
+    """``$DEEPDOSIMETRICS_CACHE/<name>-<hash>`` or ``~/.cache/deepdosimetrics/<name>-<hash>``.
+
+    The hash covers the cohort's absolute path and the configuration, so different cohorts or
+    settings never share a folder, and the cohort itself (maybe read-only) is never written.
+    """
+    cohort = Path(cohort_dir).resolve()
+    root = os.environ.get(CACHE_ENV) or str(Path.home() / ".cache" / "deepdosimetrics")
+    digest = hashlib.sha256(f"{cohort}\n{config.hash()}".encode()).hexdigest()[:12]
+    return Path(root).expanduser() / f"{cohort.name}-{digest}"
+
+
+def open_cache(cache_dir: PathLike) -> CachedCohort:
+    """Open a built cache folder (its ``cohort.json``)."""
+    folder = Path(cache_dir)
+    path = folder / COHORT_MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise InputError(f"{folder} is not a DeepDosimetrics cache: {path} cannot be read ({error})") from None
+    config = CacheConfig.from_dict(data["config"])
+    ids = [pid for pid in data["patients"] if patient_is_complete(folder / pid, config)]
+    return CachedCohort(folder, config, ids, dict(data.get("failed", {})), data.get("source"))
+
+
+def ensure_cache(
+    cohort_dir: PathLike,
+    config: Optional[CacheConfig] = None,
+    cache_dir: Optional[PathLike] = None,
+    jobs: int = 1,
+    quiet: bool = True,
+    ids: Optional[Sequence[str]] = None,
+) -> CachedCohort:
+    """Build the cache entries a cohort is missing (in ``jobs`` processes) and return the cache.
+
+    Patients already built with the same configuration are reused; a patient that cannot be read is
+    skipped, its reason kept in ``CachedCohort.failed`` (and logged).
+    """
+    from .cache_build import build_cohort
+
+    return build_cohort(cohort_dir, config or CacheConfig(), cache_dir=cache_dir, jobs=jobs, quiet=quiet, ids=ids)

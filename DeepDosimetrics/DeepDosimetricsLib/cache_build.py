@@ -1,0 +1,340 @@
+"""Building the preprocessing cache: resample, crop to the body, write memory-mapped arrays.
+
+Memory stays bounded by about the patient's CT plus one full-size input image (the dose, as float32)
+at a time: volumes are resampled slab by slab straight into the ``.npy`` memmaps, structures one at a
+time, and no whole-volume float copy of the output is made. Each patient is written into a temporary
+folder that is renamed last, so an interrupted build leaves no half patient under its final name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from .cache import (
+    COHORT_MANIFEST,
+    FORMAT_VERSION,
+    PATIENT_MANIFEST,
+    TARGET_NAME,
+    CacheConfig,
+    CachedCohort,
+    PathLike,
+    default_cache_dir,
+    open_cache,
+    patient_is_complete,
+    write_json_atomic,
+)
+from .channels import AIR_HU
+from .errors import DeepDosimetricsError, InputError
+from .geometry import Geometry
+
+log = logging.getLogger(__name__)
+
+#: voxels resampled per slab (bounds the temporary output image of sitk.Resample)
+SLAB_VOXELS = 4_000_000
+
+
+# ---------------------------------------------------------------------- geometry
+def resampled_geometry(geometry: Geometry, spacing: Optional[Sequence[float]]) -> Geometry:
+    """The grid covering the same extent as ``geometry`` with a new spacing (same grid when None)."""
+    if spacing is None:
+        return geometry
+    old = np.asarray(geometry.spacing, dtype=float)
+    new = np.asarray(spacing, dtype=float)
+    if np.allclose(old, new, rtol=0, atol=1e-6):
+        return geometry
+    size = np.maximum(1, np.round(np.asarray(geometry.size) * old / new)).astype(int)
+    origin = np.asarray(geometry.origin) + geometry.direction_matrix @ ((new - old) / 2.0)
+    return Geometry(
+        size=tuple(int(v) for v in size),
+        spacing=tuple(float(v) for v in new),
+        origin=tuple(float(v) for v in origin),
+        direction=geometry.direction,
+    )
+
+
+def sub_geometry(geometry: Geometry, start_xyz: Sequence[int], size_xyz: Sequence[int]) -> Geometry:
+    """The part of a grid starting at index ``start_xyz`` with ``size_xyz`` voxels."""
+    origin = geometry.index_to_physical([float(v) for v in start_xyz])
+    return Geometry(
+        size=tuple(int(v) for v in size_xyz),
+        spacing=geometry.spacing,
+        origin=tuple(float(v) for v in origin),
+        direction=geometry.direction,
+    )
+
+
+def body_crop(
+    body_zyx: np.ndarray, original: Geometry, resampled: Geometry, margin_mm: float
+) -> Tuple[Tuple[int, int, int], Tuple[int, int, int]]:
+    """Start and size (x, y, z) in the resampled grid of the body's bounding box plus a margin.
+
+    An empty body keeps the whole grid.
+    """
+    size = np.asarray(resampled.size, dtype=int)
+    axes_any = [np.flatnonzero(body_zyx.any(axis=axes)) for axes in ((0, 1), (0, 2), (1, 2))]  # x, y, z
+    if any(indices.size == 0 for indices in axes_any):
+        return (0, 0, 0), tuple(int(v) for v in size)
+    lo = np.array([indices[0] for indices in axes_any], dtype=float) - 0.5
+    hi = np.array([indices[-1] for indices in axes_any], dtype=float) + 0.5
+    corners = [original.index_to_physical([x, y, z]) for x in (lo[0], hi[0]) for y in (lo[1], hi[1])
+               for z in (lo[2], hi[2])]
+    indices = np.array([resampled.physical_to_index(c) for c in corners])
+    margin = margin_mm / np.asarray(resampled.spacing)
+    start = np.floor(indices.min(axis=0) + 0.5 - margin).astype(int)
+    stop = np.ceil(indices.max(axis=0) - 0.5 + margin).astype(int) + 1
+    start = np.clip(start, 0, size - 1)
+    stop = np.clip(stop, start + 1, size)
+    return tuple(int(v) for v in start), tuple(int(v) for v in stop - start)
+
+
+def grid_offset(source: Geometry, target: Geometry) -> Optional[np.ndarray]:
+    """Integer index (x, y, z) of ``target``'s origin in ``source`` when the grids align, else None."""
+    if not (np.allclose(source.spacing, target.spacing, rtol=0, atol=1e-6)
+            and np.allclose(source.direction, target.direction, rtol=0, atol=1e-6)):
+        return None
+    index = source.physical_to_index(target.origin)
+    rounded = np.round(index)
+    if not np.allclose(index, rounded, rtol=0, atol=1e-3):
+        return None
+    return rounded.astype(int)
+
+
+# ---------------------------------------------------------------------- writing volumes
+def resample_into(
+    image: sitk.Image, target: Geometry, out: np.ndarray, interpolator: int, default: float
+) -> None:
+    """Resample ``image`` onto ``target`` into the (z, y, x) array ``out``, slab by slab.
+
+    Aligned grids (same spacing and direction, integer offset) are copied without interpolation.
+    """
+    source = Geometry.from_image(image)
+    offset = grid_offset(source, target)
+    depth = max(1, SLAB_VOXELS // max(1, target.size[0] * target.size[1]))
+    if offset is not None:
+        view = sitk.GetArrayViewFromImage(image)
+        shape = np.asarray(view.shape)  # z, y, x
+        start = offset[::-1]
+        lo = np.clip(start, 0, shape)
+        hi = np.clip(start + np.asarray(out.shape), 0, shape)
+        if np.any(hi <= lo) or np.any(lo != start) or np.any(hi != start + np.asarray(out.shape)):
+            out[...] = default
+        if np.all(hi > lo):
+            for z in range(lo[0], hi[0], depth):
+                z_end = min(z + depth, hi[0])
+                out[z - start[0]:z_end - start[0], lo[1] - start[1]:hi[1] - start[1],
+                    lo[2] - start[2]:hi[2] - start[2]] = view[z:z_end, lo[1]:hi[1], lo[2]:hi[2]]
+        return
+    pixel = image.GetPixelID()
+    for z in range(0, target.size[2], depth):
+        z_end = min(z + depth, target.size[2])
+        slab = sub_geometry(target, (0, 0, z), (target.size[0], target.size[1], z_end - z))
+        resampled = sitk.Resample(image, slab.reference_image(pixel), sitk.Transform(), interpolator,
+                                  float(default), pixel)
+        out[z:z_end] = sitk.GetArrayViewFromImage(resampled)
+        del resampled
+
+
+def write_volume(
+    folder: Path, file_name: str, image: sitk.Image, target: Geometry, dtype, interpolator: int, default: float
+) -> None:
+    """Resample ``image`` onto ``target`` into a new memory-mapped ``.npy`` file."""
+    out = np.lib.format.open_memmap(folder / file_name, mode="w+", dtype=dtype, shape=target.shape_zyx)
+    resample_into(image, target, out, interpolator, default)
+    out.flush()
+    del out
+
+
+def stored_structures(
+    names: Sequence[str], config: CacheConfig, body_name: Optional[str]
+) -> Tuple[Optional[str], Dict[str, str]]:
+    """The target's original name and stored name -> original name of the structures to cache."""
+    from .synonyms import choose_target, normalize_name, safe_name
+
+    candidates = [name for name in names if name != body_name]
+    target = choose_target(candidates, preferred=config.target)
+    if config.target is not None and target is None:
+        raise InputError(
+            f"no structure matches the target {config.target!r} (structures: {', '.join(names) or 'none'})"
+        )
+    wanted = None
+    if config.structures is not None:
+        wanted = {normalize_name(name) for name in config.structures} | set(config.structures)
+    stored: Dict[str, str] = {}
+    if target is not None:
+        stored[TARGET_NAME] = target
+    for name in candidates:
+        if name == target:
+            continue
+        canonical = normalize_name(name)
+        if wanted is not None and canonical not in wanted and name not in wanted:
+            continue
+        key = safe_name(canonical)
+        if key in stored or key.upper() in ("BODY", TARGET_NAME):
+            key = safe_name(name)
+        if key in stored:
+            log.warning("structure %r has the same name as %r once normalised; kept the first", name, stored[key])
+            continue
+        stored[key] = name
+    return target, stored
+
+
+def prescription_of(patient, target: Optional[str]) -> Tuple[Optional[float], Optional[str]]:
+    """The prescription in Gy and where it comes from (the patient, or the target's name)."""
+    value = getattr(patient, "prescription_gy", None)
+    if value:
+        return float(value), "patient"
+    if target is not None:
+        from .synonyms import dose_level
+
+        level = dose_level(target)
+        if level:
+            return float(level), f"target name {target}"
+    return None, None
+
+
+def build_patient(patient, folder: PathLike, config: CacheConfig) -> dict:
+    """Write one patient's cache entry into ``folder`` (created fresh) and return its manifest."""
+    started = time.perf_counter()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=False)
+    ct = patient.ct_image()
+    original = Geometry.from_image(ct)
+    resampled = resampled_geometry(original, config.spacing)
+    body_name = patient.body_structure_name() if hasattr(patient, "body_structure_name") else None
+
+    body = patient.body()
+    start, size = body_crop(body, original, resampled, config.margin_mm)
+    cropped = sub_geometry(resampled, start, size)
+    body_image = original.image_from_array(body)
+    del body
+    files = {"hu": "hu.npy", "body": "body.npy"}
+    write_volume(folder, files["body"], body_image, cropped, np.uint8, sitk.sitkNearestNeighbor, 0)
+    del body_image
+    write_volume(folder, files["hu"], ct, cropped, np.int16, sitk.sitkLinear, AIR_HU)
+
+    target, stored = stored_structures(patient.structure_names, config, body_name)
+    structures = {}
+    for key, original_name in stored.items():
+        file_name = f"mask_{key}.npy"
+        mask = patient.structure_image(original_name)
+        write_volume(folder, file_name, mask, cropped, np.uint8, sitk.sitkNearestNeighbor, 0)
+        del mask
+        structures[key] = {"original": original_name, "file": file_name}
+
+    if patient.has_dose:
+        files["dose"] = "dose.npy"
+        dose = patient.dose_image()
+        write_volume(folder, files["dose"], dose, cropped, np.float16, sitk.sitkLinear, 0.0)
+        del dose
+    prescription, prescription_source = prescription_of(patient, target)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "config_hash": config.hash(),
+        "config": config.to_dict(),
+        "patient": patient.id,
+        "source": str(patient.folder) if getattr(patient, "folder", None) is not None else patient.source,
+        "original_geometry": original.to_dict(),
+        "resampled_geometry": resampled.to_dict(),
+        "cropped_geometry": cropped.to_dict(),
+        "crop": {"start": list(start), "size": list(size), "margin_mm": config.margin_mm},
+        "shape_zyx": list(cropped.shape_zyx),
+        "files": files,
+        "structures": structures,
+        "target": target,
+        "body_structure": body_name,
+        "has_dose": bool(patient.has_dose),
+        "prescription_gy": prescription,
+        "prescription_source": prescription_source,
+        "build_seconds": round(time.perf_counter() - started, 3),
+    }
+    write_json_atomic(folder / PATIENT_MANIFEST, manifest)
+    return manifest
+
+
+def _build_one(cohort_dir: str, patient_id: str, cache_dir: str, config: CacheConfig) -> Tuple[str, Optional[str]]:
+    """Build one patient into ``cache_dir`` (in a worker process); returns (id, failure reason or None)."""
+    from .patient import Patient
+
+    final = Path(cache_dir) / patient_id
+    temporary = Path(cache_dir) / f".tmp-{patient_id}-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        patient = Patient.from_folder(Path(cohort_dir) / patient_id)
+        build_patient(patient, temporary, config)
+        if final.exists():
+            if patient_is_complete(final, config):  # another process finished it meanwhile
+                shutil.rmtree(temporary, ignore_errors=True)
+                return patient_id, None
+            shutil.rmtree(final)
+        os.rename(temporary, final)
+        return patient_id, None
+    except DeepDosimetricsError as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        return patient_id, str(error)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def build_cohort(
+    cohort_dir: PathLike,
+    config: CacheConfig,
+    cache_dir: Optional[PathLike] = None,
+    jobs: int = 1,
+    quiet: bool = True,
+    ids: Optional[Sequence[str]] = None,
+) -> CachedCohort:
+    """Build what the cache of a cohort is missing and return it (see ``cache.ensure_cache``)."""
+    from .cohort import Cohort
+    from .progress import progress_bar
+
+    cohort = Cohort.open(cohort_dir, patient_ids=list(ids) if ids is not None else None)
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir(cohort_dir, config)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"cannot create the cache folder {folder}: {error.strerror or error}") from None
+    todo = [pid for pid in cohort.ids if not patient_is_complete(folder / pid, config)]
+    failed: Dict[str, str] = {}
+    if todo:
+        log.debug("cache %s: building %d of %d patients", folder, len(todo), len(cohort))
+    bar = progress_bar(range(len(todo)), total=len(todo), desc="cache", quiet=quiet)
+    if jobs <= 1 or len(todo) <= 1:
+        for pid in todo:
+            _, reason = _build_one(str(cohort.folder), pid, str(folder), config)
+            if reason:
+                failed[pid] = reason
+            bar.update(1)
+    else:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context) as pool:
+            futures = [pool.submit(_build_one, str(cohort.folder), pid, str(folder), config) for pid in todo]
+            for future in as_completed(futures):
+                pid, reason = future.result()
+                if reason:
+                    failed[pid] = reason
+                bar.update(1)
+    bar.close()
+    for pid, reason in failed.items():
+        log.warning("patient %s not cached: %s", pid, reason)
+    patients: List[str] = [pid for pid in cohort.ids if pid not in failed]
+    write_json_atomic(folder / COHORT_MANIFEST, {
+        "format_version": FORMAT_VERSION,
+        "config_hash": config.hash(),
+        "config": config.to_dict(),
+        "source": str(Path(cohort.folder).resolve()),
+        "patients": patients,
+        "failed": failed,
+    })
+    return open_cache(folder)

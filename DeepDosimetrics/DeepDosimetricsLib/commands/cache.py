@@ -1,0 +1,50 @@
+"""`deepdosimetrics cache`: build (or complete) the compact preprocessing cache of a cohort."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "build the compact memory-mapped preprocessing cache of a cohort (resampled, cropped to the body)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command's options."""
+    parser.add_argument("--cohort", required=True, metavar="DIR", help="cohort folder (one sub-folder per patient)")
+    parser.add_argument(
+        "--cache", metavar="DIR", default=None,
+        help="cache folder (default: $DEEPDOSIMETRICS_CACHE/<cohort>-<hash> or "
+        "~/.cache/deepdosimetrics/<cohort>-<hash>; the cohort itself is never written)",
+    )
+    parser.add_argument(
+        "--spacing", nargs=3, type=float, metavar=("SX", "SY", "SZ"), default=None,
+        help="resample to this voxel spacing in mm (default: keep each patient's CT spacing)",
+    )
+    parser.add_argument("--margin", type=float, default=10.0, metavar="MM",
+                        help="margin around the body's bounding box, mm (default 10)")
+    parser.add_argument("--structures", nargs="+", default=None, metavar="NAME",
+                        help="structures to store besides the target and body (default: all)")
+    parser.add_argument("--target", default=None, metavar="NAME",
+                        help="structure stored as the PTV mask (default: PTV, else the highest-dose PTV)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N", help="patients built in parallel (default 1)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build what is missing; exit code 1 when some patients could not be cached."""
+    from ..cache import CacheConfig, ensure_cache
+    from ..errors import InputError
+
+    if args.jobs < 1:
+        raise InputError(f"--jobs must be at least 1, got {args.jobs}")
+    config = CacheConfig(
+        spacing=tuple(args.spacing) if args.spacing else None,
+        margin_mm=args.margin,
+        structures=tuple(args.structures) if args.structures else None,
+        target=args.target,
+    )
+    cache = ensure_cache(args.cohort, config, cache_dir=args.cache, jobs=args.jobs, quiet=args.quiet)
+    print(f"cache: {cache.folder}")
+    print(f"patients cached: {len(cache)}; failed: {len(cache.failed)}")
+    for pid, reason in cache.failed.items():
+        print(f"  {pid}: {reason}")
+    return 1 if cache.failed else 0
