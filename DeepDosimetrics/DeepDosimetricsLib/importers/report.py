@@ -1,0 +1,90 @@
+"""The import report: one row per patient (ok or skipped, with the reason), written as import_report.csv."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Union
+
+#: file name of the report in the cohort folder
+REPORT_FILE = "import_report.csv"
+OK = "ok"
+SKIPPED = "skipped"
+
+
+@dataclass
+class PatientImportStatus:
+    """The outcome of importing one patient."""
+
+    patient: str
+    status: str  # OK or SKIPPED
+    reason: str = ""  # why skipped, or notes for an ok patient ("already imported", "no dose")
+    source: str = ""  # where it came from (folder, files)
+    structures: int = 0
+    has_dose: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+
+@dataclass
+class ImportReport:
+    """Every patient's outcome of one import run."""
+
+    importer: str
+    entries: list[PatientImportStatus] = field(default_factory=list)
+
+    def add(self, entry: PatientImportStatus) -> PatientImportStatus:
+        self.entries.append(entry)
+        return entry
+
+    def ok(self, patient: str, reason: str = "", **details) -> PatientImportStatus:
+        return self.add(PatientImportStatus(patient, OK, reason, **details))
+
+    def skipped(self, patient: str, reason: str, **details) -> PatientImportStatus:
+        return self.add(PatientImportStatus(patient, SKIPPED, reason, **details))
+
+    @property
+    def failed(self) -> list[PatientImportStatus]:
+        return [entry for entry in self.entries if not entry.ok]
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every patient was imported, 1 when some were skipped (or none was found)."""
+        return 1 if self.failed or not self.entries else 0
+
+    def to_csv_text(self) -> str:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(PatientImportStatus)],
+                                lineterminator="\n")
+        writer.writeheader()
+        for entry in self.entries:
+            writer.writerow(asdict(entry))
+        return buffer.getvalue()
+
+    def write(self, cohort_dir: Union[str, os.PathLike]) -> Path:
+        """Write ``import_report.csv`` into the cohort folder atomically; returns its path."""
+        path = Path(cohort_dir) / REPORT_FILE
+        handle, temporary = tempfile.mkstemp(prefix=".import_report.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
+                stream.write(self.to_csv_text())
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        return path
+
+    def summary(self) -> str:
+        """A short human summary: counts, then one line per skipped patient."""
+        ok = len(self.entries) - len(self.failed)
+        lines = [f"{self.importer} import: {ok} patient(s) ok, {len(self.failed)} skipped"]
+        if not self.entries:
+            lines.append("  no patient found")
+        lines += [f"  skipped {entry.patient}: {entry.reason}" for entry in self.failed]
+        return "\n".join(lines)
