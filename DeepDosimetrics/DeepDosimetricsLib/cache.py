@@ -111,6 +111,18 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def grid_offset(source: Geometry, target: Geometry) -> Optional[np.ndarray]:
+    """Integer index (x, y, z) of ``target``'s origin in ``source`` when the grids align, else None."""
+    if not (np.allclose(source.spacing, target.spacing, rtol=0, atol=1e-6)
+            and np.allclose(source.direction, target.direction, rtol=0, atol=1e-6)):
+        return None
+    index = source.physical_to_index(target.origin)
+    rounded = np.round(index)
+    if not np.allclose(index, rounded, rtol=0, atol=1e-3):
+        return None
+    return rounded.astype(int)
+
+
 class CachedPatient:
     """One patient of the cache: memory-mapped arrays on the cropped, resampled grid, read lazily."""
 
@@ -304,11 +316,25 @@ class CachedPatient:
             volume = volume.astype(np.uint8)
         elif volume.dtype.kind == "f" and volume.dtype != np.float32:
             volume = volume.astype(np.float32)
+        original = self.original_geometry
+        offset = grid_offset(original, self.geometry)
+        if offset is not None:  # same grid, only cropped: paste, no interpolation
+            full = np.full(original.shape_zyx, fill, dtype=volume.dtype)
+            start = offset[::-1]
+            shape = np.asarray(full.shape)
+            lo, hi = np.clip(start, 0, shape), np.clip(start + np.asarray(volume.shape), 0, shape)
+            if np.all(hi > lo):
+                full[tuple(slice(a, b) for a, b in zip(lo, hi))] = volume[
+                    tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))]
+            return original.image_from_array(full)
         image = self.geometry.image_from_array(volume)
-        reference = self.original_geometry.reference_image(image.GetPixelID())
-        return sitk.Resample(
-            image, reference, sitk.Transform(), interpolators[interpolation], float(fill), image.GetPixelID()
-        )
+        rounding = volume.dtype.kind in "iu" and interpolation == "linear"
+        pixel = sitk.sitkFloat32 if rounding else image.GetPixelID()
+        result = sitk.Resample(image, original.reference_image(pixel), sitk.Transform(),
+                               interpolators[interpolation], float(fill), pixel)
+        if rounding:  # integers interpolated in float32, then rounded back to their type
+            result = sitk.Cast(sitk.Round(result), image.GetPixelID())
+        return result
 
 
 @dataclass

@@ -28,6 +28,7 @@ from .cache import (
     CachedCohort,
     PathLike,
     default_cache_dir,
+    grid_offset,
     open_cache,
     patient_is_complete,
     write_json_atomic,
@@ -96,18 +97,6 @@ def body_crop(
     return tuple(int(v) for v in start), tuple(int(v) for v in stop - start)
 
 
-def grid_offset(source: Geometry, target: Geometry) -> Optional[np.ndarray]:
-    """Integer index (x, y, z) of ``target``'s origin in ``source`` when the grids align, else None."""
-    if not (np.allclose(source.spacing, target.spacing, rtol=0, atol=1e-6)
-            and np.allclose(source.direction, target.direction, rtol=0, atol=1e-6)):
-        return None
-    index = source.physical_to_index(target.origin)
-    rounded = np.round(index)
-    if not np.allclose(index, rounded, rtol=0, atol=1e-3):
-        return None
-    return rounded.astype(int)
-
-
 # ---------------------------------------------------------------------- writing volumes
 def resample_into(
     image: sitk.Image, target: Geometry, out: np.ndarray, interpolator: int, default: float
@@ -133,14 +122,17 @@ def resample_into(
                 out[z - start[0]:z_end - start[0], lo[1] - start[1]:hi[1] - start[1],
                     lo[2] - start[2]:hi[2] - start[2]] = view[z:z_end, lo[1]:hi[1], lo[2]:hi[2]]
         return
-    pixel = image.GetPixelID()
+    # integers interpolated linearly are computed in float32 and rounded (ITK would truncate)
+    rounding = out.dtype.kind in "iu" and interpolator != sitk.sitkNearestNeighbor
+    pixel = sitk.sitkFloat32 if rounding else image.GetPixelID()
     for z in range(0, target.size[2], depth):
         z_end = min(z + depth, target.size[2])
         slab = sub_geometry(target, (0, 0, z), (target.size[0], target.size[1], z_end - z))
         resampled = sitk.Resample(image, slab.reference_image(pixel), sitk.Transform(), interpolator,
                                   float(default), pixel)
-        out[z:z_end] = sitk.GetArrayViewFromImage(resampled)
-        del resampled
+        values = sitk.GetArrayViewFromImage(resampled)
+        out[z:z_end] = np.rint(values) if rounding else values
+        del values, resampled
 
 
 def write_volume(
