@@ -288,6 +288,9 @@ def _quiet_pyradiomics() -> None:
     import radiomics
 
     radiomics.setVerbosity(logging.ERROR)
+    # its logger (and pykwalify's) would still pass INFO records on to the root logger's handlers
+    logging.getLogger("radiomics").setLevel(logging.ERROR)
+    logging.getLogger("pykwalify").setLevel(logging.WARNING)
 
 
 def _extractor_from(config: Dict[str, Any]):

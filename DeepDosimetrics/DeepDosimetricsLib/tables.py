@@ -310,3 +310,35 @@ def in_patient_order(rows: List[tuple], patient_ids: List[str]) -> List[tuple]:
     """Rows grouped by patient in cohort order (stable within a patient)."""
     order = {pid: index for index, pid in enumerate(patient_ids)}
     return sorted(rows, key=lambda row: order.get(row[0], len(order)))
+
+
+# ---------------------------------------------------------------------------------- CLI output
+def parse_structure_list(text: Optional[str]) -> Optional[List[str]]:
+    """``"PTV70, Brainstem"`` -> ``["PTV70", "Brainstem"]``; None or empty -> None (all structures)."""
+    if not text:
+        return None
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    return names or None
+
+
+def write_result(table: pd.DataFrame, out: Union[str, Path], wide: bool = False) -> int:
+    """Write the long (or wide) table atomically, print a summary with the skips, and return the exit
+    code: 0 when every item ran or was skipped for a reason the data give, 1 when some failed."""
+    if wide:
+        write_csv_atomic(to_wide(table), out, index=True)
+    else:
+        write_csv_atomic(table, out)
+    measured = table[table["feature"].astype(str) != ""]
+    pairs = measured[["patient", "structure"]].drop_duplicates()
+    print(
+        f"{out}: {len(measured)} values, {pairs['patient'].nunique()} patients, {len(pairs)} structures measured",
+        file=sys.stderr,
+    )
+    skipped = table[table["feature"].astype(str) == ""]
+    failures = count_failures(table)
+    if len(skipped):
+        print(f"{len(skipped) - failures} skipped, {failures} failed:", file=sys.stderr)
+        for row in skipped.itertuples(index=False):
+            where = f"{row.patient}/{row.structure}" if row.structure else str(row.patient)
+            print(f"  {where}: {row.reason}", file=sys.stderr)
+    return 1 if failures else 0

@@ -1,0 +1,47 @@
+"""`deepdosimetrics dvh`: dose-volume metrics (and curves) per structure of every patient of a cohort."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "dose-volume metrics per structure (volume, Dmean/min/max, D98/95/50/2, V5..V70) of a cohort to CSV"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command's options."""
+    parser.add_argument("--cohort", required=True, metavar="DIR", help="cohort folder (one sub-folder per patient)")
+    parser.add_argument("--structures", default=None, metavar="A,B",
+                        help="comma-separated structure names (case-insensitive; default: every structure)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="processes working in parallel over (patient, structure) (default 1)")
+    parser.add_argument("--wide", action="store_true",
+                        help="write metrics as rows and one column per patient/structure (default: a long "
+                        "table patient,structure,image,feature,value,reason)")
+    parser.add_argument("--dvh-curves", default=None, metavar="FILE.csv",
+                        help="also write the cumulative DVH curves (patient,structure,dose_gy,volume_pct)")
+    parser.add_argument("--bin-width", type=float, default=0.1, metavar="GY",
+                        help="dose step of the DVH curves in Gy (default 0.1)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--out", required=True, metavar="FILE.csv", help="output CSV (written atomically)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Exit code 0 when every structure was measured or skipped for a data reason (empty, outside the
+    image, patient without dose), 1 when some failed (unreadable files), 2 on bad input."""
+    from ..cohort import Cohort
+    from ..dosimetrics import cohort_dvh
+    from ..errors import InputError
+    from ..tables import parse_structure_list, write_csv_atomic, write_result
+
+    if args.jobs < 1:
+        raise InputError(f"--jobs must be at least 1, got {args.jobs}")
+    if not args.bin_width > 0:
+        raise InputError(f"--bin-width must be positive, got {args.bin_width}")
+    cohort = Cohort.open(args.cohort)
+    result = cohort_dvh(
+        cohort, structures=parse_structure_list(args.structures), jobs=args.jobs, quiet=args.quiet,
+        curves=bool(args.dvh_curves), bin_width_gy=args.bin_width,
+    )
+    if args.dvh_curves:
+        write_csv_atomic(result.curves, args.dvh_curves)
+    return write_result(result.metrics, args.out, wide=args.wide)
