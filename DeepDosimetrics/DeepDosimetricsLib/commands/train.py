@@ -1,0 +1,65 @@
+"""`deepdosimetrics train`: train the tiled 3D autoencoder on a cohort (CPU, GPU, or DDP under torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "train the tiled 3D autoencoder (K features per tile) on a cohort; resumable, torchrun-ready"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command's options (defaults come from Resources/train-default.yaml, then --config)."""
+    parser.add_argument("--cohort", required=True, metavar="DIR", help="cohort folder (one sub-folder per patient)")
+    parser.add_argument("--out", required=True, metavar="MODEL_DIR",
+                        help="model folder: model.json/model.pt, checkpoint.pt, loss_history.csv, loss_curve.png")
+    parser.add_argument("--cache", metavar="DIR", default=None,
+                        help="preprocessing cache folder (default: the cohort's default cache; built when missing)")
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="YAML training configuration (see Resources/train-default.yaml); options below override it")
+    parser.add_argument("--channels", default=None, help="default | full | list such as window:lung,mask:PTV,dose")
+    parser.add_argument("--tile", type=int, default=None, metavar="N", help="tile edge in voxels (default 64)")
+    parser.add_argument("--batch", type=int, default=None, metavar="N", help="tiles per step and process (default 2)")
+    parser.add_argument("--features", type=int, default=None, metavar="K", help="learned features per tile (default 10)")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, metavar="N", help="training steps in total")
+    length.add_argument("--epochs", type=int, default=None, metavar="N",
+                        help="epochs of steps_per_epoch steps (validation after each)")
+    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3)")
+    parser.add_argument("--schedule", choices=("cosine", "plateau", "constant"), default=None,
+                        help="learning-rate schedule (default cosine)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default=None,
+                        help="auto (default): CUDA, then MPS, then CPU")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from MODEL_DIR/checkpoint.pt (a new run when there is none)")
+    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                        help="steps between checkpoints (default 100)")
+    parser.add_argument("--val-fraction", type=float, default=None, metavar="F",
+                        help="share of patients held out for validation (default 0.2)")
+    parser.add_argument("--patience", type=int, default=None, metavar="N",
+                        help="early stopping after N validations without improvement (0: off)")
+    parser.add_argument("--workers", type=int, default=None, metavar="N", dest="num_workers",
+                        help="DataLoader processes reading tiles (default 0: in the training process)")
+    parser.add_argument("--skip-incomplete", action="store_true", default=None,
+                        help="train without the patients lacking a requested channel instead of refusing")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (@progress lines are still printed)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train; prints where the model went."""
+    from ..training import make_config, train
+
+    config = make_config(
+        args.config,
+        channels=args.channels, tile=args.tile, batch=args.batch, features=args.features,
+        steps=args.steps, epochs=args.epochs, lr=args.lr, schedule=args.schedule, device=args.device,
+        checkpoint_every=args.checkpoint_every, val_fraction=args.val_fraction, patience=args.patience,
+        num_workers=args.num_workers, skip_incomplete=args.skip_incomplete, seed=args.seed,
+    )
+    result = train(args.cohort, args.out, config, cache_dir=args.cache, resume=args.resume, quiet=args.quiet)
+    if result.summary.get("world_size", 1) > 1 and int(__import__("os").environ.get("RANK", "0")) != 0:
+        return 0
+    best = f"{result.best_val_loss:.5g}" if result.best_val_loss is not None else "n/a"
+    print(f"model: {result.out_dir} (steps {result.steps}, best validation loss {best}"
+          + (", stopped early" if result.stopped_early else "") + ")")
+    return 0
