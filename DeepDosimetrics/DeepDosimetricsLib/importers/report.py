@@ -8,7 +8,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 #: file name of the report in the cohort folder
 REPORT_FILE = "import_report.csv"
@@ -26,6 +26,7 @@ class PatientImportStatus:
     source: str = ""  # where it came from (folder, files)
     structures: int = 0
     has_dose: bool = False
+    importer: str = ""  # folder, openkbp or dicom
 
     @property
     def ok(self) -> bool:
@@ -40,6 +41,7 @@ class ImportReport:
     entries: list[PatientImportStatus] = field(default_factory=list)
 
     def add(self, entry: PatientImportStatus) -> PatientImportStatus:
+        entry.importer = entry.importer or self.importer
         self.entries.append(entry)
         return entry
 
@@ -58,22 +60,31 @@ class ImportReport:
         """0 when every patient was imported, 1 when some were skipped (or none was found)."""
         return 1 if self.failed or not self.entries else 0
 
-    def to_csv_text(self) -> str:
+    def to_csv_text(self, earlier_rows: Optional[list[dict]] = None) -> str:
+        """The report as CSV; ``earlier_rows`` of other patients (from a previous run) come first."""
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(PatientImportStatus)],
-                                lineterminator="\n")
+        names = [f.name for f in fields(PatientImportStatus)]
+        writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
+        mine = {entry.patient for entry in self.entries}
+        for row in earlier_rows or []:
+            if row.get("patient") not in mine:
+                writer.writerow({name: row.get(name, "") for name in names})
         for entry in self.entries:
             writer.writerow(asdict(entry))
         return buffer.getvalue()
 
     def write(self, cohort_dir: Union[str, os.PathLike]) -> Path:
-        """Write ``import_report.csv`` into the cohort folder atomically; returns its path."""
+        """Write ``import_report.csv`` into the cohort folder atomically; returns its path.
+
+        Rows of patients this run did not see (imported earlier, e.g. by another importer) are kept.
+        """
         path = Path(cohort_dir) / REPORT_FILE
+        earlier_rows = read_report(path) if path.is_file() else []
         handle, temporary = tempfile.mkstemp(prefix=".import_report.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
-                stream.write(self.to_csv_text())
+                stream.write(self.to_csv_text(earlier_rows))
             os.replace(temporary, path)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
@@ -88,3 +99,12 @@ class ImportReport:
             lines.append("  no patient found")
         lines += [f"  skipped {entry.patient}: {entry.reason}" for entry in self.failed]
         return "\n".join(lines)
+
+
+def read_report(path: Union[str, os.PathLike]) -> list[dict]:
+    """The rows of an import_report.csv (empty when unreadable)."""
+    try:
+        with open(path, encoding="utf-8", newline="") as stream:
+            return list(csv.DictReader(stream))
+    except (OSError, csv.Error):
+        return []

@@ -1,0 +1,99 @@
+"""`deepdosimetrics import folder|openkbp|dicom SRC --out COHORT`: bring patients into the canonical layout.
+
+Exit code 0 when every patient was imported, 1 when some were skipped (see COHORT/import_report.csv),
+2 for bad arguments. Patients already in COHORT are kept unless ``--overwrite``; SRC is never modified.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "import a cohort (folder exports, OpenKBP CSVs or DICOM-RT) into the canonical layout"
+
+FOLDER_EPILOG = """\
+Patient sub-folders of SRC are read with glob patterns per role, tried in order (the first pattern
+that matches wins). The defaults fit the prototype's exports (Pt001/2_pms.nrrd is the CT,
+Pt001/1_RTSTRUCT_ANON_<Name>.nrrd the structures, *RTDOSE*/*dose* the dose), flat folders such as
+OpenKBP's (ct.nrrd, dose.nrrd, <Name>.nrrd; possible_dose_mask.nrrd is kept, not a structure) and
+cohorts already in the canonical layout (structures/<Name>.nrrd). Conforming NRRDs are symlinked
+(default), hard-linked (--hardlink) or copied (--copy); other images are converted.
+"""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="SRC", help="source folder (never modified)")
+    parser.add_argument("--out", required=True, metavar="COHORT", help="cohort folder to write (created)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="import again patients already in COHORT (default: keep them)")
+    parser.add_argument("--synonyms", metavar="YAML", default=None,
+                        help="structure-name synonyms extending the packaged map "
+                        "(default: $DEEPDOSIMETRICS_SYNONYMS if set)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sub-commands folder, openkbp and dicom with their options."""
+    kinds = parser.add_subparsers(dest="import_kind", metavar="KIND", required=True)
+    folder = kinds.add_parser("folder", help="folders of NRRD/NIfTI files, one sub-folder per patient",
+                              description="Import folder exports.", epilog=FOLDER_EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(folder)
+    folder.add_argument("--ct", action="append", metavar="GLOB",
+                        help="CT file pattern(s), relative to a patient folder (repeat or comma-separate)")
+    folder.add_argument("--dose", action="append", metavar="GLOB", help="dose file pattern(s)")
+    folder.add_argument("--structure", action="append", metavar="GLOB", help="structure file pattern(s)")
+    folder.add_argument("--name-pattern", metavar="REGEX", default=None,
+                        help="regular expression with a group (?P<name>...) taking the structure name "
+                        "from a file stem (default: the prototype's <n>_RTSTRUCT_[ANON_]<name>, else the stem)")
+    linking = folder.add_mutually_exclusive_group()
+    linking.add_argument("--copy", dest="link", action="store_const", const="copy",
+                         help="copy files instead of symlinking them")
+    linking.add_argument("--hardlink", dest="link", action="store_const", const="hardlink",
+                         help="hard-link files (same file system) instead of symlinking them")
+    folder.set_defaults(link="symlink")
+    _common(kinds.add_parser("openkbp", help="the OpenKBP challenge's sparse CSVs (pt_N/ct.csv, ...)",
+                             description="Import OpenKBP sparse CSV patients."))
+    _common(kinds.add_parser("dicom", help="DICOM-RT: CT series, RTSTRUCT, RTDOSE (any folder tree)",
+                             description="Import a DICOM-RT tree, grouped by patient and frame of reference."))
+
+
+def _patterns(values, defaults: list[str]) -> list[str]:
+    if not values:
+        return list(defaults)
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Import, write COHORT/import_report.csv, print the summary; 1 when some patients were skipped."""
+    from ..importers import ImportOptions
+    from ..synonyms import load_synonyms
+
+    options = ImportOptions(out=args.out, overwrite=args.overwrite, link=getattr(args, "link", "symlink"),
+                            synonyms=load_synonyms(args.synonyms), quiet=args.quiet)
+    if args.import_kind == "folder":
+        from ..importers.folder import (
+            DEFAULT_CT_PATTERNS,
+            DEFAULT_DOSE_PATTERNS,
+            DEFAULT_NAME_PATTERN,
+            DEFAULT_STRUCTURE_PATTERNS,
+            FolderPatterns,
+            import_folder,
+        )
+
+        patterns = FolderPatterns(ct=_patterns(args.ct, DEFAULT_CT_PATTERNS),
+                                  dose=_patterns(args.dose, DEFAULT_DOSE_PATTERNS),
+                                  structures=_patterns(args.structure, DEFAULT_STRUCTURE_PATTERNS),
+                                  name_pattern=args.name_pattern or DEFAULT_NAME_PATTERN)
+        report = import_folder(args.source, options, patterns)
+    elif args.import_kind == "openkbp":
+        from ..importers.openkbp import import_openkbp
+
+        report = import_openkbp(args.source, options)
+    else:
+        from ..importers.dicom import import_dicom
+
+        report = import_dicom(args.source, options)
+    path = report.write(options.out)
+    print(report.summary())
+    print(f"report: {path}")
+    return report.exit_code
