@@ -290,7 +290,7 @@ def _quiet_pyradiomics() -> None:
     radiomics.setVerbosity(logging.ERROR)
     # its logger (and pykwalify's) would still pass INFO records on to the root logger's handlers
     logging.getLogger("radiomics").setLevel(logging.ERROR)
-    logging.getLogger("pykwalify").setLevel(logging.WARNING)
+    logging.getLogger("pykwalify").setLevel(logging.CRITICAL)  # its findings reach the user in our InputError
 
 
 def _extractor_from(config: Dict[str, Any]):
