@@ -1,0 +1,109 @@
+"""`deepdosimetrics encode`: features (and reconstructions) of a cohort from a trained tile autoencoder."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = ("encode a cohort with a trained model: per-tile and per-structure features; optionally the "
+        "reconstructed volumes, residuals, metrics, latent traversals, snapshots and Slicer scenes")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command's options."""
+    parser.add_argument("--model", required=True, metavar="MODEL_DIR", help="model folder (model.json + model.pt)")
+    parser.add_argument("--cohort", required=True, metavar="DIR", help="cohort folder (one sub-folder per patient)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--cache", metavar="DIR", default=None,
+                        help="preprocessing cache folder (an existing one keeps its configuration; "
+                        "default: the cohort's default cache folder)")
+    parser.add_argument("--patients", metavar="IDS", default=None,
+                        help="only these patients: comma-separated ids, or @FILE with one id per line")
+    parser.add_argument("--reconstruct", action="store_true",
+                        help="also write the reconstructed volumes, residuals and metrics.csv")
+    parser.add_argument("--overlap", type=float, default=0.25, metavar="F",
+                        help="tile overlap fraction in [0, 1): stride = tile * (1 - F) (default 0.25)")
+    parser.add_argument("--batch", type=int, default=8, metavar="N", help="tiles per model call (default 8)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present)")
+    parser.add_argument("--traverse", metavar="FEATURES", default=None,
+                        help="latent traversal of these features (e.g. z00,z03 or all); needs --reconstruct")
+    parser.add_argument("--sigmas", type=_floats, default=(-2.0, 2.0), metavar="S1,S2",
+                        help="traversal shifts in cohort standard deviations (default -2,2)")
+    parser.add_argument("--snapshots", action="store_true",
+                        help="PNG snapshots (axial, coronal, sagittal through the PTV centre); needs --reconstruct")
+    parser.add_argument("--scene", action="store_true",
+                        help="a Slicer scene (.mrb) per patient; needs --reconstruct and slicer-core (or Slicer)")
+    parser.add_argument("--no-residuals", action="store_true", help="do not write residual volumes")
+    parser.add_argument("--compress", action="store_true", help="zlib-compress the float NRRD volumes")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N", help="processes building the cache (default 1)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true",
+                       help="continue an earlier run in --out (finished patients are not redone)")
+    group.add_argument("--overwrite", action="store_true", help="replace an earlier encoding in --out")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _patient_list(text):
+    from pathlib import Path
+
+    from ..errors import InputError
+
+    if text is None:
+        return None
+    if text.startswith("@"):
+        path = Path(text[1:])
+        try:
+            items = path.read_text().split()
+        except OSError as error:
+            raise InputError(f"--patients: cannot read {path} ({error.strerror})") from None
+    else:
+        items = text.split(",")
+    ids = [item.strip() for item in items if item.strip()]
+    if not ids:
+        raise InputError("--patients names no patient")
+    return ids
+
+
+def run(args: argparse.Namespace) -> int:
+    """Encode; exit code 1 when some patients were skipped."""
+    from ..encoding import EncodeSettings, encode_cohort
+    from ..errors import InputError
+    from ..snapshots import slicer_available
+
+    traverse = None
+    if args.traverse:
+        traverse = None if args.traverse.strip().lower() == "all" else [
+            f.strip() for f in args.traverse.split(",") if f.strip()]
+        if traverse is None:
+            from ..model import ModelConfig, read_model_json
+
+            count = ModelConfig.from_dict(dict(read_model_json(args.model).get("config") or {})).features
+            traverse = [f"z{i:02d}" for i in range(count)]
+    if args.scene and not slicer_available():
+        raise InputError("--scene needs the MRML layer: install slicer-core (pip install slicer-core) "
+                         "or run inside 3D Slicer; --snapshots works without it")
+    settings = EncodeSettings(
+        overlap=args.overlap, batch=args.batch, device=args.device, reconstruct=args.reconstruct,
+        residuals=not args.no_residuals, snapshots=args.snapshots, scene=args.scene, compress=args.compress,
+        traverse=traverse, sigmas=tuple(args.sigmas), patients=_patient_list(args.patients), jobs=args.jobs,
+        quiet=args.quiet,
+    )
+    if args.jobs < 1:
+        raise InputError(f"--jobs must be at least 1, got {args.jobs}")
+    result = encode_cohort(args.model, args.cohort, args.out, args.cache, settings,
+                           resume=args.resume, overwrite=args.overwrite)
+    print(f"encoded: {len(result.done)} patient(s) ({len(result.reused)} already done), "
+          f"skipped: {len(result.skipped)}")
+    for pid, reason in result.skipped.items():
+        print(f"  skipped {pid}: {reason}")
+    for name, path in result.tables.items():
+        print(f"  {name}: {path}")
+    if settings.reconstruct:
+        print(f"  volumes: {result.out}/<patient>/recon/")
+    return 1 if result.skipped else 0
