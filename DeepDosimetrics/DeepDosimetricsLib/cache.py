@@ -156,16 +156,29 @@ class CachedPatient:
         """Index (x, y, z) of the crop's first voxel in the resampled grid."""
         return tuple(self.manifest["crop"]["start"])
 
+    def _map(self, file_name: str) -> np.ndarray:
+        """A fresh read-only memory map of one cache file."""
+        path = self.folder / file_name
+        try:
+            return np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as error:
+            raise InputError(f"patient {self.id}: cache file {path} cannot be read ({error})") from None
+
     def _load(self, file_name: str) -> np.ndarray:
+        """The memory map of one cache file, opened once and kept."""
         array = self._arrays.get(file_name)
         if array is None:
-            path = self.folder / file_name
-            try:
-                array = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as error:
-                raise InputError(f"patient {self.id}: cache file {path} cannot be read ({error})") from None
-            self._arrays[file_name] = array
+            array = self._arrays[file_name] = self._map(file_name)
         return array
+
+    def _mask_file(self, name: str) -> str:
+        stored = self.resolve_structure(name)
+        if stored is None:
+            known = ", ".join(self.structure_names) or "none"
+            raise InputError(f"patient {self.id} has no structure {name} in the cache (structures: {known})")
+        if stored == "BODY" and stored not in self.manifest["structures"]:
+            return self.manifest["files"]["body"]
+        return self.manifest["structures"][stored]["file"]
 
     @property
     def hu(self) -> np.ndarray:
@@ -227,13 +240,7 @@ class CachedPatient:
 
     def mask(self, name: str) -> np.ndarray:
         """A structure mask, uint8 (z, y, x), memory-mapped (``BODY`` gives the body)."""
-        stored = self.resolve_structure(name)
-        if stored is None:
-            known = ", ".join(self.structure_names) or "none"
-            raise InputError(f"patient {self.id} has no structure {name} in the cache (structures: {known})")
-        if stored == "BODY" and stored not in self.manifest["structures"]:
-            return self.body
-        return self._load(self.manifest["structures"][stored]["file"])
+        return self._load(self._mask_file(name))
 
     # ------------------------------------------------------------------ channels
     def check_channels(self, specs: Union[str, Sequence[Union[str, ChannelSpec]]]) -> List[ChannelSpec]:
@@ -266,7 +273,8 @@ class CachedPatient:
         """Channels of one tile, float32 (C, z, y, x) in [0, 1], computed from the memmaps.
 
         The tile may reach outside the volume: those voxels read as air (HU -1024, masks 0, dose 0).
-        Costs O(tile): only the tile's part of each memmap is touched.
+        Costs O(tile): only the tile's part of each file is touched, through memory maps opened for this
+        read and closed after it, so the process's resident memory does not grow with the tiles read.
         """
         specs = self.check_channels(specs)
         start = np.asarray(start_zyx, dtype=int)
@@ -281,18 +289,20 @@ class CachedPatient:
         inside = bool(np.all(hi > lo))
         tile_shape = tuple(int(v) for v in size)
 
-        def read(array: np.ndarray, fill: Any) -> np.ndarray:
+        def read(file_name: str, fill: Any) -> np.ndarray:
+            array = self._map(file_name)
             if inside and np.array_equal(lo, start) and np.array_equal(hi, start + size):
-                return np.asarray(array[source])
+                return np.array(array[source])  # a copy: the map is closed when `array` goes
             tile = np.full(tile_shape, fill, dtype=array.dtype)
             if inside:
                 tile[target] = array[source]
             return tile
 
         kinds = {spec.kind for spec in specs}
-        hu = read(self.hu, AIR_HU) if "window" in kinds else None
-        masks = {spec.name: read(self.mask(spec.name), 0) for spec in specs if spec.kind == "mask"}
-        dose = read(self.dose, 0) if "dose" in kinds else None
+        files = self.manifest["files"]
+        hu = read(files["hu"], AIR_HU) if "window" in kinds else None
+        masks = {spec.name: read(self._mask_file(spec.name), 0) for spec in specs if spec.kind == "mask"}
+        dose = read(files["dose"], 0) if "dose" in kinds else None
         return compute_channels(specs, hu, masks, dose, prescription_gy=self.prescription_gy, out=out)
 
     # ------------------------------------------------------------------ back to the original grid

@@ -245,7 +245,8 @@ def compute_channels(
             if dose_gy is None:
                 raise InputError(f"no dose; channel {spec.label!r} needs it")
             scale = dose_scale_gy(spec, prescription_gy)
-            np.multiply(dose_gy, np.float32(1.0 / scale), out=target, dtype=np.float32, casting="unsafe")
+            np.copyto(target, dose_gy, casting="unsafe")  # float16 -> float32 first: float16 math is slow
+            np.multiply(target, np.float32(1.0 / scale), out=target)
             np.clip(target, 0.0, 1.0, out=target)
         else:
             raise InputError(f"unknown channel kind {spec.kind!r}")
