@@ -8,6 +8,7 @@ folder that is renamed last, so an interrupted build leaves no half patient unde
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -179,11 +180,45 @@ def stored_structures(
     return target, stored
 
 
-def prescription_of(patient, target: Optional[str]) -> Tuple[Optional[float], Optional[str]]:
-    """The prescription in Gy and where it comes from (the patient, or the target's name)."""
+#: clinical.csv columns that may hold the prescription in Gy
+PRESCRIPTION_COLUMNS = ("prescription_gy", "prescription", "rx_gy")
+
+
+def clinical_prescriptions(clinical) -> Dict[str, float]:
+    """Patient id -> prescription (Gy) from a clinical table's prescription column, if it has one."""
+    if clinical is None:
+        return {}
+    column = next((c for c in clinical.columns if str(c).lower() in PRESCRIPTION_COLUMNS), None)
+    if column is None:
+        return {}
+    values = {}
+    for pid, value in zip(clinical["patient"], clinical[column]):
+        try:
+            if float(value) > 0:
+                values[str(pid)] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return values
+
+
+def prescription_of(
+    patient, target: Optional[str], clinical_gy: Optional[float] = None
+) -> Tuple[Optional[float], Optional[str]]:
+    """The prescription in Gy and where it comes from: the patient object, the cohort's clinical table,
+    the phantom's ``phantom.json`` plan, or the dose level in the target's name (PTV70 -> 70)."""
     value = getattr(patient, "prescription_gy", None)
     if value:
         return float(value), "patient"
+    if clinical_gy:
+        return float(clinical_gy), "clinical.csv"
+    folder = getattr(patient, "folder", None)
+    if folder is not None and (Path(folder) / "phantom.json").is_file():
+        try:
+            plan = json.loads((Path(folder) / "phantom.json").read_text()).get("plan", {})
+            if float(plan.get("prescription_gy", 0)) > 0:
+                return float(plan["prescription_gy"]), "phantom.json"
+        except (OSError, ValueError, AttributeError, TypeError):
+            pass
     if target is not None:
         from .synonyms import dose_level
 
@@ -193,8 +228,13 @@ def prescription_of(patient, target: Optional[str]) -> Tuple[Optional[float], Op
     return None, None
 
 
-def build_patient(patient, folder: PathLike, config: CacheConfig) -> dict:
-    """Write one patient's cache entry into ``folder`` (created fresh) and return its manifest."""
+def build_patient(
+    patient, folder: PathLike, config: CacheConfig, prescription_gy: Optional[float] = None
+) -> dict:
+    """Write one patient's cache entry into ``folder`` (created fresh) and return its manifest.
+
+    ``prescription_gy`` comes from the cohort's clinical table when it has a prescription column.
+    """
     started = time.perf_counter()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=False)
@@ -227,7 +267,7 @@ def build_patient(patient, folder: PathLike, config: CacheConfig) -> dict:
         dose = patient.dose_image()
         write_volume(folder, files["dose"], dose, cropped, np.float16, sitk.sitkLinear, 0.0)
         del dose
-    prescription, prescription_source = prescription_of(patient, target)
+    prescription, prescription_source = prescription_of(patient, target, prescription_gy)
     manifest = {
         "format_version": FORMAT_VERSION,
         "config_hash": config.hash(),
@@ -252,7 +292,9 @@ def build_patient(patient, folder: PathLike, config: CacheConfig) -> dict:
     return manifest
 
 
-def _build_one(cohort_dir: str, patient_id: str, cache_dir: str, config: CacheConfig) -> Tuple[str, Optional[str]]:
+def _build_one(
+    cohort_dir: str, patient_id: str, cache_dir: str, config: CacheConfig, prescription_gy: Optional[float] = None
+) -> Tuple[str, Optional[str]]:
     """Build one patient into ``cache_dir`` (in a worker process); returns (id, failure reason or None)."""
     from .patient import Patient
 
@@ -261,7 +303,7 @@ def _build_one(cohort_dir: str, patient_id: str, cache_dir: str, config: CacheCo
     shutil.rmtree(temporary, ignore_errors=True)
     try:
         patient = Patient.from_folder(Path(cohort_dir) / patient_id)
-        build_patient(patient, temporary, config)
+        build_patient(patient, temporary, config, prescription_gy)
         if final.exists():
             if patient_is_complete(final, config):  # another process finished it meanwhile
                 shutil.rmtree(temporary, ignore_errors=True)
@@ -297,12 +339,13 @@ def build_cohort(
         raise InputError(f"cannot create the cache folder {folder}: {error.strerror or error}") from None
     todo = [pid for pid in cohort.ids if not patient_is_complete(folder / pid, config)]
     failed: Dict[str, str] = {}
+    prescriptions = clinical_prescriptions(cohort.clinical)
     if todo:
         log.debug("cache %s: building %d of %d patients", folder, len(todo), len(cohort))
     bar = progress_bar(range(len(todo)), total=len(todo), desc="cache", quiet=quiet)
     if jobs <= 1 or len(todo) <= 1:
         for pid in todo:
-            _, reason = _build_one(str(cohort.folder), pid, str(folder), config)
+            _, reason = _build_one(str(cohort.folder), pid, str(folder), config, prescriptions.get(pid))
             if reason:
                 failed[pid] = reason
             bar.update(1)
@@ -311,7 +354,8 @@ def build_cohort(
 
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context) as pool:
-            futures = [pool.submit(_build_one, str(cohort.folder), pid, str(folder), config) for pid in todo]
+            futures = [pool.submit(_build_one, str(cohort.folder), pid, str(folder), config, prescriptions.get(pid))
+                       for pid in todo]
             for future in as_completed(futures):
                 pid, reason = future.result()
                 if reason:

@@ -109,6 +109,11 @@ def original_volumes(patient: Patient, spacing=None) -> dict:
     return volumes
 
 
+def region_of(cached):
+    """The crop of a cached patient as slices of its original (z, y, x) array (keep-spacing caches)."""
+    return tuple(slice(s, s + n) for s, n in zip(cached.manifest["crop"]["start"][::-1], cached.shape))
+
+
 TILES = [((0, 0, 0), (8, 8, 8)), ((-3, 5, -4), (10, 12, 9)), ((5, 10, 20), (16, 16, 16))]
 
 
@@ -261,6 +266,19 @@ def test_structure_selection_and_target_choice(cohort, tmp_path):
     assert bad.ids == [] and "Liver" in bad.failed["pt_1"]
 
 
+def test_prescription_from_the_clinical_table(cohort, tmp_path):
+    copy = tmp_path / "cohort"
+    copy.mkdir()
+    for pid in ("pt_1", "pt_2"):
+        os.symlink(cohort / pid, copy / pid)
+    (copy / "clinical.csv").write_text("patient,prescription_gy\npt_1,66\npt_2,\n")
+    cache = ensure_cache(copy, CacheConfig(), cache_dir=tmp_path / "cache")
+    assert cache["pt_1"].prescription_gy == 66 and cache["pt_1"].manifest["prescription_source"] == "clinical.csv"
+    assert cache["pt_2"].prescription_gy == 70 and cache["pt_2"].manifest["prescription_source"] == "target name PTV_70"
+    values = cache["pt_1"].read_tile("dose:prescription", (0, 0, 0), cache["pt_1"].shape)[0]
+    np.testing.assert_allclose(values.max(), min(1.0, float(cache["pt_1"].dose.max()) / 66), rtol=1e-3)
+
+
 def test_cli_reports_failed_patients(cohort, tmp_path, capsys):
     from DeepDosimetricsLib.cli import main
 
@@ -281,15 +299,15 @@ def test_cli_reports_failed_patients(cohort, tmp_path, capsys):
     assert main(["cache", "--cohort", str(tmp_path / "nowhere"), "--quiet"]) == 2
 
 
-def test_phantom_cohort_round_trip(request, tmp_path):
-    pytest.importorskip("DeepDosimetricsLib.phantom", reason="the phantom module is not there yet")
-    phantom_cohort = request.getfixturevalue("phantom_cohort")
+def test_phantom_cohort_round_trip(phantom_cohort, tmp_path):
     cache = ensure_cache(phantom_cohort, CacheConfig(), cache_dir=tmp_path / "phantom")
     assert len(cache) >= 1 and not cache.failed
     for cached in cache:
         patient = Patient.from_folder(phantom_cohort / cached.id)
-        start = cached.manifest["crop"]["start"][::-1]
-        region = tuple(slice(s, s + n) for s, n in zip(start, cached.shape))
+        plan = json.loads((phantom_cohort / cached.id / "phantom.json").read_text())["plan"]
+        assert cached.prescription_gy == plan["prescription_gy"]
+        assert np.array_equal(cached.body, patient.body()[region_of(cached)])
+        region = region_of(cached)
         np.testing.assert_array_equal(cached.hu, patient.ct_array()[region])
         if patient.has_dose:
             np.testing.assert_allclose(cached.dose, patient.dose()[region], atol=0.05, rtol=1e-3)
