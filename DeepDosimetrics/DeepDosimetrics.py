@@ -602,7 +602,9 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
 
         patient = self.patientFromNodes(ctNode, segmentationNode, (), doseNode, patientId)
         cohort = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="DeepDosimetrics-cohort-"))
-        target = cohort / patient.id
+        import re
+
+        target = cohort / (re.sub(r"[^A-Za-z0-9_.+-]+", "_", patient.id).strip("_") or "patient")
         (target / "structures").mkdir(parents=True, exist_ok=True)
         sitk.WriteImage(patient.ct_image(), str(target / "ct.nrrd"), True)
         for name in patient.structure_names:
@@ -638,34 +640,50 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
             return job
         return self.loadEncodingResults(outputFolder, ctNode, patientFolder.name, doseNode, segmentationNode)
 
-    def loadEncodingResults(self, outputFolder, ctNode, patientId=None, doseNode=None, segmentationNode=None):
-        """Add an encoding's features table and the reconstruction/residual NRRDs of one patient to the
-        scene and set up the overlay (CT | reconstruction | residual)."""
+    def loadEncodingResults(self, outputFolder, ctNode, patientId, doseNode=None, segmentationNode=None):
+        """Add one patient's encoding results to the scene and overlay them on the CT.
+
+        Reads ``<out>/<patient>/features.csv`` (a table node) and, when reconstructed,
+        ``<out>/<patient>/recon/<channel>.nrrd`` (reconstruction), ``<channel>_residual.nrrd`` (residual,
+        diverging colours) and ``<channel>_label.nrrd`` (thresholded structure channels, labelmaps).
+        The shown channel is the soft-tissue window when the model has it (as in the snapshots).
+        """
         import pandas as pd
         import SimpleITK as sitk
         from DeepDosimetricsLib import scene as mrml
+        from DeepDosimetricsLib.errors import InputError
+        from DeepDosimetricsLib.snapshots import PREFERRED_WINDOWS
 
-        outputFolder = Path(outputFolder)
+        patientFolder = Path(outputFolder) / str(patientId)
+        if not patientFolder.is_dir():
+            raise InputError(f"encoding output {patientFolder} does not exist (was the patient skipped?)")
         added: Dict[str, Any] = {}
-        features = outputFolder / "features.csv"
+        features = patientFolder / "features.csv"
         if features.is_file():
-            frame = pd.read_csv(features)
-            if patientId is not None and "patient" in frame.columns:
-                frame = frame[frame["patient"].astype(str) == str(patientId)]
-            added["features"] = mrml.table_from_dataframe(frame, f"{ctNode.GetName()} deep features", self.scene)
-        volumes = sorted(outputFolder.rglob("*.nrrd"))
-        if patientId is not None:
-            volumes = [p for p in volumes if str(patientId) in p.parts or p.name.startswith(str(patientId))] or volumes
-        for path in volumes:
-            name = path.name[: -len(".nrrd")]
+            added["features"] = mrml.table_from_dataframe(
+                pd.read_csv(features), f"{ctNode.GetName()} deep features", self.scene
+            )
+        reconstructions, residuals = {}, {}
+        for path in sorted((patientFolder / "recon").glob("*.nrrd")):
+            stem = path.name[: -len(".nrrd")]
             image = sitk.ReadImage(str(path))
-            node = mrml.image_to_volume(image, f"{ctNode.GetName()} {name}", self.scene, labelmap=image.GetPixelID() == sitk.sitkUInt8)
-            added[name] = node
-        reconstruction = next((n for k, n in added.items() if "recon" in k and "hu" in k.lower()), None)
-        reconstruction = reconstruction or next((n for k, n in added.items() if "recon" in k and "residual" not in k), None)
-        residual = next((n for k, n in added.items() if "residual" in k), None)
-        if reconstruction is not None or residual is not None:
-            self.showReconstruction(ctNode, reconstruction, residual, doseNode, segmentationNode)
+            if stem.endswith("_label"):
+                added[stem] = mrml.image_to_volume(image, f"{ctNode.GetName()} recon {stem}", self.scene, labelmap=True)
+            elif stem.endswith("_residual"):
+                node = mrml.image_to_volume(image, f"{ctNode.GetName()} residual {stem[: -len('_residual')]}", self.scene)
+                mrml.set_residual_display(node)
+                residuals[stem[: -len("_residual")]] = added[stem] = node
+            else:
+                node = mrml.image_to_volume(image, f"{ctNode.GetName()} recon {stem}", self.scene)
+                if stem == "dose":
+                    mrml.set_dose_display(node)
+                reconstructions[stem] = added[stem] = node
+        preferred = [label.replace(":", "_") for label in PREFERRED_WINDOWS]
+        shown = next((s for s in preferred if s in reconstructions), None)
+        shown = shown or next((s for s in reconstructions if s.startswith("window")), None)
+        shown = shown or next(iter(reconstructions), None)
+        if shown is not None:
+            self.showReconstruction(ctNode, reconstructions[shown], residuals.get(shown), doseNode, segmentationNode)
         return added
 
     def showReconstruction(self, ctNode, reconNode=None, residualNode=None, doseNode=None, segmentationNode=None, opacity=0.5):

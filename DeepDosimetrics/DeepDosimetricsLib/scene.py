@@ -532,6 +532,8 @@ def _place_in_hierarchy(scene: Any, patient_id: str, nodes: Sequence[Any]) -> No
         item = hierarchy.GetItemByDataNode(node)
         if item:
             hierarchy.SetItemParent(item, patient_item)
+        else:  # headless: no subject-hierarchy plugins create the items
+            hierarchy.CreateItem(patient_item, node)
 
 
 # ----------------------------------------------------------------------------------------------------

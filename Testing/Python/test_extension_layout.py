@@ -1,0 +1,179 @@
+"""The Slicer extension's layout: files a Slicer developer expects, complete CMake lists, .s4ext keys,
+the module UI bound to the parameter node. Needs neither Slicer nor slicer-core."""
+
+from __future__ import annotations
+
+import ast
+import re
+import struct
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+MODULE = ROOT / "DeepDosimetrics"
+LIB = MODULE / "DeepDosimetricsLib"
+UI_FILE = MODULE / "Resources" / "UI" / "DeepDosimetrics.ui"
+
+#: widget class -> parameter types the parameter node wrapper can bind it to
+WIDGET_TYPES = {
+    "qMRMLNodeComboBox": ("vtkMRML",),
+    "QComboBox": ("Choice",),
+    "ctkPathLineEdit": ("Path",),
+    "QCheckBox": ("bool",),
+    "QSpinBox": ("int",),
+    "QDoubleSpinBox": ("float",),
+    "ctkSliderWidget": ("float",),
+    "QLineEdit": ("str",),
+}
+
+
+def cmake_list(text: str, variable: str) -> list[str]:
+    """Entries of ``set(VARIABLE ...)`` in a CMake file."""
+    match = re.search(rf"set\(\s*{variable}\s+(.*?)\)", text, re.S)
+    assert match, f"set({variable} ...) not found"
+    entries = [line.split("#")[0].strip() for line in match.group(1).splitlines()]
+    return [e.replace("${MODULE_NAME}", "DeepDosimetrics") for e in entries if e]
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height from a PNG header."""
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", header[16:24])
+
+
+def parameter_fields() -> dict[str, str]:
+    """Field name -> annotation text of the @parameterNodeWrapper class in DeepDosimetrics.py."""
+    tree = ast.parse((MODULE / "DeepDosimetrics.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and any(
+            getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list
+        ):
+            return {
+                item.target.id: ast.unparse(item.annotation)
+                for item in node.body
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
+            }
+    raise AssertionError("no @parameterNodeWrapper class in DeepDosimetrics.py")
+
+
+def test_expected_files_exist():
+    for relative in (
+        "CMakeLists.txt",
+        "DeepDosimetrics.s4ext",
+        "README.md",
+        "DeepDosimetrics/CMakeLists.txt",
+        "DeepDosimetrics/DeepDosimetrics.py",
+        "DeepDosimetrics/Resources/UI/DeepDosimetrics.ui",
+        "DeepDosimetrics/Resources/Icons/DeepDosimetrics.png",
+        "DeepDosimetrics/DeepDosimetricsLib/__init__.py",
+        "Resources/Icons/DeepDosimetrics.png",
+    ):
+        assert (ROOT / relative).is_file(), f"{relative} is missing"
+
+
+def test_icons_are_128_pixel_pngs():
+    for icon in (ROOT / "Resources/Icons/DeepDosimetrics.png", MODULE / "Resources/Icons/DeepDosimetrics.png"):
+        assert png_size(icon) == (128, 128), icon
+
+
+def test_only_the_module_file_sits_in_the_module_folder():
+    """Every .py directly in a module folder is taken for a Slicer module: helpers live in the Lib."""
+    assert sorted(p.name for p in MODULE.glob("*.py")) == ["DeepDosimetrics.py"]
+
+
+def test_top_cmakelists_describes_the_extension():
+    text = (ROOT / "CMakeLists.txt").read_text()
+    assert re.search(r"project\(\s*DeepDosimetrics\s*\)", text)
+    for variable in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS"):
+        assert re.search(rf'set\(EXTENSION_{variable}\s+"[^"]+"\)', text), f"EXTENSION_{variable} not set"
+    assert 'set(EXTENSION_DEPENDS "SlicerRadiomics PyTorch")' in text
+    ordered = [
+        "find_package(Slicer REQUIRED)",
+        "include(${Slicer_USE_FILE})",
+        "add_subdirectory(DeepDosimetrics)",
+        "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
+        "include(${Slicer_EXTENSION_CPACK})",
+    ]
+    positions = [text.find(line) for line in ordered]
+    assert all(p >= 0 for p in positions), dict(zip(ordered, positions))
+    assert positions == sorted(positions), "CMake statements out of order"
+
+
+def test_s4ext_has_the_classic_keys():
+    keys = {}
+    for line in (ROOT / "DeepDosimetrics.s4ext").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition(" ")
+            keys[key] = value.strip()
+    for key in ("scm", "scmurl", "scmrevision", "depends", "build_subdirectory", "homepage", "contributors",
+                "category", "iconurl", "status", "description", "screenshoturls", "enabled"):
+        assert key in keys, f".s4ext lacks '{key}'"
+    assert keys["depends"].split() == ["SlicerRadiomics", "PyTorch"]
+    top = (ROOT / "CMakeLists.txt").read_text()
+    assert keys["iconurl"] in top and keys["homepage"] in top, ".s4ext and CMakeLists.txt disagree"
+
+
+def test_module_cmakelists_lists_every_library_file():
+    text = (MODULE / "CMakeLists.txt").read_text()
+    scripts = cmake_list(text, "MODULE_PYTHON_SCRIPTS")
+    expected = ["DeepDosimetrics.py"] + sorted(
+        p.relative_to(MODULE).as_posix() for p in LIB.rglob("*.py") if "__pycache__" not in p.parts
+    )
+    missing = sorted(set(expected) - set(scripts))
+    stale = sorted(set(scripts) - set(expected))
+    assert not missing, f"add to MODULE_PYTHON_SCRIPTS in DeepDosimetrics/CMakeLists.txt: {missing}"
+    assert not stale, f"listed in MODULE_PYTHON_SCRIPTS but absent: {stale}"
+
+
+def test_module_cmakelists_lists_every_resource():
+    text = (MODULE / "CMakeLists.txt").read_text()
+    resources = cmake_list(text, "MODULE_PYTHON_RESOURCES")
+    expected = {"Resources/Icons/DeepDosimetrics.png", "Resources/UI/DeepDosimetrics.ui"} | {
+        p.relative_to(MODULE).as_posix()
+        for p in (LIB / "Resources").rglob("*")
+        if p.is_file() and p.suffix in (".yaml", ".yml", ".json", ".csv", ".txt")
+    }
+    missing = sorted(expected - set(resources))
+    assert not missing, f"add to MODULE_PYTHON_RESOURCES in DeepDosimetrics/CMakeLists.txt: {missing}"
+    absent = sorted(r for r in resources if not (MODULE / r).is_file())
+    assert not absent, f"listed in MODULE_PYTHON_RESOURCES but absent: {absent}"
+    assert re.search(r"slicerMacroBuildScriptedModule\(.*WITH_GENERIC_TESTS", text, re.S)
+    assert re.search(r"if\(BUILD_TESTING\).*slicer_add_python_unittest\(SCRIPT \$\{MODULE_NAME\}\.py\)", text, re.S)
+
+
+def test_ui_parses_and_binds_every_parameter_widget():
+    tree = ET.parse(UI_FILE)
+    fields = parameter_fields()
+    bound = {}
+    for widget in tree.iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                assert prop.get("stdset") == "0", f"{widget.get('name')}: SlicerParameterName must be dynamic"
+                name = prop.find("string").text
+                assert name in fields, f"{widget.get('name')} is bound to '{name}', not a parameter node field"
+                accepted = WIDGET_TYPES.get(widget.get("class"))
+                assert accepted, f"{widget.get('name')}: no parameter connector for {widget.get('class')}"
+                assert any(a in fields[name] for a in accepted), (
+                    f"{widget.get('name')} ({widget.get('class')}) cannot show '{name}: {fields[name]}'"
+                )
+                bound[name] = widget.get("name")
+    assert sorted(bound) == sorted(fields), f"fields without a widget: {sorted(set(fields) - set(bound))}"
+
+
+def test_ui_has_the_widgets_the_module_uses():
+    names = {w.get("name") for w in ET.parse(UI_FILE).iter("widget")}
+    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE / "DeepDosimetrics.py").read_text()))
+    assert used - names == set(), f"the widget uses widgets absent from the .ui: {sorted(used - names)}"
+    for required in ("progressBar", "logTextEdit", "cancelButton", "trainButton", "encodeButton",
+                     "radiomicsButton", "dvhButton"):
+        assert required in names
+
+
+def test_screenshots_named_in_cmake_exist():
+    text = (ROOT / "CMakeLists.txt").read_text()
+    urls = re.search(r'set\(EXTENSION_SCREENSHOTURLS\s+"([^"]+)"\)', text).group(1).split()
+    for url in urls:
+        name = url.rsplit("/", 1)[-1]
+        path = ROOT / "Resources" / "Screenshots" / name
+        assert path.is_file(), f"{path} (named in EXTENSION_SCREENSHOTURLS) is missing"
