@@ -145,6 +145,12 @@ class CachedPatient:
     def __repr__(self) -> str:
         return f"CachedPatient({self.id!r}, shape={self.shape}, structures={self.structure_names})"
 
+    def __getstate__(self) -> dict:
+        # sent to worker processes without its open memory maps (pickling a memmap copies the array)
+        state = dict(self.__dict__)
+        state["_arrays"] = {}
+        return state
+
     # ------------------------------------------------------------------ arrays
     @property
     def shape(self) -> Tuple[int, int, int]:

@@ -365,12 +365,18 @@ def build_cohort(
     for pid, reason in failed.items():
         log.warning("patient %s not cached: %s", pid, reason)
     patients: List[str] = [pid for pid in cohort.ids if pid not in failed]
-    write_json_atomic(folder / COHORT_MANIFEST, {
+    manifest = {
         "format_version": FORMAT_VERSION,
         "config_hash": config.hash(),
         "config": config.to_dict(),
         "source": str(Path(cohort.folder).resolve()),
         "patients": patients,
         "failed": failed,
-    })
+    }
+    try:
+        unchanged = json.loads((folder / COHORT_MANIFEST).read_text()) == manifest
+    except (OSError, json.JSONDecodeError):
+        unchanged = False
+    if not unchanged:  # a complete cache may lie in a read-only folder
+        write_json_atomic(folder / COHORT_MANIFEST, manifest)
     return open_cache(folder)

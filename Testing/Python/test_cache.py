@@ -162,6 +162,18 @@ def test_cached_arrays_are_compact_memmaps(kept, cohort):
     assert manifest["original_geometry"]["spacing"] == list(SPACING)
 
 
+def test_cached_patient_pickles_without_its_arrays(kept):
+    import pickle
+
+    cached = kept["pt_1"]
+    assert cached.hu.sum() != 0  # opens the memory map
+    payload = pickle.dumps(cached)
+    assert len(payload) < 20_000
+    copy = pickle.loads(payload)
+    np.testing.assert_array_equal(copy.read_tile("default", (2, 3, 4), (5, 6, 7)),
+                                  cached.read_tile("default", (2, 3, 4), (5, 6, 7)))
+
+
 def test_crop_holds_the_body_plus_margin(kept, cohort):
     for cached in kept:
         ct = sitk.GetArrayFromImage(sitk.ReadImage(str(cohort / cached.id / "ct.nrrd")))
