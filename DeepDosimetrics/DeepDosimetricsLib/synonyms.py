@@ -127,7 +127,7 @@ def _read_yaml(path: Path) -> Mapping:
 
 
 @functools.lru_cache(maxsize=8)
-def _load_cached(user_file: Optional[str]) -> SynonymMap:
+def _load_cached(user_file: Optional[str], modified: float = 0.0) -> SynonymMap:
     synonym_map = SynonymMap.from_mapping(_read_yaml(DEFAULT_SYNONYMS_FILE), str(DEFAULT_SYNONYMS_FILE))
     if user_file:
         synonym_map.update(_read_yaml(Path(user_file)), user_file)
@@ -137,7 +137,11 @@ def _load_cached(user_file: Optional[str]) -> SynonymMap:
 def load_synonyms(path: Union[str, os.PathLike, None] = None) -> SynonymMap:
     """The packaged synonym map extended by ``path`` (or by ``$DEEPDOSIMETRICS_SYNONYMS`` when None)."""
     user_file = path if path is not None else os.environ.get(SYNONYMS_ENV) or None
-    return _load_cached(str(Path(user_file).resolve()) if user_file else None)
+    if not user_file:
+        return _load_cached(None)
+    resolved = Path(user_file).resolve()
+    modified = resolved.stat().st_mtime if resolved.exists() else 0.0  # an edited file is read again
+    return _load_cached(str(resolved), modified)
 
 
 SynonymsArgument = Union[SynonymMap, Mapping, str, os.PathLike, None]

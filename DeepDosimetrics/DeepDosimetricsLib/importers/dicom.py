@@ -12,9 +12,9 @@ cohort patient per frame (``<PatientID>_1``, ``<PatientID>_2``...).
 * RTDOSE: pixel values x DoseGridScaling in Gy on its own grid (frame positions from
   GridFrameOffsetVector along the slice normal); a PLAN dose is preferred, BEAM doses on one grid are summed.
 * RTSTRUCT: each closed planar contour is mapped from patient coordinates (LPS mm) into the index space of
-  the CT grid (or of the dose grid when there is no CT volume, e.g. a single CT slice) and filled with
-  ``skimage.draw.polygon`` (voxel centres inside); contours of one plane are combined by XOR so holes
-  stay empty. Each grid slice takes the nearest contour plane within half a slice (or half the contour
+  the CT grid (or of the dose grid when there is no CT volume, e.g. a single CT slice) and filled
+  (voxel centres inside, as ``skimage.draw.polygon``; a vectorised even-odd scanline, much faster on
+  contours of many points); contours of one plane are combined by XOR so holes stay empty. Each grid slice takes the nearest contour plane within half a slice (or half the contour
   spacing when contours are sparser than slices).
 """
 
@@ -43,6 +43,15 @@ SPACING_TOLERANCE_FRACTION = 0.02
 #: largest in-plane drift of slice positions off the slice normal (fraction of the pixel size)
 TILT_TOLERANCE_FRACTION = 0.1
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+#: the attributes kept from each file while scanning a tree (contours and pixels are read when imported),
+#: so scanning an archive of many patients holds only a few hundred bytes per file
+HEADER_TAGS = [
+    "Modality", "PatientID", "FrameOfReferenceUID", "StudyInstanceUID", "SeriesInstanceUID",
+    "SOPInstanceUID", "SOPClassUID", "StudyDate", "StudyTime", "ImagePositionPatient",
+    "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns", "NumberOfFrames", "GantryDetectorTilt",
+    "DoseSummationType", "InstanceCreationDate", "InstanceCreationTime",
+    "ReferencedFrameOfReferenceSequence", "StructureSetROISequence",
+]
 
 
 @dataclass
@@ -94,17 +103,22 @@ class DicomGroup:
 # ------------------------------------------------------------------------------------------------ scan
 def read_header(path: Path):
     """The header of a DICOM file, None for a file that is not DICOM; InputError when unreadable."""
+    import warnings
+
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(str(path), stop_before_pixels=True)
+        return pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=HEADER_TAGS)
     except InvalidDicomError:
         pass
     except Exception as error:  # pydicom raises many kinds for a damaged file
         raise InputError(f"unreadable file {path}: {error}") from None
     try:  # DICOM without the 128-byte preamble
-        header = pydicom.dcmread(str(path), stop_before_pixels=True, force=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            header = pydicom.dcmread(str(path), stop_before_pixels=True, force=True,
+                                     specific_tags=HEADER_TAGS)
         if header.get("SOPInstanceUID") and header.get("Modality"):
             return header
     except Exception:
@@ -329,10 +343,35 @@ def group_dose(doses: list[DicomFile], notes: list[str]):
 
 
 # ------------------------------------------------------------------------------------------------ RTSTRUCT
+def fill_polygons(polygons: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    """Pixels (rows, columns) whose centres lie inside an odd number of polygons (holes stay empty).
+
+    ``polygons`` are (N, 2) vertex arrays in index space (x = column, y = row). An even-odd scanline fill:
+    for every edge crossing of a row's centre line, the pixels right of it are toggled (a cumulative sum),
+    which gives the same pixels as ``skimage.draw.polygon`` per polygon, XORed, in O(crossings + pixels).
+    """
+    rows_count, columns_count = shape
+    toggles = np.zeros((rows_count, columns_count + 1), dtype=np.int32)
+    for vertices in polygons:
+        x0, y0 = vertices[:, 0], vertices[:, 1]
+        x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+        # an edge crosses the centre lines of rows j with min(y) <= j < max(y) (half-open: vertices once)
+        first = np.clip(np.ceil(np.minimum(y0, y1)), 0, rows_count).astype(np.int64)
+        stop = np.clip(np.ceil(np.maximum(y0, y1)), 0, rows_count).astype(np.int64)
+        counts = np.maximum(stop - first, 0)
+        total = int(counts.sum())
+        if total == 0:
+            continue
+        edge = np.repeat(np.arange(len(x0)), counts)
+        row = first[edge] + np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+        x = x0[edge] + (row - y0[edge]) * (x1[edge] - x0[edge]) / (y1[edge] - y0[edge])
+        column = np.clip(np.ceil(x), 0, columns_count).astype(np.int64)
+        np.add.at(toggles, (row, column), 1)
+    return (np.cumsum(toggles, axis=1)[:, :columns_count] & 1).astype(bool)
+
+
 def rasterise_contours(contours: list[np.ndarray], grid) -> tuple[np.ndarray, list[str]]:
     """Closed planar contours (each (N, 3) LPS mm) as a uint8 (z, y, x) mask on ``grid`` (sitk.Image)."""
-    from skimage.draw import polygon
-
     size_x, size_y, size_z = grid.GetSize()
     mask = np.zeros((size_z, size_y, size_x), dtype=np.uint8)
     notes: list[str] = []
@@ -361,13 +400,7 @@ def rasterise_contours(contours: list[np.ndarray], grid) -> tuple[np.ndarray, li
     for slice_index in np.flatnonzero(chosen >= 0):
         plane = int(chosen[slice_index])
         if plane not in filled:
-            plane_mask = np.zeros((size_y, size_x), dtype=bool)
-            for xy in planes[float(plane_positions[plane])]:
-                rows, columns = polygon(xy[:, 1], xy[:, 0], shape=(size_y, size_x))
-                inside = np.zeros_like(plane_mask)
-                inside[rows, columns] = True
-                plane_mask ^= inside
-            filled[plane] = plane_mask
+            filled[plane] = fill_polygons(planes[float(plane_positions[plane])], (size_y, size_x))
         mask[slice_index] = filled[plane]
     outside = sum(1 for p in plane_positions if p < -0.5 - half_window or p > size_z - 0.5 + half_window)
     if outside:
@@ -375,11 +408,25 @@ def rasterise_contours(contours: list[np.ndarray], grid) -> tuple[np.ndarray, li
     return mask, notes
 
 
+def contour_points(contour) -> np.ndarray:
+    """ContourData as an (N, 3) float array, parsed from the raw bytes when possible (fast)."""
+    element = contour.get_item("ContourData")
+    value = getattr(element, "value", None)
+    if isinstance(value, bytes):
+        numbers = value.decode("ascii", errors="replace").replace("\\", " ").split()
+        return np.asarray(numbers, dtype=np.float64).reshape(-1, 3)
+    return np.asarray([float(v) for v in contour.ContourData], dtype=np.float64).reshape(-1, 3)
+
+
 def structure_masks(item: DicomFile, grid, writer: PatientWriter) -> None:
     """Rasterise every ROI of an RTSTRUCT onto ``grid`` and write it through ``writer``."""
+    import pydicom
     import SimpleITK as sitk
 
-    header = item.header
+    try:
+        header = pydicom.dcmread(str(item.path))
+    except Exception as error:  # damaged or truncated
+        raise InputError(f"unreadable file {item.path}: {error}") from None
     names = {int(roi.ROINumber): str(roi.get("ROIName", f"ROI_{roi.ROINumber}"))
              for roi in header.get("StructureSetROISequence", [])}
     contours_by_roi: dict[int, list[np.ndarray]] = {number: [] for number in names}
@@ -391,7 +438,10 @@ def structure_masks(item: DicomFile, grid, writer: PatientWriter) -> None:
             if kind != "CLOSED_PLANAR":
                 skipped_types.add(kind)
                 continue
-            points = np.asarray([float(v) for v in contour.ContourData]).reshape(-1, 3)
+            try:
+                points = contour_points(contour)
+            except ValueError as error:
+                raise InputError(f"{item.path}: ROI {number} has unreadable ContourData ({error})") from None
             if len(points) >= 3:
                 contours_by_roi.setdefault(number, []).append(points)
     if skipped_types:
