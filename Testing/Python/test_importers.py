@@ -160,6 +160,7 @@ def make_prototype_source(openkbp_train: Path, root: Path) -> Path:
     sitk.WriteImage(ptv, str(second / "1_RTSTRUCT_ANON_polmoneSX.nrrd"), True)
     (root / "Pt003").mkdir()  # no CT
     sitk.WriteImage(ptv, str(root / "Pt003" / "1_RTSTRUCT_ANON_PTV.nrrd"), True)
+    (root / "clinical.csv").write_text("patient,age\nPt001,61\nPt002,70\nPt003,55\n")
     return root
 
 
@@ -182,6 +183,7 @@ def test_folder_import_of_the_prototype_layout(openkbp_train: Path, tmp_path: Pa
     assert record["dose"]["source"].endswith("3_RTDOSE.nrrd")
     cohort = Cohort.open(out)
     assert cohort.ids == ["Pt001", "Pt002"]
+    assert cohort.clinical is not None and list(cohort.clinical["age"]) == [61, 70, 55]
     spinal_cord = cohort["Pt001"].structure("SpinalCord")  # 0/255 in the source: now 0/1
     assert spinal_cord.max() == 1
     reference = sitk.GetArrayFromImage(read(openkbp_train / "pt_1" / "SpinalCord.nrrd"))
@@ -230,11 +232,13 @@ def test_rerun_keeps_imported_patients_unless_overwrite(flat_source: Path, tmp_p
     assert "was not made by an import" in {e.patient: e.reason for e in report.entries}["foreign"]
 
 
-def test_bad_arguments_exit_2(tmp_path: Path, capsys):
+def test_bad_arguments_exit_2(openkbp_train: Path, tmp_path: Path, capsys):
     assert main(["import", "folder", str(tmp_path / "missing"), "--out", str(tmp_path / "c")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["import", "folder", str(tmp_path), "--out", str(tmp_path / "c"),
                  "--name-pattern", "(no group"]) == 2
+    assert main(["import", "folder", str(openkbp_train / "pt_1"), "--out", str(tmp_path / "c")]) == 2
+    assert "looks like one patient's folder" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["import"])
     assert exit_info.value.code == 2

@@ -156,6 +156,10 @@ def import_folder(source, options: ImportOptions, patterns: Optional[FolderPatte
     if source.resolve() == options.out.resolve():
         raise InputError(f"the output cohort {options.out} must differ from the source {source}")
     folders = patient_folders(source)
+    source_is_a_patient = not find_patient_files(source, patterns).problem
+    if source_is_a_patient and all(p.name == "structures" for p in folders):
+        raise InputError(f"{source} looks like one patient's folder: give the folder that contains "
+                         f"the patient folders ({source.parent})")
     if not folders:
         raise InputError(f"source folder {source} has no patient sub-folder")
     options.out.mkdir(parents=True, exist_ok=True)
