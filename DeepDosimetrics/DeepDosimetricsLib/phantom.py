@@ -16,7 +16,7 @@ Anatomy (analytic shapes, painted slice by slice so a 512x512x350 patient stays 
     lumbar spine, sacrum, iliac wings, pubis, ischium, femoral heads, necks and shafts, bladder,
     rectum with gas, bowel gas; prostate-like PTV (prostate + margin) between bladder and rectum.
   * HU: air -1000, lung about -850, fat about -100, muscle/soft tissue/blood 40-55, urine 10,
-    cancellous bone 200-300, cortical bone 700-1200; a mild in-plane blur (partial volume), Gaussian
+    cancellous bone 200-300, cortical bone 700-1200; an in-plane point-spread blur (sigma 0.45 mm), Gaussian
     noise (sigma 10-20 HU per patient), rounded to int16 and clipped to [-1024, 3071].
 
 Geometry: the in-plane field of view is 400 mm whatever the shape (``spacing = 400 / size``; 0.78 mm at
@@ -82,6 +82,7 @@ MIN_SHAPE: Tuple[int, int, int] = (24, 24, 12)
 HU_MIN, HU_MAX = -1024, 3071
 PATIENT_PREFIX = "phantom_"
 APERTURE_MARGIN_MM = 7.0
+POINT_SPREAD_MM = 0.45  # sigma of the in-plane blur (scanner point-spread)
 
 THORAX_STRUCTURES = ("Body", "Lung_L", "Lung_R", "Heart", "Esophagus", "SpinalCord", "Bones", "PTV")
 PELVIS_STRUCTURES = ("Body", "Bladder", "Rectum", "Femur_L", "Femur_R", "Bones", "PTV")
@@ -272,8 +273,10 @@ class Ptv:
         dy = (y - self.center[1]) / ry
         rho2 = dx * dx + dy * dy + dz * dz
         angle = np.arctan2(dy, dx)
-        bump = 1.0 + self.lobes[0] * np.sin(3.0 * angle + self.lobes[1]) + self.lobes[2] * math.cos(
-            2.5 * dz + self.lobes[3]
+        bump = (
+            1.0
+            + self.lobes[0] * np.sin(3.0 * angle + self.lobes[1])
+            + self.lobes[2] * math.cos(2.5 * dz + self.lobes[3])
         )
         ptv = rho2 <= bump * bump
         shrink = [max(r - self.margin_mm, 0.4 * r) / r for r in self.radii]
@@ -424,7 +427,9 @@ class ThoraxAnatomy(Anatomy):
             airway = _ellipse(x, y, 0.0, body_y - 50.0, 9.5, 9.0)
         elif za >= self.carina_z - 30.0:
             shift = (self.carina_z - za) * 1.1
-            airway = _ellipse(x, y, shift, body_y - 48.0, 6.5, 6.5) | _ellipse(x, y, -shift, body_y - 48.0, 6.5, 6.5)
+            airway = _ellipse(x, y, shift, body_y - 48.0, 6.5, 6.5) | _ellipse(
+                x, y, -shift, body_y - 48.0, 6.5, 6.5
+            )
         taken = mediastinum | spine_block | aorta | esophagus | airway
         if heart is not None:
             taken |= heart
@@ -448,7 +453,9 @@ class ThoraxAnatomy(Anatomy):
         hu[cord] = HU_CORD
         if self.lung_base[0] - 25.0 <= za <= 312.0:
             outer = _superellipse(x, y, 0.0, yc, a - f - 2.0, b_ant - f - 2.0, b_post - f - 2.0, self.power)
-            inner = _superellipse(x, y, 0.0, yc, a - f - 11.0, b_ant - f - 11.0, b_post - f - 11.0, self.power)
+            inner = _superellipse(
+                x, y, 0.0, yc, a - f - 11.0, b_ant - f - 11.0, b_post - f - 11.0, self.power
+            )
             shell = outer & ~inner
             polar = np.arccos(np.clip((y - yc) / np.maximum(np.hypot(x, y - yc), 1e-3), -1.0, 1.0))
             band = np.mod(za + 16.0 * polar - self.rib_phase, 26.0) < 10.0
@@ -594,7 +601,9 @@ class PelvisAnatomy(Anatomy):
                 self.paint_vertebra(hu, bones, x, y, za, lumbar=True)
             elif za >= self.hip_z + 10.0:  # sacrum, widening upwards
                 w = 25.0 + 25.0 * (za - self.hip_z - 10.0) / 85.0
-                sacrum = _ellipse(x, y, 0.0, canal_y - 8.0, w, 14.0) & ~_ellipse(x, y, 0.0, canal_y - 6.0, 8.0, 6.0)
+                sacrum = _ellipse(x, y, 0.0, canal_y - 8.0, w, 14.0) & ~_ellipse(
+                    x, y, 0.0, canal_y - 6.0, 8.0, 6.0
+                )
                 hu[sacrum] = 400.0
                 bones |= sacrum
             a_c = a - f - self.wall_mm
@@ -651,7 +660,12 @@ def _draw_anatomy(index: int, rng: np.random.Generator) -> Anatomy:
         disc_phase=_uniform(rng, 0.0, 26.0),
         noise_hu=_uniform(rng, 10.0, 20.0),
     )
-    lobes = (_uniform(rng, 0.0, 0.1), _uniform(rng, 0.0, 2 * math.pi), _uniform(rng, 0.0, 0.08), _uniform(rng, 0.0, 2 * math.pi))
+    lobes = (
+        _uniform(rng, 0.0, 0.1),
+        _uniform(rng, 0.0, 2 * math.pi),
+        _uniform(rng, 0.0, 0.08),
+        _uniform(rng, 0.0, 2 * math.pi),
+    )
     if variant == "thorax":
         width, depth = _uniform(rng, 148.0, 168.0), _uniform(rng, 118.0, 138.0)
         base_l = _uniform(rng, 20.0, 40.0)
@@ -674,10 +688,21 @@ def _draw_anatomy(index: int, rng: np.random.Generator) -> Anatomy:
     split_z = _uniform(rng, 45.0, 65.0)
     hip_z = round(split_z + _uniform(rng, 65.0, 80.0), 3)
     bladder_scale = _uniform(rng, 0.75, 1.2)
-    bladder_radii = (round(42.0 * bladder_scale, 3), round(32.0 * bladder_scale, 3), round(32.0 * bladder_scale, 3))
+    bladder_radii = (
+        round(42.0 * bladder_scale, 3),
+        round(32.0 * bladder_scale, 3),
+        round(32.0 * bladder_scale, 3),
+    )
     gas = []
     for _ in range(int(rng.integers(3, 8))):
-        gas.append((_uniform(rng, -90.0, 90.0), _uniform(rng, -60.0, 20.0), _uniform(rng, hip_z + 80.0, 315.0), _uniform(rng, 6.0, 14.0)))
+        gas.append(
+            (
+                _uniform(rng, -90.0, 90.0),
+                _uniform(rng, -60.0, 20.0),
+                _uniform(rng, hip_z + 80.0, 315.0),
+                _uniform(rng, 6.0, 14.0),
+            )
+        )
     return PelvisAnatomy(
         width_mm=width,
         depth_mm=depth,
@@ -700,7 +725,11 @@ def _place_heart(anatomy: ThoraxAnatomy, rng: np.random.Generator) -> ThoraxAnat
     rx, ry, rz = anatomy.heart_radii
     hz = round(anatomy.lung_base[0] + anatomy.dome_mm + 0.55 * rz, 3)
     _, b_c, _ = anatomy.cavity(hz)
-    center = (_uniform(rng, 15.0, 30.0), round(anatomy.y_center - b_c + 0.9 * ry + _uniform(rng, 0.0, 6.0), 3), hz)
+    center = (
+        _uniform(rng, 15.0, 30.0),
+        round(anatomy.y_center - b_c + 0.9 * ry + _uniform(rng, 0.0, 6.0), 3),
+        hz,
+    )
     return replace(anatomy, heart_center=center)
 
 
@@ -711,7 +740,9 @@ def _place_ptv(anatomy: Anatomy, rng: np.random.Generator) -> Ptv:
         site = ("lung_left", "lung_right", "mediastinum")[int(rng.choice(3, p=[0.4, 0.4, 0.2]))]
         if site == "mediastinum":
             radii = tuple(_uniform(rng, 16.0, 28.0) for _ in range(3))
-            za = _uniform(rng, anatomy.heart_center[2] + 0.6 * anatomy.heart_radii[2], anatomy.carina_z + 10.0)
+            za = _uniform(
+                rng, anatomy.heart_center[2] + 0.6 * anatomy.heart_radii[2], anatomy.carina_z + 10.0
+            )
             _, body_y = anatomy.spine_positions(za)
             center = (_uniform(rng, -5.0, 15.0), round(body_y - 45.0 - radii[1] * 0.4, 3), za)
             return Ptv(site, center, radii, 5.0, lobes)
@@ -747,7 +778,10 @@ def _finish_pelvis(anatomy: PelvisAnatomy, rng: np.random.Generator) -> PelvisAn
     prx, pry, prz = anatomy.ptv.radii
     bx, by, bz = anatomy.bladder_radii
     bladder_center = (round(px, 3), round(py - 6.0, 3), round(pz + prz - anatomy.ptv.margin_mm + bz - 4.0, 3))
-    rectum_center = (round(px + _uniform(rng, -4.0, 4.0), 3), round(py + pry - anatomy.ptv.margin_mm + anatomy.rectum_radius + 1.0, 3))
+    rectum_center = (
+        round(px + _uniform(rng, -4.0, 4.0), 3),
+        round(py + pry - anatomy.ptv.margin_mm + anatomy.rectum_radius + 1.0, 3),
+    )
     return replace(anatomy, bladder_center=bladder_center, rectum_center=rectum_center)
 
 
@@ -858,11 +892,18 @@ def _beam_dose(density, ptv, grid: Grid, iso_xy, angle_deg: float) -> np.ndarray
     if not aperture.any():
         return np.zeros_like(density)
     outside = ndimage.distance_transform_edt(~aperture, sampling=(grid.spacing[2], h))
-    aperture = ndimage.gaussian_filter((outside <= APERTURE_MARGIN_MM).astype(np.float32), sigma=(3.5 / grid.spacing[2], 3.5 / h))
+    aperture = ndimage.gaussian_filter(
+        (outside <= APERTURE_MARGIN_MM).astype(np.float32), sigma=(3.5 / grid.spacing[2], 3.5 / h)
+    )
     depth = np.cumsum(rho, axis=1) * h - 0.5 * rho * h
     sad = 1000.0
     inverse_square = (sad / (sad + frame)) ** 2
-    dose = aperture[:, None, :] * np.exp(-0.0048 * depth) * (1.0 - np.exp(-depth / 6.0)) * inverse_square[None, :, None]
+    dose = (
+        aperture[:, None, :]
+        * np.exp(-0.0048 * depth)
+        * (1.0 - np.exp(-depth / 6.0))
+        * inverse_square[None, :, None]
+    )
     dose = dose.astype(np.float32)
     # back to the patient grid
     rel_x, rel_y = x - iso_xy[0], y - iso_xy[1]
@@ -899,7 +940,9 @@ def _plan(anatomy: Anatomy, rng: np.random.Generator) -> dict:
     }
 
 
-def _coarse_dose(anatomy: Anatomy, plan: dict, grid: Grid, scan_start: float, scan_length: float) -> np.ndarray:
+def _coarse_dose(
+    anatomy: Anatomy, plan: dict, grid: Grid, scan_start: float, scan_length: float
+) -> np.ndarray:
     """The unnormalised dose on the coarse grid (z, y, x)."""
     from scipy import ndimage
 
@@ -991,9 +1034,18 @@ def _clinical_row(index: int, variant: str, site: str, rng: np.random.Generator)
     pelvis = variant == "pelvis"
     age = int(np.clip(round(rng.normal(68.0 if pelvis else 65.0, 9.0)), 38, 90))
     sex = "M" if pelvis else ("M", "F")[int(rng.integers(0, 2))]
-    smoking = ("never", "former", "current")[int(rng.choice(3, p=[0.4, 0.4, 0.2] if pelvis else [0.15, 0.5, 0.35]))]
+    smoking = ("never", "former", "current")[
+        int(rng.choice(3, p=[0.4, 0.4, 0.2] if pelvis else [0.15, 0.5, 0.35]))
+    ]
     ecog = int(rng.choice(3, p=[0.45, 0.45, 0.10]))
-    return {"patient": patient_id(index), "age": age, "sex": sex, "smoking": smoking, "ecog": ecog, "site": site}
+    return {
+        "patient": patient_id(index),
+        "age": age,
+        "sex": sex,
+        "smoking": smoking,
+        "ecog": ecog,
+        "site": site,
+    }
 
 
 def generate_patient(index: int, config: PhantomConfig = PhantomConfig()) -> PhantomPatient:
@@ -1022,7 +1074,7 @@ def generate_patient(index: int, config: PhantomConfig = PhantomConfig()) -> Pha
     names = anatomy.structure_names()
     structures = {name: np.zeros((nz, ny, nx), np.uint8) for name in names}
     ct = np.empty((nz, ny, nx), np.int16)
-    sigma_blur = 0.6
+    sigma_blur = [min(POINT_SPREAD_MM / s, 0.6) for s in grid.spacing[1::-1]]  # (y, x) pixels
     for k, za in enumerate(grid.template_z(scan_start, scan_length)):
         hu, masks = anatomy.paint(x, y, float(za))
         body = masks["Body"]
@@ -1050,7 +1102,9 @@ def generate_patient(index: int, config: PhantomConfig = PhantomConfig()) -> Pha
     reference = sitk.Image(nx, ny, nz, sitk.sitkFloat32)
     reference.SetSpacing(grid.spacing)
     reference.SetOrigin(grid.origin)
-    resampled = sitk.Resample(_image(coarse_dose, coarse), reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    resampled = sitk.Resample(
+        _image(coarse_dose, coarse), reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32
+    )
     del reference
     dose = sitk.GetArrayFromImage(resampled)
     del resampled
@@ -1097,12 +1151,18 @@ def generate_patient(index: int, config: PhantomConfig = PhantomConfig()) -> Pha
     anatomy_dict = asdict(anatomy)
     parameters = _rounded(
         {
-            "generator": {"name": "DeepDosimetrics phantom", **config.settings(), "index": index,
-                          "seed_sequence_entropy": [config.seed, index]},
+            "generator": {
+                "name": "DeepDosimetrics phantom",
+                **config.settings(),
+                "index": index,
+                "seed_sequence_entropy": [config.seed, index],
+            },
             "patient": patient_id(index),
             "variant": anatomy.variant,
             "legs": getattr(anatomy, "legs", 2),
-            "amputated_side": {"L": "left", "R": "right", None: None}[getattr(anatomy, "amputated_side", None)],
+            "amputated_side": {"L": "left", "R": "right", None: None}[
+                getattr(anatomy, "amputated_side", None)
+            ],
             "geometry": {
                 "size": list(grid.size),
                 "spacing": list(grid.spacing),
@@ -1170,8 +1230,14 @@ def _is_done(folder: Path, config: PhantomConfig, index: int) -> bool:
         parameters = json.loads((folder / "phantom.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    expected = _rounded({"name": "DeepDosimetrics phantom", **config.settings(), "index": index,
-                         "seed_sequence_entropy": [config.seed, index]})
+    expected = _rounded(
+        {
+            "name": "DeepDosimetrics phantom",
+            **config.settings(),
+            "index": index,
+            "seed_sequence_entropy": [config.seed, index],
+        }
+    )
     if parameters.get("generator") != expected:
         return False
     names = parameters.get("structures", [])
@@ -1179,7 +1245,9 @@ def _is_done(folder: Path, config: PhantomConfig, index: int) -> bool:
     return all(path.is_file() for path in files)
 
 
-def synthesize_patient(out_dir: Union[str, Path], index: int, config: PhantomConfig = PhantomConfig()) -> Path:
+def synthesize_patient(
+    out_dir: Union[str, Path], index: int, config: PhantomConfig = PhantomConfig()
+) -> Path:
     """Write patient ``index`` into ``out_dir/phantom_NNN`` (atomically; skipped when already there)."""
     out_dir = Path(out_dir)
     folder = out_dir / patient_id(index)
@@ -1222,9 +1290,7 @@ def synthesize_cohort(
 
     if int(patients) != patients or patients < 1:
         raise InputError(f"the number of phantom patients must be a positive integer, got {patients!r}")
-    config = PhantomConfig(
-        shape=tuple(shape), spacing=None if spacing is None else tuple(spacing), seed=seed
-    )
+    config = PhantomConfig(shape=tuple(shape), spacing=None if spacing is None else tuple(spacing), seed=seed)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"phantom output {out_dir} exists and is not a folder")
@@ -1279,4 +1345,3 @@ __all__ = [
     "patient_id",
     "patient_variant",
 ]
-

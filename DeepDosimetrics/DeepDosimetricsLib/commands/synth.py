@@ -12,11 +12,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="cohort folder to write (created)")
     parser.add_argument("--patients", type=int, default=6, metavar="N", help="number of patients (default 6)")
     parser.add_argument(
-        "--shape", type=int, nargs=3, default=[96, 96, 64], metavar=("X", "Y", "Z"),
+        "--shape",
+        type=int,
+        nargs=3,
+        default=[96, 96, 64],
+        metavar=("X", "Y", "Z"),
         help="CT size in voxels (default 96 96 64; 512 512 350 for full size)",
     )
     parser.add_argument(
-        "--spacing", type=float, nargs=3, default=None, metavar=("SX", "SY", "SZ"),
+        "--spacing",
+        type=float,
+        nargs=3,
+        default=None,
+        metavar=("SX", "SY", "SZ"),
         help="voxel spacing in mm (default: 400-mm field of view and 320-mm scan length for the shape)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same files")
