@@ -170,6 +170,10 @@ def structure_features(
     """pyradiomics features of the voxels of ``mask == label`` in ``image``, by pyradiomics name
     (e.g. ``original_firstorder_Mean``), diagnostics excluded.
 
+    When the settings make it exact (original image only, no resampling, no normalisation), image and
+    mask are first cropped to the region's bounding box plus a margin: pyradiomics crops there anyway,
+    but its checks on the whole grid cost more than the features themselves.
+
     Raises StructureSkipped (an InputError) for an empty mask, a mask outside the image, or a
     region pyradiomics refuses (a single voxel, too few dimensions, nothing left after
     re-segmentation).
@@ -177,6 +181,8 @@ def structure_features(
     params = resolve_parameters(params)
     mask = _mask_on_image_grid(image, mask, label)
     extractor = params.extractor()
+    if _crop_is_exact(extractor):
+        image, mask = _crop_to_region(image, mask, label)
     try:
         result = extractor.execute(image, mask, label=int(label))
     except ValueError as error:  # pyradiomics' checkMask and resegmentation refusals
@@ -326,6 +332,38 @@ def _mask_on_image_grid(image: sitk.Image, mask: sitk.Image, label: int) -> sitk
     elif not np.any(sitk.GetArrayViewFromImage(mask) == label):
         raise StructureSkipped(EMPTY_STRUCTURE, f"no voxel with label {label} in the mask")
     return mask
+
+
+#: voxels kept around the region's bounding box when cropping (pyradiomics crops with no margin)
+CROP_MARGIN_VOXELS = 2
+
+
+def _crop_is_exact(extractor) -> bool:
+    """Whether cropping to the region changes no feature: every enabled image is the original image
+    (filters would see the surroundings), no resampling (its grid depends on the image extent), no
+    normalisation (it uses statistics of the whole image)."""
+    settings = extractor.settings
+    return (
+        set(extractor.enabledImagetypes) == {"Original"}
+        and not extractor.enabledImagetypes["Original"]
+        and settings.get("resampledPixelSpacing") is None
+        and not settings.get("normalize", False)
+        and not settings.get("voxelBased", False)
+    )
+
+
+def _crop_to_region(image: sitk.Image, mask: sitk.Image, label: int) -> tuple[sitk.Image, sitk.Image]:
+    """Image and mask cropped to the bounding box of ``mask == label`` plus a margin (same grid)."""
+    inside = sitk.GetArrayViewFromImage(mask) == label
+    start_zyx, stop_zyx = [], []
+    for axis in range(inside.ndim):
+        others = tuple(a for a in range(inside.ndim) if a != axis)
+        hits = np.flatnonzero(inside.any(axis=others))
+        start_zyx.append(max(int(hits[0]) - CROP_MARGIN_VOXELS, 0))
+        stop_zyx.append(min(int(hits[-1]) + 1 + CROP_MARGIN_VOXELS, inside.shape[axis]))
+    index = [int(v) for v in reversed(start_zyx)]
+    size = [int(stop - start) for start, stop in zip(reversed(start_zyx), reversed(stop_zyx))]
+    return sitk.RegionOfInterest(image, size, index), sitk.RegionOfInterest(mask, size, index)
 
 
 def _features_item(item: WorkItem, patient: Patient, image: str, params: RadiomicsParameters) -> List[tuple]:

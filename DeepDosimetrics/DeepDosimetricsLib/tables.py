@@ -18,6 +18,7 @@ import os
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sequence, Union
@@ -195,14 +196,12 @@ def _worker_init(threads: int) -> None:
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
-    """forkserver on POSIX (fork-safe, and workers fork from a server that imported the heavy modules
-    once), spawn elsewhere."""
-    if sys.platform != "win32" and "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(
-            ["SimpleITK", "numpy", "pandas", "radiomics.featureextractor", __package__ + ".patient"]
-        )
-        return context
+    """fork on Linux: workers start at once with the modules already imported. The pool forks its
+    workers when the first item is submitted, before the progress bar (the only other thread) starts;
+    ITK's thread pool and OpenBLAS handle fork. spawn elsewhere (macOS and Windows cannot fork safely).
+    Inside a GUI application (Slicer), run with jobs=1 or through the command line."""
+    if sys.platform.startswith("linux"):
+        return multiprocessing.get_context("fork")
     return multiprocessing.get_context("spawn")
 
 
@@ -237,21 +236,26 @@ def run_items(
     executor = ProcessPoolExecutor(
         max_workers=min(jobs, len(items)), mp_context=_pool_context(), initializer=_worker_init, initargs=(1,)
     )
+    broken = False
     try:
-        # submit everything before the progress bar starts its thread
+        # submit everything (the workers are forked at the first submit) before the bar starts its thread
         futures = {executor.submit(_run_one, worker, item, None, image): index for index, item in enumerate(items)}
         bar = progress_bar(as_completed(futures), total=len(futures), desc=desc, quiet=quiet)
         for future in bar:
-            index = futures[future]
             try:
-                results[index] = future.result()
-            except Exception as error:  # the worker process itself died
-                item = items[index]
-                results[index] = [reason_row(item.patient_id, item.structure, image, f"{ERROR}: {error!r}")]
+                results[futures[future]] = future.result()
+            except BrokenProcessPool:  # workers could not start or died: finish in this process
+                broken = True
     except BaseException:
         executor.shutdown(wait=False, cancel_futures=True)
         raise
-    executor.shutdown(wait=True)
+    executor.shutdown(wait=not broken, cancel_futures=broken)
+    missing = [index for index, rows in enumerate(results) if rows is None]
+    if missing:
+        log.warning("%s: the process pool broke; running %d item(s) in this process", desc, len(missing))
+        for index in progress_bar(missing, total=len(missing), desc=desc, quiet=quiet):
+            item = items[index]
+            results[index] = _run_one(worker, item, (patients or {}).get(item.patient_id), image)
     return [row for rows in results for row in rows]
 
 
