@@ -73,9 +73,8 @@ class RadiomicsParameters:
 
     @property
     def feature_classes(self) -> List[str]:
-        """Enabled feature classes (all 3D ones when the file names none)."""
-        classes = self.config.get("featureClass") or {}
-        return list(classes) if classes else _feature_class_names()
+        """Enabled feature classes, as pyradiomics reads the settings (all of them when none is named)."""
+        return list(self.extractor().enabledFeatures)
 
     @property
     def bin_width(self) -> Optional[float]:
@@ -168,7 +167,8 @@ def structure_features(
     label: int = 1,
 ) -> Dict[str, float]:
     """pyradiomics features of the voxels of ``mask == label`` in ``image``, by pyradiomics name
-    (e.g. ``original_firstorder_Mean``), diagnostics excluded.
+    (e.g. ``original_firstorder_Mean``), diagnostics excluded. For many structures, resolve the
+    parameters once (``resolve_parameters``) and pass the result.
 
     When the settings make it exact (original image only, no resampling, no normalisation), image and
     mask are first cropped to the region's bounding box plus a margin: pyradiomics crops there anyway,
@@ -234,13 +234,6 @@ def cohort_radiomics(
 def _check_image_kind(image: str) -> None:
     if image not in IMAGE_KINDS:
         raise InputError(f"unknown image {image!r}; choose one of: {', '.join(IMAGE_KINDS)}")
-
-
-@functools.lru_cache(maxsize=1)
-def _feature_class_names() -> List[str]:
-    from radiomics import getFeatureClasses
-
-    return [name for name in getFeatureClasses() if name != "shape2D"]
 
 
 def _read_parameter_file(path: Path) -> Dict[str, Any]:

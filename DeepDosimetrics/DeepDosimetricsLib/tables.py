@@ -165,6 +165,10 @@ class _PatientCache:
         self.patient: Optional[Patient] = None
         self.derived: Dict[str, object] = {}
 
+    def clear(self) -> None:
+        """Forget the patient (free its images)."""
+        self.key, self.patient, self.derived = None, None, {}
+
     def patient_for(self, item: WorkItem, patient: Optional[Patient] = None) -> Patient:
         from .patient import Patient
 
@@ -217,8 +221,9 @@ def run_items(
     """Run ``worker`` over the items (in-process or in a pool of ``jobs`` processes) and return
     their rows in item order. A failing item gives an ``error:`` row; the others go on.
 
-    ``image`` fills the image column of reason rows. ``patients`` (id -> Patient) is used in-process; pool workers load patients from their folders,
-    so jobs > 1 needs items with a folder (in-memory patients run in-process).
+    ``image`` fills the image column of reason rows. ``patients`` (id -> Patient) is used in-process;
+    pool workers load patients from their folders, so jobs > 1 needs items with a folder (in-memory
+    patients run in-process). If the pool breaks (workers cannot start), the rest runs in-process.
     """
     from .progress import progress_bar
 
@@ -231,6 +236,7 @@ def run_items(
         for index, item in enumerate(bar):
             patient = (patients or {}).get(item.patient_id)
             results[index] = _run_one(worker, item, patient, image)
+        PATIENT_CACHE.clear()
         return [row for rows in results for row in rows]
 
     executor = ProcessPoolExecutor(
@@ -256,6 +262,7 @@ def run_items(
         for index in progress_bar(missing, total=len(missing), desc=desc, quiet=quiet):
             item = items[index]
             results[index] = _run_one(worker, item, (patients or {}).get(item.patient_id), image)
+        PATIENT_CACHE.clear()
     return [row for rows in results for row in rows]
 
 

@@ -294,3 +294,19 @@ def test_unreadable_patient_fails_without_stopping_the_others(synthetic_cohort, 
     table = pd.read_csv(out, keep_default_na=False)
     assert table[table.patient == "bad"]["reason"].str.startswith(ERROR).all()
     assert (table[table.patient == "good"]["reason"] == "").all()
+
+
+def _worker_that_cannot_start(threads: int) -> None:
+    import os
+
+    os._exit(3)
+
+
+def test_a_broken_pool_finishes_in_process(synthetic_cohort, monkeypatch):
+    """Workers that die at start (e.g. no fork in a host application) do not lose the cohort."""
+    import DeepDosimetricsLib.tables as tables
+
+    expected = cohort_radiomics(synthetic_cohort, "ct", "firstorder", structures=["Lesion"], jobs=1, quiet=True)
+    monkeypatch.setattr(tables, "_worker_init", _worker_that_cannot_start)
+    table = cohort_radiomics(synthetic_cohort, "ct", "firstorder", structures=["Lesion"], jobs=2, quiet=True)
+    pd.testing.assert_frame_equal(table, expected)
