@@ -9,6 +9,12 @@ HELP = "dose-volume metrics per structure (volume, Dmean/min/max, D98/95/50/2, V
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's options."""
+    parser.epilog = (
+        "A structure that cannot be measured (empty, outside the image, patient without dose, "
+        "structure missing for that patient) gets one row with a 'reason' and is listed on stderr; the "
+        "command still exits 0. Exit code 1: some patients or structures failed (unreadable files; their "
+        "rows say 'error: ...'), the others are in the table. Exit code 2: bad input, nothing computed."
+    )
     parser.add_argument("--cohort", required=True, metavar="DIR", help="cohort folder (one sub-folder per patient)")
     parser.add_argument("--structures", default=None, metavar="A,B",
                         help="comma-separated structure names (case-insensitive; default: every structure)")

@@ -9,6 +9,12 @@ HELP = "radiomics features per structure (CT or dose) of a cohort, through pyrad
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's options."""
+    parser.epilog = (
+        "A structure that cannot be measured (empty, outside the image, too small for pyradiomics, patient without dose (--image dose), "
+        "structure missing for that patient) gets one row with a 'reason' and is listed on stderr; the "
+        "command still exits 0. Exit code 1: some patients or structures failed (unreadable files; their "
+        "rows say 'error: ...'), the others are in the table. Exit code 2: bad input, nothing computed."
+    )
     parser.add_argument("--cohort", required=True, metavar="DIR", help="cohort folder (one sub-folder per patient)")
     parser.add_argument("--image", choices=("ct", "dose"), default="ct",
                         help="image the features describe: the CT (HU) or the dose on the CT grid (Gy); "
