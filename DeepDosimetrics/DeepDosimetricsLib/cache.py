@@ -427,12 +427,15 @@ def ensure_cache(
     jobs: int = 1,
     quiet: bool = True,
     ids: Optional[Sequence[str]] = None,
+    progress_json: bool = False,
 ) -> CachedCohort:
     """Build the cache entries a cohort is missing (in ``jobs`` processes) and return the cache.
 
     Patients already built with the same configuration are reused; a patient that cannot be read is
-    skipped, its reason kept in ``CachedCohort.failed`` (and logged).
+    skipped, its reason kept in ``CachedCohort.failed`` (and logged). ``ids`` limits the cohort to some
+    patients; ``progress_json`` prints one ``@progress`` line per patient built.
     """
     from .cache_build import build_cohort
 
-    return build_cohort(cohort_dir, config or CacheConfig(), cache_dir=cache_dir, jobs=jobs, quiet=quiet, ids=ids)
+    return build_cohort(cohort_dir, config or CacheConfig(), cache_dir=cache_dir, jobs=jobs, quiet=quiet, ids=ids,
+                        progress_json=progress_json)

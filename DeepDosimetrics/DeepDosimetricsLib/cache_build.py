@@ -326,10 +326,11 @@ def build_cohort(
     jobs: int = 1,
     quiet: bool = True,
     ids: Optional[Sequence[str]] = None,
+    progress_json: bool = False,
 ) -> CachedCohort:
     """Build what the cache of a cohort is missing and return it (see ``cache.ensure_cache``)."""
     from .cohort import Cohort
-    from .progress import progress_bar
+    from .progress import emit_progress, progress_bar
 
     cohort = Cohort.open(cohort_dir, patient_ids=list(ids) if ids is not None else None)
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir(cohort_dir, config)
@@ -343,12 +344,16 @@ def build_cohort(
     if todo:
         log.debug("cache %s: building %d of %d patients", folder, len(todo), len(cohort))
     bar = progress_bar(range(len(todo)), total=len(todo), desc="cache", quiet=quiet)
+
+    def finished(pid: str, reason: Optional[str]) -> None:
+        if reason:
+            failed[pid] = reason
+        bar.update(1)
+        if progress_json:
+            emit_progress("cache", bar.n, len(todo), patient=pid, failed=bool(reason))
     if jobs <= 1 or len(todo) <= 1:
         for pid in todo:
-            _, reason = _build_one(str(cohort.folder), pid, str(folder), config, prescriptions.get(pid))
-            if reason:
-                failed[pid] = reason
-            bar.update(1)
+            finished(pid, _build_one(str(cohort.folder), pid, str(folder), config, prescriptions.get(pid))[1])
     else:
         import multiprocessing
 
@@ -357,10 +362,7 @@ def build_cohort(
             futures = [pool.submit(_build_one, str(cohort.folder), pid, str(folder), config, prescriptions.get(pid))
                        for pid in todo]
             for future in as_completed(futures):
-                pid, reason = future.result()
-                if reason:
-                    failed[pid] = reason
-                bar.update(1)
+                finished(*future.result())
     bar.close()
     for pid, reason in failed.items():
         log.warning("patient %s not cached: %s", pid, reason)

@@ -305,6 +305,7 @@ def test_cli_reports_failed_patients(cohort, tmp_path, capsys):
     output = capsys.readouterr().out
     assert code == 1
     assert "patients cached: 2; failed: 1" in output and "pt_9" in output
+    assert output.count("@progress ") == 3 and '"failed": true' in output
     manifest = json.loads((tmp_path / "cache" / "cohort.json").read_text())
     assert manifest["patients"] == ["pt_1", "pt_3"] and "pt_9" in manifest["failed"]
     assert manifest["config"]["spacing"] == [2.0, 2.0, 3.0]

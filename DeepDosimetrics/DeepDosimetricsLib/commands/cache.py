@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=None, metavar="NAME",
                         help="structure stored as the PTV mask (default: PTV, else the highest-dose PTV)")
     parser.add_argument("--jobs", type=int, default=1, metavar="N", help="patients built in parallel (default 1)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (@progress lines are still printed)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
         structures=tuple(args.structures) if args.structures else None,
         target=args.target,
     )
-    cache = ensure_cache(args.cohort, config, cache_dir=args.cache, jobs=args.jobs, quiet=args.quiet)
+    cache = ensure_cache(args.cohort, config, cache_dir=args.cache, jobs=args.jobs, quiet=args.quiet,
+                         progress_json=True)
     print(f"cache: {cache.folder}")
     print(f"patients cached: {len(cache)}; failed: {len(cache.failed)}")
     for pid, reason in cache.failed.items():
