@@ -307,7 +307,8 @@ ROW_SPACING, COLUMN_SPACING = 0.8, 0.7  # PixelSpacing = (between rows, between 
 ORIGIN_X, ORIGIN_Y = -10.0, -20.0
 
 
-def _dataset(path: Path, modality: str, sop_class: str, **attributes):
+def _dataset(path: Path, modality: str, sop_class: str, bare: bool = False, **attributes):
+    """Write a DICOM file; ``bare``: no preamble nor file meta, implicit VR (as old exports)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -323,11 +324,15 @@ def _dataset(path: Path, modality: str, sop_class: str, **attributes):
     for key, value in attributes.items():
         setattr(dataset, key, value)
     path.parent.mkdir(parents=True, exist_ok=True)
-    dataset.save_as(str(path), enforce_file_format=True)
+    if bare:
+        del dataset.file_meta
+        dataset.save_as(str(path), implicit_vr=True, little_endian=True)
+    else:
+        dataset.save_as(str(path), enforce_file_format=True)
 
 
 def write_ct_series(folder: Path, patient: str, frame: str, z_positions, shift_y_per_slice: float = 0.0,
-                    shuffle_seed: int = 0, study: str = "1.2.3.4") -> str:
+                    shuffle_seed: int = 0, study: str = "1.2.3.4", bare: bool = False) -> str:
     """CT slices with raw = 1000 + 10*slice + column (HU = raw - 1024), slice 2 with slope 0.5."""
     from pydicom.uid import CTImageStorage, generate_uid
 
@@ -338,7 +343,8 @@ def write_ct_series(folder: Path, patient: str, frame: str, z_positions, shift_y
         hu = (1000 + 10 * slice_index + np.arange(COLUMNS))[None, :].repeat(ROWS, 0) - 1024
         slope, intercept = (0.5, -1024.0) if slice_index == 2 else (1.0, -1024.0)
         raw = ((hu + 1024) / slope).astype(np.uint16)
-        _dataset(folder / f"img{file_index:03d}.dcm", "CT", CTImageStorage,
+        name = f"IM{file_index:03d}" if bare else f"img{file_index:03d}.dcm"
+        _dataset(folder / name, "CT", CTImageStorage, bare=bare,
                  PatientID=patient, StudyInstanceUID=study, SeriesInstanceUID=series,
                  FrameOfReferenceUID=frame,
                  ImagePositionPatient=[ORIGIN_X, ORIGIN_Y + shift_y_per_slice * slice_index,
@@ -420,6 +426,7 @@ def dicom_tree(tmp_path_factory) -> Path:
     (root / "broken" / "img999.dcm").write_bytes(b"\x00" * 200)  # a damaged file among its slices
     for index, frame in enumerate(["1.9.6", "1.9.7"]):  # one patient, two studies
         write_ct_series(root / "two" / f"study{index}", "TWO", frame, [0, 1, 2], study=f"1.2.3.{index}")
+    write_ct_series(root / "bare", "BARE", "1.9.8", [0, 2, 4], bare=True)  # no preamble, no extension
     (root / "README.txt").write_text("not DICOM")
     return root
 
@@ -484,6 +491,7 @@ def test_dicom_bad_series_are_skipped_with_reasons(dicom_cohort, dicom_tree: Pat
     # one patient with two frames of reference: two cohort patients
     assert entries["TWO_1"].ok and entries["TWO_2"].ok
     assert json.loads((out / "TWO_2" / "import.json").read_text())["dicom"]["FrameOfReferenceUID"] == "1.9.7"
+    assert entries["BARE"].ok and read(out / "BARE" / "ct.nrrd").GetSize() == (COLUMNS, ROWS, 3)
     assert "README.txt" not in report.summary()
 
 
@@ -491,7 +499,7 @@ def test_dicom_cli_writes_the_report(dicom_tree: Path, tmp_path: Path, capsys):
     out = tmp_path / "cohort"
     assert main(["import", "dicom", str(dicom_tree), "--out", str(out), "--quiet"]) == 1
     printed = capsys.readouterr().out
-    assert "dicom import: 3 patient(s) ok, 5 skipped" in printed
+    assert "dicom import: 4 patient(s) ok, 5 skipped" in printed
     assert "skipped GAP: " in printed
     report = rows_by_patient(out)
     assert report["GAP"]["status"] == "skipped" and report["GOOD"]["status"] == "ok"

@@ -181,14 +181,39 @@ def group_files(files: list[DicomFile], unreadable: list[tuple[Path, str]]) -> t
 
 
 # ------------------------------------------------------------------------------------------------ CT
-def _read_full(path: Path):
+def read_dataset(path: Path):
+    """The whole dataset of a file already recognised as DICOM (with or without the preamble)."""
+    import warnings
+
     import pydicom
+    from pydicom.errors import InvalidDicomError
 
     try:
-        dataset = pydicom.dcmread(str(path))
+        try:
+            return pydicom.dcmread(str(path))
+        except InvalidDicomError:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return pydicom.dcmread(str(path), force=True)
+    except Exception as error:  # damaged or truncated
+        raise InputError(f"unreadable file {path}: {error}") from None
+
+
+def _read_full(path: Path):
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    dataset = read_dataset(path)
+    if "TransferSyntaxUID" not in getattr(dataset, "file_meta", {}):  # no file meta: as it was read
+        implicit, little = getattr(dataset, "original_encoding", (True, True))
+        meta = getattr(dataset, "file_meta", None) or FileMetaDataset()
+        meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                  ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        dataset.file_meta = meta
+    try:
         return dataset, dataset.pixel_array
     except Exception as error:  # damaged, truncated, or compressed without a decoder
-        raise InputError(f"unreadable file {path}: {error}") from None
+        raise InputError(f"unreadable pixel data in {path}: {error}") from None
 
 
 def _orientation(header) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -420,13 +445,9 @@ def contour_points(contour) -> np.ndarray:
 
 def structure_masks(item: DicomFile, grid, writer: PatientWriter) -> None:
     """Rasterise every ROI of an RTSTRUCT onto ``grid`` and write it through ``writer``."""
-    import pydicom
     import SimpleITK as sitk
 
-    try:
-        header = pydicom.dcmread(str(item.path))
-    except Exception as error:  # damaged or truncated
-        raise InputError(f"unreadable file {item.path}: {error}") from None
+    header = read_dataset(item.path)
     names = {int(roi.ROINumber): str(roi.get("ROIName", f"ROI_{roi.ROINumber}"))
              for roi in header.get("StructureSetROISequence", [])}
     contours_by_roi: dict[int, list[np.ndarray]] = {number: [] for number in names}
