@@ -161,9 +161,12 @@ class CliJob:
         on_progress: Optional[Callable[[dict], None]] = None,
         python: Optional[str] = None,
         env: Optional[Dict[str, str]] = None,
+        command: Optional[Sequence[str]] = None,
     ):
         self.arguments = [str(a) for a in arguments]
-        self.command = [python or python_for_jobs(), "-u", "-m", "DeepDosimetricsLib.cli", *self.arguments]
+        if command is None:  # `deepdosimetrics <arguments>` in a separate Python
+            command = [python or python_for_jobs(), "-u", "-m", "DeepDosimetricsLib.cli", *self.arguments]
+        self.command = [str(c) for c in command]
         self.on_line = on_line
         self.on_progress = on_progress
         self.progress: Optional[dict] = None
@@ -188,10 +191,6 @@ class CliJob:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-            bufsize=1,
             start_new_session=(os.name == "posix"),
         )
         self._reader = threading.Thread(target=self._read, name="DeepDosimetricsJobReader", daemon=True)
@@ -199,13 +198,18 @@ class CliJob:
         return self
 
     def _read(self) -> None:
+        import io
+
         assert self._process is not None and self._process.stdout is not None
-        for raw in self._process.stdout:
-            # tqdm redraws with carriage returns: keep the last state of each line
-            line = raw.rstrip("\n").split("\r")[-1].rstrip()
+        # newline="": a lone carriage return (a tqdm redraw) ends a piece without becoming a newline
+        stream = io.TextIOWrapper(self._process.stdout, encoding="utf-8", errors="replace", newline="")
+        for piece in stream:
+            if piece.endswith("\r"):
+                continue  # an intermediate progress-bar state, redrawn by the next piece
+            line = piece.rstrip("\r\n").rstrip()
             if line:
                 self._lines.put(line)
-        self._process.stdout.close()
+        stream.close()
 
     @property
     def running(self) -> bool:
@@ -262,16 +266,21 @@ class CliJob:
             return
         self.cancelled = True
         try:
-            parent = psutil.Process(self._process.pid)
-            processes = parent.children(recursive=True) + [parent]
+            descendants = psutil.Process(self._process.pid).children(recursive=True)
         except psutil.NoSuchProcess:
-            return
-        for process in processes:
+            descendants = []
+        for process in descendants:
             try:
                 process.terminate()
             except psutil.NoSuchProcess:
                 pass
-        _, alive = psutil.wait_procs(processes, timeout=grace_seconds)
+        self._process.terminate()
+        try:  # the direct child is reaped by Popen, so that its exit status is kept
+            self._process.wait(timeout=grace_seconds)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        _, alive = psutil.wait_procs(descendants, timeout=grace_seconds)
         for process in alive:
             try:
                 process.kill()

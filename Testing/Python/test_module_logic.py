@@ -1,0 +1,341 @@
+"""The Slicer module's Logic without the Slicer application (slicer-core only): patients from nodes,
+radiomics equal to pyradiomics on the same files, DVH tables and charts, background jobs, the
+module's own Test class."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import textwrap
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+pytestmark = pytest.mark.slicer
+
+try:
+    import slicer  # noqa: F401
+except ImportError as error:  # pragma: no cover - slicer-core is part of the dev install
+    pytest.skip(f"slicer-core is not installed ({error})", allow_module_level=True)
+
+from DeepDosimetricsLib import scene as mrml  # noqa: E402
+from DeepDosimetricsLib.errors import DeepDosimetricsError, InputError  # noqa: E402
+from DeepDosimetricsLib.patient import Patient  # noqa: E402
+
+MODULE_DIR = Path(__file__).resolve().parents[2] / "DeepDosimetrics"
+OPENKBP_STRUCTURES = ("PTV70", "Brainstem", "SpinalCord")
+
+
+@pytest.fixture(scope="module")
+def module():
+    """DeepDosimetrics.py imported as Slicer would (its folder on sys.path), without Qt."""
+    sys.path.insert(0, str(MODULE_DIR))
+    try:
+        import DeepDosimetrics
+
+        yield DeepDosimetrics
+    finally:
+        sys.path.remove(str(MODULE_DIR))
+
+
+@pytest.fixture(scope="module")
+def headless():
+    wired = mrml.create_headless_scene()
+    yield wired
+    mrml.close_headless_scene(wired)
+
+
+@pytest.fixture()
+def scene(headless):
+    slicer.mrmlScene = headless.scene
+    yield headless.scene
+    headless.scene.Clear(False)
+
+
+@pytest.fixture()
+def logic(module, scene):
+    return module.DeepDosimetricsLogic(scene)
+
+
+@pytest.fixture(scope="module")
+def patient_dir(phantom_cohort) -> Path:
+    return sorted(p for p in phantom_cohort.iterdir() if p.is_dir())[0]
+
+
+def structure_files(folder: Path) -> list[Path]:
+    """Structure NRRDs of a canonical (structures/) or flat (OpenKBP) patient folder."""
+    if (folder / "structures").is_dir():
+        return sorted((folder / "structures").glob("*.nrrd"))
+    return sorted(p for p in folder.glob("*.nrrd") if p.stem not in ("ct", "dose", "possible_dose_mask"))
+
+
+def load_like_slicer(folder: Path, headless, names=None):
+    """CT read by Slicer's reader; structures read as labelmaps and imported into one segmentation."""
+    volumes = headless.logic("Volumes")
+    ct = volumes.AddArchetypeVolume(str(folder / "ct.nrrd"), "CT", 0)
+    segmentation = headless.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Structures")
+    for path in structure_files(folder):
+        if names is not None and path.stem not in names:
+            continue
+        labelmap = volumes.AddArchetypeVolume(str(path), path.stem, 1)
+        assert headless.logic("Segmentations").ImportLabelmapToSegmentationNode(labelmap, segmentation)
+        segmentation.GetSegmentation().GetSegment(mrml.segment_ids(segmentation)[-1]).SetName(path.stem)
+    return ct, segmentation
+
+
+def pyradiomics_on_files(image: Path, mask: Path, preset: str) -> dict:
+    """Bare pyradiomics on the files, with the preset's parameter file."""
+    import radiomics
+    from DeepDosimetricsLib.radiomics import resolve_parameters
+    from radiomics.featureextractor import RadiomicsFeatureExtractor
+
+    radiomics.setVerbosity(logging.ERROR)
+    extractor = RadiomicsFeatureExtractor(str(resolve_parameters(preset).path))
+    result = extractor.execute(str(image), str(mask))
+    return {k: float(v) for k, v in result.items() if not k.startswith("diagnostics_")}
+
+
+def assert_table_equals_pyradiomics(table, folder: Path, preset: str, names):
+    frame = mrml.dataframe_from_table(table).set_index("Feature")
+    assert sorted(frame.columns) == sorted(names)
+    for name in names:
+        mask = next(p for p in structure_files(folder) if p.stem == name)
+        expected = pyradiomics_on_files(folder / "ct.nrrd", mask, preset)
+        assert sorted(frame.index) == sorted(expected)
+        mismatched = {k: (v, frame.loc[k, name]) for k, v in expected.items() if frame.loc[k, name] != v}
+        assert not mismatched, f"{name}: {mismatched}"
+
+
+# ---------------------------------------------------------------------------------------- import
+def test_module_imports_without_qt(module):
+    assert module.HAS_SLICER_GUI is False
+    assert module.DeepDosimetricsLogic().lastRadiomicsPath is None
+
+
+# ---------------------------------------------------------------------------------------- patients
+def test_patient_from_nodes_and_load_patient_folder(logic, patient_dir):
+    nodes = logic.loadPatientFolder(patient_dir)
+    reference = Patient.from_folder(patient_dir)
+    patient = logic.patientFromNodes(nodes.ct, nodes.segmentation, doseNode=nodes.dose)
+    assert patient.structure_names == reference.structure_names
+    np.testing.assert_array_equal(patient.structure("PTV"), reference.structure("PTV"))
+    assert mrml.is_dose_volume(nodes.dose)
+
+
+# ---------------------------------------------------------------------------------------- radiomics
+def test_radiomics_equals_pyradiomics_on_the_files(logic, headless, patient_dir):
+    ct, segmentation = load_like_slicer(patient_dir, headless)
+    names = [p.stem for p in structure_files(patient_dir)]
+    table = logic.computeRadiomics(ct, segmentation, "firstorder")
+    assert table.GetAttribute(mrml.RADIOMICS_PATH_ATTRIBUTE) == "pyradiomics"
+    assert logic.lastRadiomicsPath == "pyradiomics"
+    assert_table_equals_pyradiomics(table, patient_dir, "firstorder", names)
+    frame = mrml.dataframe_from_table(table)
+    assert len(frame) == 18  # the group's first table: 18 first-order features, one row each
+
+
+def test_radiomics_all_classes_on_one_structure(logic, headless, patient_dir):
+    ct, segmentation = load_like_slicer(patient_dir, headless, names=["PTV"])
+    table = logic.computeRadiomics(ct, segmentation, "all", structures=["PTV"])
+    assert_table_equals_pyradiomics(table, patient_dir, "all", ["PTV"])
+
+
+def test_radiomics_on_a_labelmap_node(logic, headless, patient_dir):
+    ct = headless.logic("Volumes").AddArchetypeVolume(str(patient_dir / "ct.nrrd"), "CT", 0)
+    labelmap = headless.logic("Volumes").AddArchetypeVolume(str(patient_dir / "structures" / "PTV.nrrd"), "PTV", 1)
+    table = logic.computeRadiomics(ct, labelmap, "firstorder")
+    assert_table_equals_pyradiomics(table, patient_dir, "firstorder", ["PTV"])
+
+
+def test_radiomics_equals_pyradiomics_on_openkbp(logic, headless, openkbp_train):
+    folder = openkbp_train / "pt_1"
+    names = [n for n in OPENKBP_STRUCTURES if (folder / f"{n}.nrrd").is_file()]
+    ct, segmentation = load_like_slicer(folder, headless, names=names)
+    table = logic.computeRadiomics(ct, segmentation, "firstorder")
+    assert_table_equals_pyradiomics(table, folder, "firstorder", names)
+
+
+def test_radiomics_through_slicerradiomics_when_installed(logic, headless, patient_dir, monkeypatch):
+    """With SlicerRadiomics importable its logic runs (synchronously, with the parameter file) and its
+    table (Image type, Feature Class, Feature Name, <segmentation>_segment_<name>, text values) is
+    turned into the module's layout."""
+    calls = []
+
+    class FakeSlicerRadiomicsLogic:
+        runSync = False
+
+        def runCLIWithParameterFile(self, imageNode, maskNode, tableNode, parameterFilePath):  # noqa: N802
+            calls.append((self.runSync, Path(parameterFilePath).is_file()))
+            import pandas as pd
+
+            image = mrml.volume_to_image(imageNode)
+            rows = {"Image type": [], "Feature Class": [], "Feature Name": []}
+            columns = {}
+            for name, mask in mrml.segmentation_to_images(maskNode, imageNode).items():
+                from radiomics.featureextractor import RadiomicsFeatureExtractor
+
+                result = RadiomicsFeatureExtractor(parameterFilePath).execute(image, mask)
+                columns[f"{maskNode.GetName()}_segment_{name}"] = [str(v) for v in result.values()]
+                keys = list(result)
+            for key in keys:
+                if key.startswith("diagnostics_"):
+                    kind, klass, feature = "diagnostics", "diagnostics", key[len("diagnostics_"):]
+                else:
+                    kind, klass, feature = key.split("_", 2)
+                rows["Image type"].append(kind)
+                rows["Feature Class"].append(klass)
+                rows["Feature Name"].append(feature)
+            mrml.table_from_dataframe(pd.DataFrame({**rows, **columns}).astype(str), table_node=tableNode)
+
+    monkeypatch.setitem(sys.modules, "SlicerRadiomics", types.SimpleNamespace(SlicerRadiomicsLogic=FakeSlicerRadiomicsLogic))
+    ct, segmentation = load_like_slicer(patient_dir, headless, names=["PTV", "Heart"])
+    table = logic.computeRadiomics(ct, segmentation, "firstorder")
+    assert calls == [(True, True)]
+    assert table.GetAttribute(mrml.RADIOMICS_PATH_ATTRIBUTE) == "SlicerRadiomics"
+    assert_table_equals_pyradiomics(table, patient_dir, "firstorder", ["Heart", "PTV"])
+    with pytest.raises(InputError, match="SlicerRadiomics is not installed"):
+        monkeypatch.delitem(sys.modules, "SlicerRadiomics")
+        monkeypatch.setitem(sys.modules, "SlicerRadiomics", None)
+        logic.computeRadiomics(ct, segmentation, "firstorder", useSlicerRadiomics=True)
+
+
+def test_radiomics_bad_input(logic, scene, patient_dir):
+    nodes = logic.loadPatientFolder(patient_dir)
+    with pytest.raises(InputError, match="no image volume"):
+        logic.computeRadiomics(None, nodes.segmentation)
+    with pytest.raises(InputError, match="no segmentation or labelmap"):
+        logic.computeRadiomics(nodes.ct, None)
+    with pytest.raises(InputError, match="unknown radiomics preset 'texture'.*firstorder"):
+        logic.computeRadiomics(nodes.ct, nodes.segmentation, "texture")
+    with pytest.raises(InputError, match="no segment named Liver"):
+        logic.computeRadiomics(nodes.ct, nodes.segmentation, structures=["Liver"])
+    with pytest.raises(InputError, match="a segmentation or a labelmap volume is needed"):
+        logic.computeRadiomics(nodes.ct, nodes.dose)
+    # an empty segment is skipped with its reason, the others are computed
+    nodes.segmentation.GetSegmentation().AddEmptySegment("Empty", "Empty")
+    table = logic.computeRadiomics(nodes.ct, nodes.segmentation, structures=["PTV", "Empty"])
+    assert list(mrml.dataframe_from_table(table).columns) == ["Feature", "PTV"]
+    assert "is empty" in json.loads(table.GetAttribute("DeepDosimetrics.SkippedStructures"))["Empty"]
+
+
+# ---------------------------------------------------------------------------------------- DVH
+def test_dose_volume_metrics_equal_the_library_on_the_ct_grid(logic, patient_dir):
+    from DeepDosimetricsLib.dosimetrics import patient_dvh
+
+    nodes = logic.loadPatientFolder(patient_dir)
+    table, chart = logic.computeDoseVolumeMetrics(nodes.dose, nodes.segmentation, nodes.ct)
+    frame = mrml.dataframe_from_table(table).set_index("Metric")
+    expected = patient_dvh(Patient.from_folder(patient_dir)).metrics
+    expected = expected[expected["feature"].astype(str) != ""]
+    assert len(expected) == frame.shape[0] * frame.shape[1]
+    for row in expected.itertuples():
+        assert frame.loc[row.feature, row.structure] == pytest.approx(row.value, rel=1e-9, abs=1e-9), row
+    assert chart.GetNumberOfPlotSeriesNodes() == frame.shape[1]
+    series = chart.GetNthPlotSeriesNode(0)
+    assert series.GetXColumnName() == "Dose (Gy)"
+
+
+def test_dose_volume_metrics_by_hand_on_the_dose_grid(logic, scene):
+    """A uniform 2 Gy dose and a linear gradient, segments exported on the dose grid (no CT)."""
+    grid = sitk.Image(10, 10, 10, sitk.sitkFloat32)
+    grid.SetSpacing((2.0, 2.0, 2.5))  # 10 mm^3 voxels
+    uniform = mrml.array_to_volume(np.full((10, 10, 10), 2.0, np.float32), mrml.image_to_volume(grid, "g", scene),
+                                   "uniform", scene=scene, dose=True)
+    box = np.zeros((10, 10, 10), np.uint8)
+    box[2:6, 2:7, 3:8] = 1  # 100 voxels = 1 cc
+    segmentation = mrml.add_segmentation({"Box": box}, uniform, "seg", scene)
+    table, chart = logic.computeDoseVolumeMetrics(uniform, segmentation)
+    metrics = mrml.dataframe_from_table(table).set_index("Metric")["Box"]
+    assert metrics["volume_cc"] == pytest.approx(1.0)
+    for name in ("Dmean_Gy", "Dmin_Gy", "Dmax_Gy", "D98_Gy", "D95_Gy", "D50_Gy", "D2_Gy"):
+        assert metrics[name] == pytest.approx(2.0)
+    assert metrics["V5Gy_pct"] == 0.0
+    gradient = np.broadcast_to(np.arange(10, dtype=np.float32)[None, None, :] * 10.0, (10, 10, 10)).copy()
+    linear = mrml.array_to_volume(gradient, uniform, "linear", scene=scene, dose=True)
+    table, _ = logic.computeDoseVolumeMetrics(linear, segmentation)
+    metrics = mrml.dataframe_from_table(table).set_index("Metric")["Box"]
+    assert metrics["Dmean_Gy"] == pytest.approx(50.0)  # x = 3..7 -> 30..70 Gy, 20 voxels each
+    assert metrics["V40Gy_pct"] == pytest.approx(80.0)
+    assert metrics["V70Gy_pct"] == pytest.approx(20.0)
+
+
+def test_dose_volume_metrics_bad_input(logic, scene, patient_dir):
+    nodes = logic.loadPatientFolder(patient_dir)
+    with pytest.raises(InputError, match="no dose volume"):
+        logic.computeDoseVolumeMetrics(None, nodes.segmentation)
+    with pytest.raises(InputError, match="no segmentation"):
+        logic.computeDoseVolumeMetrics(nodes.dose, None)
+
+
+# ---------------------------------------------------------------------------------------- jobs
+def python_job(module, code: str, **kwargs):
+    return module.CliJob(["script"], command=[sys.executable, "-c", textwrap.dedent(code)], **kwargs)
+
+
+def test_job_parses_progress_and_log_lines(module):
+    progress, lines = [], []
+    job = python_job(module, """
+        import json, sys
+        for i in range(3):
+            print("@progress " + json.dumps({"task": "train", "done": i + 1, "total": 3, "loss": 0.5 / (i + 1)}))
+        print("epoch done")
+        print("tqdm 10%\\rtqdm 100%", file=sys.stderr)
+        """, on_progress=progress.append, on_line=lines.append).start()
+    assert job.wait(timeout=60) == 0
+    assert [p["done"] for p in progress] == [1, 2, 3] and progress[-1]["total"] == 3
+    assert job.progress["loss"] == pytest.approx(0.5 / 3)
+    assert lines == ["epoch done", "tqdm 100%"]
+
+
+def test_cancel_ends_the_whole_process_tree(module, tmp_path):
+    import psutil
+
+    job = python_job(module, """
+        import subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        print("child", child.pid, flush=True)
+        time.sleep(120)
+        """).start()
+    deadline = time.monotonic() + 30
+    child = None
+    while child is None and time.monotonic() < deadline:
+        job.poll()
+        child = next((int(line.split()[1]) for line in job.log_lines if line.startswith("child ")), None)
+        time.sleep(0.05)
+    assert child is not None, job.log_lines
+    parent = job._process.pid
+    job.cancel(grace_seconds=5)
+    assert job.wait(timeout=30) != 0 and job.cancelled
+    for pid in (parent, child):
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_blocking_cli_job_runs_and_reports_errors(logic, tmp_path):
+    job = logic.runJob(["synth", "--out", str(tmp_path / "cohort"), "--patients", "1", "--shape", "24", "24", "12"],
+                       blocking=True, timeout=240)
+    assert job.returncode == 0
+    assert (tmp_path / "cohort").is_dir() and any((tmp_path / "cohort").iterdir())
+    with pytest.raises(DeepDosimetricsError, match=r"dvh failed: .*nowhere"):
+        logic.runJob(["dvh", "--cohort", str(tmp_path / "nowhere"), "--out", str(tmp_path / "dvh.csv")],
+                     blocking=True, timeout=240)
+
+
+def test_job_arguments(module):
+    logic = module.DeepDosimetricsLogic
+    assert logic.trainArguments("C", "M", "full", 10, "cpu") == [
+        "train", "--cohort", "C", "--out", "M", "--channels", "full", "--steps", "10", "--device", "cpu"]
+    assert logic.encodeArguments("M", "C", "O", True, 0.25, "auto")[-1] == "--reconstruct"
+
+
+# ---------------------------------------------------------------------------------------- module Test
+def test_the_module_test_class_passes_headless(module, headless):
+    case = module.DeepDosimetricsTest()
+    try:
+        case.runTest()
+    finally:
+        slicer.mrmlScene = headless.scene
