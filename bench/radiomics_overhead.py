@@ -36,7 +36,9 @@ def openkbp_patients(data: Path, count: int, with_dose: bool) -> list:
     """The first ``count`` OpenKBP patient folders (natural order), with a dose when asked."""
     from DeepDosimetricsLib.patient import natural_key
 
-    folders = sorted((p for p in data.iterdir() if (p / "ct.nrrd").is_file()), key=lambda p: natural_key(p.name))
+    folders = sorted(
+        (p for p in data.iterdir() if (p / "ct.nrrd").is_file()), key=lambda p: natural_key(p.name)
+    )
     if with_dose:
         folders = [p for p in folders if (p / "dose.nrrd").is_file()]
     if len(folders) < count:
@@ -60,7 +62,9 @@ def bare_from_files(folders, image: str, parameter_file: Path) -> dict:
     for folder in folders:
         for name, mask_file in structure_files(folder).items():
             values = extractor.execute(str(folder / f"{image}.nrrd"), str(mask_file))
-            results[(folder.name, name)] = {k: float(v) for k, v in values.items() if not k.startswith("diag")}
+            results[(folder.name, name)] = {
+                k: float(v) for k, v in values.items() if not k.startswith("diag")
+            }
     return results
 
 
@@ -75,7 +79,9 @@ def bare_in_memory(folders, image: str, parameter_file: Path) -> dict:
         volume = sitk.ReadImage(str(folder / f"{image}.nrrd"))
         for name, mask_file in structure_files(folder).items():
             values = extractor.execute(volume, sitk.ReadImage(str(mask_file)))
-            results[(folder.name, name)] = {k: float(v) for k, v in values.items() if not k.startswith("diag")}
+            results[(folder.name, name)] = {
+                k: float(v) for k, v in values.items() if not k.startswith("diag")
+            }
     return results
 
 
@@ -156,7 +162,9 @@ def speedup(folders, image: str, params, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="OpenKBP NRRD folder (pt_N sub-folders)")
+    parser.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="OpenKBP NRRD folder (pt_N sub-folders)"
+    )
     parser.add_argument("--preset", default="firstorder", help="radiomics preset (default firstorder)")
     parser.add_argument("--image", choices=("ct", "dose"), default="ct")
     parser.add_argument("--overhead-patients", type=int, default=3)
@@ -173,24 +181,38 @@ def main() -> None:
 
     params = resolve_parameters(args.preset, image=args.image)
     report = {
-        "preset": args.preset, "image": args.image, "parameter_file": params.path.name,
-        "cpus": os.cpu_count(), "itk_threads": sitk.ProcessObject.GetGlobalDefaultNumberOfThreads(),
+        "preset": args.preset,
+        "image": args.image,
+        "parameter_file": params.path.name,
+        "cpus": os.cpu_count(),
+        "itk_threads": sitk.ProcessObject.GetGlobalDefaultNumberOfThreads(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     folders = openkbp_patients(args.data, max(args.overhead_patients, args.patients), args.image == "dose")
     report["overhead"] = overhead(folders[: args.overhead_patients], args.image, params, args.repeats)
     o = report["overhead"]
-    print(f"(a) {o['structures']} structures of {args.overhead_patients} OpenKBP patients, preset {args.preset} "
-          f"on the {args.image}, median of {args.repeats}:")
-    print(f"    project path {o['median_s']['project']:.2f} s, bare pyradiomics on files "
-          f"{o['median_s']['bare_files']:.2f} s, bare on images in memory {o['median_s']['bare_memory']:.2f} s")
-    print(f"    overhead: {o['overhead_vs_bare_files_pct']:+.1f}% vs files, {o['overhead_vs_bare_memory_pct']:+.1f}% "
-          f"vs in-memory (bar: <= +10%); identical features: {o['identical_features']}")
+    print(
+        f"(a) {o['structures']} structures of {args.overhead_patients} OpenKBP patients, "
+        f"preset {args.preset} "
+        f"on the {args.image}, median of {args.repeats}:"
+    )
+    print(
+        f"    project path {o['median_s']['project']:.2f} s, bare pyradiomics on files "
+        f"{o['median_s']['bare_files']:.2f} s, bare on images in memory {o['median_s']['bare_memory']:.2f} s"
+    )
+    print(
+        f"    overhead: {o['overhead_vs_bare_files_pct']:+.1f}% vs files, "
+        f"{o['overhead_vs_bare_memory_pct']:+.1f}% "
+        f"vs in-memory (bar: <= +10%); identical features: {o['identical_features']}"
+    )
     if not args.skip_speedup:
         report["speedup"] = speedup(folders[: args.patients], args.image, params, args.speedup_repeats)
         s = report["speedup"]
-        print(f"(b) {s['patients']} patients, {s['structures']} structures: jobs=1 {s['median_s']['jobs1']:.1f} s, "
-              f"jobs=2 {s['median_s']['jobs2']:.1f} s, speed-up {s['speedup_jobs2']:.2f}x (bar: >= 1.7x)")
+        print(
+            f"(b) {s['patients']} patients, {s['structures']} structures: "
+            f"jobs=1 {s['median_s']['jobs1']:.1f} s, "
+            f"jobs=2 {s['median_s']['jobs2']:.1f} s, speed-up {s['speedup_jobs2']:.2f}x (bar: >= 1.7x)"
+        )
     print(json.dumps(report))
 
 

@@ -124,8 +124,12 @@ def patient_dvh(
     structures, and their curves (patient, structure, dose_gy, volume_pct) when ``curves``."""
     items, rows = work_items([patient], structures, need_dose=True, image=IMAGE)
     rows += run_items(
-        items, functools.partial(_dvh_item, curves=curves, bin_width_gy=bin_width_gy),
-        patients={patient.id: patient}, jobs=1, quiet=True, image=IMAGE,
+        items,
+        functools.partial(_dvh_item, curves=curves, bin_width_gy=bin_width_gy),
+        patients={patient.id: patient},
+        jobs=1,
+        quiet=True,
+        image=IMAGE,
     )
     return _split(rows, [patient.id], curves)
 
@@ -146,8 +150,13 @@ def cohort_dvh(
     patients = list(cohort)
     items, rows = work_items(patients, structures, need_dose=True, image=IMAGE)
     rows += run_items(
-        items, functools.partial(_dvh_item, curves=curves, bin_width_gy=bin_width_gy),
-        patients={p.id: p for p in patients}, jobs=jobs, quiet=quiet, desc="dvh", image=IMAGE,
+        items,
+        functools.partial(_dvh_item, curves=curves, bin_width_gy=bin_width_gy),
+        patients={p.id: p for p in patients},
+        jobs=jobs,
+        quiet=quiet,
+        desc="dvh",
+        image=IMAGE,
     )
     return _split(rows, [p.id for p in patients], curves)
 
@@ -157,7 +166,9 @@ def _structure_doses(dose_gy: np.ndarray, mask: np.ndarray) -> np.ndarray:
     dose_gy = np.asarray(dose_gy)
     mask = np.asarray(mask)
     if dose_gy.shape != mask.shape:
-        raise InputError(f"dose {dose_gy.shape} and mask {mask.shape} differ in shape; resample onto one grid")
+        raise InputError(
+            f"dose {dose_gy.shape} and mask {mask.shape} differ in shape; resample onto one grid"
+        )
     doses = dose_gy[mask != 0].astype(np.float64)
     if doses.size == 0:
         raise StructureSkipped(EMPTY_STRUCTURE, "no voxel inside the mask")

@@ -136,7 +136,9 @@ def resolve_parameters(
     if spec is None:
         spec = DEFAULT_PRESET
     if isinstance(spec, dict):
-        params = RadiomicsParameters(name="settings", config=_validated(spec, "radiomics settings"), image=image)
+        params = RadiomicsParameters(
+            name="settings", config=_validated(spec, "radiomics settings"), image=image
+        )
     else:
         text = str(spec)
         path = Path(text).expanduser()
@@ -155,7 +157,9 @@ def resolve_parameters(
     if image == "dose" and params.bin_width is not None and params.bin_width > DOSE_BIN_WIDTH_WARNING_GY:
         log.warning(
             "%s: binWidth %g applied to a dose in Gy gives only a few grey levels per structure "
-            "(the presets use 0.5 Gy for the dose)", params.name, params.bin_width,
+            "(the presets use 0.5 Gy for the dose)",
+            params.name,
+            params.bin_width,
         )
     return params
 
@@ -200,8 +204,12 @@ def patient_radiomics(
     params = resolve_parameters(params, image)
     items, rows = work_items([patient], structures, need_dose=image == "dose", image=image)
     rows += run_items(
-        items, functools.partial(_features_item, image=image, params=params),
-        patients={patient.id: patient}, jobs=1, quiet=True, image=image,
+        items,
+        functools.partial(_features_item, image=image, params=params),
+        patients={patient.id: patient},
+        jobs=1,
+        quiet=True,
+        image=image,
     )
     return long_table(in_patient_order(rows, [patient.id]))
 
@@ -224,8 +232,13 @@ def cohort_radiomics(
     patients = list(cohort)
     items, rows = work_items(patients, structures, need_dose=image == "dose", image=image)
     rows += run_items(
-        items, functools.partial(_features_item, image=image, params=params),
-        patients={p.id: p for p in patients}, jobs=jobs, quiet=quiet, desc=f"radiomics ({image})", image=image,
+        items,
+        functools.partial(_features_item, image=image, params=params),
+        patients={p.id: p for p in patients},
+        jobs=jobs,
+        quiet=quiet,
+        desc=f"radiomics ({image})",
+        image=image,
     )
     return long_table(in_patient_order(rows, [p.id for p in patients]))
 

@@ -113,7 +113,9 @@ def to_wide(table: pd.DataFrame, with_patient: bool = True) -> pd.DataFrame:
         values["column"] = values["patient"].astype(str) + "/" + values["structure"].astype(str)
     else:
         if values.duplicated(["structure", "feature"]).any():
-            raise InputError("a wide table by structure needs a single patient; use patient/structure columns")
+            raise InputError(
+                "a wide table by structure needs a single patient; use patient/structure columns"
+            )
         values["column"] = values["structure"].astype(str)
     feature_order = list(dict.fromkeys(values["feature"]))
     column_order = list(dict.fromkeys(values["column"]))
@@ -245,7 +247,9 @@ def run_items(
     broken = False
     try:
         # submit everything (the workers are forked at the first submit) before the bar starts its thread
-        futures = {executor.submit(_run_one, worker, item, None, image): index for index, item in enumerate(items)}
+        futures = {
+            executor.submit(_run_one, worker, item, None, image): index for index, item in enumerate(items)
+        }
         bar = progress_bar(as_completed(futures), total=len(futures), desc=desc, quiet=quiet)
         for future in bar:
             try:
@@ -276,7 +280,9 @@ def _run_one(worker: Worker, item: WorkItem, patient: Optional[Patient], image: 
         return [reason_row(item.patient_id, item.structure, image, classify_input_error(error))]
     except Exception as error:  # keep the cohort going; the row says what broke
         log.debug("patient %s, structure %s failed", item.patient_id, item.structure, exc_info=True)
-        return [reason_row(item.patient_id, item.structure, image, f"{ERROR}: {type(error).__name__}: {error}")]
+        return [
+            reason_row(item.patient_id, item.structure, image, f"{ERROR}: {type(error).__name__}: {error}")
+        ]
 
 
 # ---------------------------------------------------------------------------------- work items
@@ -310,9 +316,14 @@ def work_items(
                 if name.lower() in by_lower:
                     names.append(by_lower[name.lower()])
                 else:
-                    rows.append(reason_row(
-                        patient.id, name, image, f"{NO_SUCH_STRUCTURE}: patient {patient.id} has no {name}"
-                    ))
+                    rows.append(
+                        reason_row(
+                            patient.id,
+                            name,
+                            image,
+                            f"{NO_SUCH_STRUCTURE}: patient {patient.id} has no {name}",
+                        )
+                    )
         items += [WorkItem(patient.id, folder, name) for name in names]
     return items, rows
 
@@ -342,7 +353,8 @@ def write_result(table: pd.DataFrame, out: Union[str, Path], wide: bool = False)
     measured = table[table["feature"].astype(str) != ""]
     pairs = measured[["patient", "structure"]].drop_duplicates()
     print(
-        f"{out}: {len(measured)} values, {pairs['patient'].nunique()} patients, {len(pairs)} structures measured",
+        f"{out}: {len(measured)} values, {pairs['patient'].nunique()} patients, "
+        f"{len(pairs)} structures measured",
         file=sys.stderr,
     )
     skipped = table[table["feature"].astype(str) == ""]

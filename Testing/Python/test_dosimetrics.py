@@ -189,8 +189,20 @@ def test_cohort_dvh_in_parallel_equals_in_process(gradient_cohort):
 def test_dvh_command_long_wide_and_curves(gradient_cohort, tmp_path):
     out = tmp_path / "dvh.csv"
     curves = tmp_path / "curves.csv"
-    code = main(["dvh", "--cohort", str(gradient_cohort), "--structures", "box", "--quiet",
-                 "--out", str(out), "--dvh-curves", str(curves)])
+    code = main(
+        [
+            "dvh",
+            "--cohort",
+            str(gradient_cohort),
+            "--structures",
+            "box",
+            "--quiet",
+            "--out",
+            str(out),
+            "--dvh-curves",
+            str(curves),
+        ]
+    )
     assert code == 0  # a patient without dose is a skip, not a failure
     table = pd.read_csv(out, keep_default_na=False)
     assert list(table.columns) == ["patient", "structure", "image", "feature", "value", "reason"]

@@ -35,9 +35,24 @@ from DeepDosimetricsLib.tables import (
 )
 
 FIRST_ORDER_18 = {
-    "InterquartileRange", "Mean", "Uniformity", "Entropy", "Kurtosis", "RootMeanSquared", "Variance",
-    "Minimum", "10Percentile", "Maximum", "MeanAbsoluteDeviation", "90Percentile", "TotalEnergy",
-    "Skewness", "RobustMeanAbsoluteDeviation", "Median", "Range", "Energy",
+    "InterquartileRange",
+    "Mean",
+    "Uniformity",
+    "Entropy",
+    "Kurtosis",
+    "RootMeanSquared",
+    "Variance",
+    "Minimum",
+    "10Percentile",
+    "Maximum",
+    "MeanAbsoluteDeviation",
+    "90Percentile",
+    "TotalEnergy",
+    "Skewness",
+    "RobustMeanAbsoluteDeviation",
+    "Median",
+    "Range",
+    "Energy",
 }
 SPACING = (1.5, 1.25, 2.5)
 ORIGIN = (-20.0, 13.0, 40.0)
@@ -58,7 +73,9 @@ def _image(array: np.ndarray, spacing=SPACING, origin=ORIGIN) -> sitk.Image:
     return image
 
 
-def _write_synthetic_patient(folder: Path, seed: int, with_dose: bool = True, bad_structures: bool = False) -> None:
+def _write_synthetic_patient(
+    folder: Path, seed: int, with_dose: bool = True, bad_structures: bool = False
+) -> None:
     """CT with soft tissue, a bright lesion and noise; a dose falling off from the lesion; structures."""
     rng = np.random.default_rng(seed)
     shape = (20, 28, 30)
@@ -105,7 +122,15 @@ def test_presets_ship_as_pyradiomics_files():
     assert firstorder.bin_width == 25 and firstorder.path == preset_path("firstorder")
     assert resolve_parameters("firstorder", image="dose").bin_width == 0.5
     everything = resolve_parameters("all")
-    assert set(everything.feature_classes) == {"shape", "firstorder", "glcm", "glrlm", "glszm", "gldm", "ngtdm"}
+    assert set(everything.feature_classes) == {
+        "shape",
+        "firstorder",
+        "glcm",
+        "glrlm",
+        "glszm",
+        "gldm",
+        "ngtdm",
+    }
     ibsi = resolve_parameters("ibsi").config["setting"]
     assert ibsi["resampledPixelSpacing"] == [2, 2, 2] and ibsi["interpolator"] == "sitkLinear"
     assert ibsi["binWidth"] == 25 and "binCount" not in ibsi
@@ -114,7 +139,9 @@ def test_presets_ship_as_pyradiomics_files():
 
 
 def test_bad_parameters_are_refused_early_with_the_problem(tmp_path):
-    with pytest.raises(InputError, match="unknown radiomics preset 'firstordr'; known presets: all, firstorder, ibsi"):
+    with pytest.raises(
+        InputError, match="unknown radiomics preset 'firstordr'; known presets: all, firstorder, ibsi"
+    ):
         resolve_parameters("firstordr")
     with pytest.raises(InputError, match="does not exist"):
         resolve_parameters(str(tmp_path / "missing.yaml"))
@@ -176,14 +203,19 @@ def test_patient_radiomics_equals_bare_pyradiomics_on_ct_and_dose(synthetic_coho
         assert (table["reason"] == "").all() and (table["image"] == image).all()
         for structure in ("Lesion", "Ring"):
             ours = table[table.structure == structure].set_index("feature")["value"].to_dict()
-            bare = bare_pyradiomics(image_file, folder / "structures" / f"{structure}.nrrd",
-                                    preset_path("all", image))
+            bare = bare_pyradiomics(
+                image_file, folder / "structures" / f"{structure}.nrrd", preset_path("all", image)
+            )
             assert ours == bare, (image, structure)
 
 
 def test_phantom_patient_equals_bare_pyradiomics(tmp_path):
-    phantom = pytest.importorskip("DeepDosimetricsLib.phantom", reason="phantom.py is not in this checkout yet")
-    cohort = Cohort.open(phantom.synthesize_cohort(tmp_path / "phantoms", patients=1, shape=(48, 48, 32), seed=0))
+    phantom = pytest.importorskip(
+        "DeepDosimetricsLib.phantom", reason="phantom.py is not in this checkout yet"
+    )
+    cohort = Cohort.open(
+        phantom.synthesize_cohort(tmp_path / "phantoms", patients=1, shape=(48, 48, 32), seed=0)
+    )
     patient = next(iter(cohort))
     for image in ("ct",) + (("dose",) if patient.has_dose else ()):
         volume = patient.ct_image() if image == "ct" else patient.dose_image()
@@ -195,7 +227,9 @@ def test_phantom_patient_equals_bare_pyradiomics(tmp_path):
             mask_file = tmp_path / f"{structure}.nrrd"
             sitk.WriteImage(patient.structure_image(structure), str(mask_file))
             ours = table[table.structure == structure].set_index("feature")["value"].to_dict()
-            assert ours == bare_pyradiomics(image_file, mask_file, preset_path("firstorder", image)), structure
+            assert ours == bare_pyradiomics(image_file, mask_file, preset_path("firstorder", image)), (
+                structure
+            )
 
 
 def test_openkbp_patient_equals_bare_pyradiomics(openkbp_train):
@@ -205,7 +239,9 @@ def test_openkbp_patient_equals_bare_pyradiomics(openkbp_train):
     assert set(table["structure"]) == set(patient.structure_names) and (table["reason"] == "").all()
     for structure in ("PTV70", "Brainstem", "SpinalCord"):
         ours = table[table.structure == structure].set_index("feature")["value"].to_dict()
-        assert ours == bare_pyradiomics(folder / "ct.nrrd", folder / f"{structure}.nrrd", preset_path("firstorder"))
+        assert ours == bare_pyradiomics(
+            folder / "ct.nrrd", folder / f"{structure}.nrrd", preset_path("firstorder")
+        )
     dose = patient_radiomics(patient, "dose", "all", structures=["ptv70"])
     ours = dose.set_index("feature")["value"].to_dict()
     assert ours == bare_pyradiomics(folder / "dose.nrrd", folder / "PTV70.nrrd", preset_path("all", "dose"))
@@ -250,7 +286,9 @@ def test_cohort_in_parallel_equals_in_process_with_no_dose_row(synthetic_cohort)
 def test_wide_table_has_features_as_rows():
     from DeepDosimetricsLib.tables import long_table, reason_row, value_rows
 
-    rows = value_rows("p1", "A", "ct", {"f1": 1.0, "f2": 2.0}) + value_rows("p1", "B", "ct", {"f1": 3.0, "f2": 4.0})
+    rows = value_rows("p1", "A", "ct", {"f1": 1.0, "f2": 2.0}) + value_rows(
+        "p1", "B", "ct", {"f1": 3.0, "f2": 4.0}
+    )
     rows.append(reason_row("p2", "A", "ct", "empty structure: x"))
     wide = to_wide(long_table(rows))
     assert list(wide.index) == ["f1", "f2"] and list(wide.columns) == ["p1/A", "p1/B"]
@@ -261,16 +299,47 @@ def test_wide_table_has_features_as_rows():
 # ---------------------------------------------------------------------------------- command line
 def test_radiomics_command(synthetic_cohort, tmp_path, capsys):
     out = tmp_path / "features.csv"
-    assert main(["radiomics", "--cohort", str(synthetic_cohort), "--structures", "Lesion,ring", "--quiet",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "radiomics",
+                "--cohort",
+                str(synthetic_cohort),
+                "--structures",
+                "Lesion,ring",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     table = pd.read_csv(out, keep_default_na=False)
     assert list(table.columns) == ["patient", "structure", "image", "feature", "value", "reason"]
     assert set(table["structure"]) == {"Lesion", "Ring"} and len(table) == 3 * 2 * 18
     assert "original_firstorder_Mean" in set(table["feature"])
 
     wide_out = tmp_path / "wide.csv"
-    assert main(["radiomics", "--cohort", str(synthetic_cohort), "--image", "dose", "--preset", "all",
-                 "--structures", "Lesion", "--wide", "--quiet", "--out", str(wide_out)]) == 0
+    assert (
+        main(
+            [
+                "radiomics",
+                "--cohort",
+                str(synthetic_cohort),
+                "--image",
+                "dose",
+                "--preset",
+                "all",
+                "--structures",
+                "Lesion",
+                "--wide",
+                "--quiet",
+                "--out",
+                str(wide_out),
+            ]
+        )
+        == 0
+    )
     wide = pd.read_csv(wide_out, index_col="feature")
     assert list(wide.columns) == ["s1/Lesion", "s2/Lesion"]
     assert "original_shape_Sphericity" in wide.index
@@ -306,7 +375,9 @@ def test_a_broken_pool_finishes_in_process(synthetic_cohort, monkeypatch):
     """Workers that die at start (e.g. no fork in a host application) do not lose the cohort."""
     import DeepDosimetricsLib.tables as tables
 
-    expected = cohort_radiomics(synthetic_cohort, "ct", "firstorder", structures=["Lesion"], jobs=1, quiet=True)
+    expected = cohort_radiomics(
+        synthetic_cohort, "ct", "firstorder", structures=["Lesion"], jobs=1, quiet=True
+    )
     monkeypatch.setattr(tables, "_worker_init", _worker_that_cannot_start)
     table = cohort_radiomics(synthetic_cohort, "ct", "firstorder", structures=["Lesion"], jobs=2, quiet=True)
     pd.testing.assert_frame_equal(table, expected)

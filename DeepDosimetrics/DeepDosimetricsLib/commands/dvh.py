@@ -15,18 +15,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "command still exits 0. Exit code 1: some patients or structures failed (unreadable files; their "
         "rows say 'error: ...'), the others are in the table. Exit code 2: bad input, nothing computed."
     )
-    parser.add_argument("--cohort", required=True, metavar="DIR", help="cohort folder (one sub-folder per patient)")
-    parser.add_argument("--structures", default=None, metavar="A,B",
-                        help="comma-separated structure names (case-insensitive; default: every structure)")
-    parser.add_argument("--jobs", type=int, default=1, metavar="N",
-                        help="processes working in parallel over (patient, structure) (default 1)")
-    parser.add_argument("--wide", action="store_true",
-                        help="write metrics as rows and one column per patient/structure (default: a long "
-                        "table patient,structure,image,feature,value,reason)")
-    parser.add_argument("--dvh-curves", default=None, metavar="FILE.csv",
-                        help="also write the cumulative DVH curves (patient,structure,dose_gy,volume_pct)")
-    parser.add_argument("--bin-width", type=float, default=0.1, metavar="GY",
-                        help="dose step of the DVH curves in Gy (default 0.1)")
+    parser.add_argument(
+        "--cohort", required=True, metavar="DIR", help="cohort folder (one sub-folder per patient)"
+    )
+    parser.add_argument(
+        "--structures",
+        default=None,
+        metavar="A,B",
+        help="comma-separated structure names (case-insensitive; default: every structure)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes working in parallel over (patient, structure) (default 1)",
+    )
+    parser.add_argument(
+        "--wide",
+        action="store_true",
+        help="write metrics as rows and one column per patient/structure (default: a long "
+        "table patient,structure,image,feature,value,reason)",
+    )
+    parser.add_argument(
+        "--dvh-curves",
+        default=None,
+        metavar="FILE.csv",
+        help="also write the cumulative DVH curves (patient,structure,dose_gy,volume_pct)",
+    )
+    parser.add_argument(
+        "--bin-width",
+        type=float,
+        default=0.1,
+        metavar="GY",
+        help="dose step of the DVH curves in Gy (default 0.1)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--out", required=True, metavar="FILE.csv", help="output CSV (written atomically)")
 
@@ -45,8 +68,12 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--bin-width must be positive, got {args.bin_width}")
     cohort = Cohort.open(args.cohort)
     result = cohort_dvh(
-        cohort, structures=parse_structure_list(args.structures), jobs=args.jobs, quiet=args.quiet,
-        curves=bool(args.dvh_curves), bin_width_gy=args.bin_width,
+        cohort,
+        structures=parse_structure_list(args.structures),
+        jobs=args.jobs,
+        quiet=args.quiet,
+        curves=bool(args.dvh_curves),
+        bin_width_gy=args.bin_width,
     )
     if args.dvh_curves:
         write_csv_atomic(result.curves, args.dvh_curves)

@@ -10,29 +10,55 @@ HELP = "radiomics features per structure (CT or dose) of a cohort, through pyrad
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's options."""
     parser.epilog = (
-        "A structure that cannot be measured (empty, outside the image, too small for pyradiomics, patient without dose (--image dose), "
+        "A structure that cannot be measured (empty, outside the image, too small for pyradiomics, "
+        "patient without dose (--image dose), "
         "structure missing for that patient) gets one row with a 'reason' and is listed on stderr; the "
         "command still exits 0. Exit code 1: some patients or structures failed (unreadable files; their "
         "rows say 'error: ...'), the others are in the table. Exit code 2: bad input, nothing computed."
     )
-    parser.add_argument("--cohort", required=True, metavar="DIR", help="cohort folder (one sub-folder per patient)")
-    parser.add_argument("--image", choices=("ct", "dose"), default="ct",
-                        help="image the features describe: the CT (HU) or the dose on the CT grid (Gy); "
-                        "default ct")
+    parser.add_argument(
+        "--cohort", required=True, metavar="DIR", help="cohort folder (one sub-folder per patient)"
+    )
+    parser.add_argument(
+        "--image",
+        choices=("ct", "dose"),
+        default="ct",
+        help="image the features describe: the CT (HU) or the dose on the CT grid (Gy); default ct",
+    )
     settings = parser.add_mutually_exclusive_group()
-    settings.add_argument("--preset", default=None, metavar="NAME",
-                          help="settings preset: firstorder (default; 18 first-order features), all (every 3D "
-                          "class, shape included), ibsi (2 mm isotropic, trilinear, fixed bin width). "
-                          "Presets use a 0.5 Gy bin width on the dose, 25 HU on the CT")
-    settings.add_argument("--params", default=None, metavar="FILE",
-                          help="a pyradiomics parameter file (.yaml or .json), used as it is")
-    parser.add_argument("--structures", default=None, metavar="A,B",
-                        help="comma-separated structure names (case-insensitive; default: every structure)")
-    parser.add_argument("--jobs", type=int, default=1, metavar="N",
-                        help="processes working in parallel over (patient, structure) (default 1)")
-    parser.add_argument("--wide", action="store_true",
-                        help="write features as rows and one column per patient/structure (default: a long "
-                        "table patient,structure,image,feature,value,reason)")
+    settings.add_argument(
+        "--preset",
+        default=None,
+        metavar="NAME",
+        help="settings preset: firstorder (default; 18 first-order features), all (every 3D "
+        "class, shape included), ibsi (2 mm isotropic, trilinear, fixed bin width). "
+        "Presets use a 0.5 Gy bin width on the dose, 25 HU on the CT",
+    )
+    settings.add_argument(
+        "--params",
+        default=None,
+        metavar="FILE",
+        help="a pyradiomics parameter file (.yaml or .json), used as it is",
+    )
+    parser.add_argument(
+        "--structures",
+        default=None,
+        metavar="A,B",
+        help="comma-separated structure names (case-insensitive; default: every structure)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes working in parallel over (patient, structure) (default 1)",
+    )
+    parser.add_argument(
+        "--wide",
+        action="store_true",
+        help="write features as rows and one column per patient/structure (default: a long "
+        "table patient,structure,image,feature,value,reason)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--out", required=True, metavar="FILE.csv", help="output CSV (written atomically)")
 
@@ -51,7 +77,11 @@ def run(args: argparse.Namespace) -> int:
     params = resolve_parameters(args.params or args.preset or DEFAULT_PRESET, image=args.image)
     cohort = Cohort.open(args.cohort)
     table = cohort_radiomics(
-        cohort, image=args.image, params=params, structures=parse_structure_list(args.structures),
-        jobs=args.jobs, quiet=args.quiet,
+        cohort,
+        image=args.image,
+        params=params,
+        structures=parse_structure_list(args.structures),
+        jobs=args.jobs,
+        quiet=args.quiet,
     )
     return write_result(table, args.out, wide=args.wide)
