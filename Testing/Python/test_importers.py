@@ -528,3 +528,14 @@ def test_fill_polygons_matches_skimage():
             inside[rows, columns] = True
             expected ^= inside
         assert np.array_equal(fill_polygons(shapes, shape), expected)
+
+
+def test_user_synonyms_in_the_cli(openkbp_train: Path, tmp_path: Path):
+    source = make_prototype_source(openkbp_train, tmp_path / "exports")
+    user = tmp_path / "names.yaml"
+    user.write_text("synonyms:\n  Cor: [cuore]\n")
+    out = tmp_path / "cohort"
+    main(["import", "folder", str(source), "--out", str(out), "--quiet", "--synonyms", str(user)])
+    record = read_record(out / "Pt001")
+    assert record["structures"]["Cor"]["original"] == "cuore"
+    assert "PTV" in record["structures"]  # the packaged map still applies

@@ -164,7 +164,10 @@ def group_files(files: list[DicomFile], unreadable: list[tuple[Path, str]]) -> t
         base = safe_name(patient_id)
         patient_groups.sort(key=lambda g: g.study_sort_key)
         for index, group in enumerate(patient_groups, start=1):
-            named[base if len(patient_groups) == 1 else f"{base}_{index}"] = group
+            name = base if len(patient_groups) == 1 else f"{base}_{index}"
+            while name in named:  # two PatientIDs that become the same folder name
+                name += "_"
+            named[name] = group
     # an unreadable file belongs to the patient whose files share its folder, when there is one
     folders: dict[Path, set[str]] = defaultdict(set)
     for name, group in named.items():

@@ -174,6 +174,10 @@ def import_folder(source, options: ImportOptions, patterns: Optional[FolderPatte
 def _import_patient(folder: Path, options: ImportOptions, patterns: FolderPatterns,
                     report: ImportReport) -> None:
     patient_id = safe_name(folder.name)
+    if any(entry.patient == patient_id for entry in report.entries):
+        report.skipped(f"{patient_id} ({folder.name})", f"another source folder already gives the patient id "
+                       f"{patient_id}", source=str(folder))
+        return
     existing = existing_patient(options, patient_id, str(folder))
     if existing is not None:
         report.add(existing)
