@@ -22,9 +22,10 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import SimpleITK as sitk
 
 from .errors import InputError
 from .tables import (
@@ -33,6 +34,7 @@ from .tables import (
     WorkItem,
     in_patient_order,
     long_table,
+    reason_row,
     run_items,
     value_rows,
     work_items,
@@ -114,6 +116,40 @@ class DvhTables:
     curves: Optional[pd.DataFrame] = None
 
 
+def image_dvh(
+    dose: sitk.Image,
+    masks: Mapping[str, Union[sitk.Image, Tuple[sitk.Image, int]]],
+    curves: bool = False,
+    bin_width_gy: float = DEFAULT_BIN_WIDTH_GY,
+    patient_id: str = "",
+) -> DvhTables:
+    """DVH metrics (and curves) of several masks over one dose image in Gy, e.g. MRML nodes converted to
+    SimpleITK. ``masks`` maps a structure name to a mask on the dose grid, or to ``(labelmap, label)``.
+    An empty mask gives a reason row."""
+    dose_array = sitk.GetArrayFromImage(dose)
+    voxel_volume_cc = float(np.prod(dose.GetSpacing())) / 1000.0
+    rows: List[tuple] = []
+    for name, source in masks.items():
+        mask_image, label = source if isinstance(source, tuple) else (source, None)
+        if mask_image.GetSize() != dose.GetSize():
+            raise InputError(
+                f"structure {name}: mask size {mask_image.GetSize()} differs from the dose grid {dose.GetSize()}; "
+                "resample it onto the dose first"
+            )
+        mask_array = sitk.GetArrayFromImage(mask_image)
+        mask = mask_array == label if label is not None else mask_array != 0
+        try:
+            metrics = dose_volume_metrics(dose_array, mask, voxel_volume_cc)
+        except StructureSkipped as skip:
+            rows.append(reason_row(patient_id, name, IMAGE, skip))
+            continue
+        rows += value_rows(patient_id, name, IMAGE, metrics)
+        if curves:
+            axis, volume = cumulative_dvh(dose_array, mask, bin_width_gy)
+            rows.append((_CURVE, patient_id, name, axis, volume))
+    return _split(rows, [patient_id], curves)
+
+
 def patient_dvh(
     patient: Patient,
     structures: Optional[Sequence[str]] = None,
@@ -187,8 +223,6 @@ _CURVE = "__curve__"
 
 def _dvh_item(item: WorkItem, patient: Patient, curves: bool, bin_width_gy: float) -> List[tuple]:
     """Worker: metrics (and curve) of one structure (loads the dose and that mask only)."""
-    import SimpleITK as sitk
-
     from .tables import PATIENT_CACHE
 
     dose_image = PATIENT_CACHE.derived_value("dose_image", patient.dose_image)

@@ -19,7 +19,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -33,6 +33,7 @@ from .tables import (
     WorkItem,
     in_patient_order,
     long_table,
+    reason_row,
     run_items,
     value_rows,
     work_items,
@@ -192,6 +193,31 @@ def structure_features(
     except ValueError as error:  # pyradiomics' checkMask and resegmentation refusals
         raise StructureSkipped(TOO_SMALL, f"pyradiomics refuses the region: {error}") from None
     return {name: float(value) for name, value in result.items() if not name.startswith("diagnostics_")}
+
+
+def image_radiomics(
+    image: sitk.Image,
+    masks: Mapping[str, Union[sitk.Image, Tuple[sitk.Image, int]]],
+    params: Union[str, Path, Dict[str, Any], RadiomicsParameters, None] = None,
+    image_kind: str = "ct",
+    patient_id: str = "",
+) -> pd.DataFrame:
+    """Long table of the features of several masks over ONE image, used as it is (no cast, no
+    resampling of the image), e.g. MRML nodes converted to SimpleITK. ``masks`` maps a structure name
+    to a mask on the image grid, or to ``(labelmap, label)``. A mask that cannot be measured gives a
+    reason row. ``image_kind`` ("ct" or "dose") picks a preset's variant and fills the image column.
+    ``to_wide(table, with_patient=False)`` gives one column per structure."""
+    params = resolve_parameters(params, image_kind)
+    rows: List[tuple] = []
+    for name, source in masks.items():
+        mask, label = source if isinstance(source, tuple) else (source, 1)
+        try:
+            values = structure_features(image, mask, params, label=label)
+        except StructureSkipped as skip:
+            rows.append(reason_row(patient_id, name, image_kind, skip))
+            continue
+        rows += value_rows(patient_id, name, image_kind, values)
+    return long_table(rows)
 
 
 def patient_radiomics(

@@ -235,3 +235,22 @@ def test_openkbp_patient_matches_the_converter_statistics(openkbp_train):
         assert values["D50_Gy"] <= values["D2_Gy"] <= values["Dmax_Gy"]
     ptv70 = metrics[metrics.structure == "PTV70"].set_index("feature")["value"]
     assert 65 < ptv70["D95_Gy"] < 71  # a 70 Gy prescription
+
+
+def test_image_dvh_on_images_with_a_labelmap():
+    from DeepDosimetricsLib.dosimetrics import image_dvh
+
+    patient = _gradient_patient()
+    dose = patient.dose_image()
+    box = patient.structure_image("Box")
+    labelmap = sitk.Cast(box * 2 + patient.structure_image("Upper"), sitk.sitkUInt8)  # 1 upper, 2 box, 3 both
+    result = image_dvh(dose, {"Box": box, "BoxOnly": (labelmap, 2), "Nothing": (labelmap, 7)}, curves=True)
+    metrics = result.metrics
+    box_values = metrics[metrics.structure == "Box"].set_index("feature")["value"]
+    assert box_values["Dmean_Gy"] == pytest.approx(9.0)
+    box_only = metrics[metrics.structure == "BoxOnly"].set_index("feature")["value"]
+    assert box_only["Dmax_Gy"] == 9.5  # slices 4..9 of the box lie below the upper half
+    assert metrics[metrics.structure == "Nothing"]["reason"].iloc[0].startswith(EMPTY_STRUCTURE)
+    assert set(result.curves["structure"]) == {"Box", "BoxOnly"}
+    with pytest.raises(InputError, match="differs from the dose grid"):
+        image_dvh(dose, {"Small": sitk.Image(3, 3, 3, sitk.sitkUInt8)})

@@ -381,3 +381,24 @@ def test_a_broken_pool_finishes_in_process(synthetic_cohort, monkeypatch):
     monkeypatch.setattr(tables, "_worker_init", _worker_that_cannot_start)
     table = cohort_radiomics(synthetic_cohort, "ct", "firstorder", structures=["Lesion"], jobs=2, quiet=True)
     pd.testing.assert_frame_equal(table, expected)
+
+
+def test_image_radiomics_on_images_as_given(synthetic_cohort):
+    """One image (not cast), several masks, one of them a labelmap value: the layout of the Slicer table."""
+    from DeepDosimetricsLib.radiomics import image_radiomics
+
+    folder = synthetic_cohort / "s1"
+    dose = sitk.ReadImage(str(folder / "dose.nrrd"))
+    lesion = sitk.ReadImage(str(folder / "structures" / "Lesion.nrrd"))
+    labelmap = sitk.Cast(lesion * 3, sitk.sitkUInt8)
+    empty = sitk.ReadImage(str(folder / "structures" / "Empty.nrrd"))
+    table = image_radiomics(
+        dose, {"Lesion": lesion, "Label3": (labelmap, 3), "Empty": empty}, "firstorder", "dose"
+    )
+    wide = to_wide(table, with_patient=False)
+    assert list(wide.columns) == ["Lesion", "Label3"] and len(wide) == 18
+    expected = bare_pyradiomics(
+        folder / "dose.nrrd", folder / "structures" / "Lesion.nrrd", preset_path("firstorder", "dose")
+    )
+    assert wide["Lesion"].to_dict() == expected and wide["Label3"].to_dict() == expected
+    assert table[table.structure == "Empty"]["reason"].iloc[0].startswith(EMPTY_STRUCTURE)
