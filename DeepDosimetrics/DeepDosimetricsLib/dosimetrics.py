@@ -225,15 +225,19 @@ def _dvh_item(item: WorkItem, patient: Patient, curves: bool, bin_width_gy: floa
     """Worker: metrics (and curve) of one structure (loads the dose and that mask only)."""
     from .tables import PATIENT_CACHE
 
-    dose_image = PATIENT_CACHE.derived_value("dose_image", patient.dose_image)
-    dose = PATIENT_CACHE.derived_value("dose_array", lambda: sitk.GetArrayFromImage(dose_image))
+    dose, voxel_volume_cc = PATIENT_CACHE.derived_value("dose_array", lambda: _dose_array(patient))
     mask = sitk.GetArrayFromImage(patient.structure_image(item.structure))
-    voxel_volume_cc = float(np.prod(dose_image.GetSpacing())) / 1000.0
     rows = value_rows(patient.id, item.structure, IMAGE, dose_volume_metrics(dose, mask, voxel_volume_cc))
     if curves:
         axis, volume = cumulative_dvh(dose, mask, bin_width_gy)
         rows.append((_CURVE, patient.id, item.structure, axis, volume))
     return rows
+
+
+def _dose_array(patient: Patient) -> Tuple[np.ndarray, float]:
+    """The patient's dose on the CT grid as an array (the image itself is not kept) and the voxel cc."""
+    image = patient.dose_image()
+    return sitk.GetArrayFromImage(image), float(np.prod(image.GetSpacing())) / 1000.0
 
 
 def _split(rows: List[tuple], patient_ids: List[str], curves: bool) -> DvhTables:
