@@ -60,7 +60,7 @@ def classify_input_error(error: DeepDosimetricsError) -> StructureSkipped:
     message = str(error)
     if "is empty" in message or "no voxel inside" in message:
         return StructureSkipped(EMPTY_STRUCTURE, message)
-    if "does not overlap" in message or "outside" in message:
+    if "does not overlap" in message:
         return StructureSkipped(OUTSIDE_IMAGE, message)
     if "has no dose" in message:
         return StructureSkipped(NO_DOSE, message)
