@@ -864,6 +864,12 @@ def slice_snapshot(
         scene.RemoveNode(slice_node)
 
 
+def opaque_rgb(rgba: np.ndarray) -> np.ndarray:
+    """RGB on black, as Slicer shows a slice: pixels outside the volume (alpha 0) become black."""
+    alpha = rgba[..., 3:4].astype(np.float32) / 255.0
+    return np.round(rgba[..., :3].astype(np.float32) * alpha).astype(np.uint8)
+
+
 def write_png(rgba: np.ndarray, path: Union[str, os.PathLike]) -> Path:
     """Write an RGBA/RGB uint8 image (rows top to bottom) as PNG, atomically."""
     from vtk.util.numpy_support import numpy_to_vtk
@@ -922,8 +928,7 @@ def write_snapshots(
     written = {}
     for view in views:
         rgba = slice_snapshot(background, view, ras_point, foreground, opacity, label, size)
-        # outside the volume the blend is transparent black: write opaque RGB, as Slicer shows it
-        written[view] = write_png(rgba[..., :3], f"{os.fspath(out_prefix)}_{view}.png")
+        written[view] = write_png(opaque_rgb(rgba), f"{os.fspath(out_prefix)}_{view}.png")
     return written
 
 
