@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Union
 
 from .errors import InputError
-from .patient import CT_STEMS, Patient, image_stem, is_image_file, natural_key
+from .patient import CT_STEMS, DOSE_STEMS, Patient, image_stem, is_image_file, natural_key
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +26,10 @@ CLINICAL_FILE = "clinical.csv"
 
 
 def is_patient_folder(folder: Path) -> bool:
-    """Whether a folder holds a CT image."""
-    if not folder.is_dir():
+    """Whether a folder holds a CT (or, for a dose-only case, a dose) image; hidden folders never do."""
+    if folder.name.startswith(".") or not folder.is_dir():
         return False
-    return any(is_image_file(p) and image_stem(p).lower() in CT_STEMS for p in folder.iterdir())
+    return any(is_image_file(p) and image_stem(p).lower() in CT_STEMS + DOSE_STEMS for p in folder.iterdir())
 
 
 class Cohort:

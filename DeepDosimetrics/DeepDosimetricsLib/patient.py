@@ -135,7 +135,7 @@ class Patient:
     def __init__(
         self,
         patient_id: str,
-        ct: ImageSource,
+        ct: Optional[ImageSource],
         structures: Optional[Mapping[str, ImageSource]] = None,
         dose: Optional[ImageSource] = None,
         folder: Optional[Path] = None,
@@ -148,6 +148,7 @@ class Patient:
         self._structure_sources: Dict[str, ImageSource] = dict(structures or {})
         self._dose_source = dose
         self._ct: Optional[sitk.Image] = None
+        self._dose_reference: Optional[sitk.Image] = None
         self._checked_ids = False
 
     # ------------------------------------------------------------------ construction
@@ -160,11 +161,11 @@ class Patient:
         files = sorted(p for p in folder.iterdir() if is_image_file(p))
         by_stem = {image_stem(p).lower(): p for p in files}
         ct = next((by_stem[s] for s in CT_STEMS if s in by_stem), None)
-        if ct is None:
+        dose = next((by_stem[s] for s in DOSE_STEMS if s in by_stem), None)
+        if ct is None and dose is None:
             raise InputError(
                 f"patient folder {folder}: no CT found (expected ct.nrrd, ct.nii.gz, ct.nii or ct.mha)"
             )
-        dose = next((by_stem[s] for s in DOSE_STEMS if s in by_stem), None)
         structures: Dict[str, ImageSource] = {}
         segmentation = folder / SEGMENTATION_FILE
         if segmentation.is_file():
@@ -197,7 +198,10 @@ class Patient:
 
     def __repr__(self) -> str:
         where = self.folder if self.folder is not None else self.source
-        return f"Patient({self.id!r}, {where}, structures={self.structure_names}, dose={self.has_dose})"
+        return (
+            f"Patient({self.id!r}, {where}, structures={self.structure_names}, ct={self.has_ct}, "
+            f"dose={self.has_dose})"
+        )
 
     # ------------------------------------------------------------------ CT
     def _describe(self, what: str, source: ImageSource) -> str:
@@ -207,8 +211,17 @@ class Patient:
             return f"patient {self.id}: {what} ({source.path}, layer {source.layer}, label {source.label})"
         return f"patient {self.id}: {what}"
 
+    @property
+    def has_ct(self) -> bool:
+        """Whether the patient has a CT volume (a dose-only case, e.g. DICOM-RT with one CT slice, has not)."""
+        return self._ct_source is not None
+
     def ct_image(self) -> sitk.Image:
         """The CT as an int16 HU image (read once, then kept)."""
+        if self._ct_source is None:
+            raise InputError(
+                f"patient {self.id} has no CT volume (dose and structures only); this step needs a CT"
+            )
         if self._ct is None:
             what = self._describe("CT", self._ct_source)
             image = self._ct_source
@@ -222,10 +235,21 @@ class Patient:
             self._ct = image
         return self._ct
 
+    def reference_image(self) -> sitk.Image:
+        """The grid structures and dose are put on: the CT's, or the dose's for a dose-only patient."""
+        if self.has_ct:
+            return self.ct_image()
+        if self._dose_reference is None:
+            what = self._describe("dose", self._dose_source)
+            dose = self._dose_source
+            dose = read_image(dose, what) if isinstance(dose, Path) else dose
+            self._dose_reference = sitk.Cast(require_3d(dose, what), sitk.sitkFloat32)
+        return self._dose_reference
+
     @property
     def geometry(self) -> Geometry:
-        """The CT grid."""
-        return Geometry.from_image(self.ct_image())
+        """The CT grid (the dose grid for a dose-only patient)."""
+        return Geometry.from_image(self.reference_image())
 
     def ct_array(self) -> np.ndarray:
         """CT in HU as an int16 (z, y, x) array."""
@@ -281,7 +305,7 @@ class Patient:
         what = self._describe(f"structure {name}", source)
         native = self._read_structure_native(name)
         self._check_patient_id(native, what)
-        ct = self.ct_image()
+        ct = self.reference_image()
         if not Geometry.from_image(native).overlaps(Geometry.from_image(ct)):
             raise InputError(f"{what} does not overlap the CT (its extent lies outside the CT's field of view)")
         if Geometry.from_image(native).isclose(Geometry.from_image(ct)):
@@ -333,7 +357,7 @@ class Patient:
         require_3d(dose, what)
         self._check_patient_id(dose, what)
         dose = sitk.Cast(dose, sitk.sitkFloat32)
-        ct = self.ct_image()
+        ct = self.reference_image()
         if not Geometry.from_image(dose).overlaps(Geometry.from_image(ct)):
             raise InputError(f"{what} does not overlap the CT (its grid lies outside the CT's field of view)")
         if Geometry.from_image(dose).isclose(Geometry.from_image(ct)):
@@ -350,7 +374,7 @@ class Patient:
         other = image_patient_id(image)
         if other is None:
             return
-        mine = image_patient_id(self.ct_image())
+        mine = image_patient_id(self.reference_image())
         if mine is not None and mine != other:
             raise InputError(f"{what} belongs to patient id {other!r}, but the CT to patient id {mine!r}")
 

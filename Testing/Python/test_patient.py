@@ -162,9 +162,27 @@ def test_patient_from_images_matches_folder(patient_folder: Path):
 # ---------------------------------------------------------------------- bad input
 def test_missing_ct_names_the_folder(tmp_path: Path):
     folder = tmp_path / "pt_noct"
-    write(box_mask(CT_GEOMETRY), CT_GEOMETRY, folder / "dose.nrrd")
+    write(box_mask(CT_GEOMETRY), CT_GEOMETRY, folder / "PTV.nrrd")
     with pytest.raises(InputError, match=r"pt_noct.*no CT found"):
         Patient.from_folder(folder)
+
+
+def test_dose_only_patient_puts_structures_on_the_dose_grid(tmp_path: Path):
+    # A DICOM-RT case with a single CT slice has dose and structures but no CT volume.
+    folder = tmp_path / "pt_doseonly"
+    write(np.full(CT_GEOMETRY.shape_zyx, 2.0, np.float32), CT_GEOMETRY, folder / "dose.nrrd")
+    write(box_mask(CT_GEOMETRY), CT_GEOMETRY, folder / "structures" / "Box.nrrd")
+    (tmp_path / ".pt_x.importing").mkdir()  # an importer's staging folder is not a patient
+    write(np.zeros(CT_GEOMETRY.shape_zyx, np.int16), CT_GEOMETRY, tmp_path / ".pt_x.importing" / "ct.nrrd")
+    cohort = Cohort.open(tmp_path)
+    assert cohort.ids == ["pt_doseonly"]
+    patient = cohort["pt_doseonly"]
+    assert not patient.has_ct and patient.has_dose
+    assert patient.geometry.isclose(CT_GEOMETRY)
+    np.testing.assert_array_equal(patient.structure("Box"), box_mask(CT_GEOMETRY))
+    assert patient.dose().max() == 2.0
+    with pytest.raises(InputError, match="pt_doseonly has no CT volume"):
+        patient.ct_array()
 
 
 def test_unreadable_ct_names_the_file(tmp_path: Path):
