@@ -301,6 +301,21 @@ def test_dicom_breast_structures(breast_cohort: Path):
     assert not (masks["Tumor_Bed"] & ~masks["Body"]).any()
 
 
+def test_dicom_breast_dvh_through_the_cohort(breast_cohort: Path, tmp_path: Path):
+    # No CT volume: the patient loads on the dose grid and gets DVH metrics per structure.
+    out = tmp_path / "dvh.csv"
+    assert main(["dvh", "--cohort", str(breast_cohort), "--out", str(out), "--quiet"]) == 0
+    import pandas as pd
+
+    table = pd.read_csv(out)
+    metrics = table.pivot_table(index="structure", columns="feature", values="value")
+    assert set(metrics.index) == {"Body", "Borders", "Breast", "Heart", "Lung_L", "Nodes", "Scar",
+                                  "Tumor_Bed", "Tumor_Bed_Block"}
+    assert 300 < metrics.loc["Heart", "volume_cc"] < 700
+    assert metrics.loc["Tumor_Bed", "D95_Gy"] > 0.9 * metrics.loc["Body", "Dmax_Gy"]
+    assert metrics.loc["Heart", "Dmean_Gy"] < metrics.loc["Tumor_Bed", "Dmean_Gy"]
+
+
 # synthetic DICOM series built with pydicom ------------------------------------------------------------
 ROWS, COLUMNS = 20, 24
 ROW_SPACING, COLUMN_SPACING = 0.8, 0.7  # PixelSpacing = (between rows, between columns)
