@@ -173,6 +173,8 @@ class CliJob:
         self.log_lines: List[str] = []
         self.returncode: Optional[int] = None
         self.cancelled = False
+        self.patientId: Optional[str] = None  # set by encodeNodes: the patient encoded from the scene
+        self.workFolder: Optional[Path] = None  # set by encodeNodes: its temporary folder, to remove
         self._env = env
         self._lines: queue.Queue = queue.Queue()
         self._process: Optional[subprocess.Popen] = None
@@ -628,26 +630,36 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
     ):
         """Encode the patient in the scene with a trained model (``deepdosimetrics encode``).
 
-        The nodes are written as a one-patient cohort, encoded in a background process; blocking, the
-        features table and (with ``reconstruct``) the reconstruction and residual volumes are added
-        to the scene and shown over the CT. Returns a dict of the added nodes (or the CliJob when not
-        blocking: call :meth:`loadEncodingResults` when it has finished).
+        The nodes are written as a one-patient cohort in a temporary folder (with its own
+        preprocessing cache) and encoded in a background process. Blocking, the features table and
+        (with ``reconstruct``) the reconstruction and residual volumes are added to the scene and shown
+        over the CT, the temporary folder is removed, and a dict name -> added node is returned. Not
+        blocking, the started CliJob is returned: when it has finished, call
+        ``loadEncodingResults(outputFolder, ctNode, job.patientId, ...)``.
         """
         from DeepDosimetricsLib.errors import InputError
 
         if modelFolder is None or not Path(modelFolder).is_dir():
             raise InputError(f"model folder {modelFolder} does not exist")
-        patientFolder = self.exportPatientFolder(ctNode, segmentationNode, doseNode)
-        outputFolder = Path(outputFolder) if outputFolder else Path(tempfile.mkdtemp(prefix="DeepDosimetrics-encode-"))
-        arguments = self.encodeArguments(
-            modelFolder, patientFolder.parent, outputFolder, reconstruct, overlap, device
-        )
-        if outputFolder.exists() and not any(outputFolder.iterdir()):
-            outputFolder.rmdir()
-        job = self.runJob(arguments, blocking=blocking)
-        if not blocking:
-            return job
-        return self.loadEncodingResults(outputFolder, ctNode, patientFolder.name, doseNode, segmentationNode)
+        work = Path(tempfile.mkdtemp(prefix="DeepDosimetrics-encode-"))
+        try:
+            patientFolder = self.exportPatientFolder(ctNode, segmentationNode, doseNode, work / "cohort")
+            outputFolder = Path(outputFolder) if outputFolder else work / "out"
+            arguments = self.encodeArguments(
+                modelFolder, patientFolder.parent, outputFolder, reconstruct, overlap, device
+            ) + ["--cache", str(work / "cache")]
+            job = self.runJob(arguments, blocking=blocking)
+            job.patientId = patientFolder.name
+            if not blocking:
+                job.workFolder = work
+                return job
+            return self.loadEncodingResults(outputFolder, ctNode, patientFolder.name, doseNode, segmentationNode)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        finally:
+            if blocking:
+                shutil.rmtree(work, ignore_errors=True)
 
     def loadEncodingResults(self, outputFolder, ctNode, patientId, doseNode=None, segmentationNode=None):
         """Add one patient's encoding results to the scene and overlay them on the CT.
@@ -665,7 +677,13 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
 
         patientFolder = Path(outputFolder) / str(patientId)
         if not patientFolder.is_dir():
-            raise InputError(f"encoding output {patientFolder} does not exist (was the patient skipped?)")
+            skipped = Path(outputFolder) / "skipped.csv"
+            if skipped.is_file():
+                reasons = pd.read_csv(skipped, dtype=str)
+                reasons = reasons[reasons["patient"] == str(patientId)]
+                if len(reasons):
+                    raise InputError(f"patient {patientId} was not encoded: {reasons['reason'].iloc[0]}")
+            raise InputError(f"encoding output {patientFolder} does not exist")
         added: Dict[str, Any] = {}
         features = patientFolder / "features.csv"
         if features.is_file():
@@ -734,6 +752,7 @@ class DeepDosimetricsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._jobTimer = None
+        self._sceneEncoding = None
 
     def setup(self) -> None:
         """Load the .ui, connect the widgets and the parameter node."""
@@ -863,12 +882,34 @@ class DeepDosimetricsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onEncodeScene(self) -> None:
         p = self._parameterNode
+        self.ui.progressBar.value = 0
         with slicer.util.tryWithErrorDisplay("Encoding failed.", waitCursor=True):
-            added = self.logic.encodeNodes(
+            job = self.logic.encodeNodes(
                 p.ctVolume, p.segmentation, p.doseVolume, p.modelFolder,
                 p.outputFolder if _isSet(p.outputFolder) else None, p.reconstruct, p.overlap, p.device,
+                blocking=False,
             )
-            self._log("Encoded; added: " + ", ".join(added))
+            job.on_line, job.on_progress = self._log, self._onProgress
+            self._sceneEncoding = (job, job.arguments[job.arguments.index("--out") + 1], p.ctVolume, p.doseVolume,
+                                   p.segmentation)
+            self._log("$ deepdosimetrics " + " ".join(job.arguments))
+            self._jobTimer.start()
+        self._checkCanApply()
+
+    def _finishSceneEncoding(self, job) -> None:
+        pending = getattr(self, "_sceneEncoding", None)
+        if not pending or pending[0] is not job:
+            return
+        self._sceneEncoding = None
+        _, outputFolder, ctNode, doseNode, segmentationNode = pending
+        try:
+            if job.returncode == 0 and not job.cancelled:
+                with slicer.util.tryWithErrorDisplay("Could not load the encoding results.", waitCursor=True):
+                    added = self.logic.loadEncodingResults(outputFolder, ctNode, job.patientId, doseNode, segmentationNode)
+                    self._log("Added: " + ", ".join(node.GetName() for node in added.values()))
+        finally:
+            if job.workFolder is not None:
+                shutil.rmtree(job.workFolder, ignore_errors=True)
 
     def onCancel(self) -> None:
         self.logic.cancelJob()
@@ -898,6 +939,7 @@ class DeepDosimetricsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else:
                 self._log(f"Job failed: {job.error_message()}")
                 slicer.util.errorDisplay(f"deepdosimetrics {job.arguments[0]} failed: {job.error_message()}")
+            self._finishSceneEncoding(job)
             self._checkCanApply()
 
     def _onProgress(self, record: dict) -> None:

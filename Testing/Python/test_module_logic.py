@@ -339,3 +339,56 @@ def test_the_module_test_class_passes_headless(module, headless):
         case.runTest()
     finally:
         slicer.mrmlScene = headless.scene
+
+
+# ---------------------------------------------------------------------------------------- encoding
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """An untrained model (default channels, 16^3 tiles, 4 features): enough to test the plumbing."""
+    import torch
+    from DeepDosimetricsLib.channels import parse_channels
+    from DeepDosimetricsLib.model import ModelConfig, TileAutoencoder, save_model
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    config = ModelConfig(channels=[s.label for s in parse_channels("default")], tile=16, features=4)
+    save_model(folder, TileAutoencoder(config), config)
+    return folder
+
+
+@pytest.mark.slow
+def test_encode_nodes_adds_features_and_reconstruction_overlay(logic, scene, patient_dir, tiny_model, tmp_path):
+    nodes = logic.loadPatientFolder(patient_dir)
+    added = logic.encodeNodes(nodes.ct, nodes.segmentation, nodes.dose, tiny_model, tmp_path / "out", device="cpu")
+    assert logic.currentJob.returncode == 0 and logic.currentJob.workFolder is None
+    features = mrml.dataframe_from_table(added["features"])
+    assert {"PTV", "BODY"} <= set(features["structure"]) and "z00_mean" in set(features["feature"])
+    recon, residual = added["window_soft_tissue"], added["window_soft_tissue_residual"]
+    for node in (recon, residual, added["dose"]):
+        assert node.GetImageData().GetDimensions() == nodes.ct.GetImageData().GetDimensions()
+        np.testing.assert_allclose(
+            slicer.util.arrayFromVTKMatrix(_ijk_to_ras(node)), slicer.util.arrayFromVTKMatrix(_ijk_to_ras(nodes.ct)),
+            atol=1e-6,
+        )
+    composite = mrml._composite_nodes(scene)[0]
+    assert composite.GetBackgroundVolumeID() == nodes.ct.GetID()
+    assert composite.GetForegroundVolumeID() == recon.GetID()
+    display = residual.GetDisplayNode()
+    assert display.GetWindowLevelMin() == pytest.approx(-display.GetWindowLevelMax())
+    assert added["mask_PTV_label"].IsA("vtkMRMLLabelMapVolumeNode")
+
+
+def test_encode_nodes_bad_input(logic, scene, patient_dir, tiny_model, tmp_path):
+    nodes = logic.loadPatientFolder(patient_dir)
+    with pytest.raises(InputError, match="model folder .*missing.* does not exist"):
+        logic.encodeNodes(nodes.ct, nodes.segmentation, nodes.dose, tmp_path / "missing")
+    with pytest.raises(InputError, match="no CT volume node"):
+        logic.encodeNodes(None, nodes.segmentation, nodes.dose, tiny_model)
+
+
+def _ijk_to_ras(node):
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return matrix
