@@ -123,6 +123,68 @@ def grid_offset(source: Geometry, target: Geometry) -> Optional[np.ndarray]:
     return rounded.astype(int)
 
 
+#: bytes of a file's pages touched per memory map while a tile is read (bounds resident file pages)
+READ_WINDOW_BYTES = 2 << 20
+
+
+@dataclass(frozen=True)
+class NpyLayout:
+    """Path, data offset, shape and dtype of a C-ordered 3D ``.npy`` file."""
+
+    path: Path
+    offset: int
+    shape: Tuple[int, int, int]
+    dtype: np.dtype
+
+    @classmethod
+    def read(cls, path: Path, patient_id: str = "?") -> NpyLayout:
+        """Read the header of a ``.npy`` file."""
+        try:
+            with open(path, "rb") as stream:
+                version = np.lib.format.read_magic(stream)
+                reader = {(1, 0): np.lib.format.read_array_header_1_0}.get(
+                    version, np.lib.format.read_array_header_2_0)
+                shape, fortran_order, dtype = reader(stream)
+                offset = stream.tell()
+        except (OSError, ValueError) as error:
+            raise InputError(f"patient {patient_id}: cache file {path} cannot be read ({error})") from None
+        if fortran_order or len(shape) != 3:
+            raise InputError(f"patient {patient_id}: cache file {path} is not a C-ordered 3D array")
+        return cls(Path(path), offset, tuple(int(v) for v in shape), np.dtype(dtype))
+
+
+def read_region(layout: NpyLayout, lo: Sequence[int], hi: Sequence[int], out: np.ndarray) -> np.ndarray:
+    """Copy ``array[lo:hi]`` (z, y, x; inside the array) of a ``.npy`` file into ``out``.
+
+    The file is mapped a few slices at a time (about ``READ_WINDOW_BYTES`` of their pages touched), each
+    map closed before the next, so the pages resident at once stay small whatever the volume's size.
+    """
+    import mmap
+
+    z0, y0, x0 = (int(v) for v in lo)
+    z1, y1, x1 = (int(v) for v in hi)
+    _, height, width = layout.shape
+    item = layout.dtype.itemsize
+    row, plane = width * item, height * width * item
+    span = (y1 - y0) * row  # bytes from the first to past the last row of the region in one slice
+    step = max(1, READ_WINDOW_BYTES // span)  # slices per map: about READ_WINDOW_BYTES of them touched
+    with open(layout.path, "rb") as stream:
+        for z in range(z0, z1, step):
+            z_end = min(z + step, z1)
+            begin = layout.offset + z * plane + y0 * row
+            end = layout.offset + (z_end - 1) * plane + y0 * row + span
+            aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+            mapped = mmap.mmap(stream.fileno(), end - aligned, offset=aligned, access=mmap.ACCESS_READ)
+            try:
+                view = np.ndarray((z_end - z, y1 - y0, x1 - x0), dtype=layout.dtype, buffer=mapped,
+                                  offset=begin - aligned + x0 * item, strides=(plane, row, item))
+                out[z - z0:z_end - z0] = view
+                del view
+            finally:
+                mapped.close()
+    return out
+
+
 class CachedPatient:
     """One patient of the cache: memory-mapped arrays on the cropped, resampled grid, read lazily."""
 
@@ -141,6 +203,7 @@ class CachedPatient:
         #: the resampled (uncropped) grid
         self.resampled_geometry = Geometry.from_dict(self.manifest["resampled_geometry"])
         self._arrays: Dict[str, np.ndarray] = {}
+        self._layouts: Dict[str, NpyLayout] = {}
 
     def __repr__(self) -> str:
         return f"CachedPatient({self.id!r}, shape={self.shape}, structures={self.structure_names})"
@@ -169,6 +232,13 @@ class CachedPatient:
             return np.load(path, mmap_mode="r")
         except (OSError, ValueError) as error:
             raise InputError(f"patient {self.id}: cache file {path} cannot be read ({error})") from None
+
+    def _layout(self, file_name: str) -> NpyLayout:
+        """Where the array of one cache file lies in the file (read once from its header)."""
+        layout = self._layouts.get(file_name)
+        if layout is None:
+            layout = self._layouts[file_name] = NpyLayout.read(self.folder / file_name, self.id)
+        return layout
 
     def _load(self, file_name: str) -> np.ndarray:
         """The memory map of one cache file, opened once and kept."""
@@ -279,8 +349,8 @@ class CachedPatient:
         """Channels of one tile, float32 (C, z, y, x) in [0, 1], computed from the memmaps.
 
         The tile may reach outside the volume: those voxels read as air (HU -1024, masks 0, dose 0).
-        Costs O(tile): only the tile's part of each file is touched, through memory maps opened for this
-        read and closed after it, so the process's resident memory does not grow with the tiles read.
+        Costs O(tile): only the tile's rows of each file are touched, through small memory maps of a few
+        slices at a time, closed at once, so resident memory depends on the tile, not on the volume.
         """
         specs = self.check_channels(specs)
         start = np.asarray(start_zyx, dtype=int)
@@ -290,18 +360,19 @@ class CachedPatient:
         shape = np.asarray(self.shape)
         lo = np.clip(start, 0, shape)
         hi = np.clip(start + size, 0, shape)
-        source = tuple(slice(a, b) for a, b in zip(lo, hi))
         target = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
         inside = bool(np.all(hi > lo))
         tile_shape = tuple(int(v) for v in size)
 
         def read(file_name: str, fill: Any) -> np.ndarray:
-            array = self._map(file_name)
+            layout = self._layout(file_name)
             if inside and np.array_equal(lo, start) and np.array_equal(hi, start + size):
-                return np.array(array[source])  # a copy: the map is closed when `array` goes
-            tile = np.full(tile_shape, fill, dtype=array.dtype)
+                tile = np.empty(tile_shape, dtype=layout.dtype)
+                read_region(layout, lo, hi, tile)
+                return tile
+            tile = np.full(tile_shape, fill, dtype=layout.dtype)
             if inside:
-                tile[target] = array[source]
+                read_region(layout, lo, hi, tile[target])
             return tile
 
         kinds = {spec.kind for spec in specs}
