@@ -367,6 +367,19 @@ def build_cohort(
     for pid, reason in failed.items():
         log.warning("patient %s not cached: %s", pid, reason)
     patients: List[str] = [pid for pid in cohort.ids if pid not in failed]
+    if ids is not None:  # a partial run keeps the patients an earlier run cached with this configuration
+        from .patient import natural_key
+
+        try:
+            earlier = json.loads((folder / COHORT_MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError):
+            earlier = {}
+        if earlier.get("config_hash") == config.hash():
+            patients += [pid for pid in earlier.get("patients", [])
+                         if pid not in patients and pid not in failed and patient_is_complete(folder / pid, config)]
+            failed.update({pid: reason for pid, reason in earlier.get("failed", {}).items()
+                           if pid not in cohort.ids and pid not in patients})
+            patients.sort(key=natural_key)
     manifest = {
         "format_version": FORMAT_VERSION,
         "config_hash": config.hash(),

@@ -238,6 +238,30 @@ def test_to_original_grid_round_trip(kept, resampled, cohort):
         kept["pt_1"].to_original_grid(np.zeros((2, 2, 2)))
 
 
+def test_rotated_patient(tmp_path):
+    """A CT whose index axes are rotated in LPS: crop and resampling follow the direction cosines."""
+    cohort = tmp_path / "cohort"
+    write_patient(cohort / "pt_r", seed=0)
+    direction = (0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+    for path in (cohort / "pt_r").rglob("*.nrrd"):
+        image = sitk.ReadImage(str(path))
+        image.SetDirection(direction)
+        sitk.WriteImage(image, str(path))
+    patient = Patient.from_folder(cohort / "pt_r")
+    kept = ensure_cache(cohort, CacheConfig(), cache_dir=tmp_path / "kept")["pt_r"]
+    np.testing.assert_array_equal(kept.hu, patient.ct_array()[region_of(kept)])
+    assert kept.geometry.direction == direction
+    moved = ensure_cache(cohort, CacheConfig(spacing=(0.9, 1.4, 2.0)), cache_dir=tmp_path / "moved")["pt_r"]
+    assert moved.geometry.direction == direction
+    back = sitk.GetArrayFromImage(moved.to_original_grid(moved.hu, "linear", fill=AIR_HU))
+    body = patient.ct_array() > -500
+    assert body.sum() == pytest.approx(np.sum(back > -500), rel=0.05)
+    assert np.median(np.abs(back[body].astype(int) - patient.ct_array()[body])) < 40
+    ptv = sitk.GetArrayFromImage(moved.to_original_grid(moved.mask("PTV"), "nearest"))
+    original = patient.structure("PTV_70")
+    assert 2 * np.sum(ptv & original) / (ptv.sum() + original.sum()) > 0.85
+
+
 def test_resume_skips_finished_patients(cohort, tmp_path):
     folder = tmp_path / "cache"
     ensure_cache(cohort, CacheConfig(), cache_dir=folder)
@@ -253,6 +277,8 @@ def test_resume_skips_finished_patients(cohort, tmp_path):
     cache = ensure_cache(cohort, CacheConfig(margin_mm=2), cache_dir=folder)
     assert cache.config.margin_mm == 2 and cache["pt_1"].manifest["crop"]["margin_mm"] == 2
     assert open_cache(folder).ids == cache.ids
+    # a run limited to some patients keeps the others in the cohort manifest
+    assert ensure_cache(cohort, CacheConfig(margin_mm=2), cache_dir=folder, ids=["pt_2"]).ids == ["pt_1", "pt_2", "pt_3"]
 
 
 def test_default_folder_is_outside_the_cohort(cohort, tmp_path, monkeypatch):
