@@ -57,6 +57,13 @@ CHANNEL_SETS: dict[str, str] = {
     "full": "window:lung,window:soft_tissue,window:bone,window:brain,window:full,mask:PTV,dose",
 }
 
+#: help text for a command's ``--channels`` option
+CHANNELS_HELP = (
+    "input channels: a set (default = window:soft_tissue,mask:PTV,dose; full = the 5 windows lung, "
+    "soft_tissue, bone, brain, full + mask:PTV + dose) or a comma-separated list of window:PRESET, "
+    "window:LEVEL/WIDTH (HU), mask:STRUCTURE, dose (= dose:80, Gy/80), dose:GY, dose:prescription"
+)
+
 KINDS = ("window", "mask", "dose")
 _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
 
