@@ -337,6 +337,22 @@ def _export_segment(segmentation_node: Any, segment_id: str, reference_node: Any
         scene.RemoveNode(labelmap)
 
 
+def _ensure_binary_labelmaps(segmentation_node: Any, reference_node: Any) -> None:
+    """Rasterise contour/surface segments (e.g. an RTSTRUCT) on the CT geometry, as SlicerRT does.
+
+    Without a reference geometry the converter picks a fine grid of its own (slow, large), and the
+    export then resamples it: set the CT as reference first.
+    """
+    binary = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    if segmentation_node.GetSegmentation().ContainsRepresentation(binary):
+        return
+    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
+    if not segmentation_node.CreateBinaryLabelmapRepresentation():
+        raise InputError(
+            f"segmentation {_node_label(segmentation_node)}: its segments cannot be converted to labelmaps"
+        )
+
+
 def segmentation_to_arrays(
     segmentation_node: Any, reference_node: Any, names: Optional[Iterable[str]] = None
 ) -> Dict[str, np.ndarray]:
@@ -348,6 +364,7 @@ def segmentation_to_arrays(
         raise InputError("no segmentation node given")
     _check_scalar_volume(reference_node, "CT")
     segmentation = segmentation_node.GetSegmentation()
+    _ensure_binary_labelmaps(segmentation_node, reference_node)
     wanted = None if names is None else set(names)
     result: Dict[str, np.ndarray] = {}
     for segment_id in segment_ids(segmentation_node):

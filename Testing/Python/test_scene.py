@@ -165,6 +165,30 @@ def test_segment_on_a_coarser_shifted_grid_is_exported_on_the_ct(scene):
     np.testing.assert_array_equal(patient.structure("box"), expected)
 
 
+def test_closed_surface_segment_is_rasterised_on_the_ct(scene):
+    """A segmentation whose source is a surface (or planar contours, as an RTSTRUCT loads) gets its
+    binary labelmap on the CT grid: a 10 mm ball centred at RAS (5, -3, 2)."""
+    image = sitk.Image(60, 60, 40, sitk.sitkInt16)
+    image.SetSpacing((1.0, 1.0, 1.5))
+    image.SetOrigin((-30.0, -30.0, -30.0))
+    ct = mrml.image_to_volume(image, "ct", scene)
+    sphere = vtk.vtkSphereSource()
+    sphere.SetRadius(10.0)
+    sphere.SetCenter(5.0, -3.0, 2.0)
+    sphere.SetThetaResolution(64)
+    sphere.SetPhiResolution(64)
+    sphere.Update()
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "surfaces")
+    segmentation.GetSegmentation().SetSourceRepresentationName(
+        slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()
+    )
+    segmentation.AddSegmentFromClosedSurfaceRepresentation(sphere.GetOutput(), "Ball", [1.0, 0.0, 0.0])
+    ball = mrml.segmentation_to_arrays(segmentation, ct)["Ball"]
+    assert ball.sum() == pytest.approx(4 / 3 * np.pi * 1000 / 1.5, rel=0.03)
+    # RAS (5, -3, 2) = LPS (-5, 3, 2) = voxel (x 25, y 33, z 21.33)
+    np.testing.assert_allclose(np.argwhere(ball).mean(axis=0), [(2 + 30) / 1.5, 33, 25], atol=0.1)
+
+
 def test_patient_from_nodes_equals_patient_from_folder(scene, patient_dir):
     reference = Patient.from_folder(patient_dir)
     nodes = mrml.add_patient_nodes(reference, scene)
