@@ -6,7 +6,7 @@ cohort size, and the same seed gives identical files.
 
 Anatomy (analytic shapes, painted slice by slice so a 512x512x350 patient stays well under 2 GB):
   * variant by index: ``index % 3 == 2`` is a pelvis, the others thoraxes; pelvises alternate one leg
-    (indices 2, 8, 14, ...: an above-knee amputee, like the group's prototype case) and two legs
+    (indices 2, 8, 14, ...: a high above-knee amputee, like the group's prototype case) and two legs
     (indices 5, 11, ...). A cohort of >= 4 patients therefore holds a one-legged patient, >= 6 both.
   * thorax: super-elliptic body outline varying along z, subcutaneous fat, chest wall, lungs with
     diaphragm domes and apices, heart, descending aorta, oesophagus, trachea and main bronchi,
@@ -41,15 +41,16 @@ SpinalCord, Bones, PTV; pelvis: Body, Bladder, Rectum, Femur_L, Femur_R, Bones, 
 spinal cord: the cord ends above the scanned region), ``phantom.json`` (all generating parameters, plan,
 dose metrics, clinical row). The root holds ``clinical.csv`` and ``cohort.json`` (configuration and the
 outcome model). NRRDs are gzip-compressed; patient folders appear atomically (written under a hidden
-temporary name, then renamed) and a rerun skips patients already generated with the same settings.
+temporary name, then renamed); a rerun skips patients already generated with the same settings and
+removes generated patients beyond the requested number.
 
 Outcome model (binary ``outcome`` in clinical.csv, drawn per patient from its own stream)::
 
     organ   = Heart (thorax) or Rectum (pelvis)
-    logit   = -0.3 + 0.15 / Gy * (mean organ dose - reference dose of the organ)
+    logit   = -0.2 + 0.15 / Gy * (mean organ dose - reference dose of the organ)
                    + 0.012 / cc * (PTV volume - 100 cc)
     p       = 1 / (1 + exp(-logit));  outcome = 1 if uniform(0, 1) < p
-    reference dose: Heart 3 Gy, Rectum 22 Gy  (see ``OutcomeModel``; written to cohort.json)
+    reference dose: Heart 3 Gy, Rectum 20 Gy  (see ``OutcomeModel``; written to cohort.json)
 
 Clinical columns: patient, age (years), sex (M/F; pelvis patients are male), smoking
 (never/former/current), ecog (0-2), site (lung_left, lung_right, mediastinum, prostate), outcome (0/1).
@@ -167,11 +168,11 @@ class PhantomConfig:
 class OutcomeModel:
     """Logistic model of the binary outcome: mean dose to an organ at risk and PTV volume."""
 
-    intercept: float = -0.3
+    intercept: float = -0.2
     per_gy_organ_mean_dose: float = 0.15
     per_cc_ptv_volume: float = 0.012
     reference_ptv_cc: float = 100.0
-    reference_dose_gy: Dict[str, float] = field(default_factory=lambda: {"Heart": 3.0, "Rectum": 22.0})
+    reference_dose_gy: Dict[str, float] = field(default_factory=lambda: {"Heart": 3.0, "Rectum": 20.0})
     organ_by_variant: Dict[str, str] = field(default_factory=lambda: {"thorax": "Heart", "pelvis": "Rectum"})
 
     def logit(self, organ: str, organ_mean_dose_gy: float, ptv_volume_cc: float) -> float:
@@ -748,7 +749,11 @@ def _place_ptv(anatomy: Anatomy, rng: np.random.Generator) -> Ptv:
             return Ptv(site, center, radii, 5.0, lobes)
         side = "L" if site == "lung_left" else "R"
         base = anatomy.lung_base[0 if side == "L" else 1]
-        za = _uniform(rng, base + anatomy.dome_mm + 15.0, anatomy.lung_apex - 75.0)
+        heart_top = anatomy.heart_center[2] + 0.8 * anatomy.heart_radii[2]
+        if rng.random() < 0.6:  # at the level of the heart (lower lobes), else above it
+            za = _uniform(rng, base + anatomy.dome_mm + 10.0, heart_top)
+        else:
+            za = _uniform(rng, heart_top, anatomy.lung_apex - 80.0)
         cx, cy, ax, ay = anatomy.lung_ellipse(za, side)
         limit = 0.5 * min(ax, ay)
         mean_radius = min(float(rng.uniform(14.0, 34.0)), limit)
@@ -1274,6 +1279,20 @@ def synthesize_patient(
     return folder
 
 
+def _remove_surplus_patients(out_dir: Path, patients: int) -> None:
+    """Remove phantom patients beyond ``patients`` left by an earlier, larger run (only our own folders)."""
+    for folder in sorted(out_dir.glob(f"{PATIENT_PREFIX}[0-9][0-9][0-9]*")):
+        suffix = folder.name[len(PATIENT_PREFIX) :]
+        if not (folder.is_dir() and suffix.isdigit() and int(suffix) >= patients):
+            continue
+        try:
+            generator = json.loads((folder / "phantom.json").read_text(encoding="utf-8")).get("generator", {})
+        except (OSError, ValueError):
+            continue
+        if generator.get("name") == "DeepDosimetrics phantom":
+            shutil.rmtree(folder)
+
+
 CLINICAL_COLUMNS = ("patient", "age", "sex", "smoking", "ecog", "site", "outcome")
 
 
@@ -1306,6 +1325,7 @@ def synthesize_cohort(
         folder = synthesize_patient(out_dir, index, config)
         parameters = json.loads((folder / "phantom.json").read_text(encoding="utf-8"))
         rows.append(parameters["clinical"])
+    _remove_surplus_patients(out_dir, int(patients))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(CLINICAL_COLUMNS), lineterminator="\n")
     writer.writeheader()

@@ -110,6 +110,10 @@ def test_rerun_skips_done_patients_and_redoes_changed_ones(tmp_path):
     assert not (out / ".phantom_000.tmp-999").exists()
     synthesize_cohort(out, patients=1, shape=(32, 32, 16), seed=4)
     assert json.loads((out / "phantom_000" / "phantom.json").read_text())["generator"]["seed"] == 4
+    synthesize_cohort(out, patients=2, shape=(32, 32, 16), seed=4)
+    synthesize_cohort(out, patients=1, shape=(32, 32, 16), seed=4)
+    assert not (out / "phantom_001").exists(), "a smaller rerun leaves exactly the requested patients"
+    assert (out / "clinical.csv").read_text().count("phantom_") == 1
 
 
 def test_body_fills_35_to_55_percent(cohort):
@@ -205,7 +209,7 @@ def test_clinical_csv_and_outcome_model(cohort):
     assert [r["patient"] for r in rows] == [f"phantom_{i:03d}" for i in range(PATIENTS)]
     description = json.loads((cohort / "cohort.json").read_text())
     model = description["outcome_model"]
-    assert model["reference_dose_gy"] == {"Heart": 3.0, "Rectum": 22.0} and "formula" in model
+    assert model["reference_dose_gy"] == {"Heart": 3.0, "Rectum": 20.0} and "formula" in model
     for row in rows:
         assert row["outcome"] in ("0", "1") and row["sex"] in ("M", "F") and 0 <= int(row["ecog"]) <= 2
         parameters = json.loads((cohort / row["patient"] / "phantom.json").read_text())
