@@ -100,11 +100,14 @@ def write_snapshots(
     out.mkdir(parents=True, exist_ok=True)
     written = {}
     for name in PLANES:
-        figure, axes = plt.subplots(1, 3, figsize=(12, 4.4), constrained_layout=True)
+        figure = plt.figure(figsize=(12, 4.2))
         aspect = _aspect(name, image.GetSpacing())
         panels = [(original, "original", "gray", vmin, vmax), (recon, "reconstruction", "gray", vmin, vmax),
                   (residual, "residual", "RdBu_r", -limit, limit)]
-        for axis, (volume, title, cmap, lo, hi) in zip(axes, panels):
+        for column, (volume, title, cmap, lo, hi) in enumerate(panels):
+            # fixed axes positions: no layout engine (it costs seconds per figure)
+            axis = figure.add_axes((0.01 + column / 3.0, 0.04, 0.25, 0.84))
+            colorbar_axis = figure.add_axes((0.27 + column / 3.0, 0.1, 0.012, 0.72))
             shown = axis.imshow(plane(volume, name, index), cmap=cmap, vmin=lo, vmax=hi, aspect=aspect,
                                 interpolation="nearest")
             if target_mask is not None and target_mask.any():
@@ -112,7 +115,7 @@ def write_snapshots(
                              colors="yellow", linewidths=0.8)
             axis.set_title(title)
             axis.set_axis_off()
-            figure.colorbar(shown, ax=axis, shrink=0.8, label=unit)
+            figure.colorbar(shown, cax=colorbar_axis, label=unit)
         figure.suptitle(f"{spec.label}: {name} plane through the PTV centre (z, y, x) = {index}")
         path = out / f"{name}.png"
         partial = out / f".{name}.{os.getpid()}.part.png"
