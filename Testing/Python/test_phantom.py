@@ -270,3 +270,13 @@ def test_patient_loader_reads_the_phantom(cohort):
     patient = patient_module.Patient.from_folder(cohort / "phantom_000")
     assert "PTV" in patient.structure_names and patient.has_dose
     np.testing.assert_array_equal(patient.ct_array(), read(cohort / "phantom_000" / "ct.nrrd")[1])
+    np.testing.assert_array_equal(
+        patient.structure("PTV"), read(cohort / "phantom_000" / "structures" / "PTV.nrrd")[1]
+    )
+    cohort_module = pytest.importorskip("DeepDosimetricsLib.cohort", reason="cohort.py is not there yet")
+    opened = cohort_module.Cohort.open(cohort)
+    assert list(opened.ids) == [f"phantom_{i:03d}" for i in range(PATIENTS)]
+    assert (
+        opened.clinical is not None
+        and list(opened.clinical["outcome"].astype(int).isin([0, 1])) == [True] * PATIENTS
+    )
