@@ -262,7 +262,7 @@ class Ptv:
     center: Tuple[float, float, float]  # x, y (mm, field-of-view centred), z (template mm)
     radii: Tuple[float, float, float]  # mm (z in template mm)
     margin_mm: float
-    lobes: Tuple[float, float, float, float]  # amplitude and phase of 3 in-plane lobes, amplitude in z
+    lobes: Tuple[float, float, float, float]  # amplitude, phase of 3 in-plane lobes; amplitude, phase along z
 
     def masks(self, x, y, za):
         """(PTV, tumour) cross-sections at za, or (None, None) outside."""
@@ -768,7 +768,6 @@ def _place_ptv(anatomy: Anatomy, rng: np.random.Generator) -> Ptv:
         )
         return Ptv(site, center, radii, 5.0, lobes)
     assert isinstance(anatomy, PelvisAnatomy)
-    _, body_y = anatomy.spine_positions(anatomy.hip_z)
     prostate = (_uniform(rng, 17.0, 24.0), _uniform(rng, 14.0, 20.0), _uniform(rng, 16.0, 24.0))
     za = round(anatomy.hip_z - _uniform(rng, 5.0, 20.0), 3)
     cy = _uniform(rng, -25.0, -10.0) + anatomy.y_center
@@ -780,8 +779,8 @@ def _place_ptv(anatomy: Anatomy, rng: np.random.Generator) -> Ptv:
 def _finish_pelvis(anatomy: PelvisAnatomy, rng: np.random.Generator) -> PelvisAnatomy:
     """Bladder above and rectum behind the prostate, once the PTV is placed."""
     px, py, pz = anatomy.ptv.center
-    prx, pry, prz = anatomy.ptv.radii
-    bx, by, bz = anatomy.bladder_radii
+    _, pry, prz = anatomy.ptv.radii
+    bz = anatomy.bladder_radii[2]
     bladder_center = (round(px, 3), round(py - 6.0, 3), round(pz + prz - anatomy.ptv.margin_mm + bz - 4.0, 3))
     rectum_center = (
         round(px + _uniform(rng, -4.0, 4.0), 3),
