@@ -112,11 +112,34 @@ def create_headless_scene(make_current: bool = True) -> HeadlessScene:
         module_logic.SetMRMLScene(scene)
         app.SetModuleLogic(name, module_logic)
         logics[name] = module_logic
+    _add_generic_label_colors(scene)
     headless = HeadlessScene(scene=scene, app_logic=app, logics=logics)
     _HEADLESS[id(scene)] = headless
     if make_current:
         slicer.mrmlScene = scene
     return headless
+
+
+def _add_generic_label_colors(scene: Any) -> None:
+    """Stand in for Slicer's GenericColors file table (labelmaps' default), absent from the wheel.
+
+    It copies the built-in Labels table and is not saved with the scene, so a scene bundle opened in
+    Slicer uses Slicer's own table of that id.
+    """
+    labels = scene.GetNodeByID("vtkMRMLColorTableNodeLabels")
+    if labels is None or scene.GetNodeByID("vtkMRMLColorTableNodeFileGenericColors.txt") is not None:
+        return
+    node = slicer.vtkMRMLColorTableNode()
+    node.SetName("GenericColors")
+    node.SetSingletonTag("FileGenericColors.txt")
+    node.SetTypeToUser()
+    node.SetSaveWithScene(False)
+    node.SetNumberOfColors(labels.GetNumberOfColors())
+    rgba = [0.0] * 4
+    for index in range(labels.GetNumberOfColors()):
+        labels.GetColor(index, rgba)
+        node.SetColor(index, labels.GetColorName(index) or f"label_{index}", *rgba)
+    scene.AddNode(node)
 
 
 def close_headless_scene(headless: HeadlessScene) -> None:
