@@ -147,7 +147,7 @@ def write_volume(
 
 
 def stored_structures(
-    names: Sequence[str], config: CacheConfig, body_name: Optional[str]
+    names: Sequence[str], config: CacheConfig, body_name: Optional[str], patient_id: str = "?"
 ) -> Tuple[Optional[str], Dict[str, str]]:
     """The target's original name and stored name -> original name of the structures to cache."""
     from .synonyms import choose_target, normalize_name, safe_name
@@ -156,7 +156,8 @@ def stored_structures(
     target = choose_target(candidates, preferred=config.target)
     if config.target is not None and target is None:
         raise InputError(
-            f"no structure matches the target {config.target!r} (structures: {', '.join(names) or 'none'})"
+            f"patient {patient_id}: no structure matches the target {config.target!r} "
+            f"(structures: {', '.join(names) or 'none'})"
         )
     wanted = None
     if config.structures is not None:
@@ -253,11 +254,16 @@ def build_patient(
     del body_image
     write_volume(folder, files["hu"], ct, cropped, np.int16, sitk.sitkLinear, AIR_HU)
 
-    target, stored = stored_structures(patient.structure_names, config, body_name)
-    structures = {}
+    target, stored = stored_structures(patient.structure_names, config, body_name, patient.id)
+    structures, skipped = {}, {}
     for key, original_name in stored.items():
         file_name = f"mask_{key}.npy"
-        mask = patient.structure_image(original_name)
+        try:
+            mask = patient.structure_image(original_name)
+        except InputError as error:  # an empty or unreadable structure: the rest of the patient is kept
+            log.warning("%s; left out of the cache", error)
+            skipped[original_name] = str(error)
+            continue
         write_volume(folder, file_name, mask, cropped, np.uint8, sitk.sitkNearestNeighbor, 0)
         del mask
         structures[key] = {"original": original_name, "file": file_name}
@@ -281,7 +287,8 @@ def build_patient(
         "shape_zyx": list(cropped.shape_zyx),
         "files": files,
         "structures": structures,
-        "target": target,
+        "skipped_structures": skipped,
+        "target": target if TARGET_NAME in structures else None,
         "body_structure": body_name,
         "has_dose": bool(patient.has_dose),
         "prescription_gy": prescription,

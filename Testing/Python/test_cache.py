@@ -301,7 +301,17 @@ def test_structure_selection_and_target_choice(cohort, tmp_path):
     with pytest.raises(InputError, match="no known prescription"):
         cached.check_channels("dose:prescription")
     bad = ensure_cache(cohort, CacheConfig(target="Liver"), cache_dir=tmp_path / "d", ids=["pt_1"])
-    assert bad.ids == [] and "Liver" in bad.failed["pt_1"]
+    assert bad.ids == [] and "patient pt_1: no structure matches the target 'Liver'" in bad.failed["pt_1"]
+
+
+def test_empty_structure_is_left_out(tmp_path):
+    cohort = tmp_path / "cohort"
+    write_patient(cohort / "pt_e", seed=1)
+    empty = sitk.ReadImage(str(cohort / "pt_e" / "structures" / "cuore.nrrd")) * 0
+    sitk.WriteImage(empty, str(cohort / "pt_e" / "structures" / "Liver.nrrd"))
+    cached = ensure_cache(cohort, CacheConfig(), cache_dir=tmp_path / "cache")["pt_e"]
+    assert cached.structure_names == ["PTV", "Heart"]
+    assert "empty" in cached.manifest["skipped_structures"]["Liver"]
 
 
 def test_prescription_from_the_clinical_table(cohort, tmp_path):
