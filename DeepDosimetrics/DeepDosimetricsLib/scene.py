@@ -832,7 +832,12 @@ def save_scene_bundle(path: Union[str, os.PathLike], scene: Any = None) -> Path:
         with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive:
             for file in sorted(bundle_dir.rglob("*")):
                 if file.is_file():
-                    archive.write(file, str(Path(path.stem) / file.relative_to(bundle_dir)))
+                    # volumes and segmentations are gzip-compressed by their writers already
+                    stored = file.name.endswith((".nrrd", ".nii.gz", ".mha"))
+                    archive.write(
+                        file, str(Path(path.stem) / file.relative_to(bundle_dir)),
+                        compress_type=zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED,
+                    )
         os.replace(partial, path)
     return path
 
