@@ -239,8 +239,7 @@ def _check_scalar_volume(node: Any, role: str) -> None:
 def volume_to_image(node: Any, role: str = "volume") -> sitk.Image:
     """A copy of a scalar or labelmap volume node as a SimpleITK image with exact LPS geometry."""
     _check_scalar_volume(node, role)
-    array = np.array(slicer.util.arrayFromVolume(node), copy=True)
-    image = sitk.GetImageFromArray(array)
+    image = sitk.GetImageFromArray(slicer.util.arrayFromVolume(node))  # copies the voxels once
     spacing, origin, direction = volume_geometry_lps(node)
     image.SetSpacing(spacing)
     image.SetOrigin(origin)
@@ -267,7 +266,7 @@ def image_to_volume(
     node = scene.AddNewNodeByClass(
         "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode", name
     )
-    slicer.util.updateVolumeFromArray(node, sitk.GetArrayFromImage(image))
+    slicer.util.updateVolumeFromArray(node, sitk.GetArrayViewFromImage(image))  # copies the voxels once
     _set_node_geometry_from_image(node, image)
     node.CreateDefaultDisplayNodes()
     if dose:
