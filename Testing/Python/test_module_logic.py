@@ -145,6 +145,28 @@ def test_radiomics_all_classes_on_one_structure(logic, headless, patient_dir):
     assert_table_equals_pyradiomics(table, patient_dir, "all", ["PTV"])
 
 
+def test_dosiomics_use_the_dose_variant_of_the_preset(logic, headless, patient_dir):
+    import radiomics
+    from DeepDosimetricsLib.radiomics import resolve_parameters
+    from radiomics.featureextractor import RadiomicsFeatureExtractor
+
+    dose = headless.logic("Volumes").AddArchetypeVolume(str(patient_dir / "dose.nrrd"), "dose", 0)
+    mrml.mark_dose_volume(dose)
+    labelmap = headless.logic("Volumes").AddArchetypeVolume(str(patient_dir / "structures" / "PTV.nrrd"), "PTV", 1)
+    table = logic.computeRadiomics(dose, labelmap, "firstorder")
+    parameters = resolve_parameters("firstorder", "dose")
+    assert parameters.path.name == "firstorder.dose.yaml"
+    assert table.GetAttribute("DeepDosimetrics.RadiomicsParameters") == "firstorder"
+    radiomics.setVerbosity(logging.ERROR)
+    expected = RadiomicsFeatureExtractor(str(parameters.path)).execute(
+        str(patient_dir / "dose.nrrd"), str(patient_dir / "structures" / "PTV.nrrd")
+    )
+    frame = mrml.dataframe_from_table(table).set_index("Feature")
+    for name, value in expected.items():
+        if not name.startswith("diagnostics_"):
+            assert frame.loc[name, "PTV"] == float(value), name
+
+
 def test_radiomics_on_a_labelmap_node(logic, headless, patient_dir):
     ct = headless.logic("Volumes").AddArchetypeVolume(str(patient_dir / "ct.nrrd"), "CT", 0)
     labelmap = headless.logic("Volumes").AddArchetypeVolume(str(patient_dir / "structures" / "PTV.nrrd"), "PTV", 1)
