@@ -65,6 +65,36 @@ class SamplingConfig:
             raise InputError(f"jitter must lie in [0, 0.5), got {self.jitter}")
 
 
+def release_pages(source: Any) -> None:
+    """Unmap the pages a patient's memory maps have touched (they stay in the OS page cache).
+
+    Reading tiles through ``np.memmap`` leaves the touched file pages counted in the process's
+    resident memory; dropping them keeps the RSS bounded by the tile rather than by the patient.
+    Uses ``source.release()`` when the source has one, else ``madvise(MADV_DONTNEED)`` on its memmaps.
+    """
+    release = getattr(source, "release", None)
+    if callable(release):
+        release()
+        return
+    arrays = getattr(source, "_arrays", None)
+    if isinstance(arrays, dict):
+        for array in arrays.values():
+            _drop_mapped_pages(array)
+
+
+def _drop_mapped_pages(array: Any) -> None:
+    """madvise(MADV_DONTNEED) on the memory map behind a read-only np.memmap (no-op otherwise)."""
+    import mmap
+
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    handle = getattr(array, "_mmap", None)
+    if advice is not None and handle is not None and hasattr(handle, "madvise"):
+        try:
+            handle.madvise(advice)
+        except (OSError, ValueError):
+            pass
+
+
 def occupancy_grid(volume: np.ndarray, block: int) -> np.ndarray:
     """Bool grid: which ``block``^3 blocks of a (z, y, x) mask hold a non-zero voxel (read slab by slab)."""
     z, y, x = volume.shape
@@ -76,6 +106,7 @@ def occupancy_grid(volume: np.ndarray, block: int) -> np.ndarray:
         padded = np.zeros((ny * block, nx * block), dtype=bool)
         padded[:y, :x] = flat
         grid[iz] = padded.reshape(ny, block, nx, block).any(axis=(1, 3))
+        _drop_mapped_pages(volume)  # keep the resident memory at one slab
     return grid
 
 
@@ -93,6 +124,7 @@ def index_patient(source: TileSource, tile: int, target: str = "PTV") -> Patient
     """Occupancy of the body and the target in blocks of tile // 2 (a block voxel lies inside a tile centred in it)."""
     block = max(1, tile // 2)
     body = np.argwhere(occupancy_grid(source.body, block))
+    release_pages(source)
     has_target = source.has_structure(target) if hasattr(source, "has_structure") else True
     target_blocks = np.zeros((0, 3), dtype=np.int64)
     if has_target:
@@ -100,6 +132,7 @@ def index_patient(source: TileSource, tile: int, target: str = "PTV") -> Patient
             target_blocks = np.argwhere(occupancy_grid(source.mask(target), block))
         except InputError:
             pass
+        release_pages(source)
     return PatientIndex(tuple(int(v) for v in source.shape), block, body, target_blocks)
 
 
@@ -184,6 +217,7 @@ class TileSampler:
     def read(self, patient: int, start: Sequence[int], rng: Optional[np.random.Generator]) -> np.ndarray:
         size = (self.config.tile,) * 3
         tile = self.sources[patient].read_tile(self.specs, start, size)
+        release_pages(self.sources[patient])
         if rng is None:
             return np.ascontiguousarray(tile, dtype=np.float32)
         return augment(tile, self.window_channels, self.config, rng)

@@ -18,6 +18,7 @@ import csv
 import io
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -43,6 +44,8 @@ DEFAULT_CONFIG_FILE = Path(__file__).resolve().parent / "Resources" / "train-def
 HISTORY_CSV = "loss_history.csv"
 LOSS_CURVE_PNG = "loss_curve.png"
 CONFIG_YAML = "train-config.yaml"
+#: options a resumed run takes from the new call rather than from the checkpoint
+RUNTIME_OPTIONS = ("steps", "epochs", "device", "num_workers", "threads", "checkpoint_every", "log_every", "patience")
 SCHEDULES = ("cosine", "plateau", "constant")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -63,6 +66,7 @@ class TrainConfig:
     flips: bool = True
     jitter: float = 0.02
     num_workers: int = 0
+    threads: Optional[int] = None  # torch CPU threads per process (None: torch's default; DDP on CPU: cores / local ranks)
     # model
     features: int = 10
     widths: list[int] = field(default_factory=lambda: [16, 32, 64, 64])
@@ -203,17 +207,16 @@ def _prepare_patients(cache: Any, specs: list, config: TrainConfig, cohort_dir: 
     if not usable:
         raise InputError(f"no patient of {cohort_dir} provides the channels {[s.label for s in specs]}")
     tile = config.tile
-    if all(min(p.shape) < tile for p in usable):
-        largest = max((p.shape for p in usable), key=lambda s: min(s))
+    if all(max(p.shape) < tile for p in usable):
+        largest = max(max(p.shape) for p in usable)
         raise InputError(
-            f"tile {tile} exceeds the cropped volume of every patient in at least one axis "
-            f"(largest smallest-axis: {largest} (z, y, x)); tiles would be mostly padding: "
-            f"choose --tile <= {min(largest)}"
+            f"tile {tile} exceeds the cropped volume of every patient in every axis (largest axis: "
+            f"{largest} voxels); each tile would hold a whole patient and padding: choose --tile <= {largest}"
         )
     small = [p.id for p in usable if min(p.shape) < tile]
     if small:
-        log.info("tile %d is larger than the volume of %d patient(s) in some axis (padded with air): %s",
-                 tile, len(small), ", ".join(small[:5]))
+        log.warning("tile %d is larger than the cropped volume of %d patient(s) in some axis (padded with "
+                    "air): %s", tile, len(small), ", ".join(small[:5]) + (" ..." if len(small) > 5 else ""))
     return usable
 
 
@@ -334,13 +337,12 @@ def _make_scheduler(optimizer, config: TrainConfig, total_steps: int):
 def _resume_config(saved: dict[str, Any], requested: TrainConfig) -> TrainConfig:
     """The checkpoint's configuration, with the run-length and runtime options of this call."""
     config = TrainConfig.from_dict(dict(saved), source="checkpoint")
-    for name in ("steps", "epochs", "device", "num_workers", "checkpoint_every", "log_every", "patience"):
+    for name in RUNTIME_OPTIONS:
         setattr(config, name, getattr(requested, name))
     differing = [
         f.name
         for f in fields(TrainConfig)
-        if f.name not in ("steps", "epochs", "device", "num_workers", "checkpoint_every", "log_every", "patience")
-        and getattr(config, f.name) != getattr(requested, f.name)
+        if f.name not in RUNTIME_OPTIONS and getattr(config, f.name) != getattr(requested, f.name)
     ]
     if differing:
         log.warning("resuming with the checkpoint's %s (ignoring this call's values)", ", ".join(differing))
@@ -388,6 +390,7 @@ def train(
             )
         device = resolve_device(config.device, ctx)
         ctx.set_device(device)
+        _set_threads(config.threads, ctx, device)
         specs = parse_channels(config.channels)
         labels = channel_labels(specs)
         if checkpoint is not None and list(checkpoint["channels"]) != labels:
@@ -603,6 +606,19 @@ def train(
         )
     finally:
         ctx.close()
+
+
+def _set_threads(threads: Optional[int], ctx: DistributedContext, device) -> None:
+    """CPU threads of this process: as asked, or the cores shared among the ranks of this node under DDP."""
+    import torch
+
+    if threads is None and ctx.world_size > 1 and device.type == "cpu":
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+        threads = max(1, (os.cpu_count() or 1) // max(1, local_ranks))
+    if threads is not None:
+        if threads < 1:
+            raise InputError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(int(threads))
 
 
 class _nullcontext:

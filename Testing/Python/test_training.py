@@ -190,7 +190,7 @@ def test_bad_cohorts_are_refused(phantom_cohort, tmp_path, capsys):
 
     # a tile larger than every cropped volume
     assert cli_main(base + ["--out", str(tmp_path / "m3"), "--tile", "128", "--channels", "window:lung"]) == 2
-    assert "exceeds the cropped volume of every patient" in capsys.readouterr().err
+    assert "exceeds the cropped volume of every patient in every axis" in capsys.readouterr().err
     # a tile the model's depth cannot halve evenly
     assert cli_main(base + ["--out", str(tmp_path / "m4"), "--tile", "18"]) == 2
     assert "multiple of 4" in capsys.readouterr().err

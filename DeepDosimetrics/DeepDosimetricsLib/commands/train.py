@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="early stopping after N validations without improvement (0: off)")
     parser.add_argument("--workers", type=int, default=None, metavar="N", dest="num_workers",
                         help="DataLoader processes reading tiles (default 0: in the training process)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads per process (default: torch's; under torchrun on CPU: cores / processes)")
     parser.add_argument("--skip-incomplete", action="store_true", default=None,
                         help="train without the patients lacking a requested channel instead of refusing")
     parser.add_argument("--seed", type=int, default=None)
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         channels=args.channels, tile=args.tile, batch=args.batch, features=args.features,
         steps=args.steps, epochs=args.epochs, lr=args.lr, schedule=args.schedule, device=args.device,
         checkpoint_every=args.checkpoint_every, val_fraction=args.val_fraction, patience=args.patience,
-        num_workers=args.num_workers, skip_incomplete=args.skip_incomplete, seed=args.seed,
+        num_workers=args.num_workers, threads=args.threads, skip_incomplete=args.skip_incomplete, seed=args.seed,
     )
     result = train(args.cohort, args.out, config, cache_dir=args.cache, resume=args.resume, quiet=args.quiet)
     if result.summary.get("world_size", 1) > 1 and int(__import__("os").environ.get("RANK", "0")) != 0:
