@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from DeepDosimetricsLib.channels import (
     CHANNEL_SETS,
     DEFAULT_DOSE_MAX_GY,
