@@ -356,7 +356,8 @@ class Patient:
             dose = read_image(dose, what)
         require_3d(dose, what)
         self._check_patient_id(dose, what)
-        dose = sitk.Cast(dose, sitk.sitkFloat32)
+        if dose.GetPixelID() != sitk.sitkFloat32:
+            dose = sitk.Cast(dose, sitk.sitkFloat32)
         ct = self.reference_image()
         if not Geometry.from_image(dose).overlaps(Geometry.from_image(ct)):
             raise InputError(f"{what} does not overlap the CT (its grid lies outside the CT's field of view)")
