@@ -122,7 +122,7 @@ def test_module_cmakelists_lists_every_library_file():
     )
     missing = sorted(set(expected) - set(scripts))
     stale = sorted(set(scripts) - set(expected))
-    assert not missing, f"add to MODULE_PYTHON_SCRIPTS in DeepDosimetrics/CMakeLists.txt: {missing}"
+    assert not missing, f"run Utilities/update_cmake_lists.py (MODULE_PYTHON_SCRIPTS lacks {missing})"
     assert not stale, f"listed in MODULE_PYTHON_SCRIPTS but absent: {stale}"
 
 
@@ -135,7 +135,7 @@ def test_module_cmakelists_lists_every_resource():
         if p.is_file() and p.suffix in (".yaml", ".yml", ".json", ".csv", ".txt")
     }
     missing = sorted(expected - set(resources))
-    assert not missing, f"add to MODULE_PYTHON_RESOURCES in DeepDosimetrics/CMakeLists.txt: {missing}"
+    assert not missing, f"run Utilities/update_cmake_lists.py (MODULE_PYTHON_RESOURCES lacks {missing})"
     absent = sorted(r for r in resources if not (MODULE / r).is_file())
     assert not absent, f"listed in MODULE_PYTHON_RESOURCES but absent: {absent}"
     assert re.search(r"slicerMacroBuildScriptedModule\(.*WITH_GENERIC_TESTS", text, re.S)
