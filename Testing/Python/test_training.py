@@ -63,6 +63,12 @@ def test_sampling_biased_to_target_and_deterministic(cache_dir):
     assert 0.0 <= batch.min() and batch.max() <= 1.0
     grid = occupancy_grid(np.pad(np.ones((3, 3, 3), np.uint8), ((5, 0), (0, 7), (2, 2))), 4)
     assert grid.shape == (2, 3, 2) and grid[1, 0, 0] and grid[1, 0, 1] and not grid[0].any()
+    # DataLoader workers deliver the same batches in the same order as the main process
+    from DeepDosimetricsLib.sampling import make_loader
+
+    alone = list(make_loader(sampler, 2, 6, num_workers=0))
+    workers = list(make_loader(sampler, 2, 6, num_workers=2))
+    assert len(alone) == 4 and all(torch.equal(a, b) for a, b in zip(alone, workers))
     train_ids, val_ids = split_patients(cache.ids, 0.25, seed=0)
     assert len(val_ids) == 1 and not set(train_ids) & set(val_ids)
 
