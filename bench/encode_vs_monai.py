@@ -7,7 +7,7 @@ WITHOUT the body crop, so both see the whole ``X x Y x Z`` grid (7 channels: 5 C
 - MONAI: the whole 7-channel float32 input tensor is built from the cache, then
   ``sliding_window_inference(..., mode="gaussian")`` with the predictor ``decode(encode(x))`` (model and
   input channels_last_3d, inference mode: the same as ours). ``sw_batch_size`` is tuned first on a
-  slab of the volume (two tile rows in z) among ``--sw-batch-sizes``; the fastest is used.
+  slab of the volume (one row of tiles in z) among ``--sw-batch-sizes``; the fastest is used.
 - DeepDosimetrics: ``encoding.encode_patient`` (tiles read from the memory-mapped cache, body-free tiles
   skipped, features kept) streaming the blended planes to one ``.npy`` per channel.
 
@@ -209,7 +209,7 @@ def main() -> int:
     print(f"phantom {args.shape} -> cache grid (z,y,x) {info['shape_zyx']}, body fraction {info['body_fraction']:.3f}",
           flush=True)
 
-    slab = f"0:{min(2 * args.tile, info['shape_zyx'][0])}"
+    slab = f"0:{min(args.tile, info['shape_zyx'][0])}"  # one row of tiles
     timings = {}
     for size in [int(v) for v in args.sw_batch_sizes.split(",")]:
         timings[size] = child("monai", args, "--sw-batch", str(size), "--zrange", slab)["seconds"]

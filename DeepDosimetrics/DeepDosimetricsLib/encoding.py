@@ -146,14 +146,29 @@ def weighted_mean_std(features: np.ndarray, weights: np.ndarray) -> tuple[np.nda
 
 def structure_counts(cached_patient, grid: TileGrid, positions: Sequence[Triple],
                      structures: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
-    """Voxels of the body and of each structure inside each tile (inside the volume)."""
+    """Voxels of the body and of each structure inside each tile (inside the volume).
+
+    Read through ``read_tile`` (a few slices mapped at a time), so no whole mask stays resident.
+    """
+    from .channels import mask
+
     names = [BODY] + [s for s in (cached_patient.structure_names if structures is None else structures)
                       if s != BODY]
     counts = {}
     for name in names:
-        mask = cached_patient.body if name == BODY else cached_patient.mask(name)
-        counts[name] = np.array([np.count_nonzero(mask[grid.window(start)]) for start in positions], np.int64)
+        spec = [mask(name)]
+        counts[name] = np.array([np.count_nonzero(cached_patient.read_tile(spec, start, grid.tile))
+                                 for start in positions], np.int64)
     return counts
+
+
+def body_slab_reader(cached_patient):
+    """``(z0, z1) -> body[z0:z1]`` (float32 0/1) read through ``read_tile``, for :func:`tiles_touching`."""
+    from .channels import mask
+
+    spec = [mask(BODY)]
+    _, height, width = cached_patient.shape
+    return lambda z0, z1: cached_patient.read_tile(spec, (z0, 0, 0), (z1 - z0, height, width))[0]
 
 
 def encode_patient(
@@ -172,7 +187,7 @@ def encode_patient(
     cp = cached_patient
     tile = runner.config.tile
     grid = TileGrid.create(cp.shape, tile, overlap)
-    positions = tiles_touching(grid, cp.body)
+    positions = tiles_touching(grid, body_slab_reader(cp))
     channels = len(specs)
     features = np.zeros((len(positions), runner.config.features), np.float32)
     stitcher = SlabStitcher(grid.shape, channels, grid.tile, sink, fill=fill) if sink is not None else None
@@ -269,7 +284,7 @@ def _file_digest(path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _job_description(model_dir, cohort_dir, cache, config, settings: EncodeSettings) -> dict:
+def _job_description(model_dir, cohort_dir, cache_config, config, settings: EncodeSettings) -> dict:
 
     from .model import MODEL_WEIGHTS
 
@@ -280,7 +295,7 @@ def _job_description(model_dir, cohort_dir, cache, config, settings: EncodeSetti
         "tile": config.tile,
         "features": config.features,
         "cohort": str(Path(cohort_dir).resolve()),
-        "cache_config": cache.config.hash(),
+        "cache_config": cache_config.hash(),
         **settings.key_fields(),
     }
 
@@ -417,6 +432,9 @@ def encode_cohort(
     cache_config = CacheConfig()
     if cache_path is not None and (cache_path / COHORT_MANIFEST).is_file():
         cache_config = open_cache(cache_path).config  # an existing cache keeps its configuration
+    description = _job_description(model_dir, cohort_dir, cache_config, config, settings)
+    key = _job_key(description)
+    prepare_output(out, description, resume, overwrite)  # refuse a wrong --out before any long work
     cache = ensure_cache(cohort_dir, cache_config, cache_dir=cache_path, jobs=settings.jobs,
                          quiet=settings.quiet, ids=settings.patients)
     ids = [pid for pid in cache.ids if settings.patients is None or pid in settings.patients]
@@ -431,10 +449,6 @@ def encode_cohort(
                          + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
     skipped.update(check_model_channels(cache, specs, model_dir, ids))
     todo_ids = [pid for pid in ids if pid not in skipped]
-
-    description = _job_description(model_dir, cohort_dir, cache, config, settings)
-    key = _job_key(description)
-    prepare_output(out, description, resume, overwrite)
     previous_patients = []
     try:
         previous_patients = json.loads((out / JOB_FILE).read_text()).get("patients", [])
@@ -456,7 +470,6 @@ def encode_cohort(
                 _encode_one(runner, cache[pid], specs, settings, out, key, cohort_dir)
             except InputError as error:
                 skipped[pid] = str(error)
-                log.warning("patient %s skipped: %s", pid, error)
                 continue
         done.append(pid)
     if settings.progress_json:
@@ -499,7 +512,7 @@ def _encode_one(runner: TileModel, cp, specs, settings: EncodeSettings, out, key
     if sink is not None:
         sink.close()
         options = ReconstructionOptions(residuals=settings.residuals, compress=settings.compress)
-        rows = write_reconstruction(cp, specs, sink.load, partial / "recon", options)
+        rows = write_reconstruction(cp, specs, sink.read, partial / "recon", options)
         sink.remove()
         shutil.rmtree(partial / ".stitch", ignore_errors=True)
         write_csv_atomic(pd.DataFrame(rows, columns=["patient", "channel", "metric", "value"]),

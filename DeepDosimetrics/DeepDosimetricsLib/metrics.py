@@ -17,6 +17,8 @@ import numpy as np
 SLAB = 32
 #: scikit-image's default SSIM window
 SSIM_WINDOW = 7
+#: voxels of one SSIM slab (scikit-image keeps about a dozen float64 copies of it)
+SSIM_SLAB_VOXELS = 2_000_000
 
 
 def _slabs(depth: int, slab: int = SLAB):
@@ -58,7 +60,8 @@ def ssim(reference: np.ndarray, test: np.ndarray, data_range: float = 1.0) -> fl
     depth = reference.shape[0]
     total, count = 0.0, 0
     # the mean runs over the map without a pad-wide border (as scikit-image crops it)
-    for z0, z1 in _slabs(depth - 2 * pad):
+    planes = max(8, SSIM_SLAB_VOXELS // (reference.shape[1] * reference.shape[2]))
+    for z0, z1 in _slabs(depth - 2 * pad, planes):
         z0, z1 = z0 + pad, z1 + pad  # planes whose SSIM this slab gives
         lo, hi = max(z0 - pad, 0), min(z1 + pad, depth)  # with a halo
         _, full = structural_similarity(

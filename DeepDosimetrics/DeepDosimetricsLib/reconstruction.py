@@ -56,6 +56,20 @@ def read_channel(cached_patient, spec: ChannelSpec) -> np.ndarray:
     return volume
 
 
+def read_mask(cached_patient, name: str) -> np.ndarray:
+    """A structure (or ``BODY``) of the cached volume as uint8 (z, y, x), read slab by slab through
+    ``read_tile`` (no memory map of the whole mask is kept)."""
+    from .channels import mask
+
+    shape = cached_patient.shape
+    volume = np.empty(shape, np.uint8)
+    step = _slab_planes(shape)
+    for z0 in range(0, shape[0], step):
+        z1 = min(z0 + step, shape[0])
+        volume[z0:z1] = cached_patient.read_tile([mask(name)], (z0, 0, 0), (z1 - z0, shape[1], shape[2]))[0] > 0
+    return volume
+
+
 def to_units_inplace(spec: ChannelSpec, volume: np.ndarray, prescription_gy: Optional[float] = None) -> np.ndarray:
     """``channels.to_units`` applied slab by slab into ``volume`` itself (float32)."""
     step = _slab_planes(volume.shape)
@@ -104,13 +118,17 @@ def write_reconstruction(
     rows: list[dict] = []
     air = air_values(cp, specs)
     prescription = cp.prescription_gy
+    regions = None
+    if original and options.metrics:
+        regions = {"BODY": read_mask(cp, "BODY"),
+                   "PTV": read_mask(cp, "PTV") if cp.has_structure("PTV") else None}
     for index, spec in enumerate(specs):
         stem = channel_stem(spec.label)
         recon = np.array(load_channel(index), dtype=np.float32)  # a private, writable copy
         if original:
             truth = read_channel(cp, spec)
             if options.metrics:
-                rows += _unit_free_metrics(cp, spec, recon, truth, options.threshold)
+                rows += _unit_free_metrics(spec, recon, truth, options.threshold, regions)
         if spec.kind == "mask":
             label = (recon >= np.float32(options.threshold)).astype(np.uint8)
             _write_image(cp.to_original_grid(label, "nearest", 0), out / f"{stem}_label.nrrd", True)
@@ -123,7 +141,7 @@ def write_reconstruction(
         to_units_inplace(spec, truth, prescription)
         residual = np.subtract(recon, truth, out=truth)  # truth's memory now holds the residual
         if options.metrics:
-            rows += _unit_metrics(cp, spec, recon, residual)
+            rows += _unit_metrics(spec, recon, residual, regions)
         if options.residuals:
             _write_image(cp.to_original_grid(residual, "linear", 0.0), out / f"{stem}_residual.nrrd",
                          options.compress)
@@ -131,12 +149,13 @@ def write_reconstruction(
     return [{"patient": cp.id, **row} for row in rows]
 
 
-def _unit_free_metrics(cp, spec: ChannelSpec, recon: np.ndarray, truth: np.ndarray, threshold: float) -> list[dict]:
+def _unit_free_metrics(spec: ChannelSpec, recon: np.ndarray, truth: np.ndarray, threshold: float,
+                       regions: dict) -> list[dict]:
     """Metrics on the [0, 1] scale: PSNR (whole volume and body), SSIM; Dice for masks."""
     label = spec.label
     rows = [
         {"channel": label, "metric": "psnr", "value": metrics.psnr(truth, recon)},
-        {"channel": label, "metric": "psnr_body", "value": metrics.psnr(truth, recon, where=cp.body)},
+        {"channel": label, "metric": "psnr_body", "value": metrics.psnr(truth, recon, where=regions["BODY"])},
     ]
     if min(recon.shape) >= metrics.SSIM_WINDOW:
         rows.append({"channel": label, "metric": "ssim", "value": metrics.ssim(truth, recon)})
@@ -152,26 +171,22 @@ def _unit_free_metrics(cp, spec: ChannelSpec, recon: np.ndarray, truth: np.ndarr
     return rows
 
 
-def _target(cp) -> Optional[np.ndarray]:
-    return cp.mask("PTV") if cp.has_structure("PTV") else None
-
-
-def _unit_metrics(cp, spec: ChannelSpec, recon: np.ndarray, residual: np.ndarray) -> list[dict]:
+def _unit_metrics(spec: ChannelSpec, recon: np.ndarray, residual: np.ndarray, regions: dict) -> list[dict]:
     """Metrics in physical units: HU MAE in body and PTV (windows); Gy MAE, D95 and Dmean errors (dose)."""
     label = spec.label
     zeros = np.broadcast_to(np.float32(0.0), residual.shape)  # no allocation
     rows: list[dict] = []
-    target = _target(cp)
+    target = regions["PTV"]
     if spec.kind == "window":
         rows.append({"channel": label, "metric": "mae_hu_body",
-                     "value": metrics.mean_absolute_error(zeros, residual, cp.body)})
+                     "value": metrics.mean_absolute_error(zeros, residual, regions["BODY"])})
         if target is not None:
             rows.append({"channel": label, "metric": "mae_hu_ptv",
                          "value": metrics.mean_absolute_error(zeros, residual, target)})
     elif spec.kind == "dose" and target is not None:
         rows.append({"channel": label, "metric": "mae_gy_ptv",
                      "value": metrics.mean_absolute_error(zeros, residual, target)})
-        inside = np.asarray(target) != 0
+        inside = target != 0
         reconstructed_doses = recon[inside]
         reconstructed = metrics.dose_statistics(reconstructed_doses)
         truth = metrics.dose_statistics(reconstructed_doses - residual[inside])

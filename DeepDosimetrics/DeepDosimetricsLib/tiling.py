@@ -101,16 +101,23 @@ class TileGrid:
         return tuple(slice(start[a], min(start[a] + self.tile[a], self.shape[a])) for a in range(3))  # type: ignore[return-value]
 
 
-def tiles_touching(grid: TileGrid, mask: np.ndarray) -> list[Triple]:
-    """The tile starts whose window holds at least one non-zero voxel of ``mask`` (e.g. the body)."""
-    if tuple(mask.shape) != grid.shape:
-        raise InputError(f"mask shape {mask.shape} differs from the grid's volume {grid.shape}")
+def tiles_touching(grid: TileGrid, mask: Union[np.ndarray, Callable[[int, int], np.ndarray]]) -> list[Triple]:
+    """The tile starts whose window holds at least one non-zero voxel of ``mask`` (e.g. the body).
+
+    ``mask`` is a (z, y, x) array, or a function ``(z0, z1) -> mask[z0:z1]`` (to read a large mask in slabs).
+    """
+    if callable(mask):
+        read = mask
+    else:
+        if tuple(mask.shape) != grid.shape:
+            raise InputError(f"mask shape {mask.shape} differs from the grid's volume {grid.shape}")
+        read = lambda z0, z1: mask[z0:z1]  # noqa: E731
     # any() over each axis' windows in turn: 3 cheap reductions instead of one pass per tile
     zs, ys, xs = grid.axes
     tz, ty, tx = grid.tile
     keep = []
     for z in zs:
-        slab = np.asarray(mask[z : z + tz]).any(axis=0)  # (y, x)
+        slab = np.asarray(read(z, min(z + tz, grid.shape[0]))).any(axis=0)  # (y, x)
         if not slab.any():
             continue
         for y in ys:
@@ -169,6 +176,8 @@ class SlabStitcher:
         self._values = np.zeros((self.channels, depth, height, width), np.float32)
         self._sums = np.zeros((depth, height, width), np.float32)
         self._base = 0  # z of the buffer's first plane; planes below it went to the sink
+        #: planes per block handed to the sink (about 16 MB per channel)
+        self.flush_planes = max(1, (4 << 20) // max(1, height * width))
 
     def add(self, start: Sequence[int], values: np.ndarray) -> None:
         """Add one tile's (C, tz, ty, tx) values at ``start``; starts must not decrease in z."""
@@ -182,7 +191,8 @@ class SlabStitcher:
         crop = (slice(0, z1 - z), slice(0, y1 - y), slice(0, x1 - x))
         weights = self.weights[crop]
         target = (slice(z - self._base, z1 - self._base), slice(y, y1), slice(x, x1))
-        self._values[(slice(None), *target)] += np.asarray(values, np.float32)[(slice(None), *crop)] * weights
+        weighted = np.multiply(np.asarray(values, np.float32)[(slice(None), *crop)], weights)
+        self._values[(slice(None), *target)] += weighted
         self._sums[target] += weights
 
     def flush_until(self, z: int) -> None:
@@ -192,7 +202,9 @@ class SlabStitcher:
             return
         depth = self._values.shape[1]
         count = min(count, depth)
-        self.sink(self._base, self._finish(count))
+        for first in range(0, count, self.flush_planes):  # small blocks: no buffer-sized temporary
+            last = min(first + self.flush_planes, count)
+            self.sink(self._base + first, self._finish(first, last))
         rest = depth - count
         if rest > 0:
             self._values[:, :rest] = self._values[:, count:]
@@ -207,14 +219,14 @@ class SlabStitcher:
         """Send every remaining plane to the sink."""
         self.flush_until(self.shape[0])
 
-    def _finish(self, count: int) -> np.ndarray:
-        sums = self._sums[:count]
+    def _finish(self, first: int, last: int) -> np.ndarray:
+        sums = self._sums[first:last]
         covered = sums > 0
-        block = np.empty((self.channels, count, *self.shape[1:]), np.float32)
+        block = np.empty((self.channels, last - first, *self.shape[1:]), np.float32)
         for channel in range(self.channels):
             out = block[channel]
             out[...] = self.fill[channel]
-            np.divide(self._values[channel, :count], sums, out=out, where=covered)
+            np.divide(self._values[channel, first:last], sums, out=out, where=covered)
         return block
 
 
@@ -264,6 +276,10 @@ class NpyChannelSink:
     def load(self, channel: int) -> np.ndarray:
         """Channel ``channel`` memory-mapped read-only, (z, y, x) float32."""
         return np.load(self.paths[channel], mmap_mode="r")
+
+    def read(self, channel: int) -> np.ndarray:
+        """Channel ``channel`` read into memory (no file mapping left behind), (z, y, x) float32."""
+        return np.load(self.paths[channel])
 
     def remove(self) -> None:
         """Delete the files."""

@@ -64,7 +64,7 @@ def traverse_patient(
         sink = NpyChannelSink([scratch / f"channel{c}.npy" for c in range(len(specs))], cp.shape)
         decode_tiles(runner, grid, positions, shifted, sink, fill, batch)
         sink.close()
-        write_reconstruction(cp, specs, sink.load, folder, ReconstructionOptions(metrics=False), original=False)
+        write_reconstruction(cp, specs, sink.read, folder, ReconstructionOptions(metrics=False), original=False)
         shutil.rmtree(scratch, ignore_errors=True)
         written.append(folder)
     return written
