@@ -58,13 +58,13 @@ class Cohort:
                 f"cohort folder {folder} holds no patient folder (a sub-folder with ct.nrrd or ct.nii.gz)"
             )
         patients = [Patient.from_folder(p) for p in folders]
+        clinical = read_clinical(folder / CLINICAL_FILE, [p.id for p in patients])
         if patient_ids is not None:
             wanted = [str(i) for i in patient_ids]
             missing = [i for i in wanted if i not in {p.id for p in patients}]
             if missing:
                 raise InputError(f"cohort {folder}: no patient folder for {', '.join(missing)}")
             patients = [p for p in patients if p.id in wanted]
-        clinical = read_clinical(folder / CLINICAL_FILE, [p.id for p in patients])
         return cls(folder, patients, clinical)
 
     @property

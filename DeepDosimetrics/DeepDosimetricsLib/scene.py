@@ -816,7 +816,7 @@ def dvh_chart(
 # ----------------------------------------------------------------------------------------------------
 def save_scene_bundle(path: Union[str, os.PathLike], scene: Any = None) -> Path:
     """Write the scene and its data as a Slicer data bundle (``.mrb``), atomically."""
-    path = Path(path)
+    path = Path(path).absolute()  # MRML refuses relative bundle folders
     if path.suffix.lower() != ".mrb":
         raise InputError(f"scene bundle {path} must end in .mrb")
     scene = current_scene(scene)
@@ -843,11 +843,11 @@ def save_scene_bundle(path: Union[str, os.PathLike], scene: Any = None) -> Path:
 
 def open_scene_bundle(path: Union[str, os.PathLike], scene: Any = None, unpack_dir: Optional[str] = None) -> Any:
     """Load a ``.mrb`` into the scene (unpacked to ``unpack_dir``, default a new temporary folder)."""
-    path = Path(path)
+    path = Path(path).absolute()
     if not path.is_file():
         raise InputError(f"scene bundle {path} does not exist")
     scene = current_scene(scene)
-    unpack = Path(unpack_dir) if unpack_dir else Path(tempfile.mkdtemp(prefix="deepdosimetrics-open-"))
+    unpack = Path(unpack_dir).absolute() if unpack_dir else Path(tempfile.mkdtemp(prefix="deepdosimetrics-open-"))
     unpack.mkdir(parents=True, exist_ok=True)
     if not application_logic(scene).OpenSlicerDataBundle(str(path), str(unpack)):
         raise InputError(f"could not open the scene bundle {path}")

@@ -397,6 +397,14 @@ def test_array_of_the_wrong_shape_is_refused(scene):
         mrml.array_to_volume(np.zeros((2, 2, 2)), ct, "bad", scene=scene)
 
 
+def test_scene_bundle_accepts_relative_paths(scene, patient_dir, tmp_path, monkeypatch):
+    # MRML wants absolute bundle folders; a user's relative --out must still work.
+    mrml.add_patient_nodes(Patient.from_folder(patient_dir), scene)
+    monkeypatch.chdir(tmp_path)
+    path = mrml.save_scene_bundle(Path("relative") / "patient.mrb", scene)
+    assert path.is_absolute() and path.is_file()
+
+
 def test_scene_bundle_name_must_end_in_mrb(scene, tmp_path):
     with pytest.raises(InputError, match="must end in .mrb"):
         mrml.save_scene_bundle(tmp_path / "scene.zip", scene)
