@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tile", type=int, default=None, metavar="N", help="tile edge in voxels (default 64)")
     parser.add_argument("--batch", type=int, default=None, metavar="N", help="tiles per step and process (default 2)")
     parser.add_argument("--features", type=int, default=None, metavar="K", help="learned features per tile (default 10)")
+    parser.add_argument("--widths", type=int, nargs="+", default=None, metavar="W",
+                        help="encoder widths, one per level halving the tile (default 16 32 64 64; "
+                        "16 32 32 trains about 5x faster at --tile 32 on a CPU)")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, default=None, metavar="N", help="training steps in total")
     length.add_argument("--epochs", type=int, default=None, metavar="N",
@@ -53,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = make_config(
         args.config,
-        channels=args.channels, tile=args.tile, batch=args.batch, features=args.features,
+        channels=args.channels, tile=args.tile, batch=args.batch, features=args.features, widths=args.widths,
         steps=args.steps, epochs=args.epochs, lr=args.lr, schedule=args.schedule, device=args.device,
         checkpoint_every=args.checkpoint_every, val_fraction=args.val_fraction, patience=args.patience,
         num_workers=args.num_workers, threads=args.threads, skip_incomplete=args.skip_incomplete, seed=args.seed,
