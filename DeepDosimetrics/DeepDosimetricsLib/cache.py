@@ -247,6 +247,23 @@ class CachedPatient:
             array = self._arrays[file_name] = self._map(file_name)
         return array
 
+    def release(self) -> None:
+        """Drop the pages the memory maps have touched from this process's resident memory.
+
+        Pages stay in the OS page cache, so re-reading is cheap; the process's RSS stays bounded by
+        what it reads at a time rather than by the patient (training and encoding call this).
+        """
+        import mmap
+
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        for array in self._arrays.values():
+            handle = getattr(array, "_mmap", None)
+            if advice is not None and handle is not None and hasattr(handle, "madvise"):
+                try:
+                    handle.madvise(advice)
+                except (OSError, ValueError):
+                    pass
+
     def _mask_file(self, name: str) -> str:
         stored = self.resolve_structure(name)
         if stored is None:

@@ -70,16 +70,11 @@ def release_pages(source: Any) -> None:
 
     Reading tiles through ``np.memmap`` leaves the touched file pages counted in the process's
     resident memory; dropping them keeps the RSS bounded by the tile rather than by the patient.
-    Uses ``source.release()`` when the source has one, else ``madvise(MADV_DONTNEED)`` on its memmaps.
+    Uses the source's ``release()`` (``CachedPatient.release``); in-memory sources have none.
     """
     release = getattr(source, "release", None)
     if callable(release):
         release()
-        return
-    arrays = getattr(source, "_arrays", None)
-    if isinstance(arrays, dict):
-        for array in arrays.values():
-            _drop_mapped_pages(array)
 
 
 def _drop_mapped_pages(array: Any) -> None:
