@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -184,8 +185,10 @@ def main() -> int:
     parser.add_argument("--overlap", type=float, default=0.25)
     parser.add_argument("--widths", type=lambda s: [int(v) for v in s.split(",")], default=[8, 16, 32, 32],
                         help="encoder widths of the untrained network (default 8,16,32,32)")
-    parser.add_argument("--batch", type=int, default=4, help="tiles per model call for DeepDosimetrics")
-    parser.add_argument("--sw-batch-sizes", default="1,2,4,8", help="MONAI sw_batch_size candidates")
+    parser.add_argument("--batch", type=int, default=0,
+                        help="tiles per model call for DeepDosimetrics (default 0: MONAI's tuned sw_batch_size)")
+    parser.add_argument("--sw-batch-sizes", default="2,4,8,16", help="MONAI sw_batch_size candidates")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved runs of each (the ratio of medians)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in each process")
     parser.add_argument("--workdir", type=Path, default=None, help="work folder (default: a new temporary one)")
     parser.add_argument("--pipeline", action="store_true", help="also measure the whole encode --reconstruct job")
@@ -202,7 +205,7 @@ def main() -> int:
     args.workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dd-bench-monai-"))
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"work folder: {args.workdir}", flush=True)
-    if (args.workdir / "info.json").is_file():
+    if (args.workdir / "info.json").is_file() and (args.workdir / "model").is_dir():
         info = json.loads((args.workdir / "info.json").read_text())
     else:
         info = child("prepare", args)
@@ -215,18 +218,29 @@ def main() -> int:
         timings[size] = child("monai", args, "--sw-batch", str(size), "--zrange", slab)["seconds"]
         print(f"MONAI tuning on z {slab}: sw_batch_size {size}: {timings[size]:.1f} s", flush=True)
     best = min(timings, key=timings.get)
+    if args.batch <= 0:
+        args.batch = best  # the same batch for both
 
-    ours = child("ours", args)
-    print(f"DeepDosimetrics: {ours['seconds']:.1f} s, peak RSS {ours['rss_mb']:.0f} MB, "
-          f"{ours['tiles']} of {ours['grid']} tiles (batch {args.batch})", flush=True)
-    monai = child("monai", args, "--sw-batch", str(best), "--compare")
-    print(f"MONAI sliding_window_inference: {monai['seconds']:.1f} s, peak RSS {monai['rss_mb']:.0f} MB, "
-          f"{ours['grid']} tiles (sw_batch_size {best})", flush=True)
+    runs_ours, runs_monai = [], []
+    for repeat in range(args.repeats):  # interleaved, so both see the same machine load on average
+        last = repeat == args.repeats - 1
+        ours = child("ours", args)
+        runs_ours.append(ours["seconds"])
+        print(f"DeepDosimetrics run {repeat + 1}: {ours['seconds']:.1f} s, peak RSS {ours['rss_mb']:.0f} MB, "
+              f"{ours['tiles']} of {ours['grid']} tiles (batch {args.batch})", flush=True)
+        monai = child("monai", args, "--sw-batch", str(best), *(["--compare"] if last else []))
+        runs_monai.append(monai["seconds"])
+        print(f"MONAI sliding_window_inference run {repeat + 1}: {monai['seconds']:.1f} s, peak RSS "
+              f"{monai['rss_mb']:.0f} MB, {ours['grid']} tiles (sw_batch_size {best})", flush=True)
+    ratio = statistics.median(runs_ours) / statistics.median(runs_monai)
+    print(f"medians: DeepDosimetrics {statistics.median(runs_ours):.1f} s, MONAI {statistics.median(runs_monai):.1f} s",
+          flush=True)
     if args.pipeline:
+        args.batch = args.batch or 8
         pipeline = child("pipeline", args)
         print(f"whole encode --reconstruct job (NRRDs, residuals, metrics): {pipeline['seconds']:.1f} s, "
               f"peak RSS {pipeline['rss_mb']:.0f} MB", flush=True)
-    print(f"time_ratio={ours['seconds'] / monai['seconds']:.3f} max_abs_diff={monai['max_abs_diff']:.3g} "
+    print(f"time_ratio={ratio:.3f} max_abs_diff={monai['max_abs_diff']:.3g} "
           f"rss_ours_mb={ours['rss_mb']:.0f} rss_monai_mb={monai['rss_mb']:.0f} "
           f"body_fraction={info['body_fraction']:.3f}")
     return 0

@@ -88,11 +88,16 @@ class TileModel:
 
     def decode(self, features: np.ndarray) -> np.ndarray:
         """(B, K) features -> (B, C, t, t, t) float32 in [0, 1] (C-contiguous)."""
+        return np.ascontiguousarray(np.moveaxis(self.decode_channels_last(features), -1, 1))
+
+    def decode_channels_last(self, features: np.ndarray) -> np.ndarray:
+        """(B, K) features -> (B, t, t, t, C) float32 in [0, 1]: no layout copy after a channels_last network."""
         import torch
 
         with torch.inference_mode(), self._autocast():
             z = torch.from_numpy(np.ascontiguousarray(features, np.float32)).to(self.device)
-            return self.model.decode(z).float().cpu().contiguous().numpy()
+            values = self.model.decode(z).float().permute(0, 2, 3, 4, 1)
+            return values.contiguous().cpu().numpy()  # a no-op copy for channels_last output
 
 
 @dataclass
@@ -148,17 +153,27 @@ def structure_counts(cached_patient, grid: TileGrid, positions: Sequence[Triple]
                      structures: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
     """Voxels of the body and of each structure inside each tile (inside the volume).
 
-    Read through ``read_tile`` (a few slices mapped at a time), so no whole mask stays resident.
+    Each mask is read once per row of tiles (a slab one tile deep) through ``read_tile``, so no whole
+    mask stays resident and the reads stay few.
     """
     from .channels import mask
 
     names = [BODY] + [s for s in (cached_patient.structure_names if structures is None else structures)
                       if s != BODY]
-    counts = {}
+    index = {tuple(start): number for number, start in enumerate(positions)}
+    rows: dict[int, list[Triple]] = {}
+    for start in positions:
+        rows.setdefault(start[0], []).append(start)
+    _, height, width = cached_patient.shape
+    tz, ty, tx = grid.tile
+    counts = {name: np.zeros(len(positions), np.int64) for name in names}
     for name in names:
         spec = [mask(name)]
-        counts[name] = np.array([np.count_nonzero(cached_patient.read_tile(spec, start, grid.tile))
-                                 for start in positions], np.int64)
+        for z, starts in rows.items():
+            slab = cached_patient.read_tile(spec, (z, 0, 0), (min(tz, grid.shape[0] - z), height, width))[0] > 0
+            for start in starts:
+                _, y, x = start
+                counts[name][index[tuple(start)]] = np.count_nonzero(slab[:, y : y + ty, x : x + tx])
     return counts
 
 
@@ -201,8 +216,8 @@ def encode_patient(
         codes = runner.encode(inputs)
         features[done : done + len(group)] = codes
         if stitcher is not None:
-            for start, values in zip(group, runner.decode(codes)):
-                stitcher.add(start, values)
+            for start, values in zip(group, runner.decode_channels_last(codes)):
+                stitcher.add_channels_last(start, values)
         done += len(group)
         bar.update(len(group))
     bar.close()
@@ -225,8 +240,8 @@ def decode_tiles(
     ordered = sorted(range(len(positions)), key=lambda i: tuple(positions[i]))
     stitcher = SlabStitcher(grid.shape, len(runner.config.channels), grid.tile, sink, fill=fill)
     for group in batched(ordered, batch):
-        for index, values in zip(group, runner.decode(features[list(group)])):
-            stitcher.add(positions[index], values)
+        for index, values in zip(group, runner.decode_channels_last(features[list(group)])):
+            stitcher.add_channels_last(positions[index], values)
     stitcher.finish()
 
 

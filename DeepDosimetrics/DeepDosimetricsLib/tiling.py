@@ -150,8 +150,9 @@ Sink = Callable[[int, np.ndarray], None]
 class SlabStitcher:
     """Blends tiles into a (C, z, y, x) volume with Gaussian weights, streaming finished z-planes to a sink.
 
-    Memory: one (C, tile_z, y, x) float32 buffer plus one (tile_z, y, x) weight buffer. Voxels no tile
-    covered (skipped air) get ``fill`` (one value per channel, e.g. the channel value of air).
+    Memory: one (tile_z, y, x, C) float32 buffer (channels last, the layout a channels_last_3d network
+    gives) plus one (tile_z, y, x) weight buffer. Voxels no tile covered (skipped air) get ``fill``
+    (one value per channel, e.g. the channel value of air). The sink receives (C, n, y, x) blocks.
     """
 
     def __init__(
@@ -171,9 +172,10 @@ class SlabStitcher:
         if self.fill.shape != (self.channels,):
             raise ValueError(f"fill needs {self.channels} values, got {self.fill.shape}")
         self.weights = gaussian_weights(self.tile) if weights is None else weights.astype(np.float32)
+        self._weights_last = np.ascontiguousarray(self.weights[..., None])
         depth = min(self.tile[0], self.shape[0])
         _, height, width = self.shape
-        self._values = np.zeros((self.channels, depth, height, width), np.float32)
+        self._values = np.zeros((depth, height, width, self.channels), np.float32)
         self._sums = np.zeros((depth, height, width), np.float32)
         self._base = 0  # z of the buffer's first plane; planes below it went to the sink
         #: planes per block handed to the sink (about 16 MB per channel)
@@ -181,35 +183,38 @@ class SlabStitcher:
 
     def add(self, start: Sequence[int], values: np.ndarray) -> None:
         """Add one tile's (C, tz, ty, tx) values at ``start``; starts must not decrease in z."""
+        self.add_channels_last(start, np.moveaxis(np.asarray(values, np.float32), 0, -1))
+
+    def add_channels_last(self, start: Sequence[int], values: np.ndarray) -> None:
+        """Add one tile's (tz, ty, tx, C) values at ``start`` (the fast path for channels_last output)."""
         z, y, x = (int(s) for s in start)
         if z < self._base:
             raise ValueError(f"tile at z={z} arrives after planes up to z={self._base} were finished")
-        depth = self._values.shape[1]
+        depth = self._values.shape[0]
         if z + min(self.tile[0], self.shape[0] - z) > self._base + depth:
             self.flush_until(z)
         z1, y1, x1 = (min(s + t, n) for s, t, n in zip((z, y, x), self.tile, self.shape))
         crop = (slice(0, z1 - z), slice(0, y1 - y), slice(0, x1 - x))
-        weights = self.weights[crop]
         target = (slice(z - self._base, z1 - self._base), slice(y, y1), slice(x, x1))
-        weighted = np.multiply(np.asarray(values, np.float32)[(slice(None), *crop)], weights)
-        self._values[(slice(None), *target)] += weighted
-        self._sums[target] += weights
+        weighted = np.multiply(values[crop], self._weights_last[crop])
+        self._values[target] += weighted
+        self._sums[target] += self.weights[crop]
 
     def flush_until(self, z: int) -> None:
         """Send planes below ``z`` to the sink (no tile added later may touch them)."""
         count = min(z, self.shape[0]) - self._base
         if count <= 0:
             return
-        depth = self._values.shape[1]
+        depth = self._values.shape[0]
         count = min(count, depth)
         for first in range(0, count, self.flush_planes):  # small blocks: no buffer-sized temporary
             last = min(first + self.flush_planes, count)
             self.sink(self._base + first, self._finish(first, last))
         rest = depth - count
         if rest > 0:
-            self._values[:, :rest] = self._values[:, count:]
+            self._values[:rest] = self._values[count:]
             self._sums[:rest] = self._sums[count:]
-        self._values[:, rest:] = 0.0
+        self._values[rest:] = 0.0
         self._sums[rest:] = 0.0
         self._base += count
         if self._base < z:  # a gap with no tile at all
@@ -222,11 +227,11 @@ class SlabStitcher:
     def _finish(self, first: int, last: int) -> np.ndarray:
         sums = self._sums[first:last]
         covered = sums > 0
-        block = np.empty((self.channels, last - first, *self.shape[1:]), np.float32)
-        for channel in range(self.channels):
-            out = block[channel]
-            out[...] = self.fill[channel]
-            np.divide(self._values[channel, first:last], sums, out=out, where=covered)
+        normalised = np.divide(self._values[first:last], np.where(covered, sums, 1.0)[..., None])
+        block = np.ascontiguousarray(np.moveaxis(normalised, -1, 0))  # (C, n, y, x)
+        if not covered.all():
+            for channel in range(self.channels):
+                block[channel][~covered] = self.fill[channel]
         return block
 
 
