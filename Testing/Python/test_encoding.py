@@ -256,3 +256,14 @@ def test_scene_bundle(encoded, two_patients, tmp_path):
     assert path.stat().st_size > 10_000
     for view in ("axial", "coronal", "sagittal"):
         assert (tmp_path / "snapshots" / f"mrml_{view}.png").stat().st_size > 500
+
+
+def test_cli_parses_negative_traversal_shifts():
+    from DeepDosimetricsLib.cli import build_parser
+
+    parser = build_parser()
+    base = ["encode", "--model", "m", "--cohort", "c", "--out", "o"]
+    for extra, expected in [(["--sigmas", "-2", "2"], (-2.0, 2.0)), (["--sigmas=-2,2"], (-2.0, 2.0)),
+                            (["--sigmas", "-1.5", "0", "1.5"], (-1.5, 0.0, 1.5)), ([], (-2.0, 2.0))]:
+        args = parser.parse_args(base + extra)
+        assert tuple(v for group in args.sigmas for v in group) == expected

@@ -33,8 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present)")
     parser.add_argument("--traverse", metavar="FEATURES", default=None,
                         help="latent traversal of these features (e.g. z00,z03 or all); needs --reconstruct")
-    parser.add_argument("--sigmas", type=_floats, default=(-2.0, 2.0), metavar="S1,S2",
-                        help="traversal shifts in cohort standard deviations (default -2,2)")
+    parser.add_argument("--sigmas", type=_floats, nargs="+", default=[(-2.0, 2.0)], metavar="S",
+                        help="traversal shifts in cohort standard deviations: --sigmas -2 2 or --sigmas=-2,2 "
+                        "(default -2 2)")
     parser.add_argument("--snapshots", action="store_true",
                         help="PNG snapshots (axial, coronal, sagittal through the PTV centre); needs --reconstruct")
     parser.add_argument("--scene", action="store_true",
@@ -91,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     settings = EncodeSettings(
         overlap=args.overlap, batch=args.batch, device=args.device, reconstruct=args.reconstruct,
         residuals=not args.no_residuals, snapshots=args.snapshots, scene=args.scene, compress=args.compress,
-        traverse=traverse, sigmas=tuple(args.sigmas), patients=_patient_list(args.patients), jobs=args.jobs,
+        traverse=traverse, sigmas=tuple(v for group in args.sigmas for v in group),
+        patients=_patient_list(args.patients), jobs=args.jobs,
         quiet=args.quiet,
     )
     if args.jobs < 1:
