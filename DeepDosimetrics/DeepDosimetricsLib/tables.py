@@ -248,14 +248,19 @@ def run_items(
     try:
         # submit everything (the workers are forked at the first submit) before the bar starts its thread
         futures = {
-            executor.submit(_run_one, worker, item, None, image): index for index, item in enumerate(items)
+            executor.submit(_run_task, worker, [items[i] for i in task], image): task
+            for task in _tasks(items, jobs)
         }
-        bar = progress_bar(as_completed(futures), total=len(futures), desc=desc, quiet=quiet)
-        for future in bar:
+        bar = progress_bar(None, total=len(items), desc=desc, quiet=quiet)
+        for future in as_completed(futures):
+            task = futures[future]
             try:
-                results[futures[future]] = future.result()
+                for index, rows in zip(task, future.result()):
+                    results[index] = rows
             except BrokenProcessPool:  # workers could not start or died: finish in this process
                 broken = True
+            bar.update(len(task))
+        bar.close()
     except BaseException:
         executor.shutdown(wait=False, cancel_futures=True)
         raise
@@ -268,6 +273,23 @@ def run_items(
             results[index] = _run_one(worker, item, (patients or {}).get(item.patient_id), image)
         PATIENT_CACHE.clear()
     return [row for rows in results for row in rows]
+
+
+def _tasks(items: Sequence[WorkItem], jobs: int) -> List[List[int]]:
+    """Item indices grouped into pool tasks: one task per patient when there are enough patients to
+    keep every worker busy (each patient is then loaded by one worker only), else one task per item
+    (a few large patients still spread over the workers)."""
+    by_patient: Dict[str, List[int]] = {}
+    for index, item in enumerate(items):
+        by_patient.setdefault(item.patient_id, []).append(index)
+    if len(by_patient) >= 2 * jobs:
+        return list(by_patient.values())
+    return [[index] for index in range(len(items))]
+
+
+def _run_task(worker: Worker, task: List[WorkItem], image: str) -> List[List[tuple]]:
+    """A pool task: the rows of each of its items."""
+    return [_run_one(worker, item, None, image) for item in task]
 
 
 def _run_one(worker: Worker, item: WorkItem, patient: Optional[Patient], image: str) -> List[tuple]:

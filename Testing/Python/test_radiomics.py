@@ -402,3 +402,11 @@ def test_image_radiomics_on_images_as_given(synthetic_cohort):
     )
     assert wide["Lesion"].to_dict() == expected and wide["Label3"].to_dict() == expected
     assert table[table.structure == "Empty"]["reason"].iloc[0].startswith(EMPTY_STRUCTURE)
+
+
+def test_pool_tasks_keep_a_patient_in_one_worker_when_patients_suffice():
+    from DeepDosimetricsLib.tables import WorkItem, _tasks
+
+    items = [WorkItem(pid, None, name) for pid in ("a", "b", "c", "d") for name in ("x", "y")]
+    assert _tasks(items, jobs=2) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert _tasks(items[:4], jobs=2) == [[0], [1], [2], [3]]  # 2 patients: spread the structures
