@@ -185,6 +185,19 @@ def read_region(layout: NpyLayout, lo: Sequence[int], hi: Sequence[int], out: np
     return out
 
 
+def drop_mapped_pages(array: Any) -> None:
+    """madvise(MADV_DONTNEED) on the memory map behind a read-only np.memmap (no-op otherwise)."""
+    import mmap
+
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    handle = getattr(array, "_mmap", None)
+    if advice is not None and handle is not None and hasattr(handle, "madvise"):
+        try:
+            handle.madvise(advice)
+        except (OSError, ValueError):
+            pass
+
+
 class CachedPatient:
     """One patient of the cache: memory-mapped arrays on the cropped, resampled grid, read lazily."""
 
@@ -253,16 +266,8 @@ class CachedPatient:
         Pages stay in the OS page cache, so re-reading is cheap; the process's RSS stays bounded by
         what it reads at a time rather than by the patient (training and encoding call this).
         """
-        import mmap
-
-        advice = getattr(mmap, "MADV_DONTNEED", None)
         for array in self._arrays.values():
-            handle = getattr(array, "_mmap", None)
-            if advice is not None and handle is not None and hasattr(handle, "madvise"):
-                try:
-                    handle.madvise(advice)
-                except (OSError, ValueError):
-                    pass
+            drop_mapped_pages(array)
 
     def _mask_file(self, name: str) -> str:
         stored = self.resolve_structure(name)

@@ -17,6 +17,7 @@ from typing import Any, Optional, Protocol, Sequence
 
 import numpy as np
 
+from .cache import drop_mapped_pages
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -77,19 +78,6 @@ def release_pages(source: Any) -> None:
         release()
 
 
-def _drop_mapped_pages(array: Any) -> None:
-    """madvise(MADV_DONTNEED) on the memory map behind a read-only np.memmap (no-op otherwise)."""
-    import mmap
-
-    advice = getattr(mmap, "MADV_DONTNEED", None)
-    handle = getattr(array, "_mmap", None)
-    if advice is not None and handle is not None and hasattr(handle, "madvise"):
-        try:
-            handle.madvise(advice)
-        except (OSError, ValueError):
-            pass
-
-
 def occupancy_grid(volume: np.ndarray, block: int) -> np.ndarray:
     """Bool grid: which ``block``^3 blocks of a (z, y, x) mask hold a non-zero voxel (read slab by slab)."""
     z, y, x = volume.shape
@@ -101,7 +89,7 @@ def occupancy_grid(volume: np.ndarray, block: int) -> np.ndarray:
         padded = np.zeros((ny * block, nx * block), dtype=bool)
         padded[:y, :x] = flat
         grid[iz] = padded.reshape(ny, block, nx, block).any(axis=(1, 3))
-        _drop_mapped_pages(volume)  # keep the resident memory at one slab
+        drop_mapped_pages(volume)  # keep the resident memory at one slab
     return grid
 
 
