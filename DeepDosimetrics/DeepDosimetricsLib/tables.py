@@ -247,10 +247,13 @@ def run_items(
     broken = False
     try:
         # submit everything (the workers are forked at the first submit) before the bar starts its thread
-        futures = {
-            executor.submit(_run_task, worker, [items[i] for i in task], image): task
-            for task in _tasks(items, jobs)
-        }
+        futures = {}
+        for task in _tasks(items, jobs):
+            try:
+                futures[executor.submit(_run_task, worker, [items[i] for i in task], image)] = task
+            except BrokenProcessPool:  # a worker died already: the rest runs in this process
+                broken = True
+                break
         bar = progress_bar(None, total=len(items), desc=desc, quiet=quiet)
         for future in as_completed(futures):
             task = futures[future]
