@@ -121,6 +121,19 @@ def read_segmentation_segments(path: Path) -> Dict[str, SegmentSource]:
     return segments
 
 
+def nonzero_labels(array: np.ndarray) -> np.ndarray:
+    """The distinct non-zero values of a labelmap, fast for the usual 0/1 uint8 masks."""
+    low, high = array.min(), array.max()
+    if low >= 0 and high <= 1:
+        return np.array([1], dtype=array.dtype) if high == 1 else np.array([], dtype=array.dtype)
+    if np.issubdtype(array.dtype, np.integer) and low >= 0 and high < 65536:
+        counts = np.bincount(array.ravel(), minlength=int(high) + 1)
+        labels = np.flatnonzero(counts)
+        return labels[labels != 0].astype(array.dtype)
+    values = np.unique(array)
+    return values[values != 0]
+
+
 def natural_key(text: str) -> list:
     """Sort key putting ``pt_2`` before ``pt_10``."""
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
@@ -287,8 +300,7 @@ class Patient:
             return sitk.Cast(sitk.Equal(image, source.label), sitk.sitkUInt8)
         image = read_image(source, what) if isinstance(source, Path) else source
         require_3d(image, what)
-        values = np.unique(sitk.GetArrayViewFromImage(image))
-        nonzero = values[values != 0]
+        nonzero = nonzero_labels(sitk.GetArrayViewFromImage(image))
         if nonzero.size > 1:
             shown = ", ".join(str(v) for v in nonzero[:6]) + (" ..." if nonzero.size > 6 else "")
             raise InputError(
