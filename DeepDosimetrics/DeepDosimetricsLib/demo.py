@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder")
     parser.add_argument("--patients", type=int, default=6, help="phantom patients")
-    parser.add_argument("--steps", type=int, default=600, help="training steps")
+    parser.add_argument("--steps", type=int, default=1500, help="training steps")
     parser.add_argument("--jobs", type=int, default=2, help="parallel workers for radiomics/DVH/cache")
     args = parser.parse_args(argv)
     out: Path = args.out
@@ -50,8 +50,8 @@ def main(argv=None) -> int:
     run_step("dose-volume metrics", ["dvh", "--cohort", str(cohort), "--jobs", str(args.jobs),
                                      "--out", str(out / "dvh.csv"), "--dvh-curves", str(out / "dvh_curves.csv")])
     run_step("training", ["train", "--cohort", str(cohort), "--cache", str(cache), "--out", str(model),
-                          "--channels", "default", "--tile", "32", "--batch", "4", "--features", "10",
-                          "--widths", "16", "32", "32",
+                          "--channels", "default", "--tile", "16", "--batch", "16", "--features", "10",
+                          "--widths", "16", "32",
                           "--steps", str(args.steps), "--resume"])
     run_step("encoding and reconstruction", ["encode", "--model", str(model), "--cohort", str(cohort),
                                              "--cache", str(cache), "--out", str(encoded), "--reconstruct",
