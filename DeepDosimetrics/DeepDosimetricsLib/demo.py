@@ -55,7 +55,8 @@ def main(argv=None) -> int:
                           "--steps", str(args.steps), "--resume"])
     run_step("encoding and reconstruction", ["encode", "--model", str(model), "--cohort", str(cohort),
                                              "--cache", str(cache), "--out", str(encoded), "--reconstruct",
-                                             "--scene", "--snapshots", "--resume"])
+                                             "--scene", "--snapshots", "--traverse", "z00", "--sigmas=-2,2",
+                                             "--resume"])
     print(f"\nDemo done in {time.perf_counter() - start:.0f} s. Outputs:")
     for label, path in [
         ("phantom cohort", cohort),
