@@ -227,7 +227,16 @@ def _dvh_item(item: WorkItem, patient: Patient, curves: bool, bin_width_gy: floa
 
     dose, voxel_volume_cc = PATIENT_CACHE.derived_value("dose_array", lambda: _dose_array(patient))
     mask = sitk.GetArrayFromImage(patient.structure_image(item.structure))
-    rows = value_rows(patient.id, item.structure, IMAGE, dose_volume_metrics(dose, mask, voxel_volume_cc))
+    metrics = dose_volume_metrics(dose, mask, voxel_volume_cc)
+    coverage = PATIENT_CACHE.derived_value("dose_coverage", patient.dose_coverage)
+    outside = int(np.count_nonzero(mask[coverage == 0]))
+    if outside:  # those voxels got 0 Gy as a fill, not as a dose: say so in the table and the log
+        metrics["outside_dose_grid_pct"] = 100.0 * outside / int(np.count_nonzero(mask))
+        log.warning(
+            "patient %s: %.1f%% of %s lies outside the dose grid (counted as 0 Gy)",
+            patient.id, metrics["outside_dose_grid_pct"], item.structure,
+        )
+    rows = value_rows(patient.id, item.structure, IMAGE, metrics)
     if curves:
         axis, volume = cumulative_dvh(dose, mask, bin_width_gy)
         rows.append((_CURVE, patient.id, item.structure, axis, volume))

@@ -377,6 +377,19 @@ class Patient:
             return dose
         return sitk.Resample(dose, ct, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
 
+    def dose_coverage(self) -> np.ndarray:
+        """uint8 (z, y, x) on the CT grid: 1 where the dose grid has a value, 0 where its 0 Gy is a fill."""
+        if self._dose_source is None:
+            raise InputError(f"patient {self.id} has no dose")
+        dose = self._dose_source
+        dose = read_image(dose, self._describe("dose", dose)) if isinstance(dose, Path) else dose
+        reference = self.reference_image()
+        if Geometry.from_image(dose).isclose(Geometry.from_image(reference)):
+            return np.ones(Geometry.from_image(reference).shape_zyx, dtype=np.uint8)
+        ones = Geometry.from_image(dose).reference_image(sitk.sitkUInt8) + 1
+        covered = sitk.Resample(ones, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        return sitk.GetArrayFromImage(covered)
+
     def dose(self) -> np.ndarray:
         """The dose in Gy as a float32 (z, y, x) array on the CT grid."""
         return sitk.GetArrayFromImage(self.dose_image())

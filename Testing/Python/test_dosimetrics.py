@@ -151,6 +151,22 @@ def test_patient_dvh_on_a_known_dose_with_curves():
     assert box_curve.set_index("dose_gy")["volume_pct"][10.0] == pytest.approx(40.0)
 
 
+def test_structure_partly_outside_the_dose_grid_is_flagged(caplog):
+    ct = sitk.Image([20, 20, 20], sitk.sitkInt16)
+    box = np.zeros((20, 20, 20), np.uint8)
+    box[5:15, 5:15, 5:15] = 1  # 1000 voxels; the 500 with z >= 10 lie beyond the dose grid
+    mask = sitk.GetImageFromArray(box)
+    dose = sitk.Image([20, 20, 10], sitk.sitkFloat32) + 2.0  # covers slices z = 0..9 only
+    patient = Patient.from_images("partial", ct, {"Box": mask}, dose)
+    with caplog.at_level("WARNING"):
+        metrics = patient_dvh(patient).metrics.set_index("feature")["value"]
+    assert metrics["outside_dose_grid_pct"] == pytest.approx(50.0)
+    assert metrics["Dmean_Gy"] == pytest.approx(1.0)  # half at 2 Gy, half filled with 0 Gy
+    assert "50.0% of Box lies outside the dose grid" in caplog.text
+    full = patient_dvh(_gradient_patient()).metrics
+    assert "outside_dose_grid_pct" not in set(full["feature"])
+
+
 def test_patient_without_dose_gives_a_reason_row():
     result = patient_dvh(_gradient_patient(with_dose=False))
     assert len(result.metrics) == 1
