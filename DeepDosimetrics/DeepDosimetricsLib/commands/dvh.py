@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import add_structure_table_arguments
+
 HELP = "dose-volume metrics per structure (volume, Dmean/min/max, D98/95/50/2, V5..V70) of a cohort to CSV"
 
 
@@ -18,25 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cohort", required=True, metavar="DIR", help="cohort folder (one sub-folder per patient)"
     )
-    parser.add_argument(
-        "--structures",
-        default=None,
-        metavar="A,B",
-        help="comma-separated structure names (case-insensitive; default: every structure)",
-    )
-    parser.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
-        metavar="N",
-        help="processes working in parallel over (patient, structure) (default 1)",
-    )
-    parser.add_argument(
-        "--wide",
-        action="store_true",
-        help="write metrics as rows and one column per patient/structure (default: a long "
-        "table patient,structure,image,feature,value,reason)",
-    )
+    add_structure_table_arguments(parser, "metrics")
     parser.add_argument(
         "--dvh-curves",
         default=None,

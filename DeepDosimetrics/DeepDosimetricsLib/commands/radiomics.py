@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import add_structure_table_arguments
+
 HELP = "radiomics features per structure (CT or dose) of a cohort, through pyradiomics, to a CSV table"
 
 
@@ -40,25 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="a pyradiomics parameter file (.yaml or .json), used as it is",
     )
-    parser.add_argument(
-        "--structures",
-        default=None,
-        metavar="A,B",
-        help="comma-separated structure names (case-insensitive; default: every structure)",
-    )
-    parser.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
-        metavar="N",
-        help="processes working in parallel over (patient, structure) (default 1)",
-    )
-    parser.add_argument(
-        "--wide",
-        action="store_true",
-        help="write features as rows and one column per patient/structure (default: a long "
-        "table patient,structure,image,feature,value,reason)",
-    )
+    add_structure_table_arguments(parser, "features")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--out", required=True, metavar="FILE.csv", help="output CSV (written atomically)")
 
