@@ -158,16 +158,7 @@ def patient_dvh(
 ) -> DvhTables:
     """DVH metrics (long table: patient, structure, image=dose, feature, value, reason) of one patient's
     structures, and their curves (patient, structure, dose_gy, volume_pct) when ``curves``."""
-    items, rows = work_items([patient], structures, need_dose=True, image=IMAGE)
-    rows += run_items(
-        items,
-        functools.partial(_dvh_item, curves=curves, bin_width_gy=bin_width_gy),
-        patients={patient.id: patient},
-        jobs=1,
-        quiet=True,
-        image=IMAGE,
-    )
-    return _split(rows, [patient.id], curves)
+    return _dvh_of([patient], structures, jobs=1, quiet=True, curves=curves, bin_width_gy=bin_width_gy)
 
 
 def cohort_dvh(
@@ -183,7 +174,19 @@ def cohort_dvh(
 
     if not isinstance(cohort, Cohort):
         cohort = Cohort.open(cohort)
-    patients = list(cohort)
+    return _dvh_of(list(cohort), structures, jobs, quiet, curves, bin_width_gy)
+
+
+# ---------------------------------------------------------------------------------- internals
+def _dvh_of(
+    patients: List[Patient],
+    structures: Optional[Sequence[str]],
+    jobs: int,
+    quiet: bool,
+    curves: bool,
+    bin_width_gy: float,
+) -> DvhTables:
+    """Metrics (and curves) of some patients' structures (the work of patient_ and cohort_dvh)."""
     items, rows = work_items(patients, structures, need_dose=True, image=IMAGE)
     rows += run_items(
         items,
@@ -197,7 +200,6 @@ def cohort_dvh(
     return _split(rows, [p.id for p in patients], curves)
 
 
-# ---------------------------------------------------------------------------------- internals
 def _structure_doses(dose_gy: np.ndarray, mask: np.ndarray) -> np.ndarray:
     dose_gy = np.asarray(dose_gy)
     mask = np.asarray(mask)

@@ -227,17 +227,7 @@ def patient_radiomics(
     structures: Optional[Sequence[str]] = None,
 ) -> pd.DataFrame:
     """Long table (patient, structure, image, feature, value, reason) for one patient's structures."""
-    params = resolve_parameters(params, image)
-    items, rows = work_items([patient], structures, need_dose=image == "dose", image=image)
-    rows += run_items(
-        items,
-        functools.partial(_features_item, image=image, params=params),
-        patients={patient.id: patient},
-        jobs=1,
-        quiet=True,
-        image=image,
-    )
-    return long_table(in_patient_order(rows, [patient.id]))
+    return _radiomics_of([patient], image, resolve_parameters(params, image), structures, jobs=1, quiet=True)
 
 
 def cohort_radiomics(
@@ -255,7 +245,18 @@ def cohort_radiomics(
     params = resolve_parameters(params, image)
     if not isinstance(cohort, Cohort):
         cohort = Cohort.open(cohort)
-    patients = list(cohort)
+    return _radiomics_of(list(cohort), image, params, structures, jobs=jobs, quiet=quiet)
+
+
+def _radiomics_of(
+    patients: List[Patient],
+    image: str,
+    params: RadiomicsParameters,
+    structures: Optional[Sequence[str]],
+    jobs: int,
+    quiet: bool,
+) -> pd.DataFrame:
+    """The long table of some patients' structures (the work of patient_ and cohort_radiomics)."""
     items, rows = work_items(patients, structures, need_dose=image == "dose", image=image)
     rows += run_items(
         items,
