@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,12 +21,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "DeepDosimetrics"))
+from benchlib import peak_rss_mb, run_script  # noqa: E402
+
 BAR_MB = 1536.0
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def folder_mb(folder: Path) -> float:
@@ -37,13 +32,8 @@ def folder_mb(folder: Path) -> float:
 
 
 def run_child(*arguments: str) -> dict:
-    """Run this script (or another child entry) in a fresh Python process; its last stdout line is JSON."""
-    command = [sys.executable, str(Path(__file__).resolve()), *arguments]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        sys.stderr.write(result.stdout + result.stderr)
-        raise SystemExit(f"child failed: {' '.join(arguments)}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    """Run this script's child entry in a fresh Python process (see benchlib.run_script)."""
+    return run_script(__file__, *arguments)
 
 
 def make_phantom_cohort(work: Path, shape) -> Path:

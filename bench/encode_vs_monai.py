@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,10 +35,7 @@ import time
 from pathlib import Path
 
 CHANNELS = "full"  # 5 windows + PTV + dose
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+from benchlib import peak_rss_mb  # noqa: E402
 
 
 def _load(workdir: Path, threads: int):

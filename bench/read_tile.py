@@ -23,21 +23,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cache_memory import make_phantom_cohort, peak_rss_mb  # noqa: E402
+from benchlib import peak_rss_mb, run_script  # noqa: E402
+from cache_memory import make_phantom_cohort  # noqa: E402
 
 TOLERANCE = 0.15
-
-
-def run_child(*arguments: str) -> dict:
-    """Run this script's child entry in a fresh process; its last stdout line is JSON."""
-    import subprocess
-
-    command = [sys.executable, str(Path(__file__).resolve()), *arguments]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        sys.stderr.write(result.stdout + result.stderr)
-        raise SystemExit(f"child failed: {' '.join(arguments)}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def child_read(cache_dir: Path, tile: int, reads: int, channels: str, seed: int) -> dict:
@@ -109,7 +98,7 @@ def main() -> int:
         load_before = os.getloadavg()[0]
         for _ in range(args.rounds):  # phantoms alternate, so a busy spell of a shared machine hits both
             for index, cache in enumerate(caches):
-                rounds[index].append(run_child(
+                rounds[index].append(run_script(__file__,
                     "--child-read", str(cache), "--tile", str(args.tile), "--reads", str(args.reads),
                     "--channels", args.channels, "--seed", str(args.seed)))
         for shape, runs in zip(shapes, rounds):
