@@ -362,6 +362,8 @@ class Patient:
         """The dose in Gy (float32) on the CT grid (linear interpolation, 0 outside the dose grid)."""
         if self._dose_source is None:
             raise InputError(f"patient {self.id} has no dose")
+        if not self.has_ct:
+            return self.reference_image()  # a dose-only patient: the dose, read once, is the grid
         what = self._describe("dose", self._dose_source)
         dose = self._dose_source
         if isinstance(dose, Path):
@@ -381,14 +383,35 @@ class Patient:
         """uint8 (z, y, x) on the CT grid: 1 where the dose grid has a value, 0 where its 0 Gy is a fill."""
         if self._dose_source is None:
             raise InputError(f"patient {self.id} has no dose")
-        dose = self._dose_source
-        dose = read_image(dose, self._describe("dose", dose)) if isinstance(dose, Path) else dose
+        dose_geometry = self._native_dose_geometry()
         reference = self.reference_image()
-        if Geometry.from_image(dose).isclose(Geometry.from_image(reference)):
+        if dose_geometry.isclose(Geometry.from_image(reference)):
             return np.ones(Geometry.from_image(reference).shape_zyx, dtype=np.uint8)
-        ones = Geometry.from_image(dose).reference_image(sitk.sitkUInt8) + 1
+        ones = dose_geometry.reference_image(sitk.sitkUInt8) + 1
         covered = sitk.Resample(ones, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
         return sitk.GetArrayFromImage(covered)
+
+    def _native_dose_geometry(self) -> Geometry:
+        """The dose's own grid, from the file header alone (no voxels read) when it is a file."""
+        source = self._dose_source
+        if not isinstance(source, Path):
+            return Geometry.from_image(source)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(source))
+        try:
+            reader.ReadImageInformation()
+            usual = reader.GetDimension() == 3 and reader.GetNumberOfComponents() == 1
+        except RuntimeError:
+            usual = False
+        if not usual:  # read it whole, for the usual clear error
+            what = self._describe("dose", source)
+            return Geometry.from_image(require_3d(read_image(source, what), what))
+        return Geometry(
+            size=tuple(int(v) for v in reader.GetSize()),
+            spacing=tuple(float(v) for v in reader.GetSpacing()),
+            origin=tuple(float(v) for v in reader.GetOrigin()),
+            direction=tuple(float(v) for v in reader.GetDirection()),
+        )
 
     def dose(self) -> np.ndarray:
         """The dose in Gy as a float32 (z, y, x) array on the CT grid."""
