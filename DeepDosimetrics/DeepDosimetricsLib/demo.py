@@ -21,7 +21,7 @@ def run_step(title: str, argv: List[str]) -> None:
     print(f"\n=== {title}\n$ deepdosimetrics {' '.join(argv)}", flush=True)
     start = time.perf_counter()
     code = cli_main(argv)
-    if code not in (0,):
+    if code != 0:
         print(f"demo: step '{title}' ended with exit code {code}", file=sys.stderr)
         sys.exit(code)
     print(f"--- {title}: {time.perf_counter() - start:.0f} s", flush=True)
