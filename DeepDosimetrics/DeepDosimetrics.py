@@ -1,7 +1,7 @@
 """DeepDosimetrics: deep-learning dosimetrics in 3D Slicer (module, widget, logic and test).
 
 The module is thin: the computation lives in ``DeepDosimetricsLib`` (a Slicer-free library with the
-``deepdosimetrics`` command line) and the MRML conversions in ``DeepDosimetricsLib.scene``. The Logic
+``deepdosimetrics`` command line) and the MRML conversions in ``DeepDosimetricsLib.mrml.scene``. The Logic
 works from the Python console and headless (``slicer-core``): the Qt/CTK imports below are guarded,
 so this file imports where only the MRML classes exist.
 """
@@ -224,7 +224,7 @@ class CliJob:
 
     def poll(self) -> List[str]:
         """Handle the lines read so far; returns them. Sets :attr:`returncode` once the job has ended."""
-        from DeepDosimetricsLib.progress import parse_progress
+        from DeepDosimetricsLib.runtime.progress import parse_progress
 
         handled = []
         while True:
@@ -305,7 +305,7 @@ class CliJob:
 class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
     """All behaviour of the module, usable from the Python console and headless (no Qt needed).
 
-    Node conversions go through ``DeepDosimetricsLib.scene``; computations through the library.
+    Node conversions go through ``DeepDosimetricsLib.mrml.scene``; computations through the library.
     """
 
     def __init__(self, scene: Any = None):
@@ -318,7 +318,7 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
     @property
     def scene(self) -> Any:
         """The MRML scene the logic adds nodes to."""
-        from DeepDosimetricsLib import scene as mrml
+        from DeepDosimetricsLib.mrml import scene as mrml
 
         return mrml.current_scene(self._scene)
 
@@ -331,13 +331,13 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
         self, ctNode, segmentationNode=None, labelmapNodes=(), doseNode=None, patientId=None
     ):
         """The library's Patient built from scene nodes (segments exported on the CT geometry)."""
-        from DeepDosimetricsLib import scene as mrml
+        from DeepDosimetricsLib.mrml import scene as mrml
 
         return mrml.patient_from_nodes(ctNode, segmentationNode, labelmapNodes, doseNode, patientId)
 
     def loadPatientFolder(self, path):
         """Load a patient folder into CT, segmentation and dose nodes; returns scene.PatientNodes."""
-        from DeepDosimetricsLib import scene as mrml
+        from DeepDosimetricsLib.mrml import scene as mrml
 
         nodes = mrml.load_patient_folder(path, self.scene)
         mrml.show_reconstruction(nodes.ct, None, None, nodes.dose, nodes.segmentation)
@@ -366,9 +366,9 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
         stored in the table's attribute ``DeepDosimetrics.RadiomicsPath``. A dose volume (attribute
         ``DicomRtImport.DoseVolume``) gets a preset's dose variant.
         """
-        from DeepDosimetricsLib import scene as mrml
-        from DeepDosimetricsLib.errors import InputError
-        from DeepDosimetricsLib.radiomics import resolve_parameters
+        from DeepDosimetricsLib.mrml import scene as mrml
+        from DeepDosimetricsLib.features.radiomics import resolve_parameters
+        from DeepDosimetricsLib.runtime.errors import InputError
 
         if volumeNode is None:
             raise InputError("no image volume selected for radiomics")
@@ -406,8 +406,8 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
 
     def _radiomicsMasks(self, volumeNode, maskNode, structures):
         """Structure name -> mask (sitk) for radiomics, and name -> reason for structures skipped."""
-        from DeepDosimetricsLib import scene as mrml
-        from DeepDosimetricsLib.errors import InputError
+        from DeepDosimetricsLib.mrml import scene as mrml
+        from DeepDosimetricsLib.runtime.errors import InputError
 
         masks, skipped = {}, {}
         if maskNode.IsA("vtkMRMLSegmentationNode"):
@@ -437,9 +437,9 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
         return masks, skipped
 
     def _radiomicsThroughPyradiomics(self, volumeNode, maskNode, params, structures):
-        from DeepDosimetricsLib import scene as mrml
-        from DeepDosimetricsLib.radiomics import structure_features
-        from DeepDosimetricsLib.tables import StructureSkipped
+        from DeepDosimetricsLib.mrml import scene as mrml
+        from DeepDosimetricsLib.features.radiomics import structure_features
+        from DeepDosimetricsLib.features.tables import StructureSkipped
 
         image = mrml.volume_to_image(volumeNode, "image")
         masks, skipped = self._radiomicsMasks(volumeNode, maskNode, structures)
@@ -466,7 +466,7 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
 
     def _radiomicsThroughSlicerRadiomics(self, radiomicsLogic, volumeNode, maskNode, params, tableNode, structures):
         """Run SlicerRadiomics' CLI synchronously, then turn its table into the module's layout."""
-        from DeepDosimetricsLib import scene as mrml
+        from DeepDosimetricsLib.mrml import scene as mrml
 
         radiomicsLogic.runSync = True
         parameterFile = params.parameter_file(tempfile.mkdtemp(prefix="DeepDosimetrics-radiomics-"))
@@ -474,7 +474,7 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
         raw = mrml.dataframe_from_table(tableNode)
         keys = {"Image type", "Feature Class", "Feature Name"}
         if not keys.issubset(raw.columns) or raw.empty:
-            from DeepDosimetricsLib.errors import DeepDosimetricsError
+            from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError
 
             raise DeepDosimetricsError(
                 "SlicerRadiomics returned no features (an empty table); run with useSlicerRadiomics=False "
@@ -513,10 +513,10 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
         ``Dmean_Gy``, ``D95_Gy``, ``V20Gy_pct``...) and one column per structure.
         """
         import numpy as np
-        from DeepDosimetricsLib import dosimetrics
-        from DeepDosimetricsLib import scene as mrml
-        from DeepDosimetricsLib.errors import InputError
-        from DeepDosimetricsLib.tables import StructureSkipped
+        from DeepDosimetricsLib.mrml import scene as mrml
+        from DeepDosimetricsLib.features import dosimetrics
+        from DeepDosimetricsLib.features.tables import StructureSkipped
+        from DeepDosimetricsLib.runtime.errors import InputError
 
         if doseNode is None:
             raise InputError("no dose volume selected")
@@ -572,7 +572,7 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
         Non-blocking (the widget): returns the started CliJob; poll it, cancel it with cancelJob().
         Blocking (console, batch): waits, returns the CliJob, raises DeepDosimetricsError if it failed.
         """
-        from DeepDosimetricsLib.errors import DeepDosimetricsError
+        from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError
 
         if self.currentJob is not None and self.currentJob.running:
             raise DeepDosimetricsError("a job is already running: cancel it or wait for it to finish")
@@ -637,7 +637,7 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
         blocking, the started CliJob is returned: when it has finished, call
         ``loadEncodingResults(outputFolder, ctNode, job.patientId, ...)``.
         """
-        from DeepDosimetricsLib.errors import InputError
+        from DeepDosimetricsLib.runtime.errors import InputError
 
         if modelFolder is None or not Path(modelFolder).is_dir():
             raise InputError(f"model folder {modelFolder} does not exist")
@@ -671,9 +671,9 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
         """
         import pandas as pd
         import SimpleITK as sitk
-        from DeepDosimetricsLib import scene as mrml
-        from DeepDosimetricsLib.errors import InputError
-        from DeepDosimetricsLib.snapshots import PREFERRED_WINDOWS
+        from DeepDosimetricsLib.mrml import scene as mrml
+        from DeepDosimetricsLib.mrml.snapshots import PREFERRED_WINDOWS
+        from DeepDosimetricsLib.runtime.errors import InputError
 
         patientFolder = Path(outputFolder) / str(patientId)
         if not patientFolder.is_dir():
@@ -716,13 +716,13 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
     def showReconstruction(self, ctNode, reconNode=None, residualNode=None, doseNode=None, segmentationNode=None, opacity=0.5):
         """CT background, reconstruction foreground at ``opacity``, residual with a diverging map symmetric
         around zero, dose with a dose map hiding zero, structures as outlines."""
-        from DeepDosimetricsLib import scene as mrml
+        from DeepDosimetricsLib.mrml import scene as mrml
 
         mrml.show_reconstruction(ctNode, reconNode, residualNode, doseNode, segmentationNode, opacity)
 
     def saveSnapshots(self, outPrefix, ctNode, foregroundNode=None, rasPoint=None, opacity=0.5, labelNode=None):
         """Axial, coronal and sagittal PNG snapshots (``<prefix>_<view>.png``) through ``rasPoint``."""
-        from DeepDosimetricsLib import scene as mrml
+        from DeepDosimetricsLib.mrml import scene as mrml
 
         return mrml.write_snapshots(outPrefix, ctNode, rasPoint, foregroundNode, opacity, labelNode)
 
@@ -730,11 +730,11 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
         """Write the scene as a Slicer data bundle (.mrb)."""
         if getattr(slicer, "app", None) is not None:
             if not slicer.util.saveScene(str(path)):
-                from DeepDosimetricsLib.errors import DeepDosimetricsError
+                from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError
 
                 raise DeepDosimetricsError(f"could not save the scene to {path}")
             return Path(path)
-        from DeepDosimetricsLib import scene as mrml
+        from DeepDosimetricsLib.mrml import scene as mrml
 
         return mrml.save_scene_bundle(path, self.scene)
 
@@ -806,13 +806,13 @@ class DeepDosimetricsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Parameter node of the module, with sensible default inputs."""
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.ctVolume:
-            from DeepDosimetricsLib import scene as mrml
+            from DeepDosimetricsLib.mrml import scene as mrml
 
             volumes = [n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode") if not mrml.is_dose_volume(n)]
             if volumes:
                 self._parameterNode.ctVolume = volumes[0]
         if not self._parameterNode.doseVolume:
-            from DeepDosimetricsLib import scene as mrml
+            from DeepDosimetricsLib.mrml import scene as mrml
 
             doses = mrml.find_dose_volumes(slicer.mrmlScene)
             if doses:
@@ -966,7 +966,7 @@ class DeepDosimetricsTest(ScriptedLoadableModuleTest):
 
     def setUp(self):
         """A clean scene: Slicer's own, or a new headless one."""
-        from DeepDosimetricsLib import scene as mrml
+        from DeepDosimetricsLib.mrml import scene as mrml
 
         if getattr(slicer, "app", None) is not None:
             slicer.mrmlScene.Clear()
@@ -976,7 +976,7 @@ class DeepDosimetricsTest(ScriptedLoadableModuleTest):
         self._workdir = Path(tempfile.mkdtemp(prefix="DeepDosimetricsTest-"))
 
     def tearDown(self):
-        from DeepDosimetricsLib import scene as mrml
+        from DeepDosimetricsLib.mrml import scene as mrml
 
         if getattr(self, "_headless", None) is not None:
             mrml.close_headless_scene(self._headless)
@@ -1010,7 +1010,7 @@ class DeepDosimetricsTest(ScriptedLoadableModuleTest):
         return folder
 
     def test_DeepDosimetrics_phantom(self):
-        from DeepDosimetricsLib import scene as mrml
+        from DeepDosimetricsLib.mrml import scene as mrml
 
         self.delayDisplay("Loading a phantom patient")
         logic = DeepDosimetricsLogic()

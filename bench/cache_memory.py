@@ -91,19 +91,20 @@ def child_synth(cohort: Path, shape) -> dict:
     """Generate the phantom cohort (the library's phantom module, else ``simple_phantom``)."""
     started = time.perf_counter()
     try:
-        from DeepDosimetricsLib.phantom import synthesize_cohort
+        from DeepDosimetricsLib.data.phantom import synthesize_cohort
     except ImportError:
         simple_phantom(cohort, shape)
         generator = "bench simple_phantom"
     else:
         synthesize_cohort(cohort, patients=1, shape=tuple(shape), seed=0, quiet=True)
-        generator = "DeepDosimetricsLib.phantom"
+        generator = "DeepDosimetricsLib.data.phantom"
     return {"seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(), "generator": generator}
 
 
 def child_build(cohort: Path, cache: Path, spacing) -> dict:
     """Build the cache of the cohort in this process and report its peak RSS."""
-    from DeepDosimetricsLib.cache import CacheConfig, ensure_cache
+    from DeepDosimetricsLib.deep.cache.build import ensure_cache
+    from DeepDosimetricsLib.deep.cache.store import CacheConfig
 
     baseline = peak_rss_mb()
     started = time.perf_counter()
@@ -123,9 +124,9 @@ def child_build(cohort: Path, cache: Path, spacing) -> dict:
 
 def child_imports() -> dict:
     """RSS of a process that imports what a build imports, and builds nothing."""
-    import DeepDosimetricsLib.cache  # noqa: F401
-    import DeepDosimetricsLib.cache_build  # noqa: F401
-    import DeepDosimetricsLib.cohort  # noqa: F401
+    import DeepDosimetricsLib.data.cohort  # noqa: F401
+    import DeepDosimetricsLib.deep.cache.build  # noqa: F401
+    import DeepDosimetricsLib.deep.cache.store  # noqa: F401
     import scipy.ndimage  # noqa: F401
     import SimpleITK  # noqa: F401
 

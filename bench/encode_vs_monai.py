@@ -40,9 +40,9 @@ from benchlib import peak_rss_mb  # noqa: E402
 
 def _load(workdir: Path, threads: int):
     import torch
-    from DeepDosimetricsLib.cache import open_cache
-    from DeepDosimetricsLib.channels import parse_channels
-    from DeepDosimetricsLib.model import load_model
+    from DeepDosimetricsLib.deep.cache.store import open_cache
+    from DeepDosimetricsLib.deep.channels import parse_channels
+    from DeepDosimetricsLib.deep.model import load_model
 
     torch.set_num_threads(threads)
     info = json.loads((workdir / "info.json").read_text())
@@ -57,10 +57,11 @@ def prepare(args) -> dict:
     """Phantom patient, its uncropped cache, the untrained model; body fraction."""
     import numpy as np
     import torch
-    from DeepDosimetricsLib.cache import CacheConfig, ensure_cache
-    from DeepDosimetricsLib.channels import parse_channels
-    from DeepDosimetricsLib.model import ModelConfig, TileAutoencoder, save_model
-    from DeepDosimetricsLib.phantom import synthesize_cohort
+    from DeepDosimetricsLib.data.phantom import synthesize_cohort
+    from DeepDosimetricsLib.deep.cache.build import ensure_cache
+    from DeepDosimetricsLib.deep.cache.store import CacheConfig
+    from DeepDosimetricsLib.deep.channels import parse_channels
+    from DeepDosimetricsLib.deep.model import ModelConfig, TileAutoencoder, save_model
 
     workdir = Path(args.workdir)
     cohort = synthesize_cohort(workdir / "cohort", patients=1, shape=tuple(args.shape), seed=0)
@@ -81,9 +82,9 @@ def prepare(args) -> dict:
 
 def run_ours(args) -> dict:
     """The project's path: encode_patient streaming the stitched channels to .npy files."""
-    from DeepDosimetricsLib.encoding import TileModel, encode_patient
-    from DeepDosimetricsLib.reconstruction import air_values
-    from DeepDosimetricsLib.tiling import NpyChannelSink
+    from DeepDosimetricsLib.deep.encode.encoder import TileModel, encode_patient
+    from DeepDosimetricsLib.deep.encode.reconstruction import air_values
+    from DeepDosimetricsLib.deep.tiling import NpyChannelSink
 
     workdir = Path(args.workdir)
     info, cp, model, config, specs = _load(workdir, args.threads)
@@ -143,7 +144,7 @@ def run_monai(args) -> dict:
 
 def run_pipeline(args) -> dict:
     """The whole `encode --reconstruct` job on the patient (NRRDs, residuals, metrics)."""
-    from DeepDosimetricsLib.encoding import EncodeSettings, encode_cohort
+    from DeepDosimetricsLib.deep.encode.job import EncodeSettings, encode_cohort
 
     workdir = Path(args.workdir)
     import torch

@@ -35,7 +35,7 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "openkbp" / "train"
 
 def openkbp_patients(data: Path, count: int, with_dose: bool) -> list:
     """The first ``count`` OpenKBP patient folders (natural order), with a dose when asked."""
-    from DeepDosimetricsLib.patient import natural_key
+    from DeepDosimetricsLib.data.patient import natural_key
 
     folders = sorted(
         (p for p in data.iterdir() if (p / "ct.nrrd").is_file()), key=lambda p: natural_key(p.name)
@@ -49,7 +49,7 @@ def openkbp_patients(data: Path, count: int, with_dose: bool) -> list:
 
 def structure_files(folder: Path) -> dict:
     """Structure name -> its NRRD file (OpenKBP's flat layout: <Name>.nrrd beside ct.nrrd)."""
-    from DeepDosimetricsLib.patient import Patient
+    from DeepDosimetricsLib.data.patient import Patient
 
     return {name: folder / f"{name}.nrrd" for name in Patient.from_folder(folder).structure_names}
 
@@ -88,8 +88,8 @@ def bare_in_memory(folders, image: str, parameter_file: Path) -> dict:
 
 def project_path(folders, image: str, params) -> dict:
     """The project's path: a Patient from its folder, patient_radiomics over its structures."""
-    from DeepDosimetricsLib.patient import Patient
-    from DeepDosimetricsLib.radiomics import patient_radiomics
+    from DeepDosimetricsLib.data.patient import Patient
+    from DeepDosimetricsLib.features.radiomics import patient_radiomics
 
     results = {}
     for folder in folders:
@@ -160,7 +160,7 @@ def machine_speedup(count: int = 15_000_000) -> float:
 def speedup(folders, image: str, params, repeats: int) -> dict:
     """(b): cohort_radiomics with jobs=1 and jobs=2 on a cohort of symbolic links to the folders."""
     import pandas as pd
-    from DeepDosimetricsLib.radiomics import cohort_radiomics
+    from DeepDosimetricsLib.features.radiomics import cohort_radiomics
 
     with tempfile.TemporaryDirectory(prefix="bench-radiomics-") as work:
         cohort = Path(work) / "cohort"
@@ -204,7 +204,7 @@ def main() -> None:
         raise SystemExit(f"{args.data} is absent: this benchmark needs the OpenKBP NRRDs of ../shared/data")
 
     import SimpleITK as sitk
-    from DeepDosimetricsLib.radiomics import resolve_parameters
+    from DeepDosimetricsLib.features.radiomics import resolve_parameters
 
     params = resolve_parameters(args.preset, image=args.image)
     report = {

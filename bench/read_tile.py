@@ -32,8 +32,8 @@ TOLERANCE = 0.15
 def child_read(cache_dir: Path, tile: int, reads: int, channels: str, seed: int) -> dict:
     """Read ``reads`` tiles at random positions of the cached patient; time each one."""
     import numpy as np
-    from DeepDosimetricsLib.cache import open_cache
-    from DeepDosimetricsLib.channels import parse_channels
+    from DeepDosimetricsLib.deep.cache.store import open_cache
+    from DeepDosimetricsLib.deep.channels import parse_channels
 
     cache = open_cache(cache_dir)
     patient = cache[cache.ids[0]]

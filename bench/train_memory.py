@@ -29,18 +29,19 @@ def worker(args: argparse.Namespace) -> None:
     cohort, cache, model = folder / "cohort", folder / "cache", folder / "model"
     start = time.perf_counter()
     if args.worker == "synth":
-        from DeepDosimetricsLib.phantom import synthesize_cohort
+        from DeepDosimetricsLib.data.phantom import synthesize_cohort
 
         if not cohort.is_dir() or not any(cohort.iterdir()):
             synthesize_cohort(cohort, patients=1, shape=tuple(args.shape), seed=0, quiet=True)
     elif args.worker == "cache":
-        from DeepDosimetricsLib.cache import CacheConfig, ensure_cache
+        from DeepDosimetricsLib.deep.cache.build import ensure_cache
+        from DeepDosimetricsLib.deep.cache.store import CacheConfig
 
         ensure_cache(cohort, CacheConfig(), cache_dir=cache, jobs=1, quiet=True)
     elif args.worker == "train":
         import shutil
 
-        from DeepDosimetricsLib.training import make_config, train
+        from DeepDosimetricsLib.deep.train.training import make_config, train
 
         shutil.rmtree(model, ignore_errors=True)
         config = make_config(None, channels="full", tile=64, batch=2, steps=args.steps, val_fraction=0.0,

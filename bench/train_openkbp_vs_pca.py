@@ -63,11 +63,17 @@ def main(argv=None) -> int:
         return 0
 
     import torch
-    from DeepDosimetricsLib.cache import CacheConfig, ensure_cache
-    from DeepDosimetricsLib.channels import channel_labels, parse_channels
-    from DeepDosimetricsLib.model import load_model
-    from DeepDosimetricsLib.sampling import SamplingConfig, TileSampler, index_patient, split_patients
-    from DeepDosimetricsLib.training import make_config, train
+    from DeepDosimetricsLib.deep.cache.build import ensure_cache
+    from DeepDosimetricsLib.deep.cache.store import CacheConfig
+    from DeepDosimetricsLib.deep.channels import channel_labels, parse_channels
+    from DeepDosimetricsLib.deep.model import load_model
+    from DeepDosimetricsLib.deep.train.sampling import (
+        SamplingConfig,
+        TileSampler,
+        index_patient,
+        split_patients,
+    )
+    from DeepDosimetricsLib.deep.train.training import make_config, train
 
     args.results.mkdir(parents=True, exist_ok=True)
     model_dir = args.results / "openkbp-model"

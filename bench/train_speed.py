@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO / "DeepDosimetrics"))
 
 def time_steps(model, batch, steps: int, warmup: int, device, layout, bf16: bool) -> list[float]:
     import torch
-    from DeepDosimetricsLib.model import reconstruction_loss
+    from DeepDosimetricsLib.deep.model import reconstruction_loss
 
     model = model.to(device=device, memory_format=layout)
     x = batch.to(device).contiguous(memory_format=layout)
@@ -60,8 +60,8 @@ def main(argv=None) -> int:
 
     import numpy as np
     import torch
-    from DeepDosimetricsLib.channels import channel_labels, parse_channels
-    from DeepDosimetricsLib.model import ModelConfig, TileAutoencoder
+    from DeepDosimetricsLib.deep.channels import channel_labels, parse_channels
+    from DeepDosimetricsLib.deep.model import ModelConfig, TileAutoencoder
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,9 +95,10 @@ def main(argv=None) -> int:
     print(f"channels_last_3d speed-up on CPU: {cpu[1] / cpu[0]:.2f}x")
 
     if not args.no_sampler:
-        from DeepDosimetricsLib.cache import CacheConfig, ensure_cache
-        from DeepDosimetricsLib.phantom import synthesize_cohort
-        from DeepDosimetricsLib.sampling import SamplingConfig, TileSampler
+        from DeepDosimetricsLib.data.phantom import synthesize_cohort
+        from DeepDosimetricsLib.deep.cache.build import ensure_cache
+        from DeepDosimetricsLib.deep.cache.store import CacheConfig
+        from DeepDosimetricsLib.deep.train.sampling import SamplingConfig, TileSampler
 
         with tempfile.TemporaryDirectory() as tmp:
             cohort = synthesize_cohort(Path(tmp) / "cohort", patients=2, shape=(160, 160, 96), seed=0)

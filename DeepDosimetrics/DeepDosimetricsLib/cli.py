@@ -8,9 +8,9 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from . import __version__
-from .commands import COMMANDS
-from .errors import DeepDosimetricsError
+from DeepDosimetricsLib import __version__
+from DeepDosimetricsLib.commands import COMMANDS
+from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError
 
 
 def build_parser() -> argparse.ArgumentParser:

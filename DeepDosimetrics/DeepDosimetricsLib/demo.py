@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import List
 
-from .cli import main as cli_main
+from DeepDosimetricsLib.cli import main as cli_main
 
 
 def run_step(title: str, argv: List[str]) -> None:

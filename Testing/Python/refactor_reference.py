@@ -21,7 +21,6 @@ import pandas as pd
 def run_pipeline(out: Path) -> None:
     """Run the commands into `out` (CPU, one thread, fixed seeds)."""
     import torch
-
     from DeepDosimetricsLib.cli import main
 
     torch.set_num_threads(1)

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from DeepDosimetricsLib.cache import CacheConfig, default_cache_dir, ensure_cache, open_cache
-from DeepDosimetricsLib.channels import AIR_HU, compute_channels, parse_channels
-from DeepDosimetricsLib.errors import InputError
-from DeepDosimetricsLib.patient import Patient
+from DeepDosimetricsLib.data.patient import Patient
+from DeepDosimetricsLib.deep.cache.build import ensure_cache
+from DeepDosimetricsLib.deep.cache.store import CacheConfig, default_cache_dir, open_cache
+from DeepDosimetricsLib.deep.channels import AIR_HU, compute_channels, parse_channels
+from DeepDosimetricsLib.runtime.errors import InputError
 
 SPACING = (1.2, 1.0, 2.5)
 ORIGIN = (-20.0, 10.0, 5.0)

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from DeepDosimetricsLib.channels import (
+from DeepDosimetricsLib.deep.channels import (
     CHANNEL_SETS,
     DEFAULT_DOSE_MAX_GY,
     WINDOW_PRESETS,
@@ -12,7 +12,7 @@ from DeepDosimetricsLib.channels import (
     to_units,
     window_values,
 )
-from DeepDosimetricsLib.errors import InputError
+from DeepDosimetricsLib.runtime.errors import InputError
 
 
 def test_soft_tissue_window_at_known_hu():

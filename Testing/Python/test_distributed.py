@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from DeepDosimetricsLib.cache import CacheConfig, ensure_cache
+from DeepDosimetricsLib.deep.cache.build import ensure_cache
+from DeepDosimetricsLib.deep.cache.store import CacheConfig
 
 TINY = dict(tile=16, batch=2, features=4, widths=[4, 8], groups=2, val_fraction=0.25, val_tiles=4,
             steps=6, steps_per_epoch=3, log_every=1, checkpoint_every=3, patience=0, seed=5, device="cpu")
@@ -26,7 +27,7 @@ def _rank_main(rank: int, world: int, port: int, cohort: str, cache: str, out: s
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    from DeepDosimetricsLib.training import make_config, train
+    from DeepDosimetricsLib.deep.train.training import make_config, train
 
     result = train(cohort, out, make_config(None, **TINY), cache_dir=cache, quiet=True)
     state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
@@ -52,7 +53,7 @@ def test_two_cpu_ranks_stay_in_sync(phantom_cohort, tmp_path):
         assert torch.equal(value, ranks[1]["state"][key]), key
     # the model moved away from its initial weights, and rank 0 wrote the files
     torch.manual_seed(TINY["seed"])
-    from DeepDosimetricsLib.model import ModelConfig, TileAutoencoder, load_model
+    from DeepDosimetricsLib.deep.model import ModelConfig, TileAutoencoder, load_model
 
     initial = TileAutoencoder(ModelConfig(channels=["window:soft_tissue", "mask:PTV", "dose"], tile=16,
                                           features=4, widths=[4, 8], groups=2)).state_dict()

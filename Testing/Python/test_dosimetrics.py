@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 from DeepDosimetricsLib.cli import main
-from DeepDosimetricsLib.dosimetrics import (
+from DeepDosimetricsLib.data.patient import Patient
+from DeepDosimetricsLib.features.dosimetrics import (
     cohort_dvh,
     cumulative_dvh,
     dose_to_hottest,
@@ -18,9 +19,8 @@ from DeepDosimetricsLib.dosimetrics import (
     metric_names,
     patient_dvh,
 )
-from DeepDosimetricsLib.errors import InputError
-from DeepDosimetricsLib.patient import Patient
-from DeepDosimetricsLib.tables import EMPTY_STRUCTURE, NO_DOSE, StructureSkipped
+from DeepDosimetricsLib.features.tables import EMPTY_STRUCTURE, NO_DOSE, StructureSkipped
+from DeepDosimetricsLib.runtime.errors import InputError
 
 
 def slab_gradient(slices: int = 100, rows: int = 4, cols: int = 5) -> np.ndarray:
@@ -254,7 +254,7 @@ def test_openkbp_patient_matches_the_converter_statistics(openkbp_train):
 
 
 def test_image_dvh_on_images_with_a_labelmap():
-    from DeepDosimetricsLib.dosimetrics import image_dvh
+    from DeepDosimetricsLib.features.dosimetrics import image_dvh
 
     patient = _gradient_patient()
     dose = patient.dose_image()

@@ -10,20 +10,21 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
-from DeepDosimetricsLib import encoding
-from DeepDosimetricsLib.cache import ensure_cache
-from DeepDosimetricsLib.channels import parse_channels
 from DeepDosimetricsLib.cli import main as cli_main
-from DeepDosimetricsLib.encoding import EncodeSettings, TileModel, encode_cohort, encode_patient
-from DeepDosimetricsLib.errors import InputError
-from DeepDosimetricsLib.tiling import ArraySink, TileGrid, tiles_touching
+from DeepDosimetricsLib.deep.cache.build import ensure_cache
+from DeepDosimetricsLib.deep.channels import parse_channels
+from DeepDosimetricsLib.deep.encode import encoder, job
+from DeepDosimetricsLib.deep.encode.encoder import TileModel, encode_patient
+from DeepDosimetricsLib.deep.encode.job import EncodeSettings, encode_cohort
+from DeepDosimetricsLib.deep.tiling import ArraySink, TileGrid, tiles_touching
+from DeepDosimetricsLib.runtime.errors import InputError
 
 CHANNELS = ["window:soft_tissue", "mask:PTV", "dose"]
 
 
 def make_model(folder: Path, channels=CHANNELS, seed: int = 0) -> Path:
     import torch
-    from DeepDosimetricsLib.model import ModelConfig, TileAutoencoder, save_model
+    from DeepDosimetricsLib.deep.model import ModelConfig, TileAutoencoder, save_model
 
     torch.manual_seed(seed)
     config = ModelConfig(channels=list(channels), tile=16, features=10, widths=[4, 8], groups=2)
@@ -65,8 +66,8 @@ def encoded(two_patients, model_dir, cache_dir, tmp_path_factory) -> Path:
 
 
 def test_features_do_not_depend_on_the_batch_size(model_dir, cache_dir):
-    from DeepDosimetricsLib.cache import open_cache
-    from DeepDosimetricsLib.model import load_model
+    from DeepDosimetricsLib.deep.cache.store import open_cache
+    from DeepDosimetricsLib.deep.model import load_model
 
     cp = next(iter(open_cache(cache_dir)))
     model, config = load_model(model_dir)
@@ -82,8 +83,8 @@ def test_features_do_not_depend_on_the_batch_size(model_dir, cache_dir):
 
 
 def test_tiles_without_body_are_skipped(two_patients, model_dir, tmp_path):
-    from DeepDosimetricsLib.cache import CacheConfig
-    from DeepDosimetricsLib.model import load_model
+    from DeepDosimetricsLib.deep.cache.store import CacheConfig
+    from DeepDosimetricsLib.deep.model import load_model
 
     cache = ensure_cache(two_patients, CacheConfig(margin_mm=1e5), cache_dir=tmp_path / "cache",
                          ids=[sorted(p.name for p in two_patients.iterdir())[0]])
@@ -109,7 +110,7 @@ def test_tiles_without_body_are_skipped(two_patients, model_dir, tmp_path):
 
 def test_structure_features_are_voxel_weighted_means_and_stds():
     features = np.array([[1.0, 10.0], [3.0, 10.0], [5.0, 0.0]], np.float32)
-    tiles = encoding.PatientTiles("p", TileGrid.create((16, 16, 16), 16), [(0, 0, 0)] * 3, features,
+    tiles = encoder.PatientTiles("p", TileGrid.create((16, 16, 16), 16), [(0, 0, 0)] * 3, features,
                                   {"BODY": np.array([1, 1, 2]), "PTV": np.array([0, 3, 1]), "Empty": np.zeros(3, int)})
     table = tiles.feature_table().set_index(["structure", "feature"])["value"]
     assert table[("BODY", "z00_mean")] == pytest.approx((1 + 3 + 10) / 4)
@@ -157,9 +158,9 @@ def test_encoding_outputs(encoded, two_patients, cache_dir):
 
 def test_stitched_reconstruction_uses_the_decoder_of_each_tile(model_dir, cache_dir):
     """The streamed stitch equals a plain in-memory blend of the decoded tiles."""
-    from DeepDosimetricsLib.cache import open_cache
-    from DeepDosimetricsLib.model import load_model
-    from DeepDosimetricsLib.tiling import gaussian_weights
+    from DeepDosimetricsLib.deep.cache.store import open_cache
+    from DeepDosimetricsLib.deep.model import load_model
+    from DeepDosimetricsLib.deep.tiling import gaussian_weights
 
     cp = next(iter(open_cache(cache_dir)))
     model, config = load_model(model_dir)
@@ -184,7 +185,7 @@ def test_resume_skips_finished_patients(two_patients, model_dir, cache_dir, tmp_
     out = tmp_path / "out"
     settings = EncodeSettings(quiet=True, progress_json=False)
     calls = []
-    original = encoding._encode_one
+    original = job._encode_one
 
     def interrupted(runner, cp, *args, **kwargs):
         calls.append(cp.id)
@@ -192,7 +193,7 @@ def test_resume_skips_finished_patients(two_patients, model_dir, cache_dir, tmp_
             raise KeyboardInterrupt
         return original(runner, cp, *args, **kwargs)
 
-    monkeypatch.setattr(encoding, "_encode_one", interrupted)
+    monkeypatch.setattr(job, "_encode_one", interrupted)
     with pytest.raises(KeyboardInterrupt):
         encode_cohort(model_dir, two_patients, out, cache_dir, settings)
     first, second = calls
@@ -248,7 +249,7 @@ def test_patient_without_dose_is_skipped_with_its_reason(two_patients, model_dir
 @pytest.mark.slicer
 def test_scene_bundle(encoded, two_patients, tmp_path):
     pytest.importorskip("slicer", reason="slicer-core is not installed")
-    from DeepDosimetricsLib.snapshots import write_patient_scene
+    from DeepDosimetricsLib.mrml.snapshots import write_patient_scene
 
     pid = sorted(pd.read_csv(encoded / "features.csv")["patient"].unique())[0]
     path = write_patient_scene(two_patients, pid, encoded / pid / "recon", tmp_path / "scene.mrb",

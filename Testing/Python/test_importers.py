@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from DeepDosimetricsLib.cli import main
-from DeepDosimetricsLib.cohort import Cohort
-from DeepDosimetricsLib.errors import InputError
-from DeepDosimetricsLib.importers import ImportOptions, import_dicom, import_folder
-from DeepDosimetricsLib.importers.layout import read_record
-from DeepDosimetricsLib.importers.report import REPORT_FILE, read_report
+from DeepDosimetricsLib.data.cohort import Cohort
+from DeepDosimetricsLib.data.importers import ImportOptions, import_dicom, import_folder
+from DeepDosimetricsLib.data.importers.layout import read_record
+from DeepDosimetricsLib.data.importers.report import REPORT_FILE, read_report
+from DeepDosimetricsLib.runtime.errors import InputError
 
 OPENKBP_PATIENTS = ["pt_1", "pt_2", "pt_3"]
 
@@ -522,7 +522,7 @@ def test_dicom_cli_writes_the_report(dicom_tree: Path, tmp_path: Path, capsys):
 
 
 def test_fill_polygons_matches_skimage():
-    from DeepDosimetricsLib.importers.dicom import fill_polygons
+    from DeepDosimetricsLib.data.importers.dicom import fill_polygons
     from skimage.draw import polygon
 
     rng = np.random.default_rng(0)

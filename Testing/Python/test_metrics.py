@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from DeepDosimetricsLib import metrics
+from DeepDosimetricsLib.deep.encode import metrics
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 

@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-from DeepDosimetricsLib.errors import InputError
-from DeepDosimetricsLib.model import (
+from DeepDosimetricsLib.deep.model import (
     MODEL_JSON,
     MODEL_WEIGHTS,
     ModelConfig,
@@ -17,6 +16,7 @@ from DeepDosimetricsLib.model import (
     reconstruction_loss,
     save_model,
 )
+from DeepDosimetricsLib.runtime.errors import InputError
 
 CHANNELS = ["window:soft_tissue", "mask:PTV", "dose"]
 

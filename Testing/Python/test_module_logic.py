@@ -23,9 +23,9 @@ try:
 except ImportError as error:  # pragma: no cover - slicer-core is part of the dev install
     pytest.skip(f"slicer-core is not installed ({error})", allow_module_level=True)
 
-from DeepDosimetricsLib import scene as mrml  # noqa: E402
-from DeepDosimetricsLib.errors import DeepDosimetricsError, InputError  # noqa: E402
-from DeepDosimetricsLib.patient import Patient  # noqa: E402
+from DeepDosimetricsLib.mrml import scene as mrml  # noqa: E402
+from DeepDosimetricsLib.data.patient import Patient  # noqa: E402
+from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError, InputError  # noqa: E402
 
 MODULE_DIR = Path(__file__).resolve().parents[2] / "DeepDosimetrics"
 OPENKBP_STRUCTURES = ("PTV70", "Brainstem", "SpinalCord")
@@ -91,7 +91,7 @@ def load_like_slicer(folder: Path, headless, names=None):
 def pyradiomics_on_files(image: Path, mask: Path, preset: str) -> dict:
     """Bare pyradiomics on the files, with the preset's parameter file."""
     import radiomics
-    from DeepDosimetricsLib.radiomics import resolve_parameters
+    from DeepDosimetricsLib.features.radiomics import resolve_parameters
     from radiomics.featureextractor import RadiomicsFeatureExtractor
 
     radiomics.setVerbosity(logging.ERROR)
@@ -147,7 +147,7 @@ def test_radiomics_all_classes_on_one_structure(logic, headless, patient_dir):
 
 def test_dosiomics_use_the_dose_variant_of_the_preset(logic, headless, patient_dir):
     import radiomics
-    from DeepDosimetricsLib.radiomics import resolve_parameters
+    from DeepDosimetricsLib.features.radiomics import resolve_parameters
     from radiomics.featureextractor import RadiomicsFeatureExtractor
 
     dose = headless.logic("Volumes").AddArchetypeVolume(str(patient_dir / "dose.nrrd"), "dose", 0)
@@ -247,7 +247,7 @@ def test_radiomics_bad_input(logic, scene, patient_dir):
 
 # ---------------------------------------------------------------------------------------- DVH
 def test_dose_volume_metrics_equal_the_library_on_the_ct_grid(logic, patient_dir):
-    from DeepDosimetricsLib.dosimetrics import patient_dvh
+    from DeepDosimetricsLib.features.dosimetrics import patient_dvh
 
     nodes = logic.loadPatientFolder(patient_dir)
     table, chart = logic.computeDoseVolumeMetrics(nodes.dose, nodes.segmentation, nodes.ct)
@@ -368,8 +368,8 @@ def test_the_module_test_class_passes_headless(module, headless):
 def tiny_model(tmp_path_factory) -> Path:
     """An untrained model (default channels, 16^3 tiles, 4 features): enough to test the plumbing."""
     import torch
-    from DeepDosimetricsLib.channels import parse_channels
-    from DeepDosimetricsLib.model import ModelConfig, TileAutoencoder, save_model
+    from DeepDosimetricsLib.deep.channels import parse_channels
+    from DeepDosimetricsLib.deep.model import ModelConfig, TileAutoencoder, save_model
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("model") / "tiny"

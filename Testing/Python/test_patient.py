@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from DeepDosimetricsLib.cohort import Cohort
-from DeepDosimetricsLib.errors import InputError
-from DeepDosimetricsLib.geometry import Geometry
-from DeepDosimetricsLib.patient import Patient, body_mask_from_hu
+from DeepDosimetricsLib.data.cohort import Cohort
+from DeepDosimetricsLib.data.geometry import Geometry
+from DeepDosimetricsLib.data.patient import Patient, body_mask_from_hu
+from DeepDosimetricsLib.runtime.errors import InputError
 
 CT_GEOMETRY = Geometry(size=(40, 36, 30), spacing=(2.0, 2.0, 3.0), origin=(-40.0, -30.0, 10.0))
 BOX_CENTRE = np.array([-1.3, 4.7, 55.4])  # LPS mm, chosen off the voxel centres

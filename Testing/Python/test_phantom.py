@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from DeepDosimetricsLib.cli import main
-from DeepDosimetricsLib.errors import InputError
-from DeepDosimetricsLib.phantom import (
+from DeepDosimetricsLib.data.phantom import (
     OUTCOME_MODEL,
     PELVIS_STRUCTURES,
     THORAX_STRUCTURES,
@@ -23,6 +22,7 @@ from DeepDosimetricsLib.phantom import (
     synthesize_cohort,
     synthesize_patient,
 )
+from DeepDosimetricsLib.runtime.errors import InputError
 from scipy import ndimage
 
 SHAPE = (48, 48, 32)
@@ -266,14 +266,14 @@ def test_explicit_spacing_and_single_patient_api(tmp_path):
 
 
 def test_patient_loader_reads_the_phantom(cohort):
-    patient_module = pytest.importorskip("DeepDosimetricsLib.patient", reason="patient.py is not there yet")
+    patient_module = pytest.importorskip("DeepDosimetricsLib.data.patient", reason="patient.py is not there yet")
     patient = patient_module.Patient.from_folder(cohort / "phantom_000")
     assert "PTV" in patient.structure_names and patient.has_dose
     np.testing.assert_array_equal(patient.ct_array(), read(cohort / "phantom_000" / "ct.nrrd")[1])
     np.testing.assert_array_equal(
         patient.structure("PTV"), read(cohort / "phantom_000" / "structures" / "PTV.nrrd")[1]
     )
-    cohort_module = pytest.importorskip("DeepDosimetricsLib.cohort", reason="cohort.py is not there yet")
+    cohort_module = pytest.importorskip("DeepDosimetricsLib.data.cohort", reason="cohort.py is not there yet")
     opened = cohort_module.Cohort.open(cohort)
     assert list(opened.ids) == [f"phantom_{i:03d}" for i in range(PATIENTS)]
     assert (

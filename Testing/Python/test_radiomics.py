@@ -12,10 +12,9 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 from DeepDosimetricsLib.cli import main
-from DeepDosimetricsLib.cohort import Cohort
-from DeepDosimetricsLib.errors import InputError
-from DeepDosimetricsLib.patient import Patient
-from DeepDosimetricsLib.radiomics import (
+from DeepDosimetricsLib.data.cohort import Cohort
+from DeepDosimetricsLib.data.patient import Patient
+from DeepDosimetricsLib.features.radiomics import (
     cohort_radiomics,
     patient_radiomics,
     preset_names,
@@ -23,7 +22,7 @@ from DeepDosimetricsLib.radiomics import (
     resolve_parameters,
     structure_features,
 )
-from DeepDosimetricsLib.tables import (
+from DeepDosimetricsLib.features.tables import (
     EMPTY_STRUCTURE,
     ERROR,
     NO_DOSE,
@@ -33,6 +32,7 @@ from DeepDosimetricsLib.tables import (
     count_failures,
     to_wide,
 )
+from DeepDosimetricsLib.runtime.errors import InputError
 
 FIRST_ORDER_18 = {
     "InterquartileRange",
@@ -211,7 +211,7 @@ def test_patient_radiomics_equals_bare_pyradiomics_on_ct_and_dose(synthetic_coho
 
 def test_phantom_patient_equals_bare_pyradiomics(tmp_path):
     phantom = pytest.importorskip(
-        "DeepDosimetricsLib.phantom", reason="phantom.py is not in this checkout yet"
+        "DeepDosimetricsLib.data.phantom", reason="phantom.py is not in this checkout yet"
     )
     cohort = Cohort.open(
         phantom.synthesize_cohort(tmp_path / "phantoms", patients=1, shape=(48, 48, 32), seed=0)
@@ -284,7 +284,7 @@ def test_cohort_in_parallel_equals_in_process_with_no_dose_row(synthetic_cohort)
 
 
 def test_wide_table_has_features_as_rows():
-    from DeepDosimetricsLib.tables import long_table, reason_row, value_rows
+    from DeepDosimetricsLib.features.tables import long_table, reason_row, value_rows
 
     rows = value_rows("p1", "A", "ct", {"f1": 1.0, "f2": 2.0}) + value_rows(
         "p1", "B", "ct", {"f1": 3.0, "f2": 4.0}
@@ -373,7 +373,7 @@ def _worker_that_cannot_start(threads: int) -> None:
 
 def test_a_broken_pool_finishes_in_process(synthetic_cohort, monkeypatch):
     """Workers that die at start (e.g. no fork in a host application) do not lose the cohort."""
-    import DeepDosimetricsLib.tables as tables
+    import DeepDosimetricsLib.features.tables as tables
 
     expected = cohort_radiomics(
         synthetic_cohort, "ct", "firstorder", structures=["Lesion"], jobs=1, quiet=True
@@ -385,7 +385,7 @@ def test_a_broken_pool_finishes_in_process(synthetic_cohort, monkeypatch):
 
 def test_image_radiomics_on_images_as_given(synthetic_cohort):
     """One image (not cast), several masks, one of them a labelmap value: the layout of the Slicer table."""
-    from DeepDosimetricsLib.radiomics import image_radiomics
+    from DeepDosimetricsLib.features.radiomics import image_radiomics
 
     folder = synthetic_cohort / "s1"
     dose = sitk.ReadImage(str(folder / "dose.nrrd"))
@@ -405,7 +405,7 @@ def test_image_radiomics_on_images_as_given(synthetic_cohort):
 
 
 def test_pool_tasks_keep_a_patient_in_one_worker_when_patients_suffice():
-    from DeepDosimetricsLib.tables import WorkItem, _tasks
+    from DeepDosimetricsLib.features.tables import WorkItem, _tasks
 
     items = [WorkItem(pid, None, name) for pid in ("a", "b", "c", "d") for name in ("x", "y")]
     assert _tasks(items, jobs=2) == [[0, 1], [2, 3], [4, 5], [6, 7]]

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from DeepDosimetricsLib.errors import InputError
-from DeepDosimetricsLib.synonyms import (
+from DeepDosimetricsLib.data.synonyms import (
     SYNONYMS_ENV,
     choose_target,
     dose_level,
@@ -12,6 +11,7 @@ from DeepDosimetricsLib.synonyms import (
     normalize_name,
     safe_name,
 )
+from DeepDosimetricsLib.runtime.errors import InputError
 
 
 @pytest.mark.parametrize("name, canonical", [

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from DeepDosimetricsLib.errors import InputError
-from DeepDosimetricsLib.tiling import (
+from DeepDosimetricsLib.deep.tiling import (
     ArraySink,
     NpyChannelSink,
     SlabStitcher,
@@ -20,6 +19,7 @@ from DeepDosimetricsLib.tiling import (
     tiled_apply,
     tiles_touching,
 )
+from DeepDosimetricsLib.runtime.errors import InputError
 
 
 def box_filter(volume: np.ndarray) -> np.ndarray:

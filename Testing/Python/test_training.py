@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from DeepDosimetricsLib.cache import CacheConfig, ensure_cache
-from DeepDosimetricsLib.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from DeepDosimetricsLib.cli import main as cli_main
-from DeepDosimetricsLib.errors import DeepDosimetricsError, InputError
-from DeepDosimetricsLib.model import load_model
-from DeepDosimetricsLib.progress import parse_progress
-from DeepDosimetricsLib.sampling import SamplingConfig, TileSampler, occupancy_grid, split_patients
-from DeepDosimetricsLib.training import make_config, train
+from DeepDosimetricsLib.deep.cache.build import ensure_cache
+from DeepDosimetricsLib.deep.cache.store import CacheConfig
+from DeepDosimetricsLib.deep.model import load_model
+from DeepDosimetricsLib.deep.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from DeepDosimetricsLib.deep.train.sampling import SamplingConfig, TileSampler, occupancy_grid, split_patients
+from DeepDosimetricsLib.deep.train.training import make_config, train
+from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError, InputError
+from DeepDosimetricsLib.runtime.progress import parse_progress
 
 TINY = dict(tile=16, batch=2, features=4, widths=[4, 8], groups=2, val_fraction=0.25, val_tiles=4,
             steps_per_epoch=4, log_every=1, checkpoint_every=4, patience=0, seed=3, device="cpu")
@@ -47,8 +48,8 @@ def read_history(model_dir: Path) -> list[dict]:
 
 
 def test_sampling_biased_to_target_and_deterministic(cache_dir):
-    from DeepDosimetricsLib.cache import open_cache
-    from DeepDosimetricsLib.channels import parse_channels
+    from DeepDosimetricsLib.deep.cache.store import open_cache
+    from DeepDosimetricsLib.deep.channels import parse_channels
 
     cache = open_cache(cache_dir)
     patients = list(cache)
@@ -64,7 +65,7 @@ def test_sampling_biased_to_target_and_deterministic(cache_dir):
     grid = occupancy_grid(np.pad(np.ones((3, 3, 3), np.uint8), ((5, 0), (0, 7), (2, 2))), 4)
     assert grid.shape == (2, 3, 2) and grid[1, 0, 0] and grid[1, 0, 1] and not grid[0].any()
     # DataLoader workers deliver the same batches in the same order as the main process
-    from DeepDosimetricsLib.sampling import make_loader
+    from DeepDosimetricsLib.deep.train.sampling import make_loader
 
     alone = list(make_loader(sampler, 2, 6, num_workers=0))
     workers = list(make_loader(sampler, 2, 6, num_workers=2))

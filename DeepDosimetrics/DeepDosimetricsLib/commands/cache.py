@@ -31,8 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build what is missing; exit code 1 when some patients could not be cached."""
-    from ..cache import CacheConfig, ensure_cache
-    from ..errors import InputError
+    from DeepDosimetricsLib.deep.cache.build import ensure_cache
+    from DeepDosimetricsLib.deep.cache.store import CacheConfig
+    from DeepDosimetricsLib.runtime.errors import InputError
 
     if args.jobs < 1:
         raise InputError(f"--jobs must be at least 1, got {args.jobs}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_structure_table_arguments
+from DeepDosimetricsLib.commands import add_structure_table_arguments
 
 HELP = "dose-volume metrics per structure (volume, Dmean/min/max, D98/95/50/2, V5..V70) of a cohort to CSV"
 
@@ -41,10 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Exit code 0 when every structure was measured or skipped for a data reason (empty, outside the
     image, patient without dose), 1 when some failed (unreadable files), 2 on bad input."""
-    from ..cohort import Cohort
-    from ..dosimetrics import cohort_dvh
-    from ..errors import InputError
-    from ..tables import parse_structure_list, write_csv_atomic, write_result
+    from DeepDosimetricsLib.data.cohort import Cohort
+    from DeepDosimetricsLib.features.dosimetrics import cohort_dvh
+    from DeepDosimetricsLib.features.tables import parse_structure_list, write_result
+    from DeepDosimetricsLib.runtime.atomic import write_csv_atomic
+    from DeepDosimetricsLib.runtime.errors import InputError
 
     if args.jobs < 1:
         raise InputError(f"--jobs must be at least 1, got {args.jobs}")

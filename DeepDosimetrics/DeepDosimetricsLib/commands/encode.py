@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _patient_list(text):
     from pathlib import Path
 
-    from ..errors import InputError
+    from DeepDosimetricsLib.runtime.errors import InputError
 
     if text is None:
         return None
@@ -73,16 +73,16 @@ def _patient_list(text):
 
 def run(args: argparse.Namespace) -> int:
     """Encode; exit code 1 when some patients were skipped."""
-    from ..encoding import EncodeSettings, encode_cohort
-    from ..errors import InputError
-    from ..snapshots import slicer_available
+    from DeepDosimetricsLib.deep.encode.job import EncodeSettings, encode_cohort
+    from DeepDosimetricsLib.mrml.snapshots import slicer_available
+    from DeepDosimetricsLib.runtime.errors import InputError
 
     traverse = None
     if args.traverse:
         traverse = None if args.traverse.strip().lower() == "all" else [
             f.strip() for f in args.traverse.split(",") if f.strip()]
         if traverse is None:
-            from ..model import ModelConfig, read_model_json
+            from DeepDosimetricsLib.deep.model import ModelConfig, read_model_json
 
             count = ModelConfig.from_dict(dict(read_model_json(args.model).get("config") or {})).features
             traverse = [f"z{i:02d}" for i in range(count)]

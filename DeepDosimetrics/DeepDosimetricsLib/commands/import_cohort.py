@@ -65,13 +65,13 @@ def _patterns(values, defaults: list[str]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Import, write COHORT/import_report.csv, print the summary; 1 when some patients were skipped."""
-    from ..importers import ImportOptions
-    from ..synonyms import load_synonyms
+    from DeepDosimetricsLib.data.importers import ImportOptions
+    from DeepDosimetricsLib.data.synonyms import load_synonyms
 
     options = ImportOptions(out=args.out, overwrite=args.overwrite, link=getattr(args, "link", "symlink"),
                             synonyms=load_synonyms(args.synonyms), quiet=args.quiet)
     if args.import_kind == "folder":
-        from ..importers.folder import (
+        from DeepDosimetricsLib.data.importers.folder import (
             DEFAULT_CT_PATTERNS,
             DEFAULT_DOSE_PATTERNS,
             DEFAULT_NAME_PATTERN,
@@ -86,11 +86,11 @@ def run(args: argparse.Namespace) -> int:
                                   name_pattern=args.name_pattern or DEFAULT_NAME_PATTERN)
         report = import_folder(args.source, options, patterns)
     elif args.import_kind == "openkbp":
-        from ..importers.openkbp import import_openkbp
+        from DeepDosimetricsLib.data.importers.openkbp import import_openkbp
 
         report = import_openkbp(args.source, options)
     else:
-        from ..importers.dicom import import_dicom
+        from DeepDosimetricsLib.data.importers.dicom import import_dicom
 
         report = import_dicom(args.source, options)
     path = report.write(options.out)

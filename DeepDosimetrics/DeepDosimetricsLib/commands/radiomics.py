@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_structure_table_arguments
+from DeepDosimetricsLib.commands import add_structure_table_arguments
 
 HELP = "radiomics features per structure (CT or dose) of a cohort, through pyradiomics, to a CSV table"
 
@@ -51,10 +51,10 @@ def run(args: argparse.Namespace) -> int:
     """Exit code 0 when every structure was measured or skipped for a data reason (empty, outside the
     image, too small, no dose; listed on stderr and in the reason column), 1 when some failed
     (unreadable files), 2 on bad input (unknown preset, broken parameter file, no cohort)."""
-    from ..cohort import Cohort
-    from ..errors import InputError
-    from ..radiomics import DEFAULT_PRESET, cohort_radiomics, resolve_parameters
-    from ..tables import parse_structure_list, write_result
+    from DeepDosimetricsLib.data.cohort import Cohort
+    from DeepDosimetricsLib.features.radiomics import DEFAULT_PRESET, cohort_radiomics, resolve_parameters
+    from DeepDosimetricsLib.features.tables import parse_structure_list, write_result
+    from DeepDosimetricsLib.runtime.errors import InputError
 
     if args.jobs < 1:
         raise InputError(f"--jobs must be at least 1, got {args.jobs}")

@@ -1,4 +1,4 @@
-"""`deepdosimetrics synth`: write the deterministic phantom cohort (see DeepDosimetricsLib.phantom)."""
+"""`deepdosimetrics synth`: write the deterministic phantom cohort (see DeepDosimetricsLib.data.phantom)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Generate the cohort; patients already written with the same settings are kept."""
-    from ..phantom import synthesize_cohort
+    from DeepDosimetricsLib.data.phantom import synthesize_cohort
 
     out = synthesize_cohort(
         args.out,

@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train; prints where the model went."""
-    from ..training import make_config, train
+    from DeepDosimetricsLib.deep.train.training import make_config, train
 
     config = make_config(
         args.config,

@@ -1,0 +1,1 @@
+"""Data in: geometry, patients, cohorts, structure names, phantoms and importers."""

@@ -1,0 +1,128 @@
+"""A cohort: a folder with one sub-folder per patient, and an optional ``clinical.csv``.
+
+Layout::
+
+    COHORT/
+      clinical.csv                 optional; a `patient` column naming the patient folders
+      <patient>/ct.nrrd            int16 HU (or ct.nii.gz, ct.nii, ct.mha)
+      <patient>/dose.nrrd          optional, float Gy, any grid
+      <patient>/structures/<Name>.nrrd   binary labelmaps, any grid
+      <patient>/structures.seg.nrrd      or a Slicer segmentation
+      <patient>/<Name>.nrrd        or structures beside the CT (flat layout, e.g. OpenKBP)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator, List, Optional, Union
+
+from DeepDosimetricsLib.data.patient import (
+    CT_STEMS,
+    DOSE_STEMS,
+    Patient,
+    image_stem,
+    is_image_file,
+    natural_key,
+)
+from DeepDosimetricsLib.runtime.errors import InputError
+
+log = logging.getLogger(__name__)
+
+CLINICAL_FILE = "clinical.csv"
+
+
+def is_patient_folder(folder: Path) -> bool:
+    """Whether a folder holds a CT (or, for a dose-only case, a dose) image; hidden folders never do."""
+    if folder.name.startswith(".") or not folder.is_dir():
+        return False
+    return any(is_image_file(p) and image_stem(p).lower() in CT_STEMS + DOSE_STEMS for p in folder.iterdir())
+
+
+class Cohort:
+    """The patients of a cohort folder, in natural order of their folder names."""
+
+    def __init__(self, folder: Path, patients: List[Patient], clinical=None) -> None:
+        self.folder = folder
+        self.patients = patients
+        self.clinical = clinical
+        self._by_id = {p.id: p for p in patients}
+
+    @classmethod
+    def open(cls, folder: Union[str, Path], patient_ids: Optional[List[str]] = None) -> Cohort:
+        """Open a cohort folder; ``patient_ids`` selects some patients."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise InputError(f"cohort folder {folder} does not exist or is not a folder")
+        folders = sorted((p for p in folder.iterdir() if is_patient_folder(p)), key=lambda p: natural_key(p.name))
+        if not folders:
+            if is_patient_folder(folder):
+                raise InputError(
+                    f"{folder} is a patient folder, not a cohort: give the folder that contains it "
+                    f"({folder.parent})"
+                )
+            raise InputError(
+                f"cohort folder {folder} holds no patient folder (a sub-folder with ct.nrrd or ct.nii.gz)"
+            )
+        patients = [Patient.from_folder(p) for p in folders]
+        clinical = read_clinical(folder / CLINICAL_FILE, [p.id for p in patients])
+        if patient_ids is not None:
+            wanted = [str(i) for i in patient_ids]
+            missing = [i for i in wanted if i not in {p.id for p in patients}]
+            if missing:
+                raise InputError(f"cohort {folder}: no patient folder for {', '.join(missing)}")
+            patients = [p for p in patients if p.id in wanted]
+        return cls(folder, patients, clinical)
+
+    @property
+    def ids(self) -> List[str]:
+        """Patient ids in order."""
+        return [p.id for p in self.patients]
+
+    def __len__(self) -> int:
+        return len(self.patients)
+
+    def __iter__(self) -> Iterator[Patient]:
+        return iter(self.patients)
+
+    def __getitem__(self, patient_id: str) -> Patient:
+        try:
+            return self._by_id[str(patient_id)]
+        except KeyError:
+            raise InputError(f"cohort {self.folder}: no patient {patient_id!r}") from None
+
+    def __contains__(self, patient_id: object) -> bool:
+        return str(patient_id) in self._by_id
+
+    def __repr__(self) -> str:
+        return f"Cohort({str(self.folder)!r}, {len(self)} patients)"
+
+
+def read_clinical(path: Path, patient_ids: List[str]):
+    """The clinical table (pandas DataFrame indexed by nothing, `patient` as str), or None."""
+    if not path.is_file():
+        return None
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(path, dtype={"patient": str})
+    except Exception as error:  # pandas raises many kinds
+        raise InputError(f"clinical table {path}: cannot read it as CSV ({error})") from None
+    if "patient" not in table.columns:
+        raise InputError(
+            f"clinical table {path} has no 'patient' column (columns: {', '.join(map(str, table.columns))})"
+        )
+    table["patient"] = table["patient"].astype(str).str.strip()
+    known = set(patient_ids)
+    matched = table["patient"].isin(known)
+    if len(table) and not matched.any():
+        raise InputError(
+            f"clinical table {path}: its patient ids ({', '.join(table['patient'].head(3))}...) match none "
+            f"of the patient folders ({', '.join(patient_ids[:3])}...)"
+        )
+    if (~matched).any():
+        log.warning(
+            "clinical table %s: %d row(s) name no patient folder: %s",
+            path, int((~matched).sum()), ", ".join(table.loc[~matched, "patient"].head(5)),
+        )
+    return table

@@ -1,0 +1,205 @@
+"""Import folder exports (one sub-folder of image files per patient) into the canonical cohort layout.
+
+Two layouts are recognised with the default patterns:
+
+* the prototype's exports: ``Pt001/2_pms.nrrd`` is the CT and ``Pt001/1_RTSTRUCT_ANON_<Name>.nrrd``
+  are the structures (the prefix ``<n>_RTSTRUCT_`` and an ``ANON_`` after it are not part of the name),
+  a dose, if any, in a file named ``*RTDOSE*`` or ``*dose*``;
+* flat folders such as OpenKBP's (``ct.nrrd``, ``dose.nrrd``, ``<Name>.nrrd``; ``possible_dose_mask.nrrd``
+  is kept beside the CT, not as a structure), and cohorts already in the canonical layout.
+
+Each role (CT, dose, structures) has a list of glob patterns tried in order; the first pattern that
+matches a file wins. Conforming NRRD files are linked (symlink by default, or hard link) or copied; other
+files are converted. The source folder is never modified.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from DeepDosimetricsLib.data.importers.layout import ImportOptions, PatientWriter, existing_patient
+from DeepDosimetricsLib.data.importers.report import ImportReport
+from DeepDosimetricsLib.data.synonyms import safe_name
+from DeepDosimetricsLib.runtime.errors import InputError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CT_PATTERNS = ["ct.nrrd", "CT.nrrd", "ct.nii.gz", "ct.mha", "*_pms.nrrd", "CT_*.nrrd", "*_CT.nrrd"]
+DEFAULT_DOSE_PATTERNS = ["dose.nrrd", "dose.nii.gz", "dose.mha", "*RTDOSE*.nrrd", "*[Dd]ose*.nrrd"]
+DEFAULT_STRUCTURE_PATTERNS = ["*RTSTRUCT*.nrrd", "structures/*.nrrd", "structures/*.nii.gz", "*.nrrd"]
+#: files that are never a CT, dose or structure; matched names are kept beside the CT as they are
+EXTRA_PATTERNS = ["possible_dose_mask.nrrd"]
+#: the structure name inside a file name: the prototype's ``<n>_RTSTRUCT_[ANON_]<Name>``, else the stem
+DEFAULT_NAME_PATTERN = r"^(?:\d+_)?RTSTRUCT_(?:ANON_)?(?P<name>.+)$"
+#: never a CT (RTSTRUCT contains "CT") or a dose, whatever the patterns say
+NOT_CT = ["*RTSTRUCT*", "*RTDOSE*", "*RTPLAN*"]
+NOT_DOSE = ["*RTSTRUCT*"]
+IMAGE_SUFFIXES = (".nii.gz", ".nrrd", ".nii", ".mha", ".mhd")
+CLINICAL_FILE = "clinical.csv"
+
+
+@dataclass
+class FolderPatterns:
+    """Glob patterns (relative to a patient folder) for each role, tried in order."""
+
+    ct: list[str] = field(default_factory=lambda: list(DEFAULT_CT_PATTERNS))
+    dose: list[str] = field(default_factory=lambda: list(DEFAULT_DOSE_PATTERNS))
+    structures: list[str] = field(default_factory=lambda: list(DEFAULT_STRUCTURE_PATTERNS))
+    extras: list[str] = field(default_factory=lambda: list(EXTRA_PATTERNS))
+    name_pattern: str = DEFAULT_NAME_PATTERN
+
+    def __post_init__(self):
+        try:
+            compiled = re.compile(self.name_pattern)
+        except re.error as error:
+            raise InputError(f"--name-pattern {self.name_pattern!r} is not a regular expression: {error}") \
+                from None
+        if "name" not in compiled.groupindex:
+            raise InputError(f"--name-pattern {self.name_pattern!r} needs a group (?P<name>...)")
+
+
+@dataclass
+class PatientFiles:
+    """The files found for one patient."""
+
+    ct: Optional[Path]
+    dose: Optional[Path]
+    structures: dict[str, Path]  # original structure name -> file
+    extras: list[Path]
+    problem: str = ""  # why the patient cannot be imported
+
+
+def image_stem(path: Path) -> str:
+    """The file name without its image suffix."""
+    for suffix in IMAGE_SUFFIXES:
+        if path.name.lower().endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.stem
+
+
+def _matches(folder: Path, pattern: str) -> list[Path]:
+    # fnmatch on relative posix paths, so "structures/*.nrrd" and "*.nrrd" do not cross folders
+    depth = pattern.count("/")
+    candidates = folder.glob("/".join(["*"] * (depth + 1)))
+    return sorted(p for p in candidates if p.is_file() and fnmatch.fnmatchcase(
+        p.relative_to(folder).as_posix(), pattern))
+
+
+def _first_matching(folder: Path, patterns: list[str], taken: set[Path],
+                    excluded: tuple[str, ...] = ()) -> list[Path]:
+    for pattern in patterns:
+        found = [p for p in _matches(folder, pattern) if p not in taken
+                 and not any(fnmatch.fnmatchcase(p.name, never) for never in excluded)]
+        if found:
+            return found
+    return []
+
+
+def find_patient_files(folder: Path, patterns: FolderPatterns) -> PatientFiles:
+    """Assign a patient folder's files to CT, dose, structures and extras."""
+    extras = [p for pattern in patterns.extras for p in _matches(folder, pattern)]
+    taken = set(extras)
+    ct_files = _first_matching(folder, patterns.ct, taken, tuple(NOT_CT))
+    files = PatientFiles(ct=None, dose=None, structures={}, extras=extras)
+    if len(ct_files) > 1:
+        files.problem = (f"several CT candidates ({', '.join(p.name for p in ct_files)}); "
+                         "choose one with --ct")
+        return files
+    if not ct_files:
+        files.problem = f"no CT found (patterns: {', '.join(patterns.ct)})"
+        return files
+    files.ct = ct_files[0]
+    taken.add(files.ct)
+    dose_files = _first_matching(folder, patterns.dose, taken, tuple(NOT_DOSE))
+    if len(dose_files) > 1:
+        files.problem = (f"several dose candidates ({', '.join(p.name for p in dose_files)}); "
+                         "choose one with --dose")
+        return files
+    files.dose = dose_files[0] if dose_files else None
+    taken.update(dose_files)
+    name_regex = re.compile(patterns.name_pattern)
+    for path in _first_matching(folder, patterns.structures, taken):
+        stem = image_stem(path)
+        match = name_regex.match(stem)
+        name = match.group("name") if match and match.group("name") else stem
+        if name in files.structures:
+            files.problem = f"two structure files named {name!r}: {files.structures[name].name}, {path.name}"
+            return files
+        files.structures[name] = path
+    return files
+
+
+def patient_folders(source: Path) -> list[Path]:
+    """The patient folders of a source: its non-hidden sub-folders (natural order)."""
+    from DeepDosimetricsLib.data.patient import natural_key
+
+    return sorted((p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  key=lambda p: natural_key(p.name))
+
+
+def import_folder(source, options: ImportOptions, patterns: Optional[FolderPatterns] = None,
+                  report: Optional[ImportReport] = None) -> ImportReport:
+    """Import every patient sub-folder of ``source`` into ``options.out``; returns the report."""
+    from DeepDosimetricsLib.runtime.progress import progress_bar
+
+    source = Path(source)
+    patterns = patterns or FolderPatterns()
+    report = report or ImportReport("folder")
+    if not source.is_dir():
+        raise InputError(f"source folder {source} does not exist or is not a folder")
+    if source.resolve() == options.out.resolve():
+        raise InputError(f"the output cohort {options.out} must differ from the source {source}")
+    folders = patient_folders(source)
+    source_is_a_patient = not find_patient_files(source, patterns).problem
+    if source_is_a_patient and all(p.name == "structures" for p in folders):
+        raise InputError(f"{source} looks like one patient's folder: give the folder that contains "
+                         f"the patient folders ({source.parent})")
+    if not folders:
+        raise InputError(f"source folder {source} has no patient sub-folder")
+    options.out.mkdir(parents=True, exist_ok=True)
+    for folder in progress_bar(folders, desc="import folder", quiet=options.quiet):
+        _import_patient(folder, options, patterns, report)
+    clinical = source / CLINICAL_FILE
+    if clinical.is_file() and (options.overwrite or not (options.out / CLINICAL_FILE).exists()):
+        shutil.copyfile(clinical, options.out / CLINICAL_FILE)
+    return report
+
+
+def _import_patient(folder: Path, options: ImportOptions, patterns: FolderPatterns,
+                    report: ImportReport) -> None:
+    patient_id = safe_name(folder.name)
+    if any(entry.patient == patient_id for entry in report.entries):
+        report.skipped(f"{patient_id} ({folder.name})", f"another source folder already gives the patient id "
+                       f"{patient_id}", source=str(folder))
+        return
+    existing = existing_patient(options, patient_id, str(folder))
+    if existing is not None:
+        report.add(existing)
+        return
+    files = find_patient_files(folder, patterns)
+    if files.problem:
+        report.skipped(patient_id, files.problem, source=str(folder))
+        return
+    try:
+        with PatientWriter(options, patient_id, str(folder), "folder") as writer:
+            writer.place_ct(files.ct)
+            if files.dose is not None:
+                writer.place_dose(files.dose)
+            else:
+                writer.note("no dose")
+            for name, path in files.structures.items():
+                writer.place_structure(name, path)
+            for path in files.extras:
+                writer.place_extra(path, path.name)
+            writer.commit()
+    except InputError as error:
+        report.skipped(patient_id, str(error), source=str(folder))
+        return
+    report.ok(patient_id, "; ".join(writer.record["notes"]), source=str(folder),
+              structures=writer.structure_count, has_dose=files.dose is not None)

@@ -1,0 +1,305 @@
+"""Writing one patient into the canonical cohort layout, atomically.
+
+``COHORT/<patient>/ct.nrrd`` (int16 HU), optional ``dose.nrrd`` (float32 Gy),
+``structures/<Name>.nrrd`` (uint8 0/1, names normalised through the synonym map) and ``import.json``
+(source, original structure names, notes). A patient is written into a hidden staging folder and moved
+into place at the end, so an interrupted import never leaves a half patient under its final name; a
+patient folder holding ``import.json`` counts as imported and is kept unless ``overwrite`` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from DeepDosimetricsLib.data.synonyms import SynonymMap, load_synonyms, safe_name
+from DeepDosimetricsLib.runtime.errors import InputError
+
+log = logging.getLogger(__name__)
+
+CT_FILE = "ct.nrrd"
+DOSE_FILE = "dose.nrrd"
+STRUCTURES_DIR = "structures"
+RECORD_FILE = "import.json"
+#: how source files reach the cohort in the folder importer
+LINK_MODES = ("symlink", "hardlink", "copy")
+
+
+@dataclass
+class ImportOptions:
+    """Options shared by every importer."""
+
+    out: Path
+    overwrite: bool = False  # re-import patients already in the cohort
+    link: str = "symlink"  # folder importer: symlink | hardlink | copy conforming NRRD files
+    synonyms: Optional[SynonymMap] = None  # None: packaged map (+ $DEEPDOSIMETRICS_SYNONYMS)
+    quiet: bool = False
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        if self.link not in LINK_MODES:
+            raise InputError(f"unknown link mode '{self.link}'; use one of {', '.join(LINK_MODES)}")
+        if self.synonyms is None:
+            self.synonyms = load_synonyms()
+
+
+def patient_state(cohort_dir: Path, patient_id: str) -> str:
+    """'absent', 'imported' (has import.json) or 'foreign' (a folder not made by an importer)."""
+    folder = cohort_dir / patient_id
+    if not folder.exists():
+        return "absent"
+    return "imported" if (folder / RECORD_FILE).is_file() else "foreign"
+
+
+def existing_patient(options: ImportOptions, patient_id: str, source: str):
+    """The report entry of a patient already in the cohort (kept unless overwrite), else None."""
+    from DeepDosimetricsLib.data.importers.report import OK, SKIPPED, PatientImportStatus
+
+    state = patient_state(options.out, patient_id)
+    if state == "absent" or options.overwrite:
+        return None
+    if state == "foreign":
+        return PatientImportStatus(patient_id, SKIPPED, f"{options.out / patient_id} exists and was not "
+                                   "made by an import; --overwrite replaces it", source)
+    try:
+        record = read_record(options.out / patient_id)
+    except (OSError, ValueError):
+        record = {}
+    return PatientImportStatus(patient_id, OK, "already imported (kept; --overwrite to import again)",
+                               source, len(record.get("structures") or {}), bool(record.get("dose")))
+
+
+def read_record(patient_dir: Union[str, os.PathLike]) -> dict:
+    """The ``import.json`` of an imported patient."""
+    with open(Path(patient_dir) / RECORD_FILE, encoding="utf-8") as stream:
+        return json.load(stream)
+
+
+def as_ct(image):
+    """The image as int16 HU (rounded and clipped to the int16 range when needed)."""
+    import SimpleITK as sitk
+
+    if image.GetPixelID() == sitk.sitkInt16:
+        return image
+    array = np.rint(sitk.GetArrayViewFromImage(image).astype(np.float64))
+    converted = sitk.GetImageFromArray(np.clip(array, -32768, 32767).astype(np.int16))
+    converted.CopyInformation(image)
+    return converted
+
+
+def as_mask(image):
+    """The image as a uint8 0/1 mask (any non-zero voxel is inside)."""
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayViewFromImage(image)
+    if image.GetPixelID() == sitk.sitkUInt8 and array.max(initial=0) <= 1:
+        return image
+    converted = sitk.GetImageFromArray((array != 0).astype(np.uint8))
+    converted.CopyInformation(image)
+    return converted
+
+
+class PatientWriter:
+    """Stages one patient's files and moves them into ``COHORT/<patient>`` on ``commit``.
+
+    Use as a context manager: leaving it with an exception removes the staging folder.
+    """
+
+    def __init__(self, options: ImportOptions, patient_id: str, source: str, importer: str):
+        self.options = options
+        self.patient_id = patient_id
+        self.final_dir = options.out / patient_id
+        options.out.mkdir(parents=True, exist_ok=True)
+        self.staging_dir = Path(tempfile.mkdtemp(prefix=f".{patient_id}.", suffix=".importing",
+                                                 dir=options.out))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.staging_dir, 0o777 & ~umask)  # mkdtemp makes it private
+        self.record: dict[str, Any] = {
+            "patient": patient_id, "importer": importer, "source": source,
+            "ct": None, "dose": None, "structures": {}, "notes": [],
+        }
+        self.structure_count = 0
+
+    def __enter__(self) -> PatientWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if self.staging_dir.exists():
+            shutil.rmtree(self.staging_dir, ignore_errors=True)
+
+    def note(self, text: str) -> None:
+        """A remark kept in import.json and shown in the report (e.g. 'no dose')."""
+        self.record["notes"].append(text)
+
+    # --- images written from memory -------------------------------------------------------------
+    def write_ct(self, image, source: str = "") -> None:
+        self._write(as_ct(image), CT_FILE)
+        self.record["ct"] = {"file": CT_FILE, "source": source}
+
+    def write_dose(self, image, source: str = "") -> None:
+        import SimpleITK as sitk
+
+        self._write(sitk.Cast(image, sitk.sitkFloat32), DOSE_FILE)
+        self.record["dose"] = {"file": DOSE_FILE, "source": source}
+
+    def write_structure(self, original_name: str, image, source: str = "") -> Optional[str]:
+        """Write a mask under its canonical name; returns that name (None when the mask is empty)."""
+        import SimpleITK as sitk
+
+        mask = as_mask(image)
+        if not sitk.GetArrayViewFromImage(mask).any():
+            self.note(f"structure '{original_name}' is empty: not written")
+            return None
+        name = self._structure_name(original_name)
+        self._write(mask, self._structure_file(name))
+        self._record_structure(name, original_name, source)
+        return name
+
+    # --- files placed by link or copy -----------------------------------------------------------
+    def place_ct(self, path: Path) -> None:
+        """Link/copy a conforming CT NRRD, or convert it to int16 HU."""
+        import SimpleITK as sitk
+
+        self._place(path, CT_FILE, sitk.sitkInt16, as_ct)
+        self.record["ct"] = {"file": CT_FILE, "source": str(path)}
+
+    def place_dose(self, path: Path) -> None:
+        """Link/copy a conforming float32 dose NRRD, or convert it."""
+        import SimpleITK as sitk
+
+        self._place(path, DOSE_FILE, sitk.sitkFloat32, lambda image: sitk.Cast(image, sitk.sitkFloat32))
+        self.record["dose"] = {"file": DOSE_FILE, "source": str(path)}
+
+    def place_structure(self, original_name: str, path: Path) -> Optional[str]:
+        """Link/copy a uint8 0/1 mask NRRD (converted otherwise); None when empty."""
+        import SimpleITK as sitk
+
+        image = _read(path)
+        mask = as_mask(image)
+        if not sitk.GetArrayViewFromImage(mask).any():
+            self.note(f"structure '{original_name}' ({path.name}) is empty: not written")
+            return None
+        name = self._structure_name(original_name)
+        relative = self._structure_file(name)
+        if mask is image and _linkable(path):
+            self._link(path, relative)
+        else:
+            self._write(mask, relative)
+        self._record_structure(name, original_name, str(path))
+        return name
+
+    def write_extra(self, image, relative: str, source: str = "") -> None:
+        """Write another image as it is (e.g. OpenKBP's possible_dose_mask)."""
+        self._write(image, relative)
+        self.record.setdefault("extras", {})[relative] = source
+
+    def place_extra(self, path: Path, relative: str) -> None:
+        """Link/copy another file as it is (e.g. OpenKBP's possible_dose_mask.nrrd)."""
+        self._link(path, relative)
+        self.record.setdefault("extras", {})[relative] = str(path)
+
+    # --- commit ---------------------------------------------------------------------------------
+    def commit(self) -> Path:
+        """Write import.json and move the staged patient to its final folder (replacing an old one)."""
+        if self.record["ct"] is None and self.record["dose"] is None:
+            raise InputError(f"patient {self.patient_id}: nothing to write (no CT and no dose)")
+        with open(self.staging_dir / RECORD_FILE, "w", encoding="utf-8") as stream:
+            json.dump(self.record, stream, indent=1)
+        old = None
+        if self.final_dir.exists() or self.final_dir.is_symlink():
+            old = self.final_dir.with_name(f".{self.patient_id}.old-{os.getpid()}")
+            os.replace(self.final_dir, old)
+        os.replace(self.staging_dir, self.final_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.final_dir
+
+    # --- helpers --------------------------------------------------------------------------------
+    def _structure_name(self, original_name: str) -> str:
+        base = safe_name(self.options.synonyms.normalize(original_name))
+        name, index = base, 2
+        while name in self.record["structures"]:
+            name, index = f"{base}_{index}", index + 1
+        if name != base:
+            self.note(f"structure '{original_name}' stored as {name}: {base} already taken")
+        return name
+
+    @staticmethod
+    def _structure_file(name: str) -> str:
+        return f"{STRUCTURES_DIR}/{name}.nrrd"
+
+    def _record_structure(self, name: str, original_name: str, source: str) -> None:
+        self.record["structures"][name] = {"original": original_name, "file": self._structure_file(name),
+                                           "source": source}
+        self.structure_count += 1
+
+    def _write(self, image, relative: str) -> None:
+        import SimpleITK as sitk
+
+        target = self.staging_dir / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(image, str(target), True)
+
+    def _place(self, path: Path, relative: str, pixel_id: int, convert) -> None:
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as error:
+            raise InputError(f"unreadable file {path}: {_first_line(error)}") from error
+        if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
+            raise InputError(f"{path} is not a 3D scalar image")
+        if reader.GetPixelID() == pixel_id and _linkable(path):
+            self._link(path, relative)
+        else:
+            self._write(convert(_read(path)), relative)
+
+    def _link(self, path: Path, relative: str) -> None:
+        target = self.staging_dir / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source = path.resolve()
+        mode = self.options.link
+        try:
+            if mode == "symlink":
+                os.symlink(source, target)
+                return
+            if mode == "hardlink":
+                os.link(source, target)
+                return
+        except OSError as error:
+            self.note(f"{mode} of {path.name} failed ({error.strerror or error}): copied")
+        shutil.copy2(source, target)
+
+
+def _read(path: Path):
+    import SimpleITK as sitk
+
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise InputError(f"unreadable file {path}: {_first_line(error)}") from error
+
+
+def _linkable(path: Path) -> bool:
+    """A self-contained .nrrd file (no detached data file) can be linked as it is."""
+    if path.suffix.lower() != ".nrrd":
+        return False
+    with open(path, "rb") as stream:
+        header = stream.read(4096).split(b"\n\n", 1)[0].lower()
+    return b"data file:" not in header and b"datafile:" not in header
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__

@@ -1,0 +1,1 @@
+"""The deep path: channels, cache, tiles, model, training, encoding and reconstruction."""

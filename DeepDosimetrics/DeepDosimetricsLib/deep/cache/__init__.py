@@ -1,0 +1,1 @@
+"""The compact preprocessing cache that tiles are read from (store) and its builder (build)."""

@@ -1,0 +1,1 @@
+"""Encoding patients to features, reconstruction, quality metrics and latent traversal."""

@@ -1,0 +1,228 @@
+"""Encode patients with a trained tile autoencoder: per-tile features, per-structure summaries, and
+(optionally) the stitched reconstruction, in one pass over the tiles that touch the body.
+
+For one cached patient, :func:`encode_patient` lays a :class:`~.tiling.TileGrid` over the volume
+(stride ``tile * (1 - overlap)``), keeps the tiles holding at least one body voxel, and runs the model
+on them in batches (``torch.inference_mode``; channels_last_3d on CPU, bfloat16 autocast on CUDA).
+Each tile's K features are kept with its position and the voxel count of every structure inside it;
+a structure's features are the mean and standard deviation of the tile features weighted by those
+counts (``BODY``: the whole body). With a sink, the decoded tiles are blended into it slab by slab.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from DeepDosimetricsLib.deep.channels import ChannelSpec
+from DeepDosimetricsLib.deep.tiling import Sink, SlabStitcher, TileGrid, Triple, batched, tiles_touching
+
+log = logging.getLogger(__name__)
+
+#: name of the whole-body "structure" in the feature tables
+BODY = "BODY"
+
+
+def feature_names(count: int) -> list[str]:
+    """``z00``, ``z01``, ... for ``count`` features."""
+    return [f"z{index:02d}" for index in range(count)]
+
+
+class TileModel:
+    """Runs a TileAutoencoder on numpy batches: encode (B, C, t, t, t) -> (B, K), decode back."""
+
+    def __init__(self, model, device="cpu"):
+        import torch
+
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.config = model.config
+        self._channels_last = self.device.type == "cpu"
+        if self._channels_last:
+            self.model.to(memory_format=torch.channels_last_3d)
+
+    def _autocast(self):
+        import contextlib
+
+        import torch
+
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()  # bf16 on CPUs without native support is far slower
+
+    def encode(self, tiles: np.ndarray) -> np.ndarray:
+        """(B, C, t, t, t) float32 in [0, 1] -> (B, K) float32 features."""
+        import torch
+
+        with torch.inference_mode(), self._autocast():
+            x = torch.from_numpy(np.ascontiguousarray(tiles, np.float32)).to(self.device, non_blocking=True)
+            if self._channels_last:
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            return self.model.encode(x).float().cpu().numpy()
+
+    def decode(self, features: np.ndarray) -> np.ndarray:
+        """(B, K) features -> (B, C, t, t, t) float32 in [0, 1] (C-contiguous)."""
+        return np.ascontiguousarray(np.moveaxis(self.decode_channels_last(features), -1, 1))
+
+    def decode_channels_last(self, features: np.ndarray) -> np.ndarray:
+        """(B, K) features -> (B, t, t, t, C) float32 in [0, 1]: no layout copy after a channels_last network."""
+        import torch
+
+        with torch.inference_mode(), self._autocast():
+            z = torch.from_numpy(np.ascontiguousarray(features, np.float32)).to(self.device)
+            values = self.model.decode(z).float().permute(0, 2, 3, 4, 1)
+            return values.contiguous().cpu().numpy()  # a no-op copy for channels_last output
+
+
+@dataclass
+class PatientTiles:
+    """The encoded tiles of one patient."""
+
+    patient: str
+    grid: TileGrid
+    positions: list[Triple]
+    features: np.ndarray  # (N, K) float32
+    counts: dict[str, np.ndarray] = field(default_factory=dict)  # structure -> voxels per tile (N,)
+
+    def tile_table(self, geometry=None) -> pd.DataFrame:
+        """One row per tile: index, start (z, y, x) on the cache grid, centre in LPS mm, voxel counts, features."""
+        starts = np.asarray(self.positions, dtype=int).reshape(-1, 3)
+        table = pd.DataFrame({"patient": self.patient, "tile": np.arange(len(starts))})
+        table["z"], table["y"], table["x"] = starts[:, 0], starts[:, 1], starts[:, 2]
+        if geometry is not None and len(starts):
+            centre_zyx = starts + (np.asarray(self.grid.tile) - 1) / 2.0
+            lps = np.array([geometry.index_to_physical(c[::-1]) for c in centre_zyx])
+            table["center_x_mm"], table["center_y_mm"], table["center_z_mm"] = lps[:, 0], lps[:, 1], lps[:, 2]
+        for name, counts in self.counts.items():
+            table[f"voxels_{name}"] = counts
+        for index, name in enumerate(feature_names(self.features.shape[1])):
+            table[name] = self.features[:, index]
+        return table
+
+    def feature_table(self) -> pd.DataFrame:
+        """Long table ``patient, structure, feature, value``: count-weighted mean and std per structure."""
+        names = feature_names(self.features.shape[1])
+        rows = []
+        for structure, counts in self.counts.items():
+            if counts.sum() <= 0:
+                continue
+            mean, std = weighted_mean_std(self.features, counts)
+            for name, m, s in zip(names, mean, std):
+                rows.append((self.patient, structure, f"{name}_mean", float(m)))
+                rows.append((self.patient, structure, f"{name}_std", float(s)))
+        return pd.DataFrame(rows, columns=["patient", "structure", "feature", "value"])
+
+
+def weighted_mean_std(features: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and (population) standard deviation of ``features`` (N, K) weighted by ``weights`` (N,)."""
+    w = np.asarray(weights, np.float64)
+    values = np.asarray(features, np.float64)
+    total = w.sum()
+    mean = (w[:, None] * values).sum(axis=0) / total
+    variance = (w[:, None] * (values - mean) ** 2).sum(axis=0) / total
+    return mean, np.sqrt(np.maximum(variance, 0.0))
+
+
+def structure_counts(cached_patient, grid: TileGrid, positions: Sequence[Triple],
+                     structures: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
+    """Voxels of the body and of each structure inside each tile (inside the volume).
+
+    Each mask is read once per row of tiles (a slab one tile deep) through ``read_tile``, so no whole
+    mask stays resident and the reads stay few.
+    """
+    from DeepDosimetricsLib.deep.channels import mask
+
+    names = [BODY] + [s for s in (cached_patient.structure_names if structures is None else structures)
+                      if s != BODY]
+    index = {tuple(start): number for number, start in enumerate(positions)}
+    rows: dict[int, list[Triple]] = {}
+    for start in positions:
+        rows.setdefault(start[0], []).append(start)
+    _, height, width = cached_patient.shape
+    tz, ty, tx = grid.tile
+    counts = {name: np.zeros(len(positions), np.int64) for name in names}
+    for name in names:
+        spec = [mask(name)]
+        for z, starts in rows.items():
+            slab = cached_patient.read_tile(spec, (z, 0, 0), (min(tz, grid.shape[0] - z), height, width))[0] > 0
+            for start in starts:
+                _, y, x = start
+                counts[name][index[tuple(start)]] = np.count_nonzero(slab[:, y : y + ty, x : x + tx])
+    return counts
+
+
+def body_slab_reader(cached_patient):
+    """``(z0, z1) -> body[z0:z1]`` (float32 0/1) read through ``read_tile``, for :func:`tiles_touching`."""
+    from DeepDosimetricsLib.deep.channels import mask
+
+    spec = [mask(BODY)]
+    _, height, width = cached_patient.shape
+    return lambda z0, z1: cached_patient.read_tile(spec, (z0, 0, 0), (z1 - z0, height, width))[0]
+
+
+def encode_patient(
+    runner: TileModel,
+    cached_patient,
+    specs: Sequence[ChannelSpec],
+    overlap: float = 0.25,
+    batch: int = 8,
+    sink: Optional[Sink] = None,
+    fill: Optional[Sequence[float]] = None,
+    quiet: bool = True,
+) -> PatientTiles:
+    """Encode the body tiles of one cached patient; with ``sink``, also stream the stitched reconstruction."""
+    from DeepDosimetricsLib.runtime.progress import progress_bar
+
+    cp = cached_patient
+    tile = runner.config.tile
+    grid = TileGrid.create(cp.shape, tile, overlap)
+    positions = tiles_touching(grid, body_slab_reader(cp))
+    channels = len(specs)
+    features = np.zeros((len(positions), runner.config.features), np.float32)
+    stitcher = SlabStitcher(grid.shape, channels, grid.tile, sink, fill=fill) if sink is not None else None
+    buffer = np.empty((batch, channels, *grid.tile), np.float32)
+    done = 0
+    bar = progress_bar(range(len(positions)), total=len(positions), desc=f"encode {cp.id}", quiet=quiet)
+    for group in batched(positions, batch):
+        inputs = buffer[: len(group)]
+        for slot, start in enumerate(group):
+            cp.read_tile(list(specs), start, grid.tile, out=inputs[slot])
+        codes = runner.encode(inputs)
+        features[done : done + len(group)] = codes
+        if stitcher is not None:
+            for start, values in zip(group, runner.decode_channels_last(codes)):
+                stitcher.add_channels_last(start, values)
+        done += len(group)
+        bar.update(len(group))
+    bar.close()
+    if stitcher is not None:
+        stitcher.finish()
+    counts = structure_counts(cp, grid, positions)
+    return PatientTiles(cp.id, grid, positions, features, counts)
+
+
+def decode_tiles(
+    runner: TileModel,
+    grid: TileGrid,
+    positions: Sequence[Triple],
+    features: np.ndarray,
+    sink: Sink,
+    fill: Optional[Sequence[float]] = None,
+    batch: int = 8,
+) -> None:
+    """Decode given per-tile features (N, K) and blend the tiles into ``sink`` (e.g. a latent traversal)."""
+    ordered = sorted(range(len(positions)), key=lambda i: tuple(positions[i]))
+    stitcher = SlabStitcher(grid.shape, len(runner.config.channels), grid.tile, sink, fill=fill)
+    for group in batched(ordered, batch):
+        for index, values in zip(group, runner.decode_channels_last(features[list(group)])):
+            stitcher.add_channels_last(positions[index], values)
+    stitcher.finish()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The cohort job: `deepdosimetrics encode`
+# ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Training the tile autoencoder: sampling, the training loop, checkpoints."""

@@ -1,0 +1,1 @@
+"""Classic features: radiomics, dose-volume metrics and their result tables."""

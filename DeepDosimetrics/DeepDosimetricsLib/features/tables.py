@@ -1,0 +1,378 @@
+"""Per-structure result tables (radiomics, DVH): the long layout, skip reasons, the wide pivot,
+atomic CSV writing, and the runner that fills a table over (patient, structure) work items.
+
+The long table has one row per value: ``patient, structure, image, feature, value, reason``.
+A structure (or a patient) that cannot be measured gives ONE row with an empty ``feature``, no
+``value`` and a ``reason``:
+
+- a *skip* (the data say so, not a failure): ``empty structure: ...``, ``structure outside the
+  image: ...``, ``structure too small: ...``, ``no dose: ...``, ``no such structure: ...``;
+- an *error* (``error: ...``): an unreadable file or an unexpected failure. Other items still run.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sequence, Union
+
+from DeepDosimetricsLib.runtime.atomic import write_csv_atomic
+from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError, InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+    from DeepDosimetricsLib.data.patient import Patient
+
+log = logging.getLogger(__name__)
+
+LONG_COLUMNS = ["patient", "structure", "image", "feature", "value", "reason"]
+
+#: skip categories (a row with one of these reasons is not a failure)
+EMPTY_STRUCTURE = "empty structure"
+OUTSIDE_IMAGE = "structure outside the image"
+TOO_SMALL = "structure too small"
+NO_DOSE = "no dose"
+NO_SUCH_STRUCTURE = "no such structure"
+#: reason prefix of a failed item (unreadable file, unexpected error)
+ERROR = "error"
+
+
+class StructureSkipped(InputError):
+    """A structure (or patient) that cannot be measured, for a reason the data give (see categories)."""
+
+    def __init__(self, category: str, detail: str = "") -> None:
+        self.category = category
+        self.detail = detail
+        super().__init__(f"{category}: {detail}" if detail else category)
+
+
+def classify_input_error(error: DeepDosimetricsError) -> StructureSkipped:
+    """Turn a Patient's error about one structure into a skip with its category (or an error)."""
+    if isinstance(error, StructureSkipped):
+        return error
+    message = str(error)
+    if "is empty" in message or "no voxel inside" in message:
+        return StructureSkipped(EMPTY_STRUCTURE, message)
+    if "does not overlap" in message:
+        return StructureSkipped(OUTSIDE_IMAGE, message)
+    if "has no dose" in message:
+        return StructureSkipped(NO_DOSE, message)
+    return StructureSkipped(ERROR, message)
+
+
+def is_failure(reason: str) -> bool:
+    """Whether a row's reason marks a failure (not a data skip)."""
+    return isinstance(reason, str) and reason.startswith(ERROR + ":")
+
+
+def value_rows(patient: str, structure: str, image: str, values: Dict[str, float]) -> List[tuple]:
+    """Long rows for the values of one structure."""
+    return [(patient, structure, image, name, float(value), "") for name, value in values.items()]
+
+
+def reason_row(patient: str, structure: str, image: str, reason: Union[str, Exception]) -> tuple:
+    """The single long row of a structure or patient that was not measured."""
+    return (patient, structure, image, "", float("nan"), str(reason))
+
+
+def long_table(rows: Iterable[tuple]) -> pd.DataFrame:
+    """A long table from row tuples, with the standard columns and dtypes."""
+    import pandas as pd
+
+    table = pd.DataFrame(list(rows), columns=LONG_COLUMNS)
+    table["value"] = table["value"].astype(float)
+    return table
+
+
+def count_failures(table: pd.DataFrame) -> int:
+    """Number of failed rows (reason ``error: ...``)."""
+    return int(table["reason"].map(is_failure).sum()) if len(table) else 0
+
+
+def to_wide(table: pd.DataFrame, with_patient: bool = True) -> pd.DataFrame:
+    """Features as rows, one column per ``patient/structure`` (or per structure), like Slicer's table.
+
+    Rows without a value (skips, errors) are left out; the index column is ``feature``
+    (``image:feature`` when the table mixes CT and dose).
+    """
+    import pandas as pd
+
+    values = table[table["feature"].astype(str) != ""].copy()
+    if values.empty:
+        return pd.DataFrame(index=pd.Index([], name="feature"))
+    if values["image"].nunique() > 1:
+        values["feature"] = values["image"] + ":" + values["feature"]
+    if with_patient:
+        values["column"] = values["patient"].astype(str) + "/" + values["structure"].astype(str)
+    else:
+        if values.duplicated(["structure", "feature"]).any():
+            raise InputError(
+                "a wide table by structure needs a single patient; use patient/structure columns"
+            )
+        values["column"] = values["structure"].astype(str)
+    feature_order = list(dict.fromkeys(values["feature"]))
+    column_order = list(dict.fromkeys(values["column"]))
+    wide = values.pivot(index="feature", columns="column", values="value")
+    wide = wide.reindex(index=feature_order, columns=column_order)
+    wide.columns.name = None
+    wide.index.name = "feature"
+    return wide
+
+
+# ---------------------------------------------------------------------------------- the runner
+@dataclass(frozen=True)
+class WorkItem:
+    """One unit of work: a structure of a patient (the worker loads only what it needs)."""
+
+    patient_id: str
+    folder: Optional[str]
+    structure: str
+
+
+#: a worker computes the long rows of one item; ``patient`` is given in-process, else loaded from folder
+Worker = Callable[..., List[tuple]]
+
+
+class _PatientCache:
+    """The last patient a process loaded, and images derived from it (memory stays one patient)."""
+
+    def __init__(self) -> None:
+        self.key: Optional[tuple] = None
+        self.patient: Optional[Patient] = None
+        self.derived: Dict[str, object] = {}
+
+    def clear(self) -> None:
+        """Forget the patient (free its images)."""
+        self.key, self.patient, self.derived = None, None, {}
+
+    def patient_for(self, item: WorkItem, patient: Optional[Patient] = None) -> Patient:
+        from DeepDosimetricsLib.data.patient import Patient
+
+        key = (item.patient_id, item.folder, id(patient) if patient is not None else None)
+        if key != self.key:
+            self.key, self.derived = key, {}
+            if patient is None:
+                if item.folder is None:
+                    raise InputError(f"patient {item.patient_id}: no folder to load it from in a worker")
+                patient = Patient.from_folder(item.folder, patient_id=item.patient_id)
+            self.patient = patient
+        return self.patient
+
+    def derived_value(self, name: str, compute: Callable[[], object]) -> object:
+        """A value computed once per patient (e.g. the dose image)."""
+        if name not in self.derived:
+            self.derived[name] = compute()
+        return self.derived[name]
+
+
+PATIENT_CACHE = _PatientCache()
+
+
+def _worker_init(threads: int) -> None:
+    """Pool worker set-up: ``threads`` ITK and BLAS/OpenMP threads per worker (the pool is the parallelism).
+
+    OpenBLAS threads of forked workers otherwise compete for the same cores (busy-waiting), which
+    made `--jobs 2` no faster than `--jobs 1` with the `all` preset.
+    """
+    import SimpleITK as sitk
+    from threadpoolctl import threadpool_limits
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, threads))
+    threadpool_limits(limits=max(1, threads))
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """fork on Linux: workers start at once with the modules already imported. The pool forks its
+    workers when the first item is submitted, before the progress bar (the only other thread) starts;
+    ITK's thread pool and OpenBLAS handle fork. spawn elsewhere (macOS and Windows cannot fork safely).
+    Inside a GUI application (Slicer), run with jobs=1 or through the command line."""
+    if sys.platform.startswith("linux"):
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
+def run_items(
+    items: Sequence[WorkItem],
+    worker: Worker,
+    patients: Optional[Dict[str, Patient]] = None,
+    jobs: int = 1,
+    quiet: bool = False,
+    desc: str = "",
+    image: str = "",
+) -> List[tuple]:
+    """Run ``worker`` over the items (in-process or in a pool of ``jobs`` processes) and return
+    their rows in item order. A failing item gives an ``error:`` row; the others go on.
+
+    ``image`` fills the image column of reason rows. ``patients`` (id -> Patient) is used in-process;
+    pool workers load patients from their folders, so jobs > 1 needs items with a folder (in-memory
+    patients run in-process). If the pool breaks (workers cannot start), the rest runs in-process.
+    """
+    from DeepDosimetricsLib.runtime.progress import progress_bar
+
+    results: List[Optional[List[tuple]]] = [None] * len(items)
+    pooled = jobs > 1 and len(items) > 1 and all(item.folder for item in items)
+    if jobs > 1 and not pooled and len(items) > 1:
+        log.info("%s: in-memory patients run in this process (jobs=%d ignored)", desc, jobs)
+    if not pooled:
+        bar = progress_bar(items, total=len(items), desc=desc, quiet=quiet)
+        for index, item in enumerate(bar):
+            patient = (patients or {}).get(item.patient_id)
+            results[index] = _run_one(worker, item, patient, image)
+        PATIENT_CACHE.clear()
+        return [row for rows in results for row in rows]
+
+    executor = ProcessPoolExecutor(
+        max_workers=min(jobs, len(items)), mp_context=_pool_context(), initializer=_worker_init, initargs=(1,)
+    )
+    broken = False
+    try:
+        # submit everything (the workers are forked at the first submit) before the bar starts its thread
+        futures = {}
+        for task in _tasks(items, jobs):
+            try:
+                futures[executor.submit(_run_task, worker, [items[i] for i in task], image)] = task
+            except BrokenProcessPool:  # a worker died already: the rest runs in this process
+                broken = True
+                break
+        bar = progress_bar(None, total=len(items), desc=desc, quiet=quiet)
+        for future in as_completed(futures):
+            task = futures[future]
+            try:
+                for index, rows in zip(task, future.result()):
+                    results[index] = rows
+            except BrokenProcessPool:  # workers could not start or died: finish in this process
+                broken = True
+            bar.update(len(task))
+        bar.close()
+    except BaseException:
+        executor.shutdown(wait=False, cancel_futures=True)
+        raise
+    executor.shutdown(wait=not broken, cancel_futures=broken)
+    missing = [index for index, rows in enumerate(results) if rows is None]
+    if missing:
+        log.warning("%s: the process pool broke; running %d item(s) in this process", desc, len(missing))
+        for index in progress_bar(missing, total=len(missing), desc=desc, quiet=quiet):
+            item = items[index]
+            results[index] = _run_one(worker, item, (patients or {}).get(item.patient_id), image)
+        PATIENT_CACHE.clear()
+    return [row for rows in results for row in rows]
+
+
+def _tasks(items: Sequence[WorkItem], jobs: int) -> List[List[int]]:
+    """Item indices grouped into pool tasks: one task per patient when there are enough patients to
+    keep every worker busy (each patient is then loaded by one worker only), else one task per item
+    (a few large patients still spread over the workers)."""
+    by_patient: Dict[str, List[int]] = {}
+    for index, item in enumerate(items):
+        by_patient.setdefault(item.patient_id, []).append(index)
+    if len(by_patient) >= 2 * jobs:
+        return list(by_patient.values())
+    return [[index] for index in range(len(items))]
+
+
+def _run_task(worker: Worker, task: List[WorkItem], image: str) -> List[List[tuple]]:
+    """A pool task: the rows of each of its items."""
+    return [_run_one(worker, item, None, image) for item in task]
+
+
+def _run_one(worker: Worker, item: WorkItem, patient: Optional[Patient], image: str) -> List[tuple]:
+    """One item, errors turned into reason rows (skips) or ``error:`` rows (failures)."""
+    try:
+        return worker(item, PATIENT_CACHE.patient_for(item, patient))
+    except StructureSkipped as skip:
+        return [reason_row(item.patient_id, item.structure, image, skip)]
+    except DeepDosimetricsError as error:
+        return [reason_row(item.patient_id, item.structure, image, classify_input_error(error))]
+    except Exception as error:  # keep the cohort going; the row says what broke
+        log.debug("patient %s, structure %s failed", item.patient_id, item.structure, exc_info=True)
+        return [
+            reason_row(item.patient_id, item.structure, image, f"{ERROR}: {type(error).__name__}: {error}")
+        ]
+
+
+# ---------------------------------------------------------------------------------- work items
+def work_items(
+    patients: Sequence[Patient], structures: Optional[Sequence[str]], need_dose: bool, image: str
+) -> tuple[List[WorkItem], List[tuple]]:
+    """(patient, structure) work items in patient order, and reason rows for patients without dose and
+    requested structures a patient lacks. A requested structure no patient has is an InputError."""
+    wanted = [s.strip() for s in structures if s.strip()] if structures else None
+    if wanted:
+        found = {name.lower() for p in patients for name in p.structure_names}
+        absent = [s for s in wanted if s.lower() not in found]
+        if absent:
+            known = sorted({name for p in patients for name in p.structure_names}, key=str.lower)
+            raise InputError(
+                f"no patient has a structure named {', '.join(absent)}; structures found: {', '.join(known)}"
+            )
+    items: List[WorkItem] = []
+    rows: List[tuple] = []
+    for patient in patients:
+        if need_dose and not patient.has_dose:
+            rows.append(reason_row(patient.id, "", image, f"{NO_DOSE}: patient {patient.id} has no dose"))
+            continue
+        folder = str(patient.folder) if patient.folder is not None else None
+        if wanted is None:
+            names = patient.structure_names
+        else:
+            names = []
+            by_lower = {n.lower(): n for n in patient.structure_names}
+            for name in wanted:
+                if name.lower() in by_lower:
+                    names.append(by_lower[name.lower()])
+                else:
+                    rows.append(
+                        reason_row(
+                            patient.id,
+                            name,
+                            image,
+                            f"{NO_SUCH_STRUCTURE}: patient {patient.id} has no {name}",
+                        )
+                    )
+        items += [WorkItem(patient.id, folder, name) for name in names]
+    return items, rows
+
+
+def in_patient_order(rows: List[tuple], patient_ids: List[str]) -> List[tuple]:
+    """Rows grouped by patient in cohort order (stable within a patient)."""
+    order = {pid: index for index, pid in enumerate(patient_ids)}
+    return sorted(rows, key=lambda row: order.get(row[0], len(order)))
+
+
+# ---------------------------------------------------------------------------------- CLI output
+def parse_structure_list(text: Optional[str]) -> Optional[List[str]]:
+    """``"PTV70, Brainstem"`` -> ``["PTV70", "Brainstem"]``; None or empty -> None (all structures)."""
+    if not text:
+        return None
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    return names or None
+
+
+def write_result(table: pd.DataFrame, out: Union[str, Path], wide: bool = False) -> int:
+    """Write the long (or wide) table atomically, print a summary with the skips, and return the exit
+    code: 0 when every item ran or was skipped for a reason the data give, 1 when some failed."""
+    if wide:
+        write_csv_atomic(to_wide(table), out, index=True)
+    else:
+        write_csv_atomic(table, out)
+    measured = table[table["feature"].astype(str) != ""]
+    pairs = measured[["patient", "structure"]].drop_duplicates()
+    print(
+        f"{out}: {len(measured)} values, {pairs['patient'].nunique()} patients, "
+        f"{len(pairs)} structures measured",
+        file=sys.stderr,
+    )
+    skipped = table[table["feature"].astype(str) == ""]
+    failures = count_failures(table)
+    if len(skipped):
+        print(f"{len(skipped) - failures} skipped, {failures} failed:", file=sys.stderr)
+        for row in skipped.itertuples(index=False):
+            where = f"{row.patient}/{row.structure}" if row.structure else str(row.patient)
+            print(f"  {where}: {row.reason}", file=sys.stderr)
+    return 1 if failures else 0

@@ -1,0 +1,1 @@
+"""Shared runtime helpers: errors, progress, atomic files, devices, worker pools, the process runner."""

@@ -1,0 +1,112 @@
+"""Atomic file writes: write beside the target under a temporary name, then rename over it.
+
+An interrupted job or a full disk never leaves a half-written file under the final name, and the old file
+survives a failed write. One implementation for every output of the library (tables, JSON, models, images).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator, Union
+
+PathLike = Union[str, Path]
+
+
+def _folder_of(path: Path) -> Path:
+    from DeepDosimetricsLib.runtime.errors import InputError
+
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"cannot create the output folder {folder} ({error.strerror})") from None
+    return folder
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike, suffix: str = "") -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to (by any library); renamed over ``path`` on success.
+
+    ``suffix`` keeps an extension some writers need (e.g. ``.nrrd`` for SimpleITK, ``.png``).
+    """
+    path = Path(path)
+    folder = _folder_of(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=folder)
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def write_bytes_atomic(path: PathLike, write: Callable[[BinaryIO], Any], sync: bool = True) -> Path:
+    """Call ``write(handle)`` on a temporary binary file, fsync it, then rename it over ``path``."""
+    path = Path(path)
+    with atomic_path(path) as temporary:
+        with open(temporary, "wb") as handle:
+            write(handle)
+            handle.flush()
+            if sync:
+                os.fsync(handle.fileno())
+    return path
+
+
+def write_text_atomic(path: PathLike, text: str) -> Path:
+    """Write UTF-8 text atomically."""
+    return write_bytes_atomic(path, lambda handle: handle.write(text.encode("utf-8")), sync=False)
+
+
+def json_default(value: Any) -> Any:
+    """JSON for numpy scalars and arrays, and paths."""
+    import numpy as np
+
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_json_atomic(path: PathLike, data: Any) -> Path:
+    """Write JSON (indented, numpy-aware) atomically."""
+    return write_text_atomic(path, json.dumps(data, indent=2, default=json_default))
+
+
+def write_csv_atomic(table, path: PathLike, index: bool = False) -> Path:
+    """Write a pandas DataFrame as CSV atomically."""
+    path = Path(path)
+    with atomic_path(path) as temporary:
+        with open(temporary, "w", newline="") as stream:
+            table.to_csv(stream, index=index)
+    return path
+
+
+def torch_save_atomic(obj: Any, path: PathLike) -> Path:
+    """``torch.save`` atomically (a full disk never damages an existing file)."""
+    import torch
+
+    return write_bytes_atomic(path, lambda handle: torch.save(obj, handle))
+
+
+def replace_folder(staging: PathLike, final: PathLike) -> None:
+    """Move a completely written ``staging`` folder to ``final``, replacing an older one (kept until then)."""
+    staging, final = Path(staging), Path(final)
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old.{os.getpid()}")
+        os.replace(final, old)
+    os.replace(staging, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
