@@ -366,8 +366,8 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
         stored in the table's attribute ``DeepDosimetrics.RadiomicsPath``. A dose volume (attribute
         ``DicomRtImport.DoseVolume``) gets a preset's dose variant.
         """
-        from DeepDosimetricsLib.mrml import scene as mrml
         from DeepDosimetricsLib.features.radiomics import resolve_parameters
+        from DeepDosimetricsLib.mrml import scene as mrml
         from DeepDosimetricsLib.runtime.errors import InputError
 
         if volumeNode is None:
@@ -437,9 +437,9 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
         return masks, skipped
 
     def _radiomicsThroughPyradiomics(self, volumeNode, maskNode, params, structures):
-        from DeepDosimetricsLib.mrml import scene as mrml
         from DeepDosimetricsLib.features.radiomics import structure_features
         from DeepDosimetricsLib.features.tables import StructureSkipped
+        from DeepDosimetricsLib.mrml import scene as mrml
 
         image = mrml.volume_to_image(volumeNode, "image")
         masks, skipped = self._radiomicsMasks(volumeNode, maskNode, structures)
@@ -513,9 +513,9 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
         ``Dmean_Gy``, ``D95_Gy``, ``V20Gy_pct``...) and one column per structure.
         """
         import numpy as np
-        from DeepDosimetricsLib.mrml import scene as mrml
         from DeepDosimetricsLib.features import dosimetrics
         from DeepDosimetricsLib.features.tables import StructureSkipped
+        from DeepDosimetricsLib.mrml import scene as mrml
         from DeepDosimetricsLib.runtime.errors import InputError
 
         if doseNode is None:

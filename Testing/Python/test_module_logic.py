@@ -23,8 +23,8 @@ try:
 except ImportError as error:  # pragma: no cover - slicer-core is part of the dev install
     pytest.skip(f"slicer-core is not installed ({error})", allow_module_level=True)
 
-from DeepDosimetricsLib.mrml import scene as mrml  # noqa: E402
 from DeepDosimetricsLib.data.patient import Patient  # noqa: E402
+from DeepDosimetricsLib.mrml import scene as mrml  # noqa: E402
 from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError, InputError  # noqa: E402
 
 MODULE_DIR = Path(__file__).resolve().parents[2] / "DeepDosimetrics"
