@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Iterator, List, Optional, Union
+from typing import TYPE_CHECKING, Iterator, List, Optional, Union
 
 from DeepDosimetricsLib.data.patient import (
     CT_STEMS,
@@ -27,7 +27,12 @@ from DeepDosimetricsLib.data.patient import (
 )
 from DeepDosimetricsLib.runtime.errors import InputError
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 log = logging.getLogger(__name__)
+
+__all__ = ["CLINICAL_FILE", "Cohort", "is_patient_folder", "read_clinical"]
 
 CLINICAL_FILE = "clinical.csv"
 
@@ -40,9 +45,17 @@ def is_patient_folder(folder: Path) -> bool:
 
 
 class Cohort:
-    """The patients of a cohort folder, in natural order of their folder names."""
+    """The patients of a cohort folder, in natural order of their folder names.
 
-    def __init__(self, folder: Path, patients: List[Patient], clinical=None) -> None:
+    Open one with ``Cohort.open(folder)``; iterate it for :class:`Patient` objects, index it by patient id.
+
+    Args:
+        folder: the cohort folder.
+        patients: its patients, in order.
+        clinical: the clinical table (pandas DataFrame with a str ``patient`` column), or None.
+    """
+
+    def __init__(self, folder: Path, patients: List[Patient], clinical: Optional[pd.DataFrame] = None) -> None:
         self.folder = folder
         self.patients = patients
         self.clinical = clinical
@@ -50,7 +63,16 @@ class Cohort:
 
     @classmethod
     def open(cls, folder: Union[str, Path], patient_ids: Optional[List[str]] = None) -> Cohort:
-        """Open a cohort folder; ``patient_ids`` selects some patients."""
+        """Open a cohort folder: one ``Patient`` per patient sub-folder, and ``clinical.csv`` if present.
+
+        Args:
+            folder: the cohort folder (hidden sub-folders and folders without a CT or dose are ignored).
+            patient_ids: keep only these patients, in the cohort's order; default all.
+
+        Raises:
+            InputError: the folder is missing, holds no patient folder (or is itself a patient folder), a
+                requested patient is missing, or ``clinical.csv`` is unreadable or names none of the patients.
+        """
         folder = Path(folder)
         if not folder.is_dir():
             raise InputError(f"cohort folder {folder} does not exist or is not a folder")
@@ -98,8 +120,13 @@ class Cohort:
         return f"Cohort({str(self.folder)!r}, {len(self)} patients)"
 
 
-def read_clinical(path: Path, patient_ids: List[str]):
-    """The clinical table (pandas DataFrame indexed by nothing, `patient` as str), or None."""
+def read_clinical(path: Path, patient_ids: List[str]) -> Optional[pd.DataFrame]:
+    """The clinical table (pandas DataFrame indexed by nothing, `patient` as str), or None.
+
+    Args:
+        path: the ``clinical.csv`` file; None is returned when it does not exist.
+        patient_ids: the cohort's patient ids; rows naming none of them are reported (a warning).
+    """
     if not path.is_file():
         return None
     import pandas as pd

@@ -142,7 +142,17 @@ def natural_key(text: str) -> list:
 class Patient:
     """CT, structures and dose of one patient; reads files only when asked.
 
-    Build it with ``Patient.from_folder(path)`` or ``Patient.from_images(...)``.
+    Build it with ``Patient.from_folder(path)`` or ``Patient.from_images(...)``. Arrays are (z, y, x) on
+    the CT grid (the dose grid for a dose-only patient): CT in HU (int16), dose in Gy (float32),
+    structures as uint8 0/1 masks.
+
+    Args:
+        patient_id: the patient's id (the folder name for ``from_folder``).
+        ct: the CT as a file path or a SimpleITK image (HU); None for a dose-only patient.
+        structures: structure name -> file path, SimpleITK image or segment of a ``.seg.nrrd``; any grid.
+        dose: the dose in Gy as a file path or SimpleITK image; any grid.
+        folder: the patient folder the files came from, if any.
+        source: a word for messages saying where the data came from ("files", "images", "scene").
     """
 
     def __init__(
@@ -167,7 +177,16 @@ class Patient:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_folder(cls, folder: Union[str, Path], patient_id: Optional[str] = None) -> Patient:
-        """A patient from a folder in the canonical (or flat) layout."""
+        """A patient from a folder in the canonical (or flat) layout.
+
+        Args:
+            folder: the patient folder (``ct.nrrd``, optional ``dose.nrrd``, ``structures/<Name>.nrrd``,
+                ``structures.seg.nrrd`` or structures beside the CT).
+            patient_id: the id to use; default the folder's name.
+
+        Raises:
+            InputError: the folder does not exist or holds neither a CT nor a dose.
+        """
         folder = Path(folder)
         if not folder.is_dir():
             raise InputError(f"patient folder {folder} does not exist or is not a folder")
@@ -206,7 +225,15 @@ class Patient:
         dose: Optional[sitk.Image] = None,
         source: str = "images",
     ) -> Patient:
-        """A patient from in-memory SimpleITK images (e.g. converted from MRML nodes)."""
+        """A patient from in-memory SimpleITK images (e.g. converted from MRML nodes).
+
+        Args:
+            patient_id: the patient's id.
+            ct: the CT (HU, 3D).
+            structures: structure name -> binary labelmap image, any grid.
+            dose: the dose in Gy, any grid.
+            source: a word for messages saying where the images came from.
+        """
         return cls(patient_id, ct=ct, structures=dict(structures or {}), dose=dose, source=source)
 
     def __repr__(self) -> str:
@@ -331,11 +358,22 @@ class Patient:
         return mask
 
     def structure(self, name: str) -> np.ndarray:
-        """A structure as a uint8 0/1 (z, y, x) array on the CT grid."""
+        """A structure as a uint8 0/1 (z, y, x) array on the CT grid.
+
+        Args:
+            name: the structure's name (case-insensitive).
+
+        Raises:
+            InputError: the patient has no such structure, or its file cannot be read.
+        """
         return sitk.GetArrayFromImage(self.structure_image(name))
 
     def structures(self, names: Optional[List[str]] = None) -> Dict[str, np.ndarray]:
-        """Several structures (all by default) as arrays on the CT grid."""
+        """Several structures as uint8 0/1 (z, y, x) arrays on the CT grid.
+
+        Args:
+            names: structure names (case-insensitive); default every structure of the patient.
+        """
         return {name: self.structure(name) for name in (names or self.structure_names)}
 
     def body_structure_name(self) -> Optional[str]:

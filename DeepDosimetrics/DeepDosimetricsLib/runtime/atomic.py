@@ -104,7 +104,7 @@ def replace_folder(staging: PathLike, final: PathLike) -> None:
     """Move a completely written ``staging`` folder to ``final``, replacing an older one (kept until then)."""
     staging, final = Path(staging), Path(final)
     old = None
-    if final.exists():
+    if final.exists() or final.is_symlink():  # a (dangling) link is replaced too
         old = final.with_name(f".{final.name}.old.{os.getpid()}")
         os.replace(final, old)
     os.replace(staging, final)

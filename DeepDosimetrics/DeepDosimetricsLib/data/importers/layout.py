@@ -21,6 +21,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from DeepDosimetricsLib.data.synonyms import SynonymMap, load_synonyms, safe_name
+from DeepDosimetricsLib.runtime.atomic import replace_folder
 from DeepDosimetricsLib.runtime.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -214,13 +215,7 @@ class PatientWriter:
             raise InputError(f"patient {self.patient_id}: nothing to write (no CT and no dose)")
         with open(self.staging_dir / RECORD_FILE, "w", encoding="utf-8") as stream:
             json.dump(self.record, stream, indent=1)
-        old = None
-        if self.final_dir.exists() or self.final_dir.is_symlink():
-            old = self.final_dir.with_name(f".{self.patient_id}.old-{os.getpid()}")
-            os.replace(self.final_dir, old)
-        os.replace(self.staging_dir, self.final_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_folder(self.staging_dir, self.final_dir)
         return self.final_dir
 
     # --- helpers --------------------------------------------------------------------------------

@@ -5,10 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Union
+
+from DeepDosimetricsLib.runtime.atomic import write_text_atomic
 
 #: file name of the report in the cohort folder
 REPORT_FILE = "import_report.csv"
@@ -81,15 +82,7 @@ class ImportReport:
         """
         path = Path(cohort_dir) / REPORT_FILE
         earlier_rows = read_report(path) if path.is_file() else []
-        handle, temporary = tempfile.mkstemp(prefix=".import_report.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
-                stream.write(self.to_csv_text(earlier_rows))
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        return path
+        return write_text_atomic(path, self.to_csv_text(earlier_rows))
 
     def summary(self) -> str:
         """A short human summary: counts, then one line per skipped patient."""
