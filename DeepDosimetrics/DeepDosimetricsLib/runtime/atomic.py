@@ -7,6 +7,7 @@ survives a failed write. One implementation for every output of the library (tab
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -28,6 +29,14 @@ def _folder_of(path: Path) -> Path:
     return folder
 
 
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    """The process umask (read once: reading it means setting it, which is not thread-safe)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike, suffix: str = "") -> Iterator[Path]:
     """A temporary path beside ``path`` to write to (by any library); renamed over ``path`` on success.
@@ -38,6 +47,7 @@ def atomic_path(path: PathLike, suffix: str = "") -> Iterator[Path]:
     folder = _folder_of(path)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=folder)
     os.close(handle)
+    os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; outputs get the usual mode
     try:
         yield Path(temporary)
         os.replace(temporary, path)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,7 +288,7 @@ def _encode_one(runner: TileModel, cp, specs, settings: EncodeSettings, out, key
         write_reconstruction,
     )
     from DeepDosimetricsLib.deep.tiling import NpyChannelSink
-    from DeepDosimetricsLib.runtime.atomic import write_csv_atomic, write_json_atomic
+    from DeepDosimetricsLib.runtime.atomic import replace_folder, write_csv_atomic, write_json_atomic
 
     final = out / cp.id
     partial = out / f".partial-{cp.id}"
@@ -320,9 +319,7 @@ def _encode_one(runner: TileModel, cp, specs, settings: EncodeSettings, out, key
             write_patient_scene(cohort_dir, cp.id, partial / "recon", partial / "scene.mrb", specs,
                                 snapshot_dir=partial / "snapshots" if settings.snapshots else None)
     write_json_atomic(partial / DONE_FILE, {"key": key, "patient": cp.id, "tiles": len(encoded.positions)})
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(partial, final)
+    replace_folder(partial, final)
 
 
 def _write_tables(out, done: Sequence[str], skipped: dict[str, str], write_csv_atomic) -> dict:

@@ -92,10 +92,10 @@ def _write_image(image, path: Path, compress: bool) -> Path:
     """Write a SimpleITK image atomically (temporary name in the same folder, then rename)."""
     import SimpleITK as sitk
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.stem}.{os.getpid()}.part.nrrd")
-    sitk.WriteImage(image, str(partial), compress)
-    os.replace(partial, path)
+    from DeepDosimetricsLib.runtime.atomic import atomic_path
+
+    with atomic_path(path, suffix=".nrrd") as partial:
+        sitk.WriteImage(image, str(partial), compress)
     return path
 
 

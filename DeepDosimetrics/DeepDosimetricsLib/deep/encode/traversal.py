@@ -9,7 +9,6 @@ reconstruction, and the volumes are written (physical units, original CT grid) t
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -26,7 +25,7 @@ from DeepDosimetricsLib.deep.encode.reconstruction import (
     write_reconstruction,
 )
 from DeepDosimetricsLib.deep.tiling import NpyChannelSink, TileGrid
-from DeepDosimetricsLib.runtime.atomic import write_json_atomic
+from DeepDosimetricsLib.runtime.atomic import replace_folder, write_json_atomic
 
 
 def shift_name(feature: str, sigma: float) -> str:
@@ -105,7 +104,5 @@ def traverse_cohort(runner: TileModel, cache, specs: Sequence[ChannelSpec], out,
             traverse_patient(runner, cache[pid], specs, tables[pid], feature, settings.sigmas,
                              float(std[feature]), partial, settings.overlap, settings.batch)
         write_json_atomic(partial / DONE_FILE, {"key": key})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
+        replace_folder(partial, final)
     return path
