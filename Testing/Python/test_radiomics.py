@@ -373,12 +373,12 @@ def _worker_that_cannot_start(threads: int) -> None:
 
 def test_a_broken_pool_finishes_in_process(synthetic_cohort, monkeypatch):
     """Workers that die at start (e.g. no fork in a host application) do not lose the cohort."""
-    import DeepDosimetricsLib.features.tables as tables
+    import DeepDosimetricsLib.runtime.pools as pools
 
     expected = cohort_radiomics(
         synthetic_cohort, "ct", "firstorder", structures=["Lesion"], jobs=1, quiet=True
     )
-    monkeypatch.setattr(tables, "_worker_init", _worker_that_cannot_start)
+    monkeypatch.setattr(pools, "limit_worker_threads", _worker_that_cannot_start)
     table = cohort_radiomics(synthetic_cohort, "ct", "firstorder", structures=["Lesion"], jobs=2, quiet=True)
     pd.testing.assert_frame_equal(table, expected)
 
@@ -405,8 +405,8 @@ def test_image_radiomics_on_images_as_given(synthetic_cohort):
 
 
 def test_pool_tasks_keep_a_patient_in_one_worker_when_patients_suffice():
-    from DeepDosimetricsLib.features.tables import WorkItem, _tasks
+    from DeepDosimetricsLib.runtime.pools import group_by_key
 
-    items = [WorkItem(pid, None, name) for pid in ("a", "b", "c", "d") for name in ("x", "y")]
-    assert _tasks(items, jobs=2) == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    assert _tasks(items[:4], jobs=2) == [[0], [1], [2], [3]]  # 2 patients: spread the structures
+    patients = [pid for pid in ("a", "b", "c", "d") for _ in ("x", "y")]
+    assert group_by_key(patients, workers=2) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert group_by_key(patients[:4], workers=2) == [[0], [1], [2], [3]]  # 2 patients: spread the structures

@@ -13,6 +13,7 @@ COMMANDS: dict[str, str] = {
     "cache": "cache",
     "train": "train",
     "encode": "encode",
+    "predict": "predict",
 }
 
 
@@ -24,16 +25,37 @@ def add_structure_table_arguments(parser, what: str) -> None:
         metavar="A,B",
         help="comma-separated structure names (case-insensitive; default: every structure)",
     )
-    parser.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
-        metavar="N",
-        help="processes working in parallel over (patient, structure) (default 1)",
-    )
+    add_pool_arguments(parser, "(patient, structure) items")
     parser.add_argument(
         "--wide",
         action="store_true",
         help=f"write {what} as rows and one column per patient/structure (default: a long "
         "table patient,structure,image,feature,value,reason)",
     )
+
+
+def add_pool_arguments(parser, what: str) -> None:
+    """--jobs N and --scheduler ADDRESS|local:N: how a per-patient command spreads its work (one helper so
+    every command offers them alike; see runtime/pools.py)."""
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help=f"local processes working in parallel over {what} (default 1)",
+    )
+    parser.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help=f"run {what} on a Dask cluster: a scheduler address (tcp://host:8786), a scheduler file "
+        "(.json), or local:N for a local cluster of N worker processes (needs dask[distributed]; "
+        "overrides --jobs)",
+    )
+
+
+def pool_from_args(args):
+    """The PoolSpec of --jobs/--scheduler (InputError for --jobs < 1 or a malformed --scheduler)."""
+    from DeepDosimetricsLib.runtime.pools import PoolSpec
+
+    return PoolSpec(jobs=args.jobs, scheduler=getattr(args, "scheduler", None))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from DeepDosimetricsLib.commands import add_pool_arguments, pool_from_args
+
 HELP = "build the compact memory-mapped preprocessing cache of a cohort (resampled, cropped to the body)"
 
 
@@ -25,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="structures to store besides the target and body (default: all)")
     parser.add_argument("--target", default=None, metavar="NAME",
                         help="structure stored as the PTV mask (default: PTV, else the highest-dose PTV)")
-    parser.add_argument("--jobs", type=int, default=1, metavar="N", help="patients built in parallel (default 1)")
+    add_pool_arguments(parser, "patients")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (@progress lines are still printed)")
 
 
@@ -33,17 +35,15 @@ def run(args: argparse.Namespace) -> int:
     """Build what is missing; exit code 1 when some patients could not be cached."""
     from DeepDosimetricsLib.deep.cache.build import ensure_cache
     from DeepDosimetricsLib.deep.cache.store import CacheConfig
-    from DeepDosimetricsLib.runtime.errors import InputError
 
-    if args.jobs < 1:
-        raise InputError(f"--jobs must be at least 1, got {args.jobs}")
+    pool = pool_from_args(args)
     config = CacheConfig(
         spacing=tuple(args.spacing) if args.spacing else None,
         margin_mm=args.margin,
         structures=tuple(args.structures) if args.structures else None,
         target=args.target,
     )
-    cache = ensure_cache(args.cohort, config, cache_dir=args.cache, jobs=args.jobs, quiet=args.quiet,
+    cache = ensure_cache(args.cohort, config, cache_dir=args.cache, jobs=pool, quiet=args.quiet,
                          progress_json=True)
     print(f"cache: {cache.folder}")
     print(f"patients cached: {len(cache)}; failed: {len(cache.failed)}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from DeepDosimetricsLib.commands import add_structure_table_arguments
+from DeepDosimetricsLib.commands import add_structure_table_arguments, pool_from_args
 
 HELP = "dose-volume metrics per structure (volume, Dmean/min/max, D98/95/50/2, V5..V70) of a cohort to CSV"
 
@@ -47,15 +47,14 @@ def run(args: argparse.Namespace) -> int:
     from DeepDosimetricsLib.runtime.atomic import write_csv_atomic
     from DeepDosimetricsLib.runtime.errors import InputError
 
-    if args.jobs < 1:
-        raise InputError(f"--jobs must be at least 1, got {args.jobs}")
+    pool = pool_from_args(args)
     if not args.bin_width > 0:
         raise InputError(f"--bin-width must be positive, got {args.bin_width}")
     cohort = Cohort.open(args.cohort)
     result = cohort_dvh(
         cohort,
         structures=parse_structure_list(args.structures),
-        jobs=args.jobs,
+        jobs=pool,
         quiet=args.quiet,
         curves=bool(args.dvh_curves),
         bin_width_gy=args.bin_width,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from DeepDosimetricsLib.commands import add_structure_table_arguments
+from DeepDosimetricsLib.commands import add_structure_table_arguments, pool_from_args
 
 HELP = "radiomics features per structure (CT or dose) of a cohort, through pyradiomics, to a CSV table"
 
@@ -54,10 +54,8 @@ def run(args: argparse.Namespace) -> int:
     from DeepDosimetricsLib.data.cohort import Cohort
     from DeepDosimetricsLib.features.radiomics import DEFAULT_PRESET, cohort_radiomics, resolve_parameters
     from DeepDosimetricsLib.features.tables import parse_structure_list, write_result
-    from DeepDosimetricsLib.runtime.errors import InputError
 
-    if args.jobs < 1:
-        raise InputError(f"--jobs must be at least 1, got {args.jobs}")
+    pool = pool_from_args(args)
     params = resolve_parameters(args.params or args.preset or DEFAULT_PRESET, image=args.image)
     cohort = Cohort.open(args.cohort)
     table = cohort_radiomics(
@@ -65,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         image=args.image,
         params=params,
         structures=parse_structure_list(args.structures),
-        jobs=args.jobs,
+        jobs=pool,
         quiet=args.quiet,
     )
     return write_result(table, args.out, wide=args.wide)

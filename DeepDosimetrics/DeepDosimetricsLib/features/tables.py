@@ -13,16 +13,14 @@ A structure (or a patient) that cannot be measured gives ONE row with an empty `
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 from DeepDosimetricsLib.runtime.atomic import write_csv_atomic
 from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError, InputError
+from DeepDosimetricsLib.runtime.pools import PoolSpec, as_pool, group_by_key, open_pool
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -174,51 +172,31 @@ class _PatientCache:
 PATIENT_CACHE = _PatientCache()
 
 
-def _worker_init(threads: int) -> None:
-    """Pool worker set-up: ``threads`` ITK and BLAS/OpenMP threads per worker (the pool is the parallelism).
-
-    OpenBLAS threads of forked workers otherwise compete for the same cores (busy-waiting), which
-    made `--jobs 2` no faster than `--jobs 1` with the `all` preset.
-    """
-    import SimpleITK as sitk
-    from threadpoolctl import threadpool_limits
-
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, threads))
-    threadpool_limits(limits=max(1, threads))
-
-
-def _pool_context() -> multiprocessing.context.BaseContext:
-    """fork on Linux: workers start at once with the modules already imported. The pool forks its
-    workers when the first item is submitted, before the progress bar (the only other thread) starts;
-    ITK's thread pool and OpenBLAS handle fork. spawn elsewhere (macOS and Windows cannot fork safely).
-    Inside a GUI application (Slicer), run with jobs=1 or through the command line."""
-    if sys.platform.startswith("linux"):
-        return multiprocessing.get_context("fork")
-    return multiprocessing.get_context("spawn")
-
-
 def run_items(
     items: Sequence[WorkItem],
     worker: Worker,
     patients: Optional[Dict[str, Patient]] = None,
-    jobs: int = 1,
+    jobs: Union[int, PoolSpec] = 1,
     quiet: bool = False,
     desc: str = "",
     image: str = "",
 ) -> List[tuple]:
-    """Run ``worker`` over the items (in-process or in a pool of ``jobs`` processes) and return
-    their rows in item order. A failing item gives an ``error:`` row; the others go on.
+    """Run ``worker`` over the items (in-process, in local processes or on a Dask cluster, see
+    :mod:`DeepDosimetricsLib.runtime.pools`) and return their rows in item order. A failing item gives an
+    ``error:`` row; the others go on.
 
     ``image`` fills the image column of reason rows. ``patients`` (id -> Patient) is used in-process;
-    pool workers load patients from their folders, so jobs > 1 needs items with a folder (in-memory
-    patients run in-process). If the pool breaks (workers cannot start), the rest runs in-process.
+    pool workers load patients from their folders, so a pool needs items with a folder (in-memory
+    patients run in-process). ``jobs``: a number of local processes or a PoolSpec. Tasks are one
+    patient each when patients outnumber the workers (no patient loaded twice), else one item each.
     """
     from DeepDosimetricsLib.runtime.progress import progress_bar
 
+    spec = as_pool(jobs)
     results: List[Optional[List[tuple]]] = [None] * len(items)
-    pooled = jobs > 1 and len(items) > 1 and all(item.folder for item in items)
-    if jobs > 1 and not pooled and len(items) > 1:
-        log.info("%s: in-memory patients run in this process (jobs=%d ignored)", desc, jobs)
+    pooled = spec.parallel and len(items) > 1 and all(item.folder for item in items)
+    if spec.parallel and not pooled and len(items) > 1:
+        log.info("%s: in-memory patients run in this process (%s ignored)", desc, spec.describe())
     if not pooled:
         bar = progress_bar(items, total=len(items), desc=desc, quiet=quiet)
         for index, item in enumerate(bar):
@@ -227,53 +205,18 @@ def run_items(
         PATIENT_CACHE.clear()
         return [row for rows in results for row in rows]
 
-    executor = ProcessPoolExecutor(
-        max_workers=min(jobs, len(items)), mp_context=_pool_context(), initializer=_worker_init, initargs=(1,)
-    )
-    broken = False
-    try:
-        # submit everything (the workers are forked at the first submit) before the bar starts its thread
-        futures = {}
-        for task in _tasks(items, jobs):
-            try:
-                futures[executor.submit(_run_task, worker, [items[i] for i in task], image)] = task
-            except BrokenProcessPool:  # a worker died already: the rest runs in this process
-                broken = True
-                break
+    with open_pool(spec, tasks=len(items)) as pool:
+        tasks = group_by_key([item.patient_id for item in items], pool.workers)
+        # the pool submits everything at once (forked workers start before the bar's thread)
+        finished = pool.map(_run_task, [(worker, [items[i] for i in task], image) for task in tasks])
         bar = progress_bar(None, total=len(items), desc=desc, quiet=quiet)
-        for future in as_completed(futures):
-            task = futures[future]
-            try:
-                for index, rows in zip(task, future.result()):
-                    results[index] = rows
-            except BrokenProcessPool:  # workers could not start or died: finish in this process
-                broken = True
-            bar.update(len(task))
+        for number, task_rows in finished:
+            for index, rows in zip(tasks[number], task_rows):
+                results[index] = rows
+            bar.update(len(tasks[number]))
         bar.close()
-    except BaseException:
-        executor.shutdown(wait=False, cancel_futures=True)
-        raise
-    executor.shutdown(wait=not broken, cancel_futures=broken)
-    missing = [index for index, rows in enumerate(results) if rows is None]
-    if missing:
-        log.warning("%s: the process pool broke; running %d item(s) in this process", desc, len(missing))
-        for index in progress_bar(missing, total=len(missing), desc=desc, quiet=quiet):
-            item = items[index]
-            results[index] = _run_one(worker, item, (patients or {}).get(item.patient_id), image)
-        PATIENT_CACHE.clear()
+    PATIENT_CACHE.clear()  # tasks run here after a broken pool keep a patient
     return [row for rows in results for row in rows]
-
-
-def _tasks(items: Sequence[WorkItem], jobs: int) -> List[List[int]]:
-    """Item indices grouped into pool tasks: one task per patient when there are enough patients to
-    keep every worker busy (each patient is then loaded by one worker only), else one task per item
-    (a few large patients still spread over the workers)."""
-    by_patient: Dict[str, List[int]] = {}
-    for index, item in enumerate(items):
-        by_patient.setdefault(item.patient_id, []).append(index)
-    if len(by_patient) >= 2 * jobs:
-        return list(by_patient.values())
-    return [[index] for index in range(len(items))]
 
 
 def _run_task(worker: Worker, task: List[WorkItem], image: str) -> List[List[tuple]]:

@@ -12,10 +12,11 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -37,6 +38,8 @@ from DeepDosimetricsLib.deep.cache.store import (
 from DeepDosimetricsLib.deep.channels import AIR_HU
 from DeepDosimetricsLib.runtime.atomic import write_json_atomic
 from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError, InputError
+from DeepDosimetricsLib.runtime.locks import LOCK_FOLDER, file_lock
+from DeepDosimetricsLib.runtime.pools import PoolSpec, as_pool, run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -302,49 +305,58 @@ def build_patient(
 def _build_one(
     cohort_dir: str, patient_id: str, cache_dir: str, config: CacheConfig, prescription_gy: Optional[float] = None
 ) -> Tuple[str, Optional[str]]:
-    """Build one patient into ``cache_dir`` (in a worker process); returns (id, failure reason or None)."""
+    """Build one patient into ``cache_dir`` (in a worker process); returns (id, failure reason or None).
+
+    The patient's lock is held meanwhile: a second job building the same cache waits for it, then finds
+    the patient complete and reuses it (no duplicated work, no half-replaced folder).
+    """
     from DeepDosimetricsLib.data.patient import Patient
+    from DeepDosimetricsLib.runtime.locks import patient_lock
 
     final = Path(cache_dir) / patient_id
-    temporary = Path(cache_dir) / f".tmp-{patient_id}-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    try:
-        patient = Patient.from_folder(Path(cohort_dir) / patient_id)
-        build_patient(patient, temporary, config, prescription_gy)
-        if final.exists():
-            if patient_is_complete(final, config):  # another process finished it meanwhile
-                shutil.rmtree(temporary, ignore_errors=True)
-                return patient_id, None
-            shutil.rmtree(final)
-        os.rename(temporary, final)
-        return patient_id, None
-    except DeepDosimetricsError as error:
+    with patient_lock(cache_dir, patient_id, job="cache"):
+        if patient_is_complete(final, config):  # another job built it meanwhile
+            return patient_id, None
+        temporary = Path(cache_dir) / f".tmp-{patient_id}-{socket.gethostname()}-{os.getpid()}"
         shutil.rmtree(temporary, ignore_errors=True)
-        return patient_id, str(error)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+        try:
+            patient = Patient.from_folder(Path(cohort_dir) / patient_id)
+            build_patient(patient, temporary, config, prescription_gy)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(temporary, final)
+            return patient_id, None
+        except DeepDosimetricsError as error:
+            shutil.rmtree(temporary, ignore_errors=True)
+            return patient_id, str(error)
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
 
 
 def ensure_cache(
     cohort_dir: PathLike,
     config: Optional[CacheConfig] = None,
     cache_dir: Optional[PathLike] = None,
-    jobs: int = 1,
+    jobs: Union[int, PoolSpec] = 1,
     quiet: bool = True,
     ids: Optional[Sequence[str]] = None,
     progress_json: bool = False,
 ) -> CachedCohort:
-    """Build the cache entries a cohort is missing (in ``jobs`` processes) and return the cache.
+    """Build the cache entries a cohort is missing (in ``jobs`` processes or on a Dask cluster) and return
+    the cache.
 
     Patients already built with the same configuration are reused; a patient that cannot be read is
-    skipped, its reason kept in ``CachedCohort.failed`` (and logged).
+    skipped, its reason kept in ``CachedCohort.failed`` (and logged). Several jobs may build one cache at
+    the same time: each patient is built under its lock (a job waits for a patient another one is
+    building, then reuses it) and the cohort manifest is merged under the cache's lock.
 
     Args:
         cohort_dir: the cohort folder.
         config: resampling spacing and crop margin (default ``CacheConfig()``).
         cache_dir: where the cache lives (default: ``default_cache_dir(cohort_dir, config)``).
-        jobs: worker processes building patients in parallel.
+        jobs: worker processes building patients in parallel, or a PoolSpec (``--scheduler``); local
+            workers are spawned (the caller may hold torch threads or file locks).
         quiet: no progress bar.
         ids: limit the cohort to these patients.
         progress_json: print one ``@progress`` line per patient built.
@@ -372,21 +384,34 @@ def ensure_cache(
         bar.update(1)
         if progress_json:
             emit_progress("cache", bar.n, len(todo), patient=pid, failed=bool(reason))
-    if jobs <= 1 or len(todo) <= 1:
-        for pid in todo:
-            finished(pid, _build_one(str(cohort.folder), pid, str(folder), config, prescriptions.get(pid))[1])
-    else:
-        import multiprocessing
-
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context) as pool:
-            futures = [pool.submit(_build_one, str(cohort.folder), pid, str(folder), config, prescriptions.get(pid))
-                       for pid in todo]
-            for future in as_completed(futures):
-                finished(*future.result())
+    spec = as_pool(jobs)
+    if spec.start_method is None:
+        spec = replace(spec, start_method="spawn")
+    run_tasks(_build_one, [(str(cohort.folder), pid, str(folder), config, prescriptions.get(pid)) for pid in todo],
+              spec, on_result=lambda index, result: finished(*result))
     bar.close()
     for pid, reason in failed.items():
         log.warning("patient %s not cached: %s", pid, reason)
+    with _cohort_lock(folder):  # read, merge and write the manifest: one job at a time
+        _write_cohort_manifest(folder, cohort, config, failed, ids)
+    return open_cache(folder)
+
+
+def _cohort_lock(folder: Path):
+    """The cache's manifest lock; none for a complete cache in a read-only folder (nothing is written)."""
+    import contextlib
+
+    try:
+        (folder / LOCK_FOLDER).mkdir(exist_ok=True)
+    except OSError:
+        return contextlib.nullcontext()
+    return file_lock(folder / LOCK_FOLDER / "cohort.lock", job="cache")
+
+
+def _write_cohort_manifest(folder: Path, cohort, config: CacheConfig, failed: Dict[str, str],
+                           ids: Optional[Sequence[str]]) -> None:
+    """The cohort manifest: the patients cached and those that failed (a partial run keeps the patients
+    an earlier run cached with this configuration)."""
     patients: List[str] = [pid for pid in cohort.ids if pid not in failed]
     if ids is not None:  # a partial run keeps the patients an earlier run cached with this configuration
         from DeepDosimetricsLib.data.patient import natural_key
@@ -415,4 +440,3 @@ def ensure_cache(
         unchanged = False
     if not unchanged:  # a complete cache may lie in a read-only folder
         write_json_atomic(folder / COHORT_MANIFEST, manifest)
-    return open_cache(folder)
