@@ -355,6 +355,20 @@ class CachedPatient:
         The tile may reach outside the volume: those voxels read as air (HU -1024, masks 0, dose 0).
         Costs O(tile): only the tile's rows of each file are touched, through small memory maps of a few
         slices at a time, closed at once, so resident memory depends on the tile, not on the volume.
+
+        Args:
+            specs: the channels, as ``ChannelSpec`` objects or their strings (``"window:soft_tissue"``,
+                ``"mask:PTV"``, ``"dose"``), or one comma-separated string.
+            start_zyx: the tile's first voxel (z, y, x) on the cache grid, in voxels; may be negative.
+            size_zyx: the tile's size (z, y, x) in voxels, each > 0.
+            out: a float32 (C, z, y, x) array to fill instead of allocating one.
+
+        Returns:
+            float32 (C, *size_zyx) in [0, 1], one channel per spec in order.
+
+        Raises:
+            InputError: a channel the cache cannot provide (e.g. a missing structure or no dose), or a
+                malformed start/size.
         """
         specs = self.check_channels(specs)
         start = np.asarray(start_zyx, dtype=int)
