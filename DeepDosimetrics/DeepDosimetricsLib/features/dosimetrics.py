@@ -157,7 +157,18 @@ def patient_dvh(
     bin_width_gy: float = DEFAULT_BIN_WIDTH_GY,
 ) -> DvhTables:
     """DVH metrics (long table: patient, structure, image=dose, feature, value, reason) of one patient's
-    structures, and their curves (patient, structure, dose_gy, volume_pct) when ``curves``."""
+    structures, and their curves (patient, structure, dose_gy, volume_pct) when ``curves``.
+
+    Args:
+        patient: the patient; its dose (Gy) is taken on the CT grid.
+        structures: structure names (case-insensitive); default every structure.
+        curves: also compute the cumulative DVH curves.
+        bin_width_gy: dose bin width of the curves, in Gy.
+
+    Returns:
+        ``DvhTables``: ``metrics`` (volume_cc, Dmean/Dmin/Dmax and D98..D2 in Gy, V5..V70 in % of the
+        structure's volume; see :func:`dose_volume_metrics`) and ``curves`` (or None).
+    """
     return _dvh_of([patient], structures, jobs=1, quiet=True, curves=curves, bin_width_gy=bin_width_gy)
 
 
@@ -169,7 +180,22 @@ def cohort_dvh(
     curves: bool = False,
     bin_width_gy: float = DEFAULT_BIN_WIDTH_GY,
 ) -> DvhTables:
-    """DVH metrics (and curves) of every patient of a cohort, in parallel over (patient, structure)."""
+    """DVH metrics (and curves) of every patient of a cohort, in parallel over (patient, structure).
+
+    Args:
+        cohort: a ``Cohort`` or its folder.
+        structures: structure names (case-insensitive); default each patient's every structure.
+        jobs: worker processes (1: in this process).
+        quiet: no progress bar.
+        curves: also compute the cumulative DVH curves (patient, structure, dose_gy, volume_pct).
+        bin_width_gy: dose bin width of the curves, in Gy.
+
+    Returns:
+        ``DvhTables`` (the metrics long table, the curves or None); see :func:`patient_dvh`.
+
+    Raises:
+        InputError: an unreadable cohort.
+    """
     from DeepDosimetricsLib.data.cohort import Cohort
 
     if not isinstance(cohort, Cohort):

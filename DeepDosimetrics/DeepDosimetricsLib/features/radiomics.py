@@ -227,7 +227,19 @@ def patient_radiomics(
     params: Union[str, Path, Dict[str, Any], RadiomicsParameters, None] = None,
     structures: Optional[Sequence[str]] = None,
 ) -> pd.DataFrame:
-    """Long table (patient, structure, image, feature, value, reason) for one patient's structures."""
+    """Long table (patient, structure, image, feature, value, reason) for one patient's structures.
+
+    Args:
+        patient: the patient (structures are taken on its CT grid).
+        image: the image the features describe: ``ct`` (HU) or ``dose`` (Gy).
+        params: a preset name (``available_presets()``, default ``DEFAULT_PRESET``), a pyradiomics
+            parameter file, a parameter dict or ``RadiomicsParameters``.
+        structures: structure names (case-insensitive); default every structure.
+
+    Returns:
+        One row per (structure, feature); a structure that cannot be computed (empty, missing) has one
+        row with ``reason`` set and no value.
+    """
     return _radiomics_of([patient], image, resolve_parameters(params, image), structures, jobs=1, quiet=True)
 
 
@@ -240,7 +252,23 @@ def cohort_radiomics(
     quiet: bool = False,
 ) -> pd.DataFrame:
     """Long table for every patient of a cohort, in parallel over (patient, structure) with ``jobs``
-    processes; a progress bar counts the items unless ``quiet``."""
+    processes; a progress bar counts the items unless ``quiet``.
+
+    Args:
+        cohort: a ``Cohort`` or its folder.
+        image: ``ct`` (HU) or ``dose`` (Gy).
+        params: a preset name, a pyradiomics parameter file, a dict or ``RadiomicsParameters`` (default
+            ``DEFAULT_PRESET``).
+        structures: structure names (case-insensitive); default each patient's every structure.
+        jobs: worker processes (1: in this process).
+        quiet: no progress bar.
+
+    Returns:
+        The long table (patient, structure, image, feature, value, reason); see ``patient_radiomics``.
+
+    Raises:
+        InputError: an unreadable cohort, an unknown preset or a bad parameter file.
+    """
     from DeepDosimetricsLib.data.cohort import Cohort
 
     params = resolve_parameters(params, image)
