@@ -99,7 +99,7 @@ def test_dose_on_coarser_rotated_grid_is_interpolated_linearly(patient_folder: P
     gradient = np.array([0.2, -0.1, 0.3])  # Gy per mm
 
     def linear_dose(points: np.ndarray) -> np.ndarray:
-        return 30.0 + (points - BOX_CENTRE) @ gradient
+        return 60.0 + (points - BOX_CENTRE) @ gradient
 
     write(linear_dose(voxel_centres_lps(dose_geometry)).astype(np.float32), dose_geometry,
           patient_folder / "dose.nrrd")

@@ -20,7 +20,9 @@ from typing import Dict, List, Mapping, Optional, Union
 import numpy as np
 import SimpleITK as sitk
 
+from DeepDosimetricsLib.data.checks import check_image
 from DeepDosimetricsLib.data.geometry import Geometry
+from DeepDosimetricsLib.data.headers import check_image_file
 from DeepDosimetricsLib.runtime.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -52,10 +54,23 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES)
 
 
+def is_image_name(path: Path) -> bool:
+    """Whether a path is named like an image file, whatever it is (a folder, a broken link...): such an
+    entry is taken as the image it names, so that reading it reports the problem instead of skipping it."""
+    return not path.name.startswith(".") and path.name.lower().endswith(IMAGE_SUFFIXES)
+
+
 def read_image(path: Path, what: str) -> sitk.Image:
-    """Read an image, turning any reader failure into one clear InputError."""
+    """Read an image, turning any reader failure into one clear InputError.
+
+    The header is checked first (declared size against the memory limit, spacing and direction) and a
+    compressed payload is verified (see :mod:`DeepDosimetricsLib.data.headers`), before voxels are read.
+    """
     if not path.exists():
+        if path.is_symlink():
+            raise InputError(f"{what}: {path} is a broken symbolic link")
         raise InputError(f"{what}: file {path} does not exist")
+    check_image_file(path, what)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as error:
@@ -173,6 +188,9 @@ class Patient:
         self._ct: Optional[sitk.Image] = None
         self._dose_reference: Optional[sitk.Image] = None
         self._checked_ids = False
+        self._dose_checked = False
+        #: warnings of the value checks per image ("ct", "dose"): values computed, but flagged
+        self.warnings: Dict[str, List[str]] = {"ct": [], "dose": []}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -190,7 +208,10 @@ class Patient:
         folder = Path(folder)
         if not folder.is_dir():
             raise InputError(f"patient folder {folder} does not exist or is not a folder")
-        files = sorted(p for p in folder.iterdir() if is_image_file(p))
+        try:
+            files = sorted(p for p in folder.iterdir() if is_image_name(p))
+        except OSError as error:
+            raise InputError(f"patient folder {folder} cannot be read ({error.strerror or error})") from None
         by_stem = {image_stem(p).lower(): p for p in files}
         ct = next((by_stem[s] for s in CT_STEMS if s in by_stem), None)
         dose = next((by_stem[s] for s in DOSE_STEMS if s in by_stem), None)
@@ -205,7 +226,7 @@ class Patient:
         structure_folder = folder / STRUCTURES_FOLDER
         if structure_folder.is_dir():
             for path in sorted(structure_folder.iterdir(), key=lambda p: natural_key(p.name)):
-                if is_image_file(path):
+                if is_image_name(path):
                     structures[image_stem(path)] = path
         for path in files:  # flat layout: <Name>.nrrd beside ct.nrrd
             stem = image_stem(path)
@@ -268,6 +289,7 @@ class Patient:
             if isinstance(image, Path):
                 image = read_image(image, what)
             require_3d(image, what)
+            self._warn("ct", check_image(image, what, "ct"))
             if image.GetPixelID() != sitk.sitkInt16:
                 if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
                     image = sitk.Round(image)
@@ -283,7 +305,11 @@ class Patient:
             what = self._describe("dose", self._dose_source)
             dose = self._dose_source
             dose = read_image(dose, what) if isinstance(dose, Path) else dose
-            self._dose_reference = sitk.Cast(require_3d(dose, what), sitk.sitkFloat32)
+            dose = sitk.Cast(require_3d(dose, what), sitk.sitkFloat32)
+            if not self._dose_checked:
+                self._warn("dose", check_image(dose, what, "dose"))
+                self._dose_checked = True
+            self._dose_reference = dose
         return self._dose_reference
 
     @property
@@ -410,6 +436,9 @@ class Patient:
         self._check_patient_id(dose, what)
         if dose.GetPixelID() != sitk.sitkFloat32:
             dose = sitk.Cast(dose, sitk.sitkFloat32)
+        if not self._dose_checked:  # on its own grid: the counts are the file's voxels
+            self._warn("dose", check_image(dose, what, "dose"))
+            self._dose_checked = True
         ct = self.reference_image()
         if not Geometry.from_image(dose).overlaps(Geometry.from_image(ct)):
             raise InputError(f"{what} does not overlap the CT (its grid lies outside the CT's field of view)")
@@ -456,6 +485,12 @@ class Patient:
         return sitk.GetArrayFromImage(self.dose_image())
 
     # ------------------------------------------------------------------ checks
+    def _warn(self, kind: str, warnings: List[str]) -> None:
+        for text in warnings:
+            if text not in self.warnings[kind]:
+                self.warnings[kind].append(text)
+                log.warning("%s", text)
+
     def _check_patient_id(self, image: sitk.Image, what: str) -> None:
         """Refuse an image whose recorded patient id differs from the CT's."""
         other = image_patient_id(image)

@@ -7,7 +7,11 @@ A structure (or a patient) that cannot be measured gives ONE row with an empty `
 
 - a *skip* (the data say so, not a failure): ``empty structure: ...``, ``structure outside the
   image: ...``, ``structure too small: ...``, ``no dose: ...``, ``no such structure: ...``;
-- an *error* (``error: ...``): an unreadable file or an unexpected failure. Other items still run.
+- an *error* (``error: ...``): an unreadable file, values that fail the checks of
+  ``data/checks.py`` (NaN dose, dose in cGy...) or an unexpected failure. Other items still run.
+
+A value computed from an input the checks flag as unusual (a constant dose or CT, slightly negative
+dose) keeps its value and gets ``warning: ...`` as its reason.
 """
 
 from __future__ import annotations
@@ -37,8 +41,10 @@ OUTSIDE_IMAGE = "structure outside the image"
 TOO_SMALL = "structure too small"
 NO_DOSE = "no dose"
 NO_SUCH_STRUCTURE = "no such structure"
-#: reason prefix of a failed item (unreadable file, unexpected error)
+#: reason prefix of a failed item (unreadable file, values that fail the checks, unexpected error)
 ERROR = "error"
+#: reason prefix of a value computed from an input the value checks flagged (data/checks.py)
+WARNING = "warning"
 
 
 class StructureSkipped(InputError):
@@ -224,10 +230,23 @@ def _run_task(worker: Worker, task: List[WorkItem], image: str) -> List[List[tup
     return [_run_one(worker, item, None, image) for item in task]
 
 
+def with_warnings(rows: List[tuple], warnings: Optional[Dict[str, List[str]]]) -> List[tuple]:
+    """Value rows of an image the value checks flagged (e.g. a constant dose) get ``warning: ...`` as
+    their reason: the values are computed, and the table says what was unusual about their input."""
+    if not warnings or not any(warnings.values()):
+        return rows
+    flagged = []
+    for row in rows:
+        texts = warnings.get(row[2]) if len(row) == len(LONG_COLUMNS) and row[3] != "" and not row[5] else None
+        flagged.append(row[:5] + (f"{WARNING}: " + "; ".join(texts),) if texts else row)
+    return flagged
+
+
 def _run_one(worker: Worker, item: WorkItem, patient: Optional[Patient], image: str) -> List[tuple]:
     """One item, errors turned into reason rows (skips) or ``error:`` rows (failures)."""
     try:
-        return worker(item, PATIENT_CACHE.patient_for(item, patient))
+        loaded = PATIENT_CACHE.patient_for(item, patient)
+        return with_warnings(worker(item, loaded), getattr(loaded, "warnings", None))
     except StructureSkipped as skip:
         return [reason_row(item.patient_id, item.structure, image, skip)]
     except DeepDosimetricsError as error:
