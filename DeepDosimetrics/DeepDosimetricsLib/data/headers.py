@@ -22,7 +22,7 @@ import os
 import re
 import zlib
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -119,14 +119,13 @@ def check_geometry_values(
         )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _component_bytes(pixel_id: int) -> int:
     import SimpleITK as sitk
 
     return int(sitk.GetArrayViewFromImage(sitk.Image([1, 1], pixel_id)).itemsize)
 
 
-HeaderInfo = Tuple[Tuple[int, ...], int]  # (size, pixel id)
 
 
 def check_image_file(path, what: str) -> None:
