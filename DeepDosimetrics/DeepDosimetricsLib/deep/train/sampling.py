@@ -52,7 +52,7 @@ class SamplingConfig:
     target: str = "PTV"
     flips: bool = True  # random flips along each axis
     jitter: float = 0.02  # window channels: value * (1 + a) + b, a and b uniform in [-jitter, jitter]
-    val_tiles: int = 32  # fixed validation tiles drawn from the held-out patients
+    # (how many fixed validation tiles are drawn is TrainConfig.val_tiles, passed to TileSampler.fixed_tiles)
 
     def __post_init__(self) -> None:
         if self.tile < 1 or self.batch < 1:

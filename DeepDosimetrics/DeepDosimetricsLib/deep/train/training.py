@@ -19,7 +19,6 @@ import io
 import logging
 import math
 import os
-import random
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -60,7 +59,7 @@ class TrainConfig:
     tile: int = 64
     batch: int = 2
     val_fraction: float = 0.2
-    val_tiles: int = 16
+    val_tiles: int = 16  # fixed validation tiles drawn from the held-out patients (the one default)
     skip_incomplete: bool = False  # leave out patients lacking a channel instead of refusing
     ptv_share: float = 0.3
     body_share: float = 0.6
@@ -338,255 +337,366 @@ def train(
     quiet: bool = False,
     cache: Any = None,
 ) -> TrainResult:
-    """Train a TileAutoencoder on a cohort (see module docstring). ``cache`` may pass an opened cache."""
-    import torch
+    """Train a TileAutoencoder on a cohort and write the model folder (see the module docstring).
 
-    from DeepDosimetricsLib.deep.channels import channel_labels, parse_channels
-    from DeepDosimetricsLib.deep.model import MODEL_JSON, TileAutoencoder, reconstruction_loss, save_model
-    from DeepDosimetricsLib.deep.train.sampling import (
-        SamplingConfig,
-        TileSampler,
-        index_patient,
-        make_loader,
-        split_patients,
-    )
-    from DeepDosimetricsLib.runtime.atomic import write_text_atomic
+    Args:
+        cohort_dir: cohort folder (one sub-folder per patient).
+        out_dir: model folder: model.json/model.pt (best by validation loss), checkpoint.pt,
+            train-config.yaml, loss_history.csv, loss_curve.png.
+        config: the training configuration (default: ``make_config()``, i.e. Resources/train-default.yaml).
+        cache_dir: preprocessing cache folder (default: the cohort's default cache; built when missing).
+        resume: continue from ``out_dir/checkpoint.pt`` (a new run when there is none); without it an
+            existing checkpoint is refused with an InputError.
+        quiet: no progress bar (``@progress`` lines are still printed by rank 0).
+        cache: an already opened cache (skips opening/building it).
 
+    Returns:
+        A TrainResult (steps done, best validation loss, history, the trained model on its device).
+    """
     config = config or make_config()
-    cohort_dir, out_dir = Path(cohort_dir), Path(out_dir)
     ctx = DistributedContext.from_environment()
     try:
         ctx.init(config.device)
-        checkpoint_path = out_dir / CHECKPOINT_NAME
-        checkpoint = None
-        if resume and checkpoint_path.exists():
-            checkpoint = load_checkpoint(checkpoint_path)
-            config = _resume_config(checkpoint["train_config"], config)
-        elif resume:
-            log.info("no checkpoint in %s: starting a new run", out_dir)
-        elif checkpoint_path.exists():
+        trainer = Trainer(Path(cohort_dir), Path(out_dir), config, ctx, resume=resume, quiet=quiet)
+        trainer.setup(cache=cache, cache_dir=Path(cache_dir) if cache_dir else None)
+        for batch in trainer.batches():
+            loss = trainer.step(batch)
+            trainer.after_step(loss)
+            if trainer.should_stop:
+                break
+        return trainer.finish()
+    finally:
+        ctx.close()
+
+
+class Trainer:
+    """One training run, in named steps: ``setup``, then ``step``/``after_step`` per batch, then ``finish``.
+
+    ``after_step`` logs, validates (keeping the best model), and checkpoints at their intervals.
+    """
+
+    def __init__(self, cohort_dir: Path, out_dir: Path, config: TrainConfig, ctx: DistributedContext,
+                 resume: bool = False, quiet: bool = False) -> None:
+        self.cohort_dir, self.out_dir, self.config, self.ctx = cohort_dir, out_dir, config, ctx
+        self.resume, self.quiet = resume, quiet
+        self.checkpoint_path = out_dir / CHECKPOINT_NAME
+        self.step_count = 0
+        self.history: list[dict[str, Any]] = []
+        self.best_val, self.bad_validations, self.best_step = math.inf, 0, None
+        self.stopped_early = False
+        self.last_train_loss: Optional[float] = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, cache: Any = None, cache_dir: Optional[Path] = None) -> None:
+        """Resume state, device, data (samplers, validation tiles), model/optimiser/schedule, output folder."""
+        checkpoint = self._read_checkpoint()
+        config, ctx = self.config, self.ctx
+        self.device = resolve_device(config.device, local_rank=ctx.local_rank, world_size=ctx.world_size)
+        ctx.set_device(self.device)
+        _set_threads(config.threads, ctx, self.device)
+        from DeepDosimetricsLib.deep.channels import channel_labels, parse_channels
+
+        self.specs = parse_channels(config.channels)
+        self.labels = channel_labels(self.specs)
+        if checkpoint is not None and list(checkpoint["channels"]) != self.labels:
+            raise InputError(f"{self.checkpoint_path}: its channels {checkpoint['channels']} differ from {self.labels}")
+        self.model_config = _model_config(config, self.labels)  # validates tile vs depth early
+        if cache is None:
+            cache = _open_cache(self.cohort_dir, cache_dir, ctx, self.quiet)
+        self._setup_data(cache)
+        self._setup_model(checkpoint)
+        self._setup_loss()
+        if ctx.is_main:
+            import yaml
+
+            from DeepDosimetricsLib.runtime.atomic import write_text_atomic
+
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.out_dir / CONFIG_YAML, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+    def _read_checkpoint(self) -> Optional[dict[str, Any]]:
+        """The checkpoint to resume from (its configuration replaces ours), or None for a new run."""
+        if self.resume and self.checkpoint_path.exists():
+            checkpoint = load_checkpoint(self.checkpoint_path)
+            self.config = _resume_config(checkpoint["train_config"], self.config)
+            return checkpoint
+        if self.resume:
+            log.info("no checkpoint in %s: starting a new run", self.out_dir)
+        elif self.checkpoint_path.exists():
             raise InputError(
-                f"{out_dir} already holds a training checkpoint; pass --resume to continue it, "
+                f"{self.out_dir} already holds a training checkpoint; pass --resume to continue it, "
                 "or choose another --out"
             )
-        device = resolve_device(config.device, local_rank=ctx.local_rank, world_size=ctx.world_size)
-        ctx.set_device(device)
-        _set_threads(config.threads, ctx, device)
-        specs = parse_channels(config.channels)
-        labels = channel_labels(specs)
-        if checkpoint is not None and list(checkpoint["channels"]) != labels:
-            raise InputError(f"{checkpoint_path}: its channels {checkpoint['channels']} differ from {labels}")
-        model_config = _model_config(config, labels)  # validates tile vs depth early
+        return None
 
-        if cache is None:
-            cache = _open_cache(cohort_dir, Path(cache_dir) if cache_dir else None, ctx, quiet)
-        patients = _prepare_patients(cache, specs, config, cohort_dir)
-        train_ids, val_ids = split_patients([p.id for p in patients], config.val_fraction, config.seed)
+    def _setup_data(self, cache: Any) -> None:
+        """Usable patients, the by-patient split, the training sampler and the fixed validation tiles."""
+        from DeepDosimetricsLib.deep.train.sampling import (
+            SamplingConfig,
+            TileSampler,
+            index_patient,
+            split_patients,
+        )
+
+        config = self.config
+        patients = _prepare_patients(cache, self.specs, config, self.cohort_dir)
+        self.train_ids, self.val_ids = split_patients([p.id for p in patients], config.val_fraction, config.seed)
         by_id = {p.id: p for p in patients}
         sampling = SamplingConfig(
             tile=config.tile, batch=config.batch, ptv_share=config.ptv_share, body_share=config.body_share,
-            flips=config.flips, jitter=config.jitter, val_tiles=config.val_tiles,
+            flips=config.flips, jitter=config.jitter,
         )
-        train_sources = [by_id[i] for i in train_ids]
         indexes = {p.id: index_patient(p, config.tile) for p in patients}
-        sampler = TileSampler(train_sources, specs, sampling, seed=config.seed, rank=ctx.rank,
-                              indexes=[indexes[i] for i in train_ids])
-        if val_ids:
-            val_sampler = TileSampler([by_id[i] for i in val_ids], specs, sampling, seed=config.seed,
-                                      indexes=[indexes[i] for i in val_ids])
-            val_tiles = val_sampler.fixed_tiles(config.val_tiles)
+
+        def sampler(ids: list[str], rank: int = 0) -> TileSampler:
+            return TileSampler([by_id[i] for i in ids], self.specs, sampling, seed=config.seed, rank=rank,
+                               indexes=[indexes[i] for i in ids])
+
+        self.sampler = sampler(self.train_ids, rank=self.ctx.rank)
+        if self.val_ids:
+            self.val_sampler = sampler(self.val_ids)
+            self.val_tiles = self.val_sampler.fixed_tiles(config.val_tiles)
         else:
             log.warning("only %d patient(s): validation uses fixed tiles of the training patients", len(patients))
-            val_sampler = TileSampler(train_sources, specs, sampling, seed=config.seed,
-                                      indexes=[indexes[i] for i in train_ids])
-            val_tiles = val_sampler.fixed_tiles(config.val_tiles, stream=2)
+            self.val_sampler = sampler(self.train_ids)
+            self.val_tiles = self.val_sampler.fixed_tiles(config.val_tiles, stream=2)
 
-        # model, optimiser, schedule
+    def _setup_model(self, checkpoint: Optional[dict[str, Any]]) -> None:
+        """Model (seeded), optimiser and schedule on the device; restored from ``checkpoint`` when resuming."""
+        import torch
+
+        from DeepDosimetricsLib.deep.model import TileAutoencoder
+
+        config, device = self.config, self.device
         torch.manual_seed(config.seed)
-        cpu = device.type == "cpu"
-        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.cpu = device.type == "cpu"
+        self.use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        memory_format = torch.channels_last_3d if cpu else torch.contiguous_format
-        model = TileAutoencoder(model_config).to(device)
-        if cpu:
-            model = model.to(memory_format=memory_format)
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        total_steps = config.total_steps
-        scheduler = _make_scheduler(optimizer, config, total_steps)
-        step, history = 0, []
-        best_val, bad_validations, best_step = math.inf, 0, None
+        self.memory_format = torch.channels_last_3d if self.cpu else torch.contiguous_format
+        model = TileAutoencoder(self.model_config).to(device)
+        if self.cpu:
+            model = model.to(memory_format=self.memory_format)
+        self.model = model
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.total_steps = config.total_steps
+        self.scheduler = _make_scheduler(self.optimizer, config, self.total_steps)
         if checkpoint is not None:
-            model.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            scheduler.load_state_dict(checkpoint["scheduler"])
-            if config.schedule == "cosine":
-                scheduler.T_max = max(1, total_steps)
-            step = int(checkpoint["step"])
-            history = [dict(r) for r in checkpoint["history"]]
-            best_val = float(checkpoint["early"]["best_val"])
-            bad_validations = int(checkpoint["early"]["bad_validations"])
-            best_step = checkpoint["early"].get("best_step")
-            set_rng_state(checkpoint["rng"][min(ctx.rank, len(checkpoint["rng"]) - 1)]
-                          if isinstance(checkpoint["rng"], list) else checkpoint["rng"])
-            log.info("resuming %s at step %d of %d", out_dir, step, total_steps)
-        ddp_model = ctx.wrap(model, device)
+            self._restore(checkpoint)
+        self.ddp_model = self.ctx.wrap(model, device)
 
-        weights = [config.channel_weights.get(label, 1.0) for label in labels]
-        unknown_weights = sorted(set(config.channel_weights) - set(labels))
+    def _restore(self, checkpoint: dict[str, Any]) -> None:
+        """Weights, optimiser, schedule, history, early-stopping state and random states of a checkpoint."""
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if self.config.schedule == "cosine":
+            self.scheduler.T_max = max(1, self.total_steps)
+        self.step_count = int(checkpoint["step"])
+        self.history = [dict(r) for r in checkpoint["history"]]
+        early = checkpoint["early"]
+        self.best_val, self.bad_validations = float(early["best_val"]), int(early["bad_validations"])
+        self.best_step = early.get("best_step")
+        rng = checkpoint["rng"]
+        set_rng_state(rng[min(self.ctx.rank, len(rng) - 1)] if isinstance(rng, list) else rng)
+        log.info("resuming %s at step %d of %d", self.out_dir, self.step_count, self.total_steps)
+
+    def _setup_loss(self) -> None:
+        """Per-channel loss weights (refusing weights of channels not trained) and the mask channels."""
+        config = self.config
+        self.weights = [config.channel_weights.get(label, 1.0) for label in self.labels]
+        unknown_weights = sorted(set(config.channel_weights) - set(self.labels))
         if unknown_weights:
             raise InputError(f"channel_weights name channels not trained: {', '.join(unknown_weights)}")
-        mask_channels = model_config.mask_channels
-        voxels_per_batch = config.batch * config.tile**3
+        self.mask_channels = self.model_config.mask_channels
 
-        def to_device(batch: torch.Tensor) -> torch.Tensor:
-            batch = batch.to(device, non_blocking=True)
-            return batch.contiguous(memory_format=memory_format) if cpu else batch
-
-        def autocast():
-            return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else _nullcontext()
-
-        def validate() -> tuple[float, list[float]]:
-            """Mean loss and per-channel MSE over the fixed validation tiles (shared across ranks)."""
-            model.eval()
-            totals = torch.zeros(1 + len(labels), dtype=torch.float64)
-            mine = [t for i, t in enumerate(val_tiles) if i % ctx.world_size == ctx.rank]
-            with torch.no_grad():
-                for first in range(0, len(mine), config.batch):
-                    chunk = mine[first : first + config.batch]
-                    x = torch.from_numpy(np.stack([val_sampler.read(p, s, None) for p, s in chunk]))
-                    x = to_device(x)
-                    with autocast():
-                        logits, _ = model(x)
-                    loss, per_channel = reconstruction_loss(logits, x, weights, mask_channels, config.mask_bce_weight)
-                    totals += torch.cat([loss.detach().double().cpu().view(1), per_channel.double().cpu()]) * len(chunk)
-            totals = ctx.all_reduce_sum(totals) / max(1, len(val_tiles))
-            model.train()
-            return float(totals[0]), [float(v) for v in totals[1:]]
-
-        def write_outputs(final: bool = False) -> None:
-            if not ctx.is_main:
-                return
-            write_history_csv(out_dir / HISTORY_CSV, history)
-            if final:
-                write_loss_curve(out_dir / LOSS_CURVE_PNG, history)
-
-        def summary() -> dict[str, Any]:
-            return {
-                "steps": step, "total_steps": total_steps, "best_val_loss": None if math.isinf(best_val) else best_val,
-                "best_step": best_step, "train_patients": train_ids, "val_patients": val_ids,
-                "world_size": ctx.world_size, "device": str(device), "bf16": use_bf16,
-                "train_config": config.to_dict(), "cohort": str(cohort_dir),
-            }
-
-        def checkpoint_now() -> None:
-            rngs = ctx.gather_objects(rng_state())
-            if ctx.is_main:
-                save_checkpoint(
-                    checkpoint_path, step=step, train_config=config.to_dict(), model_config=model_config.to_dict(),
-                    channels=labels, model=model, optimizer=optimizer, scheduler=scheduler, rng=rngs,
-                    history=history,
-                    early={"best_val": best_val, "bad_validations": bad_validations, "best_step": best_step},
-                    world_size=ctx.world_size,
-                )
-                write_outputs()
-            ctx.barrier()
-
-        if ctx.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            import yaml
-
-            write_text_atomic(out_dir / CONFIG_YAML, yaml.safe_dump(config.to_dict(), sort_keys=False))
-        val_every = config.steps_per_epoch
-        stopped_early = False
-        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-        run_start = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
-        last_train_loss = None
-
+    # ------------------------------------------------------------------ the loop
+    def batches(self):
+        """The training batches of the remaining steps (with the progress bar and throughput window set up)."""
+        from DeepDosimetricsLib.deep.train.sampling import make_loader
         from DeepDosimetricsLib.runtime.progress import progress_bar
 
-        bar = progress_bar(range(step, total_steps), total=total_steps, desc="train", quiet=quiet or not ctx.is_main)
-        bar.update(step)
-        loader = make_loader(sampler, step, total_steps, config.num_workers)
-        model.train()
-        for batch in loader:
-            x = to_device(batch)
-            with autocast():
-                logits, _ = ddp_model(x)
-            loss, _ = reconstruction_loss(logits, x, weights, mask_channels, config.mask_bce_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if config.schedule != "plateau":
-                scheduler.step()
-            step += 1
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise DeepDosimetricsError(
-                    f"training diverged at step {step} (loss {value}); lower --lr (now {config.lr})"
-                )
-            window_loss += value
-            window_steps += 1
-            bar.update(1)
-            log_now = step % config.log_every == 0 or step == total_steps
-            validate_now = step % val_every == 0 or step == total_steps
-            row: Optional[dict[str, Any]] = None
-            if log_now or validate_now:
-                now = time.perf_counter()
-                train_loss = float(ctx.all_reduce_mean(window_loss / max(1, window_steps)))
-                speed = ctx.world_size * voxels_per_batch * window_steps / max(1e-9, now - window_start)
-                row = {
-                    "step": step, "epoch": step / config.steps_per_epoch, "train_loss": train_loss,
-                    "val_loss": None, "lr": optimizer.param_groups[0]["lr"], "voxels_per_s": speed,
-                    "elapsed_s": now - run_start,
-                }
-                last_train_loss = train_loss
-                window_loss, window_steps, window_start = 0.0, 0, now
-                bar.set_postfix(loss=f"{train_loss:.4g}", vox_s=f"{speed:.3g}")
-            if validate_now:
-                val_loss, per_channel = validate()
-                row["val_loss"] = val_loss
-                for label, mse in zip(labels, per_channel):
-                    row[f"val_mse[{label}]"] = mse
-                if config.schedule == "plateau":
-                    scheduler.step(val_loss)
-                if val_loss < best_val - config.min_delta:
-                    best_val, bad_validations, best_step = val_loss, 0, step
-                    if ctx.is_main:
-                        _save_model_or_fail(save_model, out_dir, model, model_config, summary())
-                else:
-                    bad_validations += 1
-                window_start = time.perf_counter()  # validation time is not training throughput
-            if row is not None:
-                history.append(row)
-                if ctx.is_main:
-                    emit_progress("train", step, total_steps, loss=row["train_loss"], val_loss=row["val_loss"],
-                                  voxels_per_s=row["voxels_per_s"], lr=row["lr"])
-            if validate_now and config.patience and bad_validations >= config.patience:
-                stopped_early = True
-                log.info("early stopping at step %d: no improvement in %d validations", step, bad_validations)
-            if step % config.checkpoint_every == 0 or step == total_steps or stopped_early:
-                checkpoint_now()
-            if stopped_early:
-                break
-        bar.close()
-        if step % config.checkpoint_every and not stopped_early:
-            checkpoint_now()
-        in_sync = ctx.parameters_in_sync(model)
-        if ctx.is_main:
-            if not (out_dir / MODEL_JSON).exists() or math.isinf(best_val):
-                _save_model_or_fail(save_model, out_dir, model, model_config, summary())
+        self.window_loss, self.window_steps, self.window_start = 0.0, 0, time.perf_counter()
+        self.run_start = time.perf_counter() - (self.history[-1]["elapsed_s"] if self.history else 0.0)
+        self.bar = progress_bar(range(self.step_count, self.total_steps), total=self.total_steps, desc="train",
+                                quiet=self.quiet or not self.ctx.is_main)
+        self.bar.update(self.step_count)
+        loader = make_loader(self.sampler, self.step_count, self.total_steps, self.config.num_workers)
+        self.model.train()
+        return loader
+
+    def _to_device(self, batch):
+        batch = batch.to(self.device, non_blocking=True)
+        return batch.contiguous(memory_format=self.memory_format) if self.cpu else batch
+
+    def _autocast(self):
+        import contextlib
+
+        import torch
+
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.use_bf16 else contextlib.nullcontext()
+
+    def _loss(self, logits, x):
+        from DeepDosimetricsLib.deep.model import reconstruction_loss
+
+        return reconstruction_loss(logits, x, self.weights, self.mask_channels, self.config.mask_bce_weight)
+
+    def step(self, batch) -> float:
+        """One optimisation step on a batch; the loss (DeepDosimetricsError when it is not finite)."""
+        x = self._to_device(batch)
+        with self._autocast():
+            logits, _ = self.ddp_model(x)
+        loss, _ = self._loss(logits, x)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.config.schedule != "plateau":
+            self.scheduler.step()
+        self.step_count += 1
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise DeepDosimetricsError(
+                f"training diverged at step {self.step_count} (loss {value}); lower --lr (now {self.config.lr})"
+            )
+        return value
+
+    def after_step(self, loss: float) -> None:
+        """Log, validate and checkpoint when their intervals come; sets ``should_stop`` for early stopping."""
+        config, step = self.config, self.step_count
+        self.window_loss += loss
+        self.window_steps += 1
+        self.bar.update(1)
+        validate_now = step % config.steps_per_epoch == 0 or step == self.total_steps
+        row = None
+        if step % config.log_every == 0 or step == self.total_steps or validate_now:
+            row = self._log_row()
+        if validate_now:
+            self._validate_into(row)
+        if row is not None:
+            self.history.append(row)
+            if self.ctx.is_main:
+                emit_progress("train", step, self.total_steps, loss=row["train_loss"], val_loss=row["val_loss"],
+                              voxels_per_s=row["voxels_per_s"], lr=row["lr"])
+        if validate_now and config.patience and self.bad_validations >= config.patience:
+            self.stopped_early = True
+            log.info("early stopping at step %d: no improvement in %d validations", step, self.bad_validations)
+        if step % config.checkpoint_every == 0 or step == self.total_steps or self.stopped_early:
+            self.checkpoint()
+
+    @property
+    def should_stop(self) -> bool:
+        return self.stopped_early
+
+    def _log_row(self) -> dict[str, Any]:
+        """A history row for this step: mean training loss (over ranks) and throughput since the last row."""
+        config = self.config
+        now = time.perf_counter()
+        train_loss = float(self.ctx.all_reduce_mean(self.window_loss / max(1, self.window_steps)))
+        voxels_per_batch = config.batch * config.tile**3
+        speed = self.ctx.world_size * voxels_per_batch * self.window_steps / max(1e-9, now - self.window_start)
+        row = {
+            "step": self.step_count, "epoch": self.step_count / config.steps_per_epoch, "train_loss": train_loss,
+            "val_loss": None, "lr": self.optimizer.param_groups[0]["lr"], "voxels_per_s": speed,
+            "elapsed_s": now - self.run_start,
+        }
+        self.last_train_loss = train_loss
+        self.window_loss, self.window_steps, self.window_start = 0.0, 0, now
+        self.bar.set_postfix(loss=f"{train_loss:.4g}", vox_s=f"{speed:.3g}")
+        return row
+
+    def _validate_into(self, row: dict[str, Any]) -> None:
+        """Validate, record the losses in ``row``, step a plateau schedule, keep the best model."""
+        from DeepDosimetricsLib.deep.model import save_model
+
+        val_loss, per_channel = self.validate()
+        row["val_loss"] = val_loss
+        for label, mse in zip(self.labels, per_channel):
+            row[f"val_mse[{label}]"] = mse
+        if self.config.schedule == "plateau":
+            self.scheduler.step(val_loss)
+        if val_loss < self.best_val - self.config.min_delta:
+            self.best_val, self.bad_validations, self.best_step = val_loss, 0, self.step_count
+            if self.ctx.is_main:
+                _save_model_or_fail(save_model, self.out_dir, self.model, self.model_config, self.summary())
+        else:
+            self.bad_validations += 1
+        self.window_start = time.perf_counter()  # validation time is not training throughput
+
+    def validate(self) -> tuple[float, list[float]]:
+        """Mean loss and per-channel MSE over the fixed validation tiles (shared across ranks)."""
+        import torch
+
+        ctx, batch = self.ctx, self.config.batch
+        self.model.eval()
+        totals = torch.zeros(1 + len(self.labels), dtype=torch.float64)
+        mine = [t for i, t in enumerate(self.val_tiles) if i % ctx.world_size == ctx.rank]
+        with torch.no_grad():
+            for first in range(0, len(mine), batch):
+                chunk = mine[first : first + batch]
+                x = self._to_device(torch.from_numpy(np.stack([self.val_sampler.read(p, s, None) for p, s in chunk])))
+                with self._autocast():
+                    logits, _ = self.model(x)
+                loss, per_channel = self._loss(logits, x)
+                totals += torch.cat([loss.detach().double().cpu().view(1), per_channel.double().cpu()]) * len(chunk)
+        totals = ctx.all_reduce_sum(totals) / max(1, len(self.val_tiles))
+        self.model.train()
+        return float(totals[0]), [float(v) for v in totals[1:]]
+
+    # ------------------------------------------------------------------ outputs
+    def summary(self) -> dict[str, Any]:
+        """The training summary stored in model.json."""
+        return {
+            "steps": self.step_count, "total_steps": self.total_steps,
+            "best_val_loss": None if math.isinf(self.best_val) else self.best_val,
+            "best_step": self.best_step, "train_patients": self.train_ids, "val_patients": self.val_ids,
+            "world_size": self.ctx.world_size, "device": str(self.device), "bf16": self.use_bf16,
+            "train_config": self.config.to_dict(), "cohort": str(self.cohort_dir),
+        }
+
+    def _write_history(self, final: bool = False) -> None:
+        if not self.ctx.is_main:
+            return
+        write_history_csv(self.out_dir / HISTORY_CSV, self.history)
+        if final:
+            write_loss_curve(self.out_dir / LOSS_CURVE_PNG, self.history)
+
+    def checkpoint(self) -> None:
+        """Write checkpoint.pt and loss_history.csv (rank 0; every rank's random state is gathered)."""
+        rngs = self.ctx.gather_objects(rng_state())
+        if self.ctx.is_main:
+            save_checkpoint(
+                self.checkpoint_path, step=self.step_count, train_config=self.config.to_dict(),
+                model_config=self.model_config.to_dict(), channels=self.labels, model=self.model,
+                optimizer=self.optimizer, scheduler=self.scheduler, rng=rngs, history=self.history,
+                early={"best_val": self.best_val, "bad_validations": self.bad_validations,
+                       "best_step": self.best_step},
+                world_size=self.ctx.world_size,
+            )
+            self._write_history()
+        self.ctx.barrier()
+
+    def finish(self) -> TrainResult:
+        """Last checkpoint, model.json (best weights kept, run summary updated), loss curve; the result."""
+        from DeepDosimetricsLib.deep.model import MODEL_JSON, save_model
+
+        self.bar.close()
+        if self.step_count % self.config.checkpoint_every and not self.stopped_early:
+            self.checkpoint()
+        in_sync = self.ctx.parameters_in_sync(self.model)
+        if self.ctx.is_main:
+            if not (self.out_dir / MODEL_JSON).exists() or math.isinf(self.best_val):
+                _save_model_or_fail(save_model, self.out_dir, self.model, self.model_config, self.summary())
             else:  # keep the best weights; record the run's end in model.json
-                _update_summary(out_dir, {**summary(), "ranks_in_sync": in_sync, "stopped_early": stopped_early})
-            write_outputs(final=True)
-        ctx.barrier()
+                _update_summary(self.out_dir, {**self.summary(), "ranks_in_sync": in_sync,
+                                               "stopped_early": self.stopped_early})
+            self._write_history(final=True)
+        self.ctx.barrier()
         return TrainResult(
-            out_dir=out_dir, steps=step, best_val_loss=None if math.isinf(best_val) else best_val,
-            final_train_loss=last_train_loss, stopped_early=stopped_early, history=history, model=model,
-            summary={**summary(), "ranks_in_sync": in_sync},
+            out_dir=self.out_dir, steps=self.step_count,
+            best_val_loss=None if math.isinf(self.best_val) else self.best_val,
+            final_train_loss=self.last_train_loss, stopped_early=self.stopped_early, history=self.history,
+            model=self.model, summary={**self.summary(), "ranks_in_sync": in_sync},
         )
-    finally:
-        ctx.close()
 
 
 def _set_threads(threads: Optional[int], ctx: DistributedContext, device) -> None:
@@ -600,14 +710,6 @@ def _set_threads(threads: Optional[int], ctx: DistributedContext, device) -> Non
         if threads < 1:
             raise InputError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(int(threads))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _save_model_or_fail(save_model, out_dir: Path, model, model_config, extra: dict) -> None:
@@ -634,16 +736,7 @@ def _update_summary(out_dir: Path, extra: dict) -> None:
         raise DeepDosimetricsError(f"could not update {out_dir / MODEL_JSON} ({error})") from error
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch."""
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 __all__ = [
     "TrainConfig", "TrainResult", "make_config", "load_config_file", "train",
-    "write_history_csv", "write_loss_curve", "seed_everything",
+    "write_history_csv", "write_loss_curve", "Trainer",
 ]
