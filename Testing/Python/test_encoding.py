@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 from DeepDosimetricsLib.cli import main as cli_main
+from DeepDosimetricsLib.commands.encode import scene_outputs
 from DeepDosimetricsLib.deep.cache.build import ensure_cache
 from DeepDosimetricsLib.deep.channels import parse_channels
 from DeepDosimetricsLib.deep.encode import encoder, job
@@ -60,7 +61,8 @@ def encoded(two_patients, model_dir, cache_dir, tmp_path_factory) -> Path:
     first = sorted(p.name for p in two_patients.iterdir())[0]
     settings = EncodeSettings(reconstruct=True, snapshots=True, traverse=["z00"], sigmas=(-2.0, 2.0),
                               quiet=True, progress_json=False, batch=5, patients=[first])
-    result = encode_cohort(model_dir, two_patients, out, cache_dir, settings)
+    hook = scene_outputs(two_patients, snapshots=True, scene=False)  # the MRML layer writes them
+    result = encode_cohort(model_dir, two_patients, out, cache_dir, settings, patient_hook=hook)
     assert result.done == [first] and not result.skipped
     return out
 

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Callable, Sequence
+
+from DeepDosimetricsLib.deep.encode.settings import EncodeSettings
+from DeepDosimetricsLib.runtime.devices import DEVICES
 
 HELP = ("encode a cohort with a trained model: per-tile and per-structure features; optionally the "
         "reconstructed volumes, residuals, metrics, latent traversals, snapshots and Slicer scenes")
@@ -27,22 +32,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only these patients: comma-separated ids, or @FILE with one id per line")
     parser.add_argument("--reconstruct", action="store_true",
                         help="also write the reconstructed volumes, residuals and metrics.csv")
-    parser.add_argument("--overlap", type=float, default=0.25, metavar="F",
-                        help="tile overlap fraction in [0, 1): stride = tile * (1 - F) (default 0.25)")
-    parser.add_argument("--batch", type=int, default=8, metavar="N", help="tiles per model call (default 8)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present)")
+    parser.add_argument("--overlap", type=float, default=EncodeSettings.overlap, metavar="F",
+                        help="tile overlap fraction in [0, 1): stride = tile * (1 - F) (default %(default)s)")
+    parser.add_argument("--batch", type=int, default=EncodeSettings.batch, metavar="N",
+                        help="tiles per model call (default %(default)s)")
+    parser.add_argument("--device", default=EncodeSettings.device, metavar="DEVICE",
+                        help=f"{', '.join(DEVICES)} or cuda:N (default %(default)s: CUDA, then MPS, then the CPU)")
     parser.add_argument("--traverse", metavar="FEATURES", default=None,
                         help="latent traversal of these features (e.g. z00,z03 or all); needs --reconstruct")
-    parser.add_argument("--sigmas", type=_floats, nargs="+", default=[(-2.0, 2.0)], metavar="S",
+    parser.add_argument("--sigmas", type=_floats, nargs="+", default=[EncodeSettings.sigmas], metavar="S",
                         help="traversal shifts in cohort standard deviations: --sigmas -2 2 or --sigmas=-2,2 "
-                        "(default -2 2)")
+                        f"(default {' '.join(f'{s:g}' for s in EncodeSettings.sigmas)})")
     parser.add_argument("--snapshots", action="store_true",
                         help="PNG snapshots (axial, coronal, sagittal through the PTV centre); needs --reconstruct")
     parser.add_argument("--scene", action="store_true",
                         help="a Slicer scene (.mrb) per patient; needs --reconstruct and slicer-core (or Slicer)")
     parser.add_argument("--no-residuals", action="store_true", help="do not write residual volumes")
     parser.add_argument("--compress", action="store_true", help="zlib-compress the float NRRD volumes")
-    parser.add_argument("--jobs", type=int, default=1, metavar="N", help="processes building the cache (default 1)")
+    parser.add_argument("--jobs", type=int, default=EncodeSettings.jobs, metavar="N",
+                        help="processes building the cache (default %(default)s)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true",
                        help="continue an earlier run in --out (finished patients are not redone)")
@@ -51,8 +59,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _patient_list(text):
-    from pathlib import Path
-
     from DeepDosimetricsLib.runtime.errors import InputError
 
     if text is None:
@@ -71,9 +77,35 @@ def _patient_list(text):
     return ids
 
 
+def scene_outputs(cohort_dir, snapshots: bool, scene: bool) -> Callable[[str, Path, Sequence], None] | None:
+    """The ``patient_hook`` of ``encode_cohort`` writing PNG ``snapshots/`` and/or a Slicer ``scene.mrb``.
+
+    The deep stage calls it and the MRML layer does the work, so neither imports the other.
+
+    Args:
+        cohort_dir: the cohort folder (the scene shows the patient's CT, dose and structures).
+        snapshots: write ``snapshots/*.png`` from the patient's ``recon/`` volumes.
+        scene: write ``scene.mrb`` (needs slicer-core or Slicer).
+    """
+    if not (snapshots or scene):
+        return None
+
+    def write(patient_id: str, folder: Path, specs: Sequence) -> None:
+        from DeepDosimetricsLib.mrml.snapshots import write_patient_scene, write_snapshots
+
+        folder = Path(folder)
+        if snapshots:
+            write_snapshots(folder / "recon", folder / "snapshots", specs)
+        if scene:
+            write_patient_scene(cohort_dir, patient_id, folder / "recon", folder / "scene.mrb", specs,
+                                snapshot_dir=folder / "snapshots" if snapshots else None)
+
+    return write
+
+
 def run(args: argparse.Namespace) -> int:
     """Encode; exit code 1 when some patients were skipped."""
-    from DeepDosimetricsLib.deep.encode.job import EncodeSettings, encode_cohort
+    from DeepDosimetricsLib.deep.encode.job import encode_cohort
     from DeepDosimetricsLib.mrml.snapshots import slicer_available
     from DeepDosimetricsLib.runtime.errors import InputError
 
@@ -99,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise InputError(f"--jobs must be at least 1, got {args.jobs}")
     result = encode_cohort(args.model, args.cohort, args.out, args.cache, settings,
-                           resume=args.resume, overwrite=args.overwrite)
+                           resume=args.resume, overwrite=args.overwrite,
+                           patient_hook=scene_outputs(args.cohort, settings.snapshots, settings.scene))
     print(f"encoded: {len(result.done)} patient(s) ({len(result.reused)} already done), "
           f"skipped: {len(result.skipped)}")
     for pid, reason in result.skipped.items():

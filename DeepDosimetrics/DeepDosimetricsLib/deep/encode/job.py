@@ -13,43 +13,24 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import pandas as pd
 
 from DeepDosimetricsLib.deep.channels import ChannelSpec
 from DeepDosimetricsLib.deep.encode.encoder import TileModel, encode_patient, feature_names
 from DeepDosimetricsLib.deep.encode.outputs import DONE_FILE, JOB_FILE, TABLES
+from DeepDosimetricsLib.deep.encode.settings import EncodeSettings
 from DeepDosimetricsLib.runtime.devices import resolve_device
 
 log = logging.getLogger(__name__)
 
-#: top-level tables the job writes (and --overwrite removes)
+__all__ = ["EncodeResult", "EncodeSettings", "PatientHook", "encode_cohort"]
 
-
-@dataclass
-class EncodeSettings:
-    """Options of a cohort encoding (those in :meth:`key_fields` decide whether outputs can be reused)."""
-
-    overlap: float = 0.25
-    batch: int = 8
-    device: str = "auto"
-    reconstruct: bool = False
-    residuals: bool = True
-    snapshots: bool = False
-    scene: bool = False
-    compress: bool = False
-    traverse: Optional[list[str]] = None  # feature names (z00, ...) to shift; None: no traversal
-    sigmas: tuple[float, ...] = (-2.0, 2.0)
-    patients: Optional[list[str]] = None  # a subset of the cohort; None: all
-    jobs: int = 1  # processes building the cache
-    quiet: bool = False
-    progress_json: bool = True  # `@progress` lines on stdout
-
-    def key_fields(self) -> dict:
-        """What a finished patient's outputs depend on (batch size and device do not change them)."""
-        return {"overlap": self.overlap, "reconstruct": self.reconstruct, "residuals": self.residuals,
-                "snapshots": self.snapshots, "scene": self.scene, "compress": self.compress}
+PatientHook = Callable[[str, Path, Sequence[ChannelSpec]], None]
+"""Called with (patient id, the patient's unfinished output folder holding ``recon/``, channel specs) to add
+outputs built from the reconstruction (snapshots, a Slicer scene) before the folder is renamed into place.
+The MRML layer provides one (``commands.encode.scene_outputs``): the deep stage never imports it."""
 
 
 @dataclass
@@ -183,12 +164,34 @@ def encode_cohort(
     settings: Optional[EncodeSettings] = None,
     resume: bool = False,
     overwrite: bool = False,
+    patient_hook: Optional[PatientHook] = None,
 ) -> EncodeResult:
     """Encode (and reconstruct) every patient of a cohort into ``out_dir``; see the module docstring.
 
     Each patient is written into a temporary folder that is renamed to ``<out>/<patient>`` once complete
     (with ``done.json``), so an interrupted run resumes (``resume=True``) without redoing finished
     patients. A patient that lacks a channel the model needs (e.g. no dose) is skipped with its reason.
+
+    Args:
+        model_dir: a trained model folder (``model.json`` + ``model.pt``).
+        cohort_dir: the cohort folder (one sub-folder per patient).
+        out_dir: the output folder; per patient ``features.csv`` (one row per structure, features z00...),
+            ``tiles.csv`` (one row per tile: position in voxels and mm, features), with ``reconstruct``
+            ``recon/*.nrrd`` on the CT grid and ``metrics.csv``; cohort tables at the top.
+        cache_dir: the preprocessing cache (built or completed when needed; an existing one keeps its
+            configuration); default the cohort's default cache folder.
+        settings: overlap, batch, device, what to write, which patients (:class:`EncodeSettings`).
+        resume: continue an earlier run with the same settings in ``out_dir``.
+        overwrite: replace an earlier encoding in ``out_dir``.
+        patient_hook: writes the extra per-patient outputs ``settings.snapshots``/``settings.scene`` ask
+            for (e.g. ``scene_outputs`` of ``commands/encode.py``); required when they are set.
+
+    Returns:
+        The output folder, patients done, skipped (id -> reason) and reused, and the cohort tables' paths.
+
+    Raises:
+        InputError: bad settings, a folder that is not a model, a foreign or non-empty ``out_dir``
+            without ``resume``/``overwrite``, unknown patients, or no readable patient.
     """
 
     from DeepDosimetricsLib.deep.cache.build import ensure_cache
@@ -207,6 +210,9 @@ def encode_cohort(
         raise InputError(f"--batch must be at least 1, got {settings.batch}")
     if (settings.snapshots or settings.scene or settings.traverse) and not settings.reconstruct:
         raise InputError("--snapshots, --scene and --traverse need --reconstruct")
+    if (settings.snapshots or settings.scene) and patient_hook is None:
+        raise InputError("snapshots and scenes need a patient_hook that writes them "
+                         "(DeepDosimetricsLib.commands.encode.scene_outputs)")
     read_model_json(model_dir)  # a clear error for a folder that is not a model, before the cache work
     device = resolve_device(settings.device)
     model, config = load_model(model_dir, device=device)
@@ -256,7 +262,7 @@ def encode_cohort(
             if settings.progress_json:
                 emit_progress("encode", number, total, patient=pid)
             try:
-                _encode_one(runner, cache[pid], specs, settings, out, key, cohort_dir)
+                _encode_one(runner, cache[pid], specs, settings, out, key, patient_hook)
             except InputError as error:
                 skipped[pid] = str(error)
                 continue
@@ -279,7 +285,8 @@ def encode_cohort(
     return EncodeResult(out, done, skipped, reused, tables)
 
 
-def _encode_one(runner: TileModel, cp, specs, settings: EncodeSettings, out, key: str, cohort_dir) -> None:
+def _encode_one(runner: TileModel, cp, specs, settings: EncodeSettings, out, key: str,
+                patient_hook: Optional[PatientHook]) -> None:
     """All outputs of one patient, built in ``.partial-<id>`` and renamed to ``<id>`` when complete."""
 
     from DeepDosimetricsLib.deep.encode.reconstruction import (
@@ -309,15 +316,8 @@ def _encode_one(runner: TileModel, cp, specs, settings: EncodeSettings, out, key
         shutil.rmtree(partial / ".stitch", ignore_errors=True)
         write_csv_atomic(pd.DataFrame(rows, columns=["patient", "channel", "metric", "value"]),
                          partial / "metrics.csv")
-        if settings.snapshots:
-            from DeepDosimetricsLib.mrml.snapshots import write_snapshots
-
-            write_snapshots(partial / "recon", partial / "snapshots", specs)
-        if settings.scene:
-            from DeepDosimetricsLib.mrml.snapshots import write_patient_scene
-
-            write_patient_scene(cohort_dir, cp.id, partial / "recon", partial / "scene.mrb", specs,
-                                snapshot_dir=partial / "snapshots" if settings.snapshots else None)
+        if patient_hook is not None:
+            patient_hook(cp.id, partial, specs)
     write_json_atomic(partial / DONE_FILE, {"key": key, "patient": cp.id, "tiles": len(encoded.positions)})
     replace_folder(partial, final)
 
