@@ -3,12 +3,34 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+from DeepDosimetricsLib.runtime.devices import DEVICES
 
 HELP = "train the tiled 3D autoencoder (K features per tile) on a cohort; resumable, torchrun-ready"
 
 
+def training_defaults() -> dict[str, Any]:
+    """The training defaults (``Resources/train-default.yaml``, the file ``make_config`` starts from), for
+    the help texts; read without importing the training code so ``--help`` stays quick."""
+    import yaml
+
+    from DeepDosimetricsLib.runtime.resources import resource_path
+
+    try:
+        return yaml.safe_load(resource_path("train-default.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's options (defaults come from Resources/train-default.yaml, then --config)."""
+    defaults = training_defaults()
+
+    def default(key: str) -> str:
+        value = defaults.get(key)
+        return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
     parser.add_argument("--cohort", required=True, metavar="DIR", help="cohort folder (one sub-folder per patient)")
     parser.add_argument("--out", required=True, metavar="MODEL_DIR",
                         help="model folder: model.json/model.pt, checkpoint.pt, loss_history.csv, loss_curve.png")
@@ -17,36 +39,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="YAML training configuration (see Resources/train-default.yaml); options below override it")
     parser.add_argument("--channels", default=None, help="default | full | list such as window:lung,mask:PTV,dose")
-    parser.add_argument("--tile", type=int, default=None, metavar="N", help="tile edge in voxels (default 64)")
-    parser.add_argument("--batch", type=int, default=None, metavar="N", help="tiles per step and process (default 2)")
-    parser.add_argument("--features", type=int, default=None, metavar="K", help="learned features per tile (default 10)")
+    parser.add_argument("--tile", type=int, default=None, metavar="N", help=f"tile edge in voxels (default {default('tile')})")
+    parser.add_argument("--batch", type=int, default=None, metavar="N", help=f"tiles per step and process (default {default('batch')})")
+    parser.add_argument("--features", type=int, default=None, metavar="K", help=f"learned features per tile (default {default('features')})")
     parser.add_argument("--widths", type=int, nargs="+", default=None, metavar="W",
-                        help="encoder widths, one per level halving the tile (default 16 32 64 64; "
+                        help=f"encoder widths, one per level halving the tile (default {default('widths')}; "
                         "16 32 32 trains about 5x faster at --tile 32 on a CPU)")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, default=None, metavar="N", help="training steps in total")
     length.add_argument("--epochs", type=int, default=None, metavar="N",
                         help="epochs of steps_per_epoch steps (validation after each)")
-    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3)")
+    parser.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {default('lr')})")
     parser.add_argument("--schedule", choices=("cosine", "plateau", "constant"), default=None,
-                        help="learning-rate schedule (default cosine)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default=None,
-                        help="auto (default): CUDA, then MPS, then CPU")
+                        help=f"learning-rate schedule (default {default('schedule')})")
+    parser.add_argument("--device", choices=DEVICES, default=None,
+                        help=f"default {default('device')}: auto is CUDA, then MPS, then the CPU")
     parser.add_argument("--resume", action="store_true",
                         help="continue from MODEL_DIR/checkpoint.pt (a new run when there is none)")
     parser.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
-                        help="steps between checkpoints (default 100)")
+                        help=f"steps between checkpoints (default {default('checkpoint_every')})")
     parser.add_argument("--val-fraction", type=float, default=None, metavar="F",
-                        help="share of patients held out for validation (default 0.2)")
+                        help=f"share of patients held out for validation (default {default('val_fraction')})")
     parser.add_argument("--patience", type=int, default=None, metavar="N",
-                        help="early stopping after N validations without improvement (0: off)")
+                        help=f"early stopping after N validations without improvement (0: off; default {default('patience')})")
     parser.add_argument("--workers", type=int, default=None, metavar="N", dest="num_workers",
-                        help="DataLoader processes reading tiles (default 0: in the training process)")
+                        help=f"DataLoader processes reading tiles (default {default('num_workers')}; 0: in the training process)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="CPU threads per process (default: torch's; under torchrun on CPU: cores / processes)")
     parser.add_argument("--skip-incomplete", action="store_true", default=None,
                         help="train without the patients lacking a requested channel instead of refusing")
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None, help=f"random seed (default {default('seed')})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (@progress lines are still printed)")
 
 
