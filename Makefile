@@ -32,7 +32,8 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install -q "monai>=1.3"
-	@echo "See bench/README.md: each benchmark is a script, e.g. $(PY) bench/read_tile.py"
+	@echo "Benchmarks are scripts, one per measure (bench/README.md says what each measures; figures go in BENCHMARKS.md):"
+	@for script in bench/*.py; do case $$script in */benchlib.py) ;; *) echo "  $(PY) $$script --help";; esac; done
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache
