@@ -18,15 +18,20 @@ from typing import Any, BinaryIO, Callable, Iterator, Union
 PathLike = Union[str, Path]
 
 
-def _folder_of(path: Path) -> Path:
+def ensure_folder(folder: PathLike, what: str = "output folder") -> Path:
+    """Create ``folder`` (and its parents) if needed; InputError naming it (as ``what``) when that fails."""
     from DeepDosimetricsLib.runtime.errors import InputError
 
-    folder = path.parent if str(path.parent) else Path(".")
+    folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise InputError(f"cannot create the output folder {folder} ({error.strerror})") from None
+        raise InputError(f"cannot create the {what} {folder}: {error.strerror or error}") from None
     return folder
+
+
+def _folder_of(path: Path) -> Path:
+    return ensure_folder(path.parent if str(path.parent) else Path("."))
 
 
 @functools.lru_cache(maxsize=1)

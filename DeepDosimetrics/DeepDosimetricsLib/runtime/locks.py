@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
+from DeepDosimetricsLib.runtime.atomic import ensure_folder
 from DeepDosimetricsLib.runtime.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -164,11 +165,7 @@ def job_lock(folder: PathLike, job: str, timeout: float = 0.0,
              what: str = "wait for it to finish or choose another folder") -> contextlib.AbstractContextManager:
     """The lock of a folder one job owns (``<folder>/.deepdosimetrics.lock``; the folder is created).
     By default a second job is refused at once with :class:`FolderLocked`."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(f"cannot create the folder {folder}: {error.strerror or error}") from None
+    folder = ensure_folder(folder, "folder")
     return file_lock(folder / JOB_LOCK, job, timeout=timeout, what=what)
 
 
