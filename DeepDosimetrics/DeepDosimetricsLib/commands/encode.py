@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Callable, Sequence
 
+from DeepDosimetricsLib.commands import add_pool_arguments, pool_from_args
 from DeepDosimetricsLib.deep.encode.settings import EncodeSettings
 from DeepDosimetricsLib.runtime.devices import DEVICES
 
@@ -49,8 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a Slicer scene (.mrb) per patient; needs --reconstruct and slicer-core (or Slicer)")
     parser.add_argument("--no-residuals", action="store_true", help="do not write residual volumes")
     parser.add_argument("--compress", action="store_true", help="zlib-compress the float NRRD volumes")
-    parser.add_argument("--jobs", type=int, default=EncodeSettings.jobs, metavar="N",
-                        help="processes building the cache (default %(default)s)")
+    add_pool_arguments(parser, "the patients' cache entries (the encoding itself runs in this process, or "
+                       "split across ranks under torchrun)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true",
                        help="continue an earlier run in --out (finished patients are not redone)")
@@ -125,11 +126,10 @@ def run(args: argparse.Namespace) -> int:
         overlap=args.overlap, batch=args.batch, device=args.device, reconstruct=args.reconstruct,
         residuals=not args.no_residuals, snapshots=args.snapshots, scene=args.scene, compress=args.compress,
         traverse=traverse, sigmas=tuple(v for group in args.sigmas for v in group),
-        patients=_patient_list(args.patients), jobs=args.jobs,
+        patients=_patient_list(args.patients), jobs=args.jobs, scheduler=args.scheduler,
         quiet=args.quiet,
     )
-    if args.jobs < 1:
-        raise InputError(f"--jobs must be at least 1, got {args.jobs}")
+    pool_from_args(args)  # --jobs and --scheduler are checked before any work
     result = encode_cohort(args.model, args.cohort, args.out, args.cache, settings,
                            resume=args.resume, overwrite=args.overwrite,
                            patient_hook=scene_outputs(args.cohort, settings.snapshots, settings.scene))

@@ -3,10 +3,19 @@
 Writes ``<out>/<patient>/{features.csv, tiles.csv, metrics.csv, recon/*.nrrd, snapshots/*.png, scene.mrb,
 done.json}`` patient by patient (each in a temporary folder renamed when complete, so ``--resume`` skips
 finished patients) and the cohort tables at the end. The per-patient encoder is in ``encoder.py``.
+
+One job owns the output folder: it holds ``<out>/.deepdosimetrics.lock`` while it runs, and a second job
+on the same folder is refused at once, naming the holder (runtime/locks.py). The cache is shared: its
+patients are built under per-patient locks (deep/cache/build.py).
+
+Under ``torchrun`` (WORLD_SIZE > 1) the patients are split across the ranks: rank r builds the cache of
+patients r, r+W, ... and encodes the same share; after a barrier rank 0 writes the cohort tables (and the
+traversal) from the patients' folders in cohort order, so the outputs are those of one process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -18,10 +27,12 @@ from typing import Callable, Optional, Sequence
 import pandas as pd
 
 from DeepDosimetricsLib.deep.channels import ChannelSpec
+from DeepDosimetricsLib.deep.distributed import DistributedContext
 from DeepDosimetricsLib.deep.encode.encoder import TileModel, encode_patient, feature_names
 from DeepDosimetricsLib.deep.encode.outputs import DONE_FILE, JOB_FILE, TABLES
 from DeepDosimetricsLib.deep.encode.settings import EncodeSettings
 from DeepDosimetricsLib.runtime.devices import resolve_device
+from DeepDosimetricsLib.runtime.locks import JOB_LOCK, job_lock
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +93,7 @@ def prepare_output(out_dir, description: dict, resume: bool, overwrite: bool) ->
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"output {out} exists and is not a folder")
-    content = [p for p in out.iterdir()] if out.is_dir() else []
+    content = [p for p in out.iterdir() if p.name != JOB_LOCK] if out.is_dir() else []
     job_path = out / JOB_FILE
     if content:
         if not job_path.is_file():
@@ -194,13 +205,10 @@ def encode_cohort(
             without ``resume``/``overwrite``, unknown patients, or no readable patient.
     """
 
-    from DeepDosimetricsLib.deep.cache.build import ensure_cache
     from DeepDosimetricsLib.deep.cache.store import COHORT_MANIFEST, CacheConfig, open_cache
     from DeepDosimetricsLib.deep.channels import parse_channels
     from DeepDosimetricsLib.deep.model import load_model, read_model_json
-    from DeepDosimetricsLib.runtime.atomic import write_csv_atomic, write_json_atomic
     from DeepDosimetricsLib.runtime.errors import InputError
-    from DeepDosimetricsLib.runtime.progress import emit_progress
 
     settings = settings or EncodeSettings()
     out = Path(out_dir)
@@ -214,7 +222,12 @@ def encode_cohort(
         raise InputError("snapshots and scenes need a patient_hook that writes them "
                          "(DeepDosimetricsLib.commands.encode.scene_outputs)")
     read_model_json(model_dir)  # a clear error for a folder that is not a model, before the cache work
+    ranks = DistributedContext.from_environment()
     device = resolve_device(settings.device)
+    if ranks.world_size > 1 and device.type == "cuda":  # under torchrun: one GPU per rank
+        import torch
+
+        device = torch.device("cuda", ranks.local_rank)
     model, config = load_model(model_dir, device=device)
     specs = parse_channels(config.channels)
     if settings.traverse:
@@ -229,12 +242,73 @@ def encode_cohort(
         cache_config = open_cache(cache_path).config  # an existing cache keeps its configuration
     description = _job_description(model_dir, cohort_dir, cache_config, config, settings)
     key = _job_key(description)
-    prepare_output(out, description, resume, overwrite)  # refuse a wrong --out before any long work
-    cache = ensure_cache(cohort_dir, cache_config, cache_dir=cache_path, jobs=settings.jobs,
-                         quiet=settings.quiet, ids=settings.patients)
-    ids = [pid for pid in cache.ids if settings.patients is None or pid in settings.patients]
+    started_group = ranks.world_size > 1 and not _group_initialised()
+    ranks.init(device.type)
+    ranks.set_device(device)
+    with contextlib.ExitStack() as stack:
+        if started_group:
+            stack.callback(ranks.close)
+        # rank 0 takes the folder's lock and checks it; every rank stops on its refusal
+        refusal = None
+        if ranks.is_main:
+            try:
+                if out.exists() and not out.is_dir():
+                    raise InputError(f"output {out} exists and is not a folder")
+                stack.enter_context(job_lock(out, "encode", what="wait for it to finish or choose another --out"))
+                prepare_output(out, description, resume, overwrite)  # refuse a wrong --out before long work
+            except InputError as error:
+                refusal = error
+        refusals = [r for r in _all_ranks(ranks, None if refusal is None else str(refusal)) if r]
+        if refusal is not None:
+            raise refusal
+        if refusals:
+            raise InputError(refusals[0])
+        return _encode_patients(model, config, specs, device, model_dir, cohort_dir, out, cache_path,
+                                cache_config, settings, description, key, patient_hook, ranks)
+
+
+def _group_initialised() -> bool:
+    try:
+        import torch.distributed as dist
+
+        return dist.is_available() and dist.is_initialized()
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def _all_ranks(ranks: DistributedContext, value) -> list:
+    """[value of rank 0, value of rank 1, ...]; [value] in one process."""
+    return ranks.gather_objects(value) if ranks.active else [value]
+
+
+def _encode_patients(model, config, specs, device, model_dir, cohort_dir, out: Path, cache_path, cache_config,
+                     settings: EncodeSettings, description: dict, key: str,
+                     patient_hook: Optional[PatientHook], ranks: DistributedContext) -> EncodeResult:
+    """The cache, then every patient of this rank's share, then (rank 0) the cohort tables."""
+    from DeepDosimetricsLib.data.cohort import Cohort
+    from DeepDosimetricsLib.deep.cache.build import ensure_cache
+    from DeepDosimetricsLib.deep.cache.store import default_cache_dir, open_cache
+    from DeepDosimetricsLib.runtime.atomic import write_csv_atomic, write_json_atomic
+    from DeepDosimetricsLib.runtime.errors import InputError
+    from DeepDosimetricsLib.runtime.pools import PoolSpec
+    from DeepDosimetricsLib.runtime.progress import emit_progress
+
+    pool = PoolSpec(jobs=settings.jobs, scheduler=getattr(settings, "scheduler", None))
+    if ranks.active:  # each rank builds the cache of its share of the patients
+        wanted = Cohort.open(cohort_dir, patient_ids=settings.patients).ids
+        share = wanted[ranks.rank::ranks.world_size]
+        folder = cache_path or default_cache_dir(cohort_dir, cache_config)
+        if share:
+            ensure_cache(cohort_dir, cache_config, cache_dir=folder, jobs=pool, quiet=settings.quiet, ids=share)
+        ranks.barrier()
+        cache = open_cache(folder)
+    else:
+        cache = ensure_cache(cohort_dir, cache_config, cache_dir=cache_path, jobs=pool,
+                             quiet=settings.quiet, ids=settings.patients)
+        wanted = settings.patients
+    ids = [pid for pid in cache.ids if wanted is None or pid in wanted]
     skipped: dict[str, str] = {pid: f"not cached: {reason}" for pid, reason in cache.failed.items()
-                               if settings.patients is None or pid in settings.patients}
+                               if wanted is None or pid in wanted}
     if settings.patients:
         absent = [pid for pid in settings.patients if pid not in ids and pid not in skipped]
         if absent:
@@ -249,39 +323,54 @@ def encode_cohort(
         previous_patients = json.loads((out / JOB_FILE).read_text()).get("patients", [])
     except (OSError, ValueError):
         pass
-    _write_job(out, description, sorted(set(previous_patients) | set(todo_ids)))
+    if ranks.is_main:
+        _write_job(out, description, sorted(set(previous_patients) | set(todo_ids)))
+    ranks.barrier()
 
     runner = TileModel(model, device)
-    done, reused = [], []
+    done, reused, failed = [], [], {}
+    mine = todo_ids[ranks.rank::ranks.world_size]
     total = len(todo_ids)
-    for number, pid in enumerate(todo_ids):
+    for number, pid in enumerate(mine):
         final = out / pid
         if patient_done(final, key):
             reused.append(pid)
         else:
             if settings.progress_json:
-                emit_progress("encode", number, total, patient=pid)
+                emit_progress("encode", number * ranks.world_size + ranks.rank, total, patient=pid,
+                              **({"rank": ranks.rank} if ranks.active else {}))
             try:
                 _encode_one(runner, cache[pid], specs, settings, out, key, patient_hook)
             except InputError as error:
-                skipped[pid] = str(error)
+                failed[pid] = str(error)
                 continue
         done.append(pid)
-    if settings.progress_json:
+    if ranks.active:  # every rank learns what the others did; the cohort order is kept
+        results = _all_ranks(ranks, (done, reused, failed))
+        finished = {pid for rank_done, _, _ in results for pid in rank_done}
+        done = [pid for pid in todo_ids if pid in finished]
+        reused = [pid for pid in todo_ids if any(pid in rank_reused for _, rank_reused, _ in results)]
+        for _, _, rank_failed in results:
+            failed.update(rank_failed)
+        failed = {pid: failed[pid] for pid in todo_ids if pid in failed}
+    skipped.update(failed)
+    if settings.progress_json and ranks.is_main:
         emit_progress("encode", total, total)
-    for pid, reason in skipped.items():
-        log.warning("patient %s skipped: %s", pid, reason)
+    tables: dict = {}
+    if ranks.is_main:
+        for pid, reason in skipped.items():
+            log.warning("patient %s skipped: %s", pid, reason)
+        tables = _write_tables(out, done, skipped, write_csv_atomic)
+        if settings.traverse and done:
+            from DeepDosimetricsLib.deep.encode.traversal import traverse_cohort
 
-    tables = _write_tables(out, done, skipped, write_csv_atomic)
-    if settings.traverse and done:
-        from DeepDosimetricsLib.deep.encode.traversal import traverse_cohort
-
-        tables["traverse_std"] = traverse_cohort(runner, cache, specs, out, done, settings)
-    write_json_atomic(out / JOB_FILE, {"key": key, "description": description,
-                                       "patients": sorted(set(previous_patients) | set(done)),
-                                       "skipped": skipped})
-    for partial in out.glob(".partial-*"):
-        shutil.rmtree(partial, ignore_errors=True)
+            tables["traverse_std"] = traverse_cohort(runner, cache, specs, out, done, settings)
+        write_json_atomic(out / JOB_FILE, {"key": key, "description": description,
+                                           "patients": sorted(set(previous_patients) | set(done)),
+                                           "skipped": skipped})
+        for partial in out.glob(".partial-*"):
+            shutil.rmtree(partial, ignore_errors=True)
+    ranks.barrier()  # the other ranks return once the tables are written
     return EncodeResult(out, done, skipped, reused, tables)
 
 

@@ -34,6 +34,7 @@ class EncodeSettings:
     sigmas: tuple[float, ...] = DEFAULT_SIGMAS
     patients: Optional[list[str]] = None  # a subset of the cohort; None: all
     jobs: int = 1  # processes building the cache
+    scheduler: Optional[str] = None  # Dask scheduler building the cache (address, scheduler file or local:N)
     quiet: bool = False
     progress_json: bool = True  # `@progress` lines on stdout
 
