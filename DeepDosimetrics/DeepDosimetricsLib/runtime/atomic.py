@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, Union
+from typing import Any, BinaryIO, Callable, Iterator, Optional, Union
 
 PathLike = Union[str, Path]
 
@@ -43,16 +43,19 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(path: PathLike, suffix: str = "") -> Iterator[Path]:
+def atomic_path(path: PathLike, suffix: str = "", mode: Optional[int] = None) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to (by any library); renamed over ``path`` on success.
 
-    ``suffix`` keeps an extension some writers need (e.g. ``.nrrd`` for SimpleITK, ``.png``).
+    Args:
+        path: the final file.
+        suffix: an extension some writers need on the temporary name (e.g. ``.nrrd`` for SimpleITK).
+        mode: the file's permission bits (e.g. ``0o600`` for a secret); default what the umask gives.
     """
     path = Path(path)
     folder = _folder_of(path)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=folder)
     os.close(handle)
-    os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; outputs get the usual mode
+    os.chmod(temporary, mode if mode is not None else 0o666 & ~_umask())  # mkstemp makes it 0600
     try:
         yield Path(temporary)
         os.replace(temporary, path)
@@ -62,10 +65,11 @@ def atomic_path(path: PathLike, suffix: str = "") -> Iterator[Path]:
         raise
 
 
-def write_bytes_atomic(path: PathLike, write: Callable[[BinaryIO], Any], sync: bool = True) -> Path:
+def write_bytes_atomic(path: PathLike, write: Callable[[BinaryIO], Any], sync: bool = True,
+                       mode: Optional[int] = None) -> Path:
     """Call ``write(handle)`` on a temporary binary file, fsync it, then rename it over ``path``."""
     path = Path(path)
-    with atomic_path(path) as temporary:
+    with atomic_path(path, mode=mode) as temporary:
         with open(temporary, "wb") as handle:
             write(handle)
             handle.flush()
@@ -74,9 +78,9 @@ def write_bytes_atomic(path: PathLike, write: Callable[[BinaryIO], Any], sync: b
     return path
 
 
-def write_text_atomic(path: PathLike, text: str) -> Path:
-    """Write UTF-8 text atomically."""
-    return write_bytes_atomic(path, lambda handle: handle.write(text.encode("utf-8")), sync=False)
+def write_text_atomic(path: PathLike, text: str, sync: bool = False, mode: Optional[int] = None) -> Path:
+    """Write UTF-8 text atomically (``sync``: fsync before the rename; ``mode``: see :func:`atomic_path`)."""
+    return write_bytes_atomic(path, lambda handle: handle.write(text.encode("utf-8")), sync=sync, mode=mode)
 
 
 def json_default(value: Any) -> Any:
