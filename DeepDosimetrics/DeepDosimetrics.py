@@ -1,26 +1,28 @@
-"""DeepDosimetrics: deep-learning dosimetrics in 3D Slicer (module, widget, logic and test).
+"""DeepDosimetrics: deep-learning dosimetrics in 3D Slicer (module, parameter node, widget, logic and test).
 
-The module is thin: the computation lives in ``DeepDosimetricsLib`` (a Slicer-free library with the
-``deepdosimetrics`` command line) and the MRML conversions in ``DeepDosimetricsLib.mrml.scene``. The Logic
-works from the Python console and headless (``slicer-core``): the Qt/CTK imports below are guarded,
-so this file imports where only the MRML classes exist.
+The module is thin. The computation lives in ``DeepDosimetricsLib`` (a Slicer-free library with the
+``deepdosimetrics`` command line), the MRML conversions in ``DeepDosimetricsLib.mrml``, the background
+process runner in ``DeepDosimetricsLib.runtime.jobs``. The Logic works from the Python console and
+headless (``slicer-core``): the Qt/CTK imports below are guarded, so this file imports where only the
+MRML classes exist.
 """
 
-import json
 import logging
-import os
-import queue
 import shutil
-import subprocess
-import sys
 import tempfile
-import threading
 import unittest
 from pathlib import Path
-from typing import Annotated, Any, Callable, Dict, List, Optional, Sequence
+from typing import Annotated, Any, Dict, Optional
 
 import slicer
 import vtk
+from DeepDosimetricsLib.analysis.protocol import MODELS, ProtocolSettings
+from DeepDosimetricsLib.deep.channels import CHANNEL_SETS
+from DeepDosimetricsLib.deep.encode.settings import DEFAULT_OVERLAP
+from DeepDosimetricsLib.deep.train.training import TrainConfig
+from DeepDosimetricsLib.features.radiomics import DEFAULT_PRESET, preset_names
+from DeepDosimetricsLib.runtime.devices import DEFAULT_DEVICE, DEVICES
+from DeepDosimetricsLib.runtime.jobs import CliJob
 
 try:  # the Slicer application: Qt, CTK, scripted-module base classes, parameter node wrapper
     import ctk  # noqa: F401
@@ -78,9 +80,10 @@ except ImportError:  # slicer-core (headless): the Logic and the Test still work
 
 log = logging.getLogger("DeepDosimetrics")
 
-RADIOMICS_PRESETS = ("firstorder", "all", "ibsi")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-CHANNEL_SETS = ("default", "full")
+# Every choice and default below comes from the library, so the panel and the command line agree.
+RADIOMICS_PRESETS = tuple(preset_names())
+DEFAULT_PROTOCOL = ProtocolSettings()
+DEFAULT_TRAINING_STEPS = TrainConfig().total_steps
 
 
 #
@@ -99,14 +102,15 @@ class DeepDosimetrics(ScriptedLoadableModule):
         self.parent.helpText = (
             "Learned features of CT, structures (PTV) and planned dose from a tiled 3D convolutional "
             "autoencoder, with reconstructions overlaid on the CT, and the classical baselines: radiomics "
-            "(SlicerRadiomics or pyradiomics) and dose-volume metrics per structure. Long jobs (training, "
-            "cohort encoding) run in a background process with progress and Cancel. Everything is also "
-            "available from the Python console through DeepDosimetricsLogic and from the "
-            "<tt>deepdosimetrics</tt> command line."
+            "(SlicerRadiomics or pyradiomics) and dose-volume metrics per structure. Outcome analysis tells "
+            "whether the features add predictive value to the clinical variables; a browser review station "
+            "lets clinicians inspect reconstructions. Long jobs run in a background process with progress "
+            "and Cancel. Everything is also available from the Python console through DeepDosimetricsLogic "
+            "and from the <tt>deepdosimetrics</tt> command line."
         )
         self.parent.acknowledgementText = (
-            "Built on 3D Slicer, pyradiomics/SlicerRadiomics, SimpleITK and PyTorch. Phantom cohort and "
-            "OpenKBP data (Babier et al., Med Phys 2021) are used in the tests."
+            "Built on 3D Slicer, pyradiomics/SlicerRadiomics, SimpleITK, PyTorch and scikit-learn. Phantom "
+            "cohort and OpenKBP data (Babier et al., Med Phys 2021) are used in the tests."
         )
 
 
@@ -115,233 +119,142 @@ class DeepDosimetrics(ScriptedLoadableModule):
 #
 @parameterNodeWrapper
 class DeepDosimetricsParameterNode:
-    """Module state saved with the scene; each field is bound to the widget of the same name in the .ui
-    (dynamic property ``SlicerParameterName``)."""
+    """Module state saved with the scene; each field is bound to the widget whose dynamic property
+    ``SlicerParameterName`` names it in the .ui."""
 
+    # inputs
     ctVolume: vtkMRMLScalarVolumeNode
     segmentation: vtkMRMLSegmentationNode
     doseVolume: vtkMRMLScalarVolumeNode
-    radiomicsPreset: Annotated[str, Choice(RADIOMICS_PRESETS)] = "firstorder"
+    # radiomics and dose-volume metrics
+    radiomicsPreset: Annotated[str, Choice(RADIOMICS_PRESETS)] = DEFAULT_PRESET
     radiomicsParameterFile: Path
     radiomicsOnDose: bool = False
+    # deep features
     cohortFolder: Path
     modelFolder: Path
     outputFolder: Path
-    channels: Annotated[str, Choice(CHANNEL_SETS)] = "default"
-    device: Annotated[str, Choice(DEVICES)] = "auto"
-    trainingSteps: Annotated[int, WithinRange(1, 10_000_000)] = 2000
-    overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.5
+    channels: Annotated[str, Choice(tuple(CHANNEL_SETS))] = "default"
+    device: Annotated[str, Choice(DEVICES)] = DEFAULT_DEVICE
+    trainingSteps: Annotated[int, WithinRange(1, 10_000_000)] = DEFAULT_TRAINING_STEPS
+    overlap: Annotated[float, WithinRange(0.0, 0.9)] = DEFAULT_OVERLAP
     reconstruct: bool = True
+    # outcome analysis
+    clinicalFile: Path
+    outcomeColumn: str = "outcome"
+    timeColumn: str = ""
+    eventColumn: str = ""
+    featureTables: str = ""
+    predictModel: Annotated[str, Choice(MODELS)] = DEFAULT_PROTOCOL.model
+    folds: Annotated[int, WithinRange(2, 20)] = DEFAULT_PROTOCOL.folds
+    repeats: Annotated[int, WithinRange(1, 100)] = DEFAULT_PROTOCOL.repeats
+    harmonizeColumn: str = ""
+    analysisFolder: Path
 
 
-#
-# Background jobs
-#
-def python_for_jobs() -> str:
-    """The Python that runs library jobs: Slicer's ``PythonSlicer`` inside the application, else this one."""
-    if getattr(slicer, "app", None) is not None:
-        found = shutil.which("PythonSlicer")
-        if found:
-            return found
-    return sys.executable
+def _isSet(path) -> bool:
+    """Whether a Path parameter holds a real path (an unset or cleared one reads as '' or '.')."""
+    return path is not None and str(path) not in ("", ".")
 
 
-class CliJob:
-    """A ``deepdosimetrics`` command in a background process, its output read by a thread.
+def parseFeatureTables(text: str) -> Dict[str, str]:
+    """``"dvh=dvh.csv radiomics=/data/radiomics.csv"`` -> {name: path} (the ``predict --features`` form)."""
+    from DeepDosimetricsLib.runtime.errors import InputError
 
-    Lines ``@progress {json}`` update :attr:`progress`; other lines go to :attr:`log_lines`. Callers poll
-    with :meth:`poll` (the widget, from a QTimer) or block with :meth:`wait` (console and batch use).
-    :meth:`cancel` ends the process and all its children.
-    """
-
-    def __init__(
-        self,
-        arguments: Sequence[str],
-        on_line: Optional[Callable[[str], None]] = None,
-        on_progress: Optional[Callable[[dict], None]] = None,
-        python: Optional[str] = None,
-        env: Optional[Dict[str, str]] = None,
-        command: Optional[Sequence[str]] = None,
-    ):
-        self.arguments = [str(a) for a in arguments]
-        if command is None:  # `deepdosimetrics <arguments>` in a separate Python
-            command = [python or python_for_jobs(), "-u", "-m", "DeepDosimetricsLib.cli", *self.arguments]
-        self.command = [str(c) for c in command]
-        self.on_line = on_line
-        self.on_progress = on_progress
-        self.progress: Optional[dict] = None
-        self.log_lines: List[str] = []
-        self.returncode: Optional[int] = None
-        self.cancelled = False
-        self.patientId: Optional[str] = None  # set by encodeNodes: the patient encoded from the scene
-        self.workFolder: Optional[Path] = None  # set by encodeNodes: its temporary folder, to remove
-        self._env = env
-        self._lines: queue.Queue = queue.Queue()
-        self._process: Optional[subprocess.Popen] = None
-        self._reader: Optional[threading.Thread] = None
-
-    def start(self) -> "CliJob":
-        """Start the process (its library found beside this file) and the reader thread."""
-        env = dict(os.environ if self._env is None else self._env)
-        module_dir = str(Path(__file__).resolve().parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (module_dir, env.get("PYTHONPATH", "")) if p)
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        log.info("running: %s", " ".join(self.command))
-        self._process = subprocess.Popen(
-            self.command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=(os.name == "posix"),
-        )
-        self._reader = threading.Thread(target=self._read, name="DeepDosimetricsJobReader", daemon=True)
-        self._reader.start()
-        return self
-
-    def _read(self) -> None:
-        import io
-
-        assert self._process is not None and self._process.stdout is not None
-        # newline="": a lone carriage return (a tqdm redraw) ends a piece without becoming a newline
-        stream = io.TextIOWrapper(self._process.stdout, encoding="utf-8", errors="replace", newline="")
-        for piece in stream:
-            if piece.endswith("\r"):
-                continue  # an intermediate progress-bar state, redrawn by the next piece
-            line = piece.rstrip("\r\n").rstrip()
-            if line:
-                self._lines.put(line)
-        stream.close()
-
-    @property
-    def running(self) -> bool:
-        """True until the process has ended and every line has been handled."""
-        if self._process is None:
-            return False
-        return self._process.poll() is None or (self._reader is not None and self._reader.is_alive()) or (
-            not self._lines.empty()
-        )
-
-    def poll(self) -> List[str]:
-        """Handle the lines read so far; returns them. Sets :attr:`returncode` once the job has ended."""
-        from DeepDosimetricsLib.runtime.progress import parse_progress
-
-        handled = []
-        while True:
-            try:
-                line = self._lines.get_nowait()
-            except queue.Empty:
-                break
-            handled.append(line)
-            record = parse_progress(line)
-            if record is not None:
-                self.progress = record
-                if self.on_progress:
-                    self.on_progress(record)
-            else:
-                self.log_lines.append(line)
-                if self.on_line:
-                    self.on_line(line)
-        if self._process is not None and not self.running and self.returncode is None:
-            self.returncode = self._process.wait()
-        return handled
-
-    def wait(self, timeout: Optional[float] = None, interval: float = 0.1) -> int:
-        """Block until the job ends (handling its lines); returns the exit code."""
-        import time
-
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.running:
-            self.poll()
-            if deadline is not None and time.monotonic() > deadline:
-                self.cancel()
-                break
-            time.sleep(interval)
-        self.poll()
-        return self.returncode if self.returncode is not None else -1
-
-    def cancel(self, grace_seconds: float = 3.0) -> None:
-        """End the process and every process it started (terminate, then kill what remains)."""
-        import psutil
-
-        if self._process is None or self._process.poll() is not None:
-            return
-        self.cancelled = True
-        try:
-            descendants = psutil.Process(self._process.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            descendants = []
-        for process in descendants:
-            try:
-                process.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        self._process.terminate()
-        try:  # the direct child is reaped by Popen, so that its exit status is kept
-            self._process.wait(timeout=grace_seconds)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-        _, alive = psutil.wait_procs(descendants, timeout=grace_seconds)
-        for process in alive:
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=grace_seconds)
-        log.info("job cancelled: %s", " ".join(self.arguments))
-
-    def error_message(self) -> str:
-        """The job's ``error: ...`` line (or its last line) for a failed job."""
-        for line in reversed(self.log_lines):
-            if line.startswith("error:"):
-                return line[len("error:"):].strip()
-        return self.log_lines[-1] if self.log_lines else f"exit code {self.returncode}"
+    tables: Dict[str, str] = {}
+    for item in (text or "").split():
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"feature table {item!r}: write NAME=TABLE.csv (e.g. dvh=dvh.csv)")
+        if name in tables:
+            raise InputError(f"feature set {name!r} is given twice")
+        tables[name] = path
+    return tables
 
 
 #
 # DeepDosimetricsLogic
 #
 class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
-    """All behaviour of the module, usable from the Python console and headless (no Qt needed).
-
-    Node conversions go through ``DeepDosimetricsLib.mrml.scene``; computations through the library.
-    """
+    """All behaviour of the module, usable from the Python console and headless (no Qt needed): a facade
+    over library calls (``DeepDosimetricsLib``) and the MRML layer (``DeepDosimetricsLib.mrml``)."""
 
     def __init__(self, scene: Any = None):
         ScriptedLoadableModuleLogic.__init__(self)
         self._scene = scene
         self.lastRadiomicsPath: Optional[str] = None
         self.currentJob: Optional[CliJob] = None
+        self.reviewJob: Optional[CliJob] = None
+        self._requirementsChecked: set = set()
 
     # ------------------------------------------------------------------ helpers
     @property
     def scene(self) -> Any:
         """The MRML scene the logic adds nodes to."""
-        from DeepDosimetricsLib.mrml import scene as mrml
+        from DeepDosimetricsLib import mrml
 
-        return mrml.current_scene(self._scene)
+        return mrml.headless.current_scene(self._scene)
 
     def getParameterNode(self):
         """The typed parameter node (application only)."""
         return DeepDosimetricsParameterNode(super().getParameterNode())
 
-    # ------------------------------------------------------------------ patients
-    def patientFromNodes(
-        self, ctNode, segmentationNode=None, labelmapNodes=(), doseNode=None, patientId=None
-    ):
-        """The library's Patient built from scene nodes (segments exported on the CT geometry)."""
-        from DeepDosimetricsLib.mrml import scene as mrml
+    # ------------------------------------------------------------------ first-use installation
+    def ensureRequirements(self, groups=(None,), askConfirmation: bool = True) -> bool:
+        """Check the library's Python requirements (``runtime.requirements``) and install the missing ones.
 
-        return mrml.patient_from_nodes(ctNode, segmentationNode, labelmapNodes, doseNode, patientId)
+        Asks once (``confirmOkCancelDisplay``), installs with ``slicer.util.pip_install`` at the listed
+        versions and torch through the PyTorch extension; Slicer's own SimpleITK, numpy and vtk are never
+        reinstalled. ``groups``: ``None`` (core), ``"review"``... Returns False when the user declined.
+        """
+        from DeepDosimetricsLib.runtime import requirements
+
+        key = tuple(groups)
+        if key in self._requirementsChecked:
+            return True
+
+        def confirm(message):
+            if not askConfirmation or getattr(slicer, "app", None) is None:
+                return True
+            return slicer.util.confirmOkCancelDisplay(message, "DeepDosimetrics needs Python packages")
+
+        def installTorch(spec):
+            try:
+                import PyTorchUtils
+            except ImportError:
+                from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError
+
+                raise DeepDosimetricsError("install the PyTorch extension from the Extensions Manager") from None
+            return PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=askConfirmation, torchVersionRequirement=spec
+            )
+
+        ok = requirements.ensure(groups, confirm, lambda specs: slicer.util.pip_install(specs), installTorch)
+        if ok:
+            self._requirementsChecked.add(key)
+        return ok
+
+    # ------------------------------------------------------------------ patients
+    def patientFromNodes(self, ctNode, segmentationNode=None, labelmapNodes=(), doseNode=None, patientId=None):
+        """The library's Patient built from scene nodes (segments exported on the CT geometry)."""
+        from DeepDosimetricsLib import mrml
+
+        return mrml.patients.patient_from_nodes(ctNode, segmentationNode, labelmapNodes, doseNode, patientId)
 
     def loadPatientFolder(self, path):
-        """Load a patient folder into CT, segmentation and dose nodes; returns scene.PatientNodes."""
-        from DeepDosimetricsLib.mrml import scene as mrml
+        """Load a patient folder into CT, segmentation and dose nodes; returns mrml.patients.PatientNodes."""
+        from DeepDosimetricsLib import mrml
 
-        nodes = mrml.load_patient_folder(path, self.scene)
-        mrml.show_reconstruction(nodes.ct, None, None, nodes.dose, nodes.segmentation)
+        nodes = mrml.patients.load_patient_folder(path, self.scene)
+        mrml.display.show_reconstruction(nodes.ct, None, None, nodes.dose, nodes.segmentation)
         return nodes
+
+    def exportPatientFolder(self, ctNode, segmentationNode=None, doseNode=None, folder=None, patientId=None):
+        """Write the nodes as one patient of a cohort (the importers' layout) under ``folder`` (default: a
+        new temporary cohort); returns the patient folder."""
+        from DeepDosimetricsLib import mrml
+
+        return mrml.patients.export_patient_folder(ctNode, segmentationNode, doseNode, folder, patientId)
 
     # ------------------------------------------------------------------ radiomics
     @staticmethod
@@ -353,221 +266,36 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
             return None
         return SlicerRadiomicsLogic()
 
-    def computeRadiomics(
-        self, volumeNode, maskNode, presetOrParameterFile="firstorder", tableNode=None, structures=None,
-        useSlicerRadiomics=None,
-    ):
-        """Radiomics per structure -> table node: one row per feature (column ``Feature``, pyradiomics
-        names such as ``original_firstorder_Mean``), one column per structure.
+    def computeRadiomics(self, volumeNode, maskNode, presetOrParameterFile=DEFAULT_PRESET, tableNode=None,
+                         structures=None, useSlicerRadiomics=None):
+        """Radiomics per structure -> table node (``Feature`` column, one column per structure).
 
-        ``maskNode`` is a segmentation (each segment on the volume's geometry) or a labelmap (each label
-        value). Runs through SlicerRadiomics (``runCLIWithParameterFile``, synchronous) when it is
-        installed, else pyradiomics directly with the same parameter file; the path used is logged and
-        stored in the table's attribute ``DeepDosimetrics.RadiomicsPath``. A dose volume (attribute
-        ``DicomRtImport.DoseVolume``) gets a preset's dose variant.
+        Through SlicerRadiomics when it is installed (or ``useSlicerRadiomics=True``), else the library's
+        pyradiomics path with the same parameter file (``mrml.features.radiomics_table``); the path used is
+        in :attr:`lastRadiomicsPath` and the table attribute ``DeepDosimetrics.RadiomicsPath``.
         """
-        from DeepDosimetricsLib.features.radiomics import resolve_parameters
-        from DeepDosimetricsLib.mrml import scene as mrml
+        from DeepDosimetricsLib import mrml
         from DeepDosimetricsLib.runtime.errors import InputError
 
-        if volumeNode is None:
-            raise InputError("no image volume selected for radiomics")
-        if maskNode is None:
-            raise InputError("no segmentation or labelmap selected for radiomics")
-        image = "dose" if mrml.is_dose_volume(volumeNode) else "ct"
-        params = resolve_parameters(presetOrParameterFile, image)
-        if tableNode is None:
-            tableNode = self.scene.AddNewNodeByClass(
-                "vtkMRMLTableNode", f"{volumeNode.GetName()} radiomics ({params.name if params.path is None else Path(params.name).stem})"
-            )
         radiomicsLogic = self.slicerRadiomicsLogic() if useSlicerRadiomics in (None, True) else None
         if useSlicerRadiomics and radiomicsLogic is None:
             raise InputError("SlicerRadiomics is not installed: install it from the Extensions Manager")
-        if radiomicsLogic is not None:
-            frame, skipped = self._radiomicsThroughSlicerRadiomics(
-                radiomicsLogic, volumeNode, maskNode, params, tableNode, structures
-            )
-            path = "SlicerRadiomics"
-        else:
-            frame, skipped = self._radiomicsThroughPyradiomics(volumeNode, maskNode, params, structures)
-            path = "pyradiomics"
-        mrml.table_from_dataframe(frame, table_node=tableNode)
-        tableNode.SetAttribute(mrml.RADIOMICS_PATH_ATTRIBUTE, path)
-        tableNode.SetAttribute("DeepDosimetrics.RadiomicsParameters", str(params.name))
-        tableNode.SetAttribute("DeepDosimetrics.SkippedStructures", json.dumps(skipped))
-        self.lastRadiomicsPath = path
-        log.info(
-            "radiomics of %s on %d structures through %s (%s)",
-            volumeNode.GetName(), frame.shape[1] - 1, path, params.name,
-        )
-        for name, reason in skipped.items():
-            log.warning("radiomics: structure %s skipped: %s", name, reason)
+        tableNode, self.lastRadiomicsPath = mrml.features.radiomics_table(
+            volumeNode, maskNode, presetOrParameterFile, tableNode, structures, radiomicsLogic)
         return tableNode
 
-    def _radiomicsMasks(self, volumeNode, maskNode, structures):
-        """Structure name -> mask (sitk) for radiomics, and name -> reason for structures skipped."""
-        from DeepDosimetricsLib.mrml import scene as mrml
-        from DeepDosimetricsLib.runtime.errors import InputError
-
-        masks, skipped = {}, {}
-        if maskNode.IsA("vtkMRMLSegmentationNode"):
-            segmentation = maskNode.GetSegmentation()
-            names = [segmentation.GetSegment(i).GetName() for i in mrml.segment_ids(maskNode)]
-            if structures is not None:
-                unknown = sorted(set(structures) - set(names))
-                if unknown:
-                    raise InputError(
-                        f"segmentation '{maskNode.GetName()}' has no segment named {', '.join(unknown)}"
-                    )
-                names = [n for n in names if n in set(structures)]
-            for name in names:
-                try:
-                    masks.update(mrml.segmentation_to_images(maskNode, volumeNode, [name]))
-                except InputError as error:
-                    skipped[name] = str(error)
-        elif maskNode.IsA("vtkMRMLLabelMapVolumeNode"):
-            masks = mrml.labelmap_to_images(maskNode)
-            if structures is not None:
-                masks = {n: m for n, m in masks.items() if n in set(structures)}
-        else:
-            raise InputError(
-                f"mask node '{maskNode.GetName()}' is a {maskNode.GetClassName()}: "
-                "a segmentation or a labelmap volume is needed"
-            )
-        return masks, skipped
-
-    def _radiomicsThroughPyradiomics(self, volumeNode, maskNode, params, structures):
-        from DeepDosimetricsLib.features.radiomics import structure_features
-        from DeepDosimetricsLib.features.tables import StructureSkipped
-        from DeepDosimetricsLib.mrml import scene as mrml
-
-        image = mrml.volume_to_image(volumeNode, "image")
-        masks, skipped = self._radiomicsMasks(volumeNode, maskNode, structures)
-        columns: Dict[str, Dict[str, float]] = {}
-        for name, mask in masks.items():
-            try:
-                columns[name] = structure_features(image, mask, params)
-            except StructureSkipped as error:
-                skipped[name] = str(error)
-        return self._featureFrame(columns, list(masks)), skipped
-
-    @staticmethod
-    def _featureFrame(columns: Dict[str, Dict[str, float]], order: List[str]):
-        import pandas as pd
-
-        features: List[str] = []
-        for values in columns.values():
-            features.extend(f for f in values if f not in features)
-        frame = pd.DataFrame({"Feature": features})
-        for name in order:
-            values = columns.get(name, {})
-            frame[name] = [values.get(f, float("nan")) for f in features]
-        return frame
-
-    def _radiomicsThroughSlicerRadiomics(self, radiomicsLogic, volumeNode, maskNode, params, tableNode, structures):
-        """Run SlicerRadiomics' CLI synchronously, then turn its table into the module's layout."""
-        from DeepDosimetricsLib.mrml import scene as mrml
-
-        radiomicsLogic.runSync = True
-        parameterFile = params.parameter_file(tempfile.mkdtemp(prefix="DeepDosimetrics-radiomics-"))
-        radiomicsLogic.runCLIWithParameterFile(volumeNode, maskNode, tableNode, str(parameterFile))
-        raw = mrml.dataframe_from_table(tableNode)
-        keys = {"Image type", "Feature Class", "Feature Name"}
-        if not keys.issubset(raw.columns) or raw.empty:
-            from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError
-
-            raise DeepDosimetricsError(
-                "SlicerRadiomics returned no features (an empty table); run with useSlicerRadiomics=False "
-                "to use pyradiomics directly"
-            )
-        raw = raw[raw["Feature Class"].astype(str) != "diagnostics"]
-        prefixes = (f"{maskNode.GetName()}_segment_", f"{maskNode.GetName()}_label_")
-        columns: Dict[str, Dict[str, float]] = {}
-        for column in raw.columns:
-            if column in keys:
-                continue
-            name = column
-            for prefix in prefixes:
-                if column.startswith(prefix):
-                    name = column[len(prefix):] if prefix.endswith("segment_") else f"{maskNode.GetName()}_label_{column[len(prefix):]}"
-            if structures is not None and name not in structures:
-                continue
-            values = {}
-            for _, row in raw.iterrows():
-                feature = f"{row['Image type']}_{row['Feature Class']}_{row['Feature Name']}"
-                try:
-                    values[feature] = float(row[column])
-                except (TypeError, ValueError):
-                    values[feature] = float("nan")
-            columns[name] = values
-        return self._featureFrame(columns, list(columns)), {}
-
     # ------------------------------------------------------------------ DVH
-    def computeDoseVolumeMetrics(
-        self, doseNode, segmentationNode, ctNode=None, tableNode=None, binWidthGy=0.1, structures=None
-    ):
-        """Dose-volume metrics per structure -> (table node, plot chart node of the cumulative DVHs).
+    def computeDoseVolumeMetrics(self, doseNode, segmentationNode, ctNode=None, tableNode=None, binWidthGy=0.1,
+                                 structures=None):
+        """Dose-volume metrics per structure -> (table node, DVH chart node); with ``ctNode`` on the CT grid
+        as the ``dvh`` command computes them, else on the dose grid (``mrml.features.dvh_tables``)."""
+        from DeepDosimetricsLib import mrml
 
-        With ``ctNode`` the dose is resampled onto the CT grid (as the ``dvh`` command does); without it
-        the segments are exported on the dose grid. The table has a ``Metric`` column (``volume_cc``,
-        ``Dmean_Gy``, ``D95_Gy``, ``V20Gy_pct``...) and one column per structure.
-        """
-        import numpy as np
-        from DeepDosimetricsLib.features import dosimetrics
-        from DeepDosimetricsLib.features.tables import StructureSkipped
-        from DeepDosimetricsLib.mrml import scene as mrml
-        from DeepDosimetricsLib.runtime.errors import InputError
-
-        if doseNode is None:
-            raise InputError("no dose volume selected")
-        if segmentationNode is None:
-            raise InputError("no segmentation selected for the dose-volume metrics")
-        metrics: Dict[str, Dict[str, float]] = {}
-        curves: Dict[str, tuple] = {}
-        skipped: Dict[str, str] = {}
-        if ctNode is not None:
-            patient = mrml.patient_from_nodes(ctNode, segmentationNode, dose_node=doseNode)
-            dose = patient.dose()
-            voxel_cc = float(np.prod(patient.ct_image().GetSpacing())) / 1000.0
-            names = patient.structure_names if structures is None else list(structures)
-            masks = {}
-            for name in names:
-                masks[name] = patient.structure(name)
-        else:
-            dose = mrml.volume_to_array(doseNode).astype(np.float32)
-            voxel_cc = float(np.prod(doseNode.GetSpacing())) / 1000.0
-            masks = {}
-            segmentation = segmentationNode.GetSegmentation()
-            names = [segmentation.GetSegment(i).GetName() for i in mrml.segment_ids(segmentationNode)]
-            for name in names if structures is None else list(structures):
-                try:
-                    masks.update(mrml.segmentation_to_arrays(segmentationNode, doseNode, [name]))
-                except InputError as error:
-                    skipped[name] = str(error)
-        for name, mask in masks.items():
-            try:
-                metrics[name] = dosimetrics.dose_volume_metrics(dose, mask, voxel_cc)
-                curves[name] = dosimetrics.cumulative_dvh(dose, mask, binWidthGy)
-            except StructureSkipped as error:
-                skipped[name] = str(error)
-        if not metrics:
-            raise InputError(
-                f"no structure of segmentation '{segmentationNode.GetName()}' overlaps the dose "
-                f"'{doseNode.GetName()}': " + "; ".join(f"{k}: {v}" for k, v in skipped.items())
-            )
-        frame = self._featureFrame(metrics, list(metrics)).rename(columns={"Feature": "Metric"})
-        if tableNode is None:
-            tableNode = self.scene.AddNewNodeByClass("vtkMRMLTableNode", f"{doseNode.GetName()} DVH metrics")
-        mrml.table_from_dataframe(frame, table_node=tableNode)
-        tableNode.SetAttribute("DeepDosimetrics.SkippedStructures", json.dumps(skipped))
-        _, chartNode = mrml.dvh_chart(curves, f"{doseNode.GetName()} DVH", self.scene)
-        for name, reason in skipped.items():
-            log.warning("DVH: structure %s skipped: %s", name, reason)
-        return tableNode, chartNode
+        return mrml.features.dvh_tables(doseNode, segmentationNode, ctNode, tableNode, binWidthGy, structures)
 
     # ------------------------------------------------------------------ long jobs
     def runJob(self, arguments, blocking=False, onLine=None, onProgress=None, timeout=None):
-        """Run ``deepdosimetrics <arguments>`` in a background process.
+        """Run ``deepdosimetrics <arguments>`` in a background process (``runtime.jobs.CliJob``).
 
         Non-blocking (the widget): returns the started CliJob; poll it, cancel it with cancelJob().
         Blocking (console, batch): waits, returns the CliJob, raises DeepDosimetricsError if it failed.
@@ -591,13 +319,15 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
             self.currentJob.cancel()
 
     @staticmethod
-    def trainArguments(cohortFolder, modelFolder, channels="default", steps=2000, device="auto"):
+    def trainArguments(cohortFolder, modelFolder, channels="default", steps=DEFAULT_TRAINING_STEPS,
+                       device=DEFAULT_DEVICE):
         """Command-line arguments of a training job."""
         return ["train", "--cohort", str(cohortFolder), "--out", str(modelFolder), "--channels", str(channels),
                 "--steps", str(int(steps)), "--device", str(device)]
 
     @staticmethod
-    def encodeArguments(modelFolder, cohortFolder, outputFolder, reconstruct=True, overlap=0.5, device="auto"):
+    def encodeArguments(modelFolder, cohortFolder, outputFolder, reconstruct=True, overlap=DEFAULT_OVERLAP,
+                        device=DEFAULT_DEVICE):
         """Command-line arguments of a cohort encoding job."""
         arguments = ["encode", "--model", str(modelFolder), "--cohort", str(cohortFolder), "--out", str(outputFolder),
                      "--overlap", str(float(overlap)), "--device", str(device)]
@@ -606,36 +336,18 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
         return arguments
 
     # ------------------------------------------------------------------ encoding and reconstruction
-    def exportPatientFolder(self, ctNode, segmentationNode=None, doseNode=None, folder=None, patientId=None):
-        """Write the nodes as one patient in the canonical layout (ct.nrrd, structures/, dose.nrrd)
-        under ``folder`` (a new temporary cohort by default); returns the patient folder."""
-        import SimpleITK as sitk
-
-        patient = self.patientFromNodes(ctNode, segmentationNode, (), doseNode, patientId)
-        cohort = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="DeepDosimetrics-cohort-"))
-        import re
-
-        target = cohort / (re.sub(r"[^A-Za-z0-9_.+-]+", "_", patient.id).strip("_") or "patient")
-        (target / "structures").mkdir(parents=True, exist_ok=True)
-        sitk.WriteImage(patient.ct_image(), str(target / "ct.nrrd"), True)
-        for name in patient.structure_names:
-            sitk.WriteImage(patient.structure_image(name), str(target / "structures" / f"{name}.nrrd"), True)
-        if patient.has_dose:
-            sitk.WriteImage(patient.dose_image(), str(target / "dose.nrrd"), True)
-        return target
-
     def encodeNodes(
         self, ctNode, segmentationNode=None, doseNode=None, modelFolder=None, outputFolder=None,
-        reconstruct=True, overlap=0.5, device="auto", blocking=True,
+        reconstruct=True, overlap=DEFAULT_OVERLAP, device=DEFAULT_DEVICE, blocking=True,
     ):
         """Encode the patient in the scene with a trained model (``deepdosimetrics encode``).
 
-        The nodes are written as a one-patient cohort in a temporary folder (with its own
-        preprocessing cache) and encoded in a background process. Blocking, the features table and
-        (with ``reconstruct``) the reconstruction and residual volumes are added to the scene and shown
-        over the CT, the temporary folder is removed, and a dict name -> added node is returned. Not
-        blocking, the started CliJob is returned: when it has finished, call
-        ``loadEncodingResults(outputFolder, ctNode, job.patientId, ...)``.
+        The nodes are written as a one-patient cohort in a temporary folder (with its own preprocessing
+        cache) and encoded in a background process. Blocking, the features table and (with
+        ``reconstruct``) the reconstruction and residual volumes are added to the scene and shown over the
+        CT, the temporary folder is removed, and a dict name -> added node is returned. Not blocking, the
+        started CliJob is returned: when it has finished, call
+        ``loadEncodingResults(outputFolder, ctNode, job.patientId, ...)`` and remove ``job.workFolder``.
         """
         from DeepDosimetricsLib.runtime.errors import InputError
 
@@ -645,9 +357,8 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
         try:
             patientFolder = self.exportPatientFolder(ctNode, segmentationNode, doseNode, work / "cohort")
             outputFolder = Path(outputFolder) if outputFolder else work / "out"
-            arguments = self.encodeArguments(
-                modelFolder, patientFolder.parent, outputFolder, reconstruct, overlap, device
-            ) + ["--cache", str(work / "cache")]
+            arguments = self.encodeArguments(modelFolder, patientFolder.parent, outputFolder, reconstruct, overlap,
+                                             device) + ["--cache", str(work / "cache")]
             job = self.runJob(arguments, blocking=blocking)
             job.patientId = patientFolder.name
             if not blocking:
@@ -662,88 +373,115 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
                 shutil.rmtree(work, ignore_errors=True)
 
     def loadEncodingResults(self, outputFolder, ctNode, patientId, doseNode=None, segmentationNode=None):
-        """Add one patient's encoding results to the scene and overlay them on the CT.
+        """Add one patient's encoding results (features table, reconstructions, residuals, labelmaps) to the
+        scene and show them over the CT (``mrml.results.load_encoding_results``, which the ``.mrb`` scenes
+        of ``encode --scene`` use too); returns file stem -> node."""
+        from DeepDosimetricsLib import mrml
 
-        Reads ``<out>/<patient>/features.csv`` (a table node) and, when reconstructed,
-        ``<out>/<patient>/recon/<channel>.nrrd`` (reconstruction), ``<channel>_residual.nrrd`` (residual,
-        diverging colours) and ``<channel>_label.nrrd`` (thresholded structure channels, labelmaps).
-        The shown channel is the soft-tissue window when the model has it (as in the snapshots).
-        """
-        import pandas as pd
-        import SimpleITK as sitk
-        from DeepDosimetricsLib.mrml import scene as mrml
-        from DeepDosimetricsLib.mrml.snapshots import PREFERRED_WINDOWS
-        from DeepDosimetricsLib.runtime.errors import InputError
+        return mrml.results.load_encoding_results(outputFolder, patientId, ctNode, doseNode, segmentationNode,
+                                                  scene=self.scene)
 
-        patientFolder = Path(outputFolder) / str(patientId)
-        if not patientFolder.is_dir():
-            skipped = Path(outputFolder) / "skipped.csv"
-            if skipped.is_file():
-                reasons = pd.read_csv(skipped, dtype=str)
-                reasons = reasons[reasons["patient"] == str(patientId)]
-                if len(reasons):
-                    raise InputError(f"patient {patientId} was not encoded: {reasons['reason'].iloc[0]}")
-            raise InputError(f"encoding output {patientFolder} does not exist")
-        added: Dict[str, Any] = {}
-        features = patientFolder / "features.csv"
-        if features.is_file():
-            added["features"] = mrml.table_from_dataframe(
-                pd.read_csv(features), f"{ctNode.GetName()} deep features", self.scene
-            )
-        reconstructions, residuals = {}, {}
-        for path in sorted((patientFolder / "recon").glob("*.nrrd")):
-            stem = path.name[: -len(".nrrd")]
-            image = sitk.ReadImage(str(path))
-            if stem.endswith("_label"):
-                added[stem] = mrml.image_to_volume(image, f"{ctNode.GetName()} recon {stem}", self.scene, labelmap=True)
-            elif stem.endswith("_residual"):
-                node = mrml.image_to_volume(image, f"{ctNode.GetName()} residual {stem[: -len('_residual')]}", self.scene)
-                mrml.set_residual_display(node)
-                residuals[stem[: -len("_residual")]] = added[stem] = node
-            else:
-                node = mrml.image_to_volume(image, f"{ctNode.GetName()} recon {stem}", self.scene)
-                if stem == "dose":
-                    mrml.set_dose_display(node)
-                reconstructions[stem] = added[stem] = node
-        preferred = [label.replace(":", "_") for label in PREFERRED_WINDOWS]
-        shown = next((s for s in preferred if s in reconstructions), None)
-        shown = shown or next((s for s in reconstructions if s.startswith("window")), None)
-        shown = shown or next(iter(reconstructions), None)
-        if shown is not None:
-            self.showReconstruction(ctNode, reconstructions[shown], residuals.get(shown), doseNode, segmentationNode)
-        return added
-
-    def showReconstruction(self, ctNode, reconNode=None, residualNode=None, doseNode=None, segmentationNode=None, opacity=0.5):
+    def showReconstruction(self, ctNode, reconNode=None, residualNode=None, doseNode=None, segmentationNode=None,
+                           opacity=0.5):
         """CT background, reconstruction foreground at ``opacity``, residual with a diverging map symmetric
         around zero, dose with a dose map hiding zero, structures as outlines."""
-        from DeepDosimetricsLib.mrml import scene as mrml
+        from DeepDosimetricsLib import mrml
 
-        mrml.show_reconstruction(ctNode, reconNode, residualNode, doseNode, segmentationNode, opacity)
+        mrml.display.show_reconstruction(ctNode, reconNode, residualNode, doseNode, segmentationNode, opacity)
 
     def saveSnapshots(self, outPrefix, ctNode, foregroundNode=None, rasPoint=None, opacity=0.5, labelNode=None):
         """Axial, coronal and sagittal PNG snapshots (``<prefix>_<view>.png``) through ``rasPoint``."""
-        from DeepDosimetricsLib.mrml import scene as mrml
+        from DeepDosimetricsLib import mrml
 
-        return mrml.write_snapshots(outPrefix, ctNode, rasPoint, foregroundNode, opacity, labelNode)
+        return mrml.slices.write_snapshots(outPrefix, ctNode, rasPoint, foregroundNode, opacity, labelNode)
 
     def saveSceneBundle(self, path):
         """Write the scene as a Slicer data bundle (.mrb)."""
+        from DeepDosimetricsLib import mrml
+
         if getattr(slicer, "app", None) is not None:
             if not slicer.util.saveScene(str(path)):
                 from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError
 
                 raise DeepDosimetricsError(f"could not save the scene to {path}")
             return Path(path)
-        from DeepDosimetricsLib.mrml import scene as mrml
+        return mrml.bundles.save_scene_bundle(path, self.scene)
 
-        return mrml.save_scene_bundle(path, self.scene)
+    # ------------------------------------------------------------------ outcome analysis
+    @staticmethod
+    def predictArguments(clinicalFile, featureTables, outFolder, outcome="outcome", time="", event="",
+                         model=DEFAULT_PROTOCOL.model, folds=DEFAULT_PROTOCOL.folds,
+                         repeats=DEFAULT_PROTOCOL.repeats, harmonize=""):
+        """Command-line arguments of ``deepdosimetrics predict``; ``featureTables`` is {name: table} or the
+        text ``"dvh=dvh.csv radiomics=radiomics.csv"``. A time column selects a time-to-event endpoint."""
+        tables = parseFeatureTables(featureTables) if isinstance(featureTables, str) else dict(featureTables)
+        arguments = ["predict", "--clinical", str(clinicalFile)]
+        arguments += ["--time", str(time), "--event", str(event)] if time else ["--outcome", str(outcome)]
+        if tables:
+            arguments += ["--features", *(f"{name}={path}" for name, path in tables.items())]
+        arguments += ["--model", str(model), "--folds", str(int(folds)), "--repeats", str(int(repeats))]
+        if harmonize:
+            arguments += ["--harmonize", str(harmonize)]
+        return arguments + ["--out", str(outFolder)]
+
+    def predictOutcome(self, clinicalFile, featureTables, outFolder, outcome="outcome", time="", event="",
+                       model=DEFAULT_PROTOCOL.model, folds=DEFAULT_PROTOCOL.folds, repeats=DEFAULT_PROTOCOL.repeats,
+                       harmonize="", jobs=1, showResults=True):
+        """Outcome analysis, blocking (console): ``analysis.job.predict_outcome`` in this process.
+
+        Returns the library's PredictResult (``summary``, ``comparison``, ``paths``); with ``showResults``
+        the summary becomes a table node and the ROC curves a plot chart (``loadPredictionResults``).
+        """
+        from DeepDosimetricsLib.analysis.job import PredictSettings, predict_outcome
+
+        tables = parseFeatureTables(featureTables) if isinstance(featureTables, str) else dict(featureTables)
+        settings = PredictSettings(
+            clinical=str(clinicalFile), features={k: str(v) for k, v in tables.items()}, out=str(outFolder),
+            outcome=None if time else outcome, time=time or None, event=event or None, model=model,
+            folds=int(folds), repeats=int(repeats), harmonize=harmonize or None, jobs=int(jobs),
+        )
+        result = predict_outcome(settings)
+        if showResults:
+            self.loadPredictionResults(outFolder)
+        return result
+
+    def loadPredictionResults(self, outFolder):
+        """``summary.csv`` as a table node, ROC curves (binary endpoint) as a plot chart: {"summary", "roc"}."""
+        from DeepDosimetricsLib import mrml
+
+        return mrml.results.load_prediction_results(outFolder, self.scene)
+
+    # ------------------------------------------------------------------ review station
+    @staticmethod
+    def reviewArguments(encodingFolder, cohortFolder, modelFolder=None):
+        """Command-line arguments of ``deepdosimetrics review`` (local only: 127.0.0.1)."""
+        arguments = ["review", "--encoding", str(encodingFolder), "--cohort", str(cohortFolder)]
+        if modelFolder is not None and _isSet(modelFolder):
+            arguments += ["--model", str(modelFolder)]
+        return arguments
+
+    def startReviewStation(self, encodingFolder, cohortFolder, modelFolder=None, timeout=120.0, onLine=None):
+        """Start ``deepdosimetrics review`` in a background process; returns the URL it prints. The server
+        runs until ``stopReviewStation()`` (or the application closes)."""
+        from DeepDosimetricsLib.runtime.jobs import start_server
+
+        self.stopReviewStation()
+        self.reviewJob, url = start_server(self.reviewArguments(encodingFolder, cohortFolder, modelFolder), timeout,
+                                           onLine)
+        return url
+
+    def stopReviewStation(self):
+        """Stop the review station's server, if one was started."""
+        if self.reviewJob is not None:
+            self.reviewJob.cancel()
+            self.reviewJob = None
 
 
 #
 # DeepDosimetricsWidget
 #
 class DeepDosimetricsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The module panel: inputs, radiomics/DVH, training/encoding with progress, log and Cancel."""
+    """The module panel: it moves values between the widgets and the parameter node and calls the Logic."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -752,7 +490,7 @@ class DeepDosimetricsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._jobTimer = None
-        self._sceneEncoding = None
+        self._onJobFinished = None  # what to do with the current job's results
 
     def setup(self) -> None:
         """Load the .ui, connect the widgets and the parameter node."""
@@ -766,13 +504,19 @@ class DeepDosimetricsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
-        self.ui.loadPatientButton.connect("clicked(bool)", self.onLoadPatient)
-        self.ui.radiomicsButton.connect("clicked(bool)", self.onRadiomics)
-        self.ui.dvhButton.connect("clicked(bool)", self.onDoseVolumeMetrics)
-        self.ui.trainButton.connect("clicked(bool)", self.onTrain)
-        self.ui.encodeButton.connect("clicked(bool)", self.onEncode)
-        self.ui.encodeSceneButton.connect("clicked(bool)", self.onEncodeScene)
-        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        for button, handler in (
+            (self.ui.loadPatientButton, self.onLoadPatient),
+            (self.ui.radiomicsButton, self.onRadiomics),
+            (self.ui.dvhButton, self.onDoseVolumeMetrics),
+            (self.ui.trainButton, self.onTrain),
+            (self.ui.encodeButton, self.onEncode),
+            (self.ui.encodeSceneButton, self.onEncodeScene),
+            (self.ui.reviewButton, self.onReview),
+            (self.ui.addFeatureTableButton, self.onAddFeatureTable),
+            (self.ui.predictButton, self.onPredict),
+            (self.ui.cancelButton, self.onCancel),
+        ):
+            button.connect("clicked(bool)", handler)
         self.ui.cancelButton.enabled = False
 
         self._jobTimer = qt.QTimer()
@@ -784,6 +528,7 @@ class DeepDosimetricsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Called when the application closes and the module widget is destroyed."""
         if self.logic is not None:
             self.logic.cancelJob()
+            self.logic.stopReviewStation()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -803,18 +548,17 @@ class DeepDosimetricsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
-        """Parameter node of the module, with sensible default inputs."""
+        """Parameter node of the module, with the scene's CT and dose as default inputs."""
+        from DeepDosimetricsLib import mrml
+
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.ctVolume:
-            from DeepDosimetricsLib.mrml import scene as mrml
-
-            volumes = [n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode") if not mrml.is_dose_volume(n)]
+            volumes = mrml.headless.nodes_by_class(slicer.mrmlScene, "vtkMRMLScalarVolumeNode")
+            volumes = [n for n in volumes if not mrml.volumes.is_dose_volume(n)]
             if volumes:
                 self._parameterNode.ctVolume = volumes[0]
         if not self._parameterNode.doseVolume:
-            from DeepDosimetricsLib.mrml import scene as mrml
-
-            doses = mrml.find_dose_volumes(slicer.mrmlScene)
+            doses = mrml.volumes.find_dose_volumes(slicer.mrmlScene)
             if doses:
                 self._parameterNode.doseVolume = doses[0]
 
@@ -832,13 +576,16 @@ class DeepDosimetricsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         busy = self.logic is not None and self.logic.currentJob is not None and self.logic.currentJob.running
         hasCt, hasSeg, hasDose = bool(p and p.ctVolume), bool(p and p.segmentation), bool(p and p.doseVolume)
+        cohort, model, out = (bool(p and _isSet(getattr(p, f))) for f in ("cohortFolder", "modelFolder", "outputFolder"))
         self.ui.radiomicsButton.enabled = hasSeg and (hasDose if p and p.radiomicsOnDose else hasCt)
         self.ui.dvhButton.enabled = hasSeg and hasDose
-        self.ui.trainButton.enabled = not busy and bool(p and _isSet(p.cohortFolder) and _isSet(p.modelFolder))
-        self.ui.encodeButton.enabled = not busy and bool(
-            p and _isSet(p.cohortFolder) and _isSet(p.modelFolder) and _isSet(p.outputFolder)
-        )
-        self.ui.encodeSceneButton.enabled = not busy and hasCt and bool(p and _isSet(p.modelFolder))
+        self.ui.trainButton.enabled = not busy and cohort and model
+        self.ui.encodeButton.enabled = not busy and cohort and model and out
+        self.ui.encodeSceneButton.enabled = not busy and hasCt and model
+        self.ui.reviewButton.enabled = cohort and out
+        endpoint = bool(p and (p.outcomeColumn or (p.timeColumn and p.eventColumn)))
+        self.ui.predictButton.enabled = not busy and bool(p and _isSet(p.clinicalFile) and _isSet(p.analysisFolder)) \
+            and endpoint
         self.ui.cancelButton.enabled = busy
 
     # ------------------------------------------------------------------ actions
@@ -847,6 +594,7 @@ class DeepDosimetricsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not folder:
             return
         with slicer.util.tryWithErrorDisplay("Failed to load the patient folder.", waitCursor=True):
+            self.logic.ensureRequirements()
             nodes = self.logic.loadPatientFolder(folder)
             self._parameterNode.ctVolume = nodes.ct
             self._parameterNode.segmentation = nodes.segmentation
@@ -854,72 +602,104 @@ class DeepDosimetricsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._parameterNode.doseVolume = nodes.dose
 
     def onRadiomics(self) -> None:
+        from DeepDosimetricsLib import mrml
+
         p = self._parameterNode
         spec = str(p.radiomicsParameterFile) if _isSet(p.radiomicsParameterFile) else p.radiomicsPreset
         volume = p.doseVolume if p.radiomicsOnDose else p.ctVolume
         with slicer.util.tryWithErrorDisplay("Radiomics failed.", waitCursor=True):
+            self.logic.ensureRequirements()
             table = self.logic.computeRadiomics(volume, p.segmentation, spec)
             self._log(f"Radiomics table '{table.GetName()}' computed through {self.logic.lastRadiomicsPath}.")
-            slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
-            slicer.app.applicationLogic().PropagateTableSelection()
+            mrml.tables.show_table(table)  # a layout with a table view first, then the selection
 
     def onDoseVolumeMetrics(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Dose-volume metrics failed.", waitCursor=True):
+            self.logic.ensureRequirements()
             table, chart = self.logic.computeDoseVolumeMetrics(p.doseVolume, p.segmentation, p.ctVolume)
             self._log(f"DVH table '{table.GetName()}' and chart '{chart.GetName()}' added.")
             slicer.modules.plots.logic().ShowChartInLayout(chart)
 
     def onTrain(self) -> None:
         p = self._parameterNode
-        self._startJob(self.logic.trainArguments(p.cohortFolder, p.modelFolder, p.channels, p.trainingSteps, p.device))
+        self._startJob(lambda: self.logic.trainArguments(p.cohortFolder, p.modelFolder, p.channels, p.trainingSteps,
+                                                         p.device))
 
     def onEncode(self) -> None:
         p = self._parameterNode
-        self._startJob(self.logic.encodeArguments(
-            p.modelFolder, p.cohortFolder, p.outputFolder, p.reconstruct, p.overlap, p.device
-        ))
+        self._startJob(lambda: self.logic.encodeArguments(p.modelFolder, p.cohortFolder, p.outputFolder,
+                                                          p.reconstruct, p.overlap, p.device))
+
+    def onPredict(self) -> None:
+        p = self._parameterNode
+        out = p.analysisFolder
+        self._startJob(
+            lambda: self.logic.predictArguments(p.clinicalFile, p.featureTables, out, p.outcomeColumn, p.timeColumn,
+                                                p.eventColumn, p.predictModel, p.folds, p.repeats, p.harmonizeColumn),
+            groups=(None, "analysis"),
+            onFinished=lambda job: self._showPrediction(out),
+        )
+
+    def _showPrediction(self, out) -> None:
+        added = self.logic.loadPredictionResults(out)
+        from DeepDosimetricsLib import mrml
+
+        mrml.tables.show_table(added["summary"])
+        if added["roc"] is not None:
+            slicer.modules.plots.logic().ShowChartInLayout(added["roc"])
+        self._log(f"Outcome analysis: {Path(str(out)) / 'report.html'}")
+
+    def onAddFeatureTable(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(None, "Feature table (radiomics, dvh or encode features.csv)", "",
+                                              "CSV tables (*.csv)")
+        if path:
+            name = Path(path).stem.replace("features", "deep") or "table"
+            text = self._parameterNode.featureTables.strip()
+            self._parameterNode.featureTables = f"{text} {name}={path}".strip()
 
     def onEncodeScene(self) -> None:
         p = self._parameterNode
         self.ui.progressBar.value = 0
         with slicer.util.tryWithErrorDisplay("Encoding failed.", waitCursor=True):
+            self.logic.ensureRequirements()
             job = self.logic.encodeNodes(
                 p.ctVolume, p.segmentation, p.doseVolume, p.modelFolder,
                 p.outputFolder if _isSet(p.outputFolder) else None, p.reconstruct, p.overlap, p.device,
                 blocking=False,
             )
             job.on_line, job.on_progress = self._log, self._onProgress
-            self._sceneEncoding = (job, job.arguments[job.arguments.index("--out") + 1], p.ctVolume, p.doseVolume,
-                                   p.segmentation)
+            outputFolder = job.arguments[job.arguments.index("--out") + 1]
+            nodes = (p.ctVolume, p.doseVolume, p.segmentation)
+            self._onJobFinished = lambda finished: self._loadSceneEncoding(finished, outputFolder, *nodes)
             self._log("$ deepdosimetrics " + " ".join(job.arguments))
             self._jobTimer.start()
         self._checkCanApply()
 
-    def _finishSceneEncoding(self, job) -> None:
-        pending = getattr(self, "_sceneEncoding", None)
-        if not pending or pending[0] is not job:
-            return
-        self._sceneEncoding = None
-        _, outputFolder, ctNode, doseNode, segmentationNode = pending
-        try:
-            if job.returncode == 0 and not job.cancelled:
-                with slicer.util.tryWithErrorDisplay("Could not load the encoding results.", waitCursor=True):
-                    added = self.logic.loadEncodingResults(outputFolder, ctNode, job.patientId, doseNode, segmentationNode)
-                    self._log("Added: " + ", ".join(node.GetName() for node in added.values()))
-        finally:
-            if job.workFolder is not None:
-                shutil.rmtree(job.workFolder, ignore_errors=True)
+    def _loadSceneEncoding(self, job, outputFolder, ctNode, doseNode, segmentationNode) -> None:
+        added = self.logic.loadEncodingResults(outputFolder, ctNode, job.patientId, doseNode, segmentationNode)
+        self._log("Added: " + ", ".join(node.GetName() for node in added.values()))
+
+    def onReview(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Could not start the review station.", waitCursor=True):
+            self.logic.ensureRequirements(groups=(None, "review"))
+            url = self.logic.startReviewStation(p.outputFolder, p.cohortFolder, p.modelFolder, onLine=self._log)
+            self._log(f"Review station: {url}")
+            qt.QDesktopServices.openUrl(qt.QUrl(url))
 
     def onCancel(self) -> None:
         self.logic.cancelJob()
         self._log("Cancelled.")
 
-    def _startJob(self, arguments) -> None:
+    def _startJob(self, arguments, groups=(None,), onFinished=None) -> None:
         self.ui.progressBar.value = 0
-        self._log("$ deepdosimetrics " + " ".join(arguments))
         with slicer.util.tryWithErrorDisplay("Could not start the job."):
+            self.logic.ensureRequirements(groups)
+            arguments = arguments()
+            self._log("$ deepdosimetrics " + " ".join(arguments))
             self.logic.runJob(arguments, blocking=False, onLine=self._log, onProgress=self._onProgress)
+            self._onJobFinished = onFinished
             self._jobTimer.start()
         self._checkCanApply()
 
@@ -929,17 +709,25 @@ class DeepDosimetricsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._jobTimer.stop()
             return
         job.poll()
-        if not job.running:
-            self._jobTimer.stop()
+        if job.running:
+            return
+        self._jobTimer.stop()
+        finished, self._onJobFinished = self._onJobFinished, None
+        try:
             if job.cancelled:
                 self._log("Job cancelled.")
             elif job.returncode == 0:
                 self.ui.progressBar.value = 100
                 self._log("Job finished.")
+                if finished is not None:
+                    with slicer.util.tryWithErrorDisplay("Could not show the results.", waitCursor=True):
+                        finished(job)
             else:
                 self._log(f"Job failed: {job.error_message()}")
                 slicer.util.errorDisplay(f"deepdosimetrics {job.arguments[0]} failed: {job.error_message()}")
-            self._finishSceneEncoding(job)
+        finally:  # tryWithErrorDisplay re-raises: the buttons come back and the work folder goes anyway
+            if job.workFolder is not None:
+                shutil.rmtree(job.workFolder, ignore_errors=True)
             self._checkCanApply()
 
     def _onProgress(self, record: dict) -> None:
@@ -953,11 +741,6 @@ class DeepDosimetricsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.logTextEdit.appendPlainText(str(line))
 
 
-def _isSet(path) -> bool:
-    """Whether a Path parameter holds a real path (an unset one reads as '' or '.')."""
-    return path is not None and str(path) not in ("", ".")
-
-
 #
 # DeepDosimetricsTest
 #
@@ -966,20 +749,20 @@ class DeepDosimetricsTest(ScriptedLoadableModuleTest):
 
     def setUp(self):
         """A clean scene: Slicer's own, or a new headless one."""
-        from DeepDosimetricsLib.mrml import scene as mrml
+        from DeepDosimetricsLib import mrml
 
         if getattr(slicer, "app", None) is not None:
             slicer.mrmlScene.Clear()
             self._headless = None
         else:
-            self._headless = mrml.create_headless_scene()
+            self._headless = mrml.headless.create_headless_scene()
         self._workdir = Path(tempfile.mkdtemp(prefix="DeepDosimetricsTest-"))
 
     def tearDown(self):
-        from DeepDosimetricsLib.mrml import scene as mrml
+        from DeepDosimetricsLib import mrml
 
         if getattr(self, "_headless", None) is not None:
-            mrml.close_headless_scene(self._headless)
+            mrml.headless.close_headless_scene(self._headless)
         shutil.rmtree(getattr(self, "_workdir", ""), ignore_errors=True)
 
     def runTest(self):
@@ -1010,12 +793,12 @@ class DeepDosimetricsTest(ScriptedLoadableModuleTest):
         return folder
 
     def test_DeepDosimetrics_phantom(self):
-        from DeepDosimetricsLib.mrml import scene as mrml
+        from DeepDosimetricsLib import mrml
 
         self.delayDisplay("Loading a phantom patient")
         logic = DeepDosimetricsLogic()
         nodes = logic.loadPatientFolder(self._phantomPatientFolder())
-        self.assertTrue(mrml.is_dose_volume(nodes.dose))
+        self.assertTrue(mrml.volumes.is_dose_volume(nodes.dose))
         self.assertEqual(nodes.segmentation.GetSegmentation().GetNumberOfSegments(), 2)
 
         self.delayDisplay("Patient from nodes")
@@ -1025,13 +808,13 @@ class DeepDosimetricsTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("Radiomics")
         table = logic.computeRadiomics(nodes.ct, nodes.segmentation, "firstorder", useSlicerRadiomics=False)
-        frame = mrml.dataframe_from_table(table)
+        frame = mrml.tables.dataframe_from_table(table)
         self.assertIn("original_firstorder_Mean", list(frame["Feature"]))
-        self.assertEqual(table.GetAttribute(mrml.RADIOMICS_PATH_ATTRIBUTE), "pyradiomics")
+        self.assertEqual(table.GetAttribute(mrml.tables.RADIOMICS_PATH_ATTRIBUTE), "pyradiomics")
 
         self.delayDisplay("Dose-volume metrics")
         dvhTable, chart = logic.computeDoseVolumeMetrics(nodes.dose, nodes.segmentation, nodes.ct)
-        metrics = mrml.dataframe_from_table(dvhTable).set_index("Metric")
+        metrics = mrml.tables.dataframe_from_table(dvhTable).set_index("Metric")
         self.assertGreater(metrics.loc["Dmean_Gy", "PTV"], metrics.loc["Dmean_Gy", "BODY"])
         self.assertEqual(chart.GetNumberOfPlotSeriesNodes(), 2)
 

@@ -23,8 +23,8 @@ try:
 except ImportError as error:  # pragma: no cover - slicer-core is part of the dev install
     pytest.skip(f"slicer-core is not installed ({error})", allow_module_level=True)
 
+from DeepDosimetricsLib import mrml  # noqa: E402
 from DeepDosimetricsLib.data.patient import Patient  # noqa: E402
-from DeepDosimetricsLib.mrml import scene as mrml  # noqa: E402
 from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError, InputError  # noqa: E402
 
 MODULE_DIR = Path(__file__).resolve().parents[2] / "DeepDosimetrics"
@@ -45,9 +45,9 @@ def module():
 
 @pytest.fixture(scope="module")
 def headless():
-    wired = mrml.create_headless_scene()
+    wired = mrml.headless.create_headless_scene()
     yield wired
-    mrml.close_headless_scene(wired)
+    mrml.headless.close_headless_scene(wired)
 
 
 @pytest.fixture()
@@ -84,7 +84,7 @@ def load_like_slicer(folder: Path, headless, names=None):
             continue
         labelmap = volumes.AddArchetypeVolume(str(path), path.stem, 1)
         assert headless.logic("Segmentations").ImportLabelmapToSegmentationNode(labelmap, segmentation)
-        segmentation.GetSegmentation().GetSegment(mrml.segment_ids(segmentation)[-1]).SetName(path.stem)
+        segmentation.GetSegmentation().GetSegment(mrml.segments.segment_ids(segmentation)[-1]).SetName(path.stem)
     return ct, segmentation
 
 
@@ -101,7 +101,7 @@ def pyradiomics_on_files(image: Path, mask: Path, preset: str) -> dict:
 
 
 def assert_table_equals_pyradiomics(table, folder: Path, preset: str, names):
-    frame = mrml.dataframe_from_table(table).set_index("Feature")
+    frame = mrml.tables.dataframe_from_table(table).set_index("Feature")
     assert sorted(frame.columns) == sorted(names)
     for name in names:
         mask = next(p for p in structure_files(folder) if p.stem == name)
@@ -124,7 +124,7 @@ def test_patient_from_nodes_and_load_patient_folder(logic, patient_dir):
     patient = logic.patientFromNodes(nodes.ct, nodes.segmentation, doseNode=nodes.dose)
     assert patient.structure_names == reference.structure_names
     np.testing.assert_array_equal(patient.structure("PTV"), reference.structure("PTV"))
-    assert mrml.is_dose_volume(nodes.dose)
+    assert mrml.volumes.is_dose_volume(nodes.dose)
 
 
 # ---------------------------------------------------------------------------------------- radiomics
@@ -132,10 +132,10 @@ def test_radiomics_equals_pyradiomics_on_the_files(logic, headless, patient_dir)
     ct, segmentation = load_like_slicer(patient_dir, headless)
     names = [p.stem for p in structure_files(patient_dir)]
     table = logic.computeRadiomics(ct, segmentation, "firstorder")
-    assert table.GetAttribute(mrml.RADIOMICS_PATH_ATTRIBUTE) == "pyradiomics"
+    assert table.GetAttribute(mrml.tables.RADIOMICS_PATH_ATTRIBUTE) == "pyradiomics"
     assert logic.lastRadiomicsPath == "pyradiomics"
     assert_table_equals_pyradiomics(table, patient_dir, "firstorder", names)
-    frame = mrml.dataframe_from_table(table)
+    frame = mrml.tables.dataframe_from_table(table)
     assert len(frame) == 18  # the group's first table: 18 first-order features, one row each
 
 
@@ -151,7 +151,7 @@ def test_dosiomics_use_the_dose_variant_of_the_preset(logic, headless, patient_d
     from radiomics.featureextractor import RadiomicsFeatureExtractor
 
     dose = headless.logic("Volumes").AddArchetypeVolume(str(patient_dir / "dose.nrrd"), "dose", 0)
-    mrml.mark_dose_volume(dose)
+    mrml.volumes.mark_dose_volume(dose)
     labelmap = headless.logic("Volumes").AddArchetypeVolume(str(patient_dir / "structures" / "PTV.nrrd"), "PTV", 1)
     table = logic.computeRadiomics(dose, labelmap, "firstorder")
     parameters = resolve_parameters("firstorder", "dose")
@@ -161,7 +161,7 @@ def test_dosiomics_use_the_dose_variant_of_the_preset(logic, headless, patient_d
     expected = RadiomicsFeatureExtractor(str(parameters.path)).execute(
         str(patient_dir / "dose.nrrd"), str(patient_dir / "structures" / "PTV.nrrd")
     )
-    frame = mrml.dataframe_from_table(table).set_index("Feature")
+    frame = mrml.tables.dataframe_from_table(table).set_index("Feature")
     for name, value in expected.items():
         if not name.startswith("diagnostics_"):
             assert frame.loc[name, "PTV"] == float(value), name
@@ -195,30 +195,27 @@ def test_radiomics_through_slicerradiomics_when_installed(logic, headless, patie
             calls.append((self.runSync, Path(parameterFilePath).is_file()))
             import pandas as pd
 
-            image = mrml.volume_to_image(imageNode)
+            image = mrml.volumes.volume_to_image(imageNode)
             rows = {"Image type": [], "Feature Class": [], "Feature Name": []}
             columns = {}
-            for name, mask in mrml.segmentation_to_images(maskNode, imageNode).items():
+            for name, mask in mrml.segments.segmentation_to_images(maskNode, imageNode).items():
                 from radiomics.featureextractor import RadiomicsFeatureExtractor
 
                 result = RadiomicsFeatureExtractor(parameterFilePath).execute(image, mask)
                 columns[f"{maskNode.GetName()}_segment_{name}"] = [str(v) for v in result.values()]
                 keys = list(result)
-            for key in keys:
-                if key.startswith("diagnostics_"):
-                    kind, klass, feature = "diagnostics", "diagnostics", key[len("diagnostics_"):]
-                else:
-                    kind, klass, feature = key.split("_", 2)
+            for key in keys:  # as SlicerRadiomics splits them: diagnostics land in "Image type"
+                kind, klass, feature = key.split("_", 2)
                 rows["Image type"].append(kind)
                 rows["Feature Class"].append(klass)
                 rows["Feature Name"].append(feature)
-            mrml.table_from_dataframe(pd.DataFrame({**rows, **columns}).astype(str), table_node=tableNode)
+            mrml.tables.table_from_dataframe(pd.DataFrame({**rows, **columns}).astype(str), table_node=tableNode)
 
     monkeypatch.setitem(sys.modules, "SlicerRadiomics", types.SimpleNamespace(SlicerRadiomicsLogic=FakeSlicerRadiomicsLogic))
     ct, segmentation = load_like_slicer(patient_dir, headless, names=["PTV", "Heart"])
     table = logic.computeRadiomics(ct, segmentation, "firstorder")
     assert calls == [(True, True)]
-    assert table.GetAttribute(mrml.RADIOMICS_PATH_ATTRIBUTE) == "SlicerRadiomics"
+    assert table.GetAttribute(mrml.tables.RADIOMICS_PATH_ATTRIBUTE) == "SlicerRadiomics"
     assert_table_equals_pyradiomics(table, patient_dir, "firstorder", ["Heart", "PTV"])
     with pytest.raises(InputError, match="SlicerRadiomics is not installed"):
         monkeypatch.delitem(sys.modules, "SlicerRadiomics")
@@ -241,7 +238,7 @@ def test_radiomics_bad_input(logic, scene, patient_dir):
     # an empty segment is skipped with its reason, the others are computed
     nodes.segmentation.GetSegmentation().AddEmptySegment("Empty", "Empty")
     table = logic.computeRadiomics(nodes.ct, nodes.segmentation, structures=["PTV", "Empty"])
-    assert list(mrml.dataframe_from_table(table).columns) == ["Feature", "PTV"]
+    assert list(mrml.tables.dataframe_from_table(table).columns) == ["Feature", "PTV"]
     assert "is empty" in json.loads(table.GetAttribute("DeepDosimetrics.SkippedStructures"))["Empty"]
 
 
@@ -251,7 +248,7 @@ def test_dose_volume_metrics_equal_the_library_on_the_ct_grid(logic, patient_dir
 
     nodes = logic.loadPatientFolder(patient_dir)
     table, chart = logic.computeDoseVolumeMetrics(nodes.dose, nodes.segmentation, nodes.ct)
-    frame = mrml.dataframe_from_table(table).set_index("Metric")
+    frame = mrml.tables.dataframe_from_table(table).set_index("Metric")
     expected = patient_dvh(Patient.from_folder(patient_dir)).metrics
     expected = expected[expected["feature"].astype(str) != ""]
     assert len(expected) == frame.shape[0] * frame.shape[1]
@@ -266,21 +263,21 @@ def test_dose_volume_metrics_by_hand_on_the_dose_grid(logic, scene):
     """A uniform 2 Gy dose and a linear gradient, segments exported on the dose grid (no CT)."""
     grid = sitk.Image(10, 10, 10, sitk.sitkFloat32)
     grid.SetSpacing((2.0, 2.0, 2.5))  # 10 mm^3 voxels
-    uniform = mrml.array_to_volume(np.full((10, 10, 10), 2.0, np.float32), mrml.image_to_volume(grid, "g", scene),
+    uniform = mrml.volumes.array_to_volume(np.full((10, 10, 10), 2.0, np.float32), mrml.volumes.image_to_volume(grid, "g", scene),
                                    "uniform", scene=scene, dose=True)
     box = np.zeros((10, 10, 10), np.uint8)
     box[2:6, 2:7, 3:8] = 1  # 100 voxels = 1 cc
-    segmentation = mrml.add_segmentation({"Box": box}, uniform, "seg", scene)
+    segmentation = mrml.segments.add_segmentation({"Box": box}, uniform, "seg", scene)
     table, chart = logic.computeDoseVolumeMetrics(uniform, segmentation)
-    metrics = mrml.dataframe_from_table(table).set_index("Metric")["Box"]
+    metrics = mrml.tables.dataframe_from_table(table).set_index("Metric")["Box"]
     assert metrics["volume_cc"] == pytest.approx(1.0)
     for name in ("Dmean_Gy", "Dmin_Gy", "Dmax_Gy", "D98_Gy", "D95_Gy", "D50_Gy", "D2_Gy"):
         assert metrics[name] == pytest.approx(2.0)
     assert metrics["V5Gy_pct"] == 0.0
     gradient = np.broadcast_to(np.arange(10, dtype=np.float32)[None, None, :] * 10.0, (10, 10, 10)).copy()
-    linear = mrml.array_to_volume(gradient, uniform, "linear", scene=scene, dose=True)
+    linear = mrml.volumes.array_to_volume(gradient, uniform, "linear", scene=scene, dose=True)
     table, _ = logic.computeDoseVolumeMetrics(linear, segmentation)
-    metrics = mrml.dataframe_from_table(table).set_index("Metric")["Box"]
+    metrics = mrml.tables.dataframe_from_table(table).set_index("Metric")["Box"]
     assert metrics["Dmean_Gy"] == pytest.approx(50.0)  # x = 3..7 -> 30..70 Gy, 20 voxels each
     assert metrics["V40Gy_pct"] == pytest.approx(80.0)
     assert metrics["V70Gy_pct"] == pytest.approx(20.0)
@@ -296,7 +293,9 @@ def test_dose_volume_metrics_bad_input(logic, scene, patient_dir):
 
 # ---------------------------------------------------------------------------------------- jobs
 def python_job(module, code: str, **kwargs):
-    return module.CliJob(["script"], command=[sys.executable, "-c", textwrap.dedent(code)], **kwargs)
+    from DeepDosimetricsLib.runtime.jobs import CliJob
+
+    return CliJob(["script"], command=[sys.executable, "-c", textwrap.dedent(code)], **kwargs)
 
 
 def test_job_parses_progress_and_log_lines(module):
@@ -383,7 +382,7 @@ def test_encode_nodes_adds_features_and_reconstruction_overlay(logic, scene, pat
     nodes = logic.loadPatientFolder(patient_dir)
     added = logic.encodeNodes(nodes.ct, nodes.segmentation, nodes.dose, tiny_model, tmp_path / "out", device="cpu")
     assert logic.currentJob.returncode == 0 and logic.currentJob.workFolder is None
-    features = mrml.dataframe_from_table(added["features"])
+    features = mrml.tables.dataframe_from_table(added["features"])
     assert {"PTV", "BODY"} <= set(features["structure"]) and "z00_mean" in set(features["feature"])
     recon, residual = added["window_soft_tissue"], added["window_soft_tissue_residual"]
     for node in (recon, residual, added["dose"]):
@@ -392,7 +391,7 @@ def test_encode_nodes_adds_features_and_reconstruction_overlay(logic, scene, pat
             slicer.util.arrayFromVTKMatrix(_ijk_to_ras(node)), slicer.util.arrayFromVTKMatrix(_ijk_to_ras(nodes.ct)),
             atol=1e-6,
         )
-    composite = mrml._composite_nodes(scene)[0]
+    composite = mrml.slices.composite_nodes(scene)[0]
     assert composite.GetBackgroundVolumeID() == nodes.ct.GetID()
     assert composite.GetForegroundVolumeID() == recon.GetID()
     display = residual.GetDisplayNode()

@@ -1,5 +1,5 @@
 """Inspection pictures of a reconstruction: PNG snapshots (numpy + matplotlib, no Slicer) and the
-per-patient Slicer scene (``.mrb``, written through :mod:`scene`, the only module importing slicer).
+per-patient Slicer scene (``.mrb``, written through the MRML modules, imported only when needed).
 
 A snapshot is one PNG per plane (axial, coronal, sagittal) through the centre of the PTV, with three
 panels: original | reconstruction | residual. The original is read back as reconstruction minus
@@ -20,7 +20,8 @@ from DeepDosimetricsLib.deep.encode.reconstruction import channel_stem
 
 PathLike = Union[str, os.PathLike]
 PLANES = ("axial", "coronal", "sagittal")
-#: the window shown in snapshots when the model has several (first match wins)
+#: the window shown in snapshots when the model has several (first match wins); the same order as the
+#: scenes of :mod:`DeepDosimetricsLib.mrml.results` (which imports slicer, so it is repeated here)
 PREFERRED_WINDOWS = ("window:soft_tissue", "window:full", "window:lung", "window:bone", "window:brain")
 
 
@@ -146,48 +147,26 @@ def write_patient_scene(
 
     With ``snapshot_dir``, also the MRML slice-logic pictures ``mrml_<view>.png`` through the PTV centre.
     """
-    import SimpleITK as sitk
-
     from DeepDosimetricsLib.data.cohort import Cohort
-    from DeepDosimetricsLib.mrml import scene
+    from DeepDosimetricsLib.data.synonyms import choose_target
+    from DeepDosimetricsLib.mrml import bundles, headless, patients, results, slices
 
-    recon_dir = Path(recon_dir)
     patient = Cohort.open(cohort_dir, patient_ids=[patient_id])[patient_id]
-    headless = scene.create_headless_scene()
+    wired = headless.create_headless_scene()
     try:
-        nodes = scene.add_patient_nodes(patient)
-        shown = display_channel(specs)
-        recon_node = residual_node = None
-        for spec in specs:
-            stem = channel_stem(spec.label)
-            node = scene.image_to_volume(sitk.ReadImage(str(recon_dir / f"{stem}.nrrd")),
-                                         f"{patient_id} reconstruction {spec.label}")
-            if spec.kind == "dose":
-                scene.set_dose_display(node)
-            residual_path = recon_dir / f"{stem}_residual.nrrd"
-            residual = None
-            if residual_path.is_file():
-                residual = scene.image_to_volume(sitk.ReadImage(str(residual_path)),
-                                                 f"{patient_id} residual {spec.label}")
-                scene.set_residual_display(residual)
-            if spec.kind == "mask":
-                scene.image_to_volume(sitk.ReadImage(str(recon_dir / f"{stem}_label.nrrd")),
-                                      f"{patient_id} reconstruction {spec.label} label", labelmap=True)
-            if spec.label == shown.label:
-                recon_node, residual_node = node, residual
-        scene.show_reconstruction(nodes.ct, recon_node, residual_node, nodes.dose, nodes.segmentation, 0.5)
-        if shown.kind == "window":  # CT and reconstruction in the shown channel's window
-            for node in (nodes.ct, recon_node):
-                scene.set_ct_display(node, window=shown.width, level=shown.level)
+        nodes = patients.add_patient_nodes(patient)
+        recon = results.add_reconstruction_nodes(recon_dir, patient_id, specs, wired.scene)
+        results.show_reconstruction_nodes(recon, nodes.ct, nodes.dose, nodes.segmentation, 0.5)
         if snapshot_dir is not None:
             point = None
-            if patient.structure_names:
-                from DeepDosimetricsLib.data.synonyms import choose_target
+            target = choose_target(patient.structure_names) if patient.structure_names else None
+            if target:  # else the volume centre
+                from DeepDosimetricsLib.mrml.volumes import mask_center_ras
 
-                target = choose_target(patient.structure_names)
-                if target:  # else the volume centre
-                    point = scene.mask_center_ras(patient.structure(target), nodes.ct)
-            scene.write_snapshots(Path(snapshot_dir) / "mrml", nodes.ct, point, recon_node, 0.5)
-        return scene.save_scene_bundle(out_path, headless.scene)
+                point = mask_center_ras(patient.structure(target), nodes.ct)
+            shown = recon.shown
+            foreground = recon.reconstructions.get(shown.label) if shown else None
+            slices.write_snapshots(Path(snapshot_dir) / "mrml", nodes.ct, point, foreground, 0.5)
+        return bundles.save_scene_bundle(out_path, wired.scene)
     finally:
-        scene.close_headless_scene(headless)
+        headless.close_headless_scene(wired)
