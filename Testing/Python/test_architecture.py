@@ -250,7 +250,7 @@ def test_every_package_has_a_docstring():
 
 
 # --- the checks themselves ----------------------------------------------------------------------------------
-def test_relative_imports_resolve(monkeypatch):
+def test_relative_imports_resolve():
     source = f"{PACKAGE}.deep.encode.job"
     node = ast.parse("from ..cache import store").body[0]
     assert resolve_relative(source, node) == f"{PACKAGE}.deep.cache"
