@@ -14,15 +14,17 @@ Layout::
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, List, Optional, Union
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Union
 
+from DeepDosimetricsLib.data.ids import safe_patient_id
 from DeepDosimetricsLib.data.patient import (
     CT_STEMS,
     DOSE_STEMS,
     Patient,
     image_stem,
-    is_image_file,
+    is_image_name,
     natural_key,
 )
 from DeepDosimetricsLib.runtime.errors import InputError
@@ -32,16 +34,34 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CLINICAL_FILE", "Cohort", "is_patient_folder", "read_clinical"]
+__all__ = ["CLINICAL_FILE", "Cohort", "entry_problem", "is_patient_folder", "read_clinical"]
 
 CLINICAL_FILE = "clinical.csv"
 
 
+def entry_problem(path: Path) -> Optional[str]:
+    """Why a folder entry cannot be read (a broken link, a symbolic-link loop, no permission), or None."""
+    try:
+        os.stat(path)  # follows links: ELOOP for a loop, ENOENT for a broken link
+    except OSError as error:
+        if path.is_symlink():
+            kind = "a symbolic-link loop" if error.errno == 40 else "a broken symbolic link"
+            return f"{path} cannot be read: {kind} ({error.strerror})"
+        return f"{path} cannot be read ({error.strerror or error})"
+    if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
+        return f"{path} cannot be read (permission denied)"
+    return None
+
+
 def is_patient_folder(folder: Path) -> bool:
-    """Whether a folder holds a CT (or, for a dose-only case, a dose) image; hidden folders never do."""
+    """Whether a folder holds a CT (or, for a dose-only case, a dose) image; hidden folders never do.
+
+    An entry named like the CT or dose counts even when it cannot be read (a folder named ``ct.nrrd``,
+    a broken link): the patient is then reported when its CT is read, not ignored in silence.
+    """
     if folder.name.startswith(".") or not folder.is_dir():
         return False
-    return any(is_image_file(p) and image_stem(p).lower() in CT_STEMS + DOSE_STEMS for p in folder.iterdir())
+    return any(is_image_name(p) and image_stem(p).lower() in CT_STEMS + DOSE_STEMS for p in folder.iterdir())
 
 
 class Cohort:
@@ -55,10 +75,13 @@ class Cohort:
         clinical: the clinical table (pandas DataFrame with a str ``patient`` column), or None.
     """
 
-    def __init__(self, folder: Path, patients: List[Patient], clinical: Optional[pd.DataFrame] = None) -> None:
+    def __init__(self, folder: Path, patients: List[Patient], clinical: Optional[pd.DataFrame] = None,
+                 unreadable: Optional[Dict[str, str]] = None) -> None:
         self.folder = folder
         self.patients = patients
         self.clinical = clinical
+        #: entries of the cohort folder that cannot be read (name -> reason); cohort commands report them
+        self.unreadable: Dict[str, str] = dict(unreadable or {})
         self._by_id = {p.id: p for p in patients}
 
     @classmethod
@@ -76,7 +99,22 @@ class Cohort:
         folder = Path(folder)
         if not folder.is_dir():
             raise InputError(f"cohort folder {folder} does not exist or is not a folder")
-        folders = sorted((p for p in folder.iterdir() if is_patient_folder(p)), key=lambda p: natural_key(p.name))
+        folders, unreadable = [], {}
+        for entry in sorted(folder.iterdir(), key=lambda p: natural_key(p.name)):
+            if entry.name.startswith("."):
+                continue
+            problem = entry_problem(entry)
+            if problem is None and entry.is_dir():
+                try:
+                    if is_patient_folder(entry):
+                        folders.append(entry)
+                    else:
+                        log.info("cohort %s: %s holds no CT or dose image (not a patient)", folder, entry.name)
+                except OSError as error:
+                    problem = f"{entry} cannot be read ({error.strerror or error})"
+            if problem:
+                unreadable[entry.name] = problem
+                log.warning("cohort %s: %s", folder, problem)
         if not folders:
             if is_patient_folder(folder):
                 raise InputError(
@@ -85,6 +123,7 @@ class Cohort:
                 )
             raise InputError(
                 f"cohort folder {folder} holds no patient folder (a sub-folder with ct.nrrd or ct.nii.gz)"
+                + (f"; unreadable: {'; '.join(unreadable.values())}" if unreadable else "")
             )
         patients = [Patient.from_folder(p) for p in folders]
         clinical = read_clinical(folder / CLINICAL_FILE, [p.id for p in patients])
@@ -92,9 +131,12 @@ class Cohort:
             wanted = [str(i) for i in patient_ids]
             missing = [i for i in wanted if i not in {p.id for p in patients}]
             if missing:
-                raise InputError(f"cohort {folder}: no patient folder for {', '.join(missing)}")
+                why = "; ".join(unreadable[i] for i in missing if i in unreadable)
+                raise InputError(f"cohort {folder}: no patient folder for {', '.join(missing)}"
+                                 + (f" ({why})" if why else ""))
             patients = [p for p in patients if p.id in wanted]
-        return cls(folder, patients, clinical)
+            unreadable = {name: why for name, why in unreadable.items() if name in wanted}
+        return cls(folder, patients, clinical, unreadable)
 
     @property
     def ids(self) -> List[str]:
@@ -141,6 +183,9 @@ def read_clinical(path: Path, patient_ids: List[str]) -> Optional[pd.DataFrame]:
         )
     table["patient"] = table["patient"].astype(str).str.strip()
     known = set(patient_ids)
+    # ids written as in the source (spaces, accents...) name the folders the importers made of them
+    table["patient"] = [pid if pid in known or safe_patient_id(pid) not in known else safe_patient_id(pid)
+                        for pid in table["patient"]]
     matched = table["patient"].isin(known)
     if len(table) and not matched.any():
         raise InputError(

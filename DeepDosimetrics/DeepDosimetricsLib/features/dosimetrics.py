@@ -36,6 +36,7 @@ from DeepDosimetricsLib.features.tables import (
     reason_row,
     run_items,
     value_rows,
+    with_unreadable,
     work_items,
 )
 from DeepDosimetricsLib.runtime.errors import InputError
@@ -200,7 +201,9 @@ def cohort_dvh(
 
     if not isinstance(cohort, Cohort):
         cohort = Cohort.open(cohort)
-    return _dvh_of(list(cohort), structures, jobs, quiet, curves, bin_width_gy)
+    tables = _dvh_of(list(cohort), structures, jobs, quiet, curves, bin_width_gy)
+    tables.metrics = with_unreadable(tables.metrics, cohort, IMAGE)
+    return tables
 
 
 # ---------------------------------------------------------------------------------- internals

@@ -35,6 +35,7 @@ from DeepDosimetricsLib.features.tables import (
     reason_row,
     run_items,
     value_rows,
+    with_unreadable,
     work_items,
 )
 from DeepDosimetricsLib.runtime.errors import InputError
@@ -274,7 +275,8 @@ def cohort_radiomics(
     params = resolve_parameters(params, image)
     if not isinstance(cohort, Cohort):
         cohort = Cohort.open(cohort)
-    return _radiomics_of(list(cohort), image, params, structures, jobs=jobs, quiet=quiet)
+    table = _radiomics_of(list(cohort), image, params, structures, jobs=jobs, quiet=quiet)
+    return with_unreadable(table, cohort, image)
 
 
 def _radiomics_of(

@@ -301,6 +301,18 @@ def work_items(
     return items, rows
 
 
+def with_unreadable(table: pd.DataFrame, cohort, image: str) -> pd.DataFrame:
+    """The table with one ``error:`` row per entry of the cohort folder that could not be read (a
+    symbolic-link loop, a broken link...): reported, never skipped in silence, and the command exits 1."""
+    import pandas as pd
+
+    rows = [reason_row(name, "", image, f"{ERROR}: {why}")
+            for name, why in (getattr(cohort, "unreadable", None) or {}).items()]
+    if not rows:
+        return table
+    return pd.concat([table, long_table(rows)], ignore_index=True) if len(table) else long_table(rows)
+
+
 def in_patient_order(rows: List[tuple], patient_ids: List[str]) -> List[tuple]:
     """Rows grouped by patient in cohort order (stable within a patient)."""
     order = {pid: index for index, pid in enumerate(patient_ids)}

@@ -29,9 +29,10 @@ from typing import Optional
 
 import numpy as np
 
+from DeepDosimetricsLib.data.headers import check_geometry_values, check_memory
+from DeepDosimetricsLib.data.ids import safe_patient_id
 from DeepDosimetricsLib.data.importers.layout import ImportOptions, PatientWriter, existing_patient
 from DeepDosimetricsLib.data.importers.report import OK, ImportReport, PatientImportStatus
-from DeepDosimetricsLib.data.synonyms import safe_name
 from DeepDosimetricsLib.runtime.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,10 @@ HEADER_TAGS = [
     "Modality", "PatientID", "FrameOfReferenceUID", "StudyInstanceUID", "SeriesInstanceUID",
     "SOPInstanceUID", "SOPClassUID", "StudyDate", "StudyTime", "ImagePositionPatient",
     "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns", "NumberOfFrames", "GantryDetectorTilt",
-    "DoseSummationType", "InstanceCreationDate", "InstanceCreationTime",
+    "DoseSummationType", "DoseUnits", "InstanceCreationDate", "InstanceCreationTime",
     "ReferencedFrameOfReferenceSequence", "StructureSetROISequence",
+    # read only to remove them from every text the import writes (data/pseudonym.py), never written
+    "PatientName", "PatientBirthDate", "AccessionNumber", "InstitutionName",
 ]
 
 
@@ -148,8 +151,11 @@ def scan_tree(source: Path, quiet: bool = False) -> tuple[list[DicomFile], list[
     return files, unreadable
 
 
-def group_files(files: list[DicomFile], unreadable: list[tuple[Path, str]]) -> tuple[dict[str, DicomGroup], list[tuple[Path, str]]]:
-    """Cohort patient id -> group, and the unreadable files that belong to no single group."""
+def group_files(files: list[DicomFile], unreadable: list[tuple[Path, str]], name_of=safe_patient_id,
+                ) -> tuple[dict[str, DicomGroup], list[tuple[Path, str]]]:
+    """Cohort patient id -> group, and the unreadable files that belong to no single group.
+
+    ``name_of`` maps a DICOM PatientID to the cohort's id (file-system safe, or a pseudonym)."""
     groups: dict[tuple[str, str], DicomGroup] = {}
     for item in files:
         if item.modality not in ("CT", "RTSTRUCT", "RTDOSE"):
@@ -161,7 +167,7 @@ def group_files(files: list[DicomFile], unreadable: list[tuple[Path, str]]) -> t
         by_patient[group.patient_id].append(group)
     named: dict[str, DicomGroup] = {}
     for patient_id, patient_groups in sorted(by_patient.items()):
-        base = safe_name(patient_id)
+        base = name_of(patient_id)
         patient_groups.sort(key=lambda g: g.study_sort_key)
         for index, group in enumerate(patient_groups, start=1):
             name = base if len(patient_groups) == 1 else f"{base}_{index}"
@@ -219,10 +225,56 @@ def _read_full(path: Path):
         raise InputError(f"unreadable pixel data in {path}: {error}") from None
 
 
-def _orientation(header) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    cosines = np.asarray([float(v) for v in header.ImageOrientationPatient], dtype=np.float64)
+def numbers(header, keyword: str, count: Optional[int], what: str, required: bool = True) -> Optional[np.ndarray]:
+    """A numeric DICOM attribute as a float array of ``count`` values; InputError when it is missing,
+    garbled (not numbers, wrong count) or not finite."""
+    try:
+        value = header.get(keyword) if keyword in header else None
+    except Exception as error:  # pydicom raises several kinds for a garbled value
+        raise InputError(f"{what}: {keyword} cannot be read ({error})") from None
+    if value is None or (isinstance(value, (str, bytes)) and not value.strip()):
+        if not required:
+            return None
+        raise InputError(f"{what}: no {keyword}")
+    try:
+        if isinstance(value, bytes):
+            value = value.decode("ascii", errors="replace").split("\\")
+        elif isinstance(value, str):
+            value = value.split("\\")
+        items = list(value) if hasattr(value, "__iter__") else [value]
+        array = np.asarray([float(v) for v in items], dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"{what}: {keyword} is not numeric ({str(value)[:60]!r})") from None
+    if count is not None and array.size != count:
+        raise InputError(f"{what}: {keyword} has {array.size} values, {count} expected")
+    if not np.all(np.isfinite(array)):
+        raise InputError(f"{what}: {keyword} is not finite ({array.tolist()})")
+    return array
+
+
+def number(header, keyword: str, default: float, what: str) -> float:
+    """A single numeric attribute (``default`` when absent or empty); InputError when garbled."""
+    values = numbers(header, keyword, 1, what, required=False)
+    return default if values is None else float(values[0])
+
+
+def integer(header, keyword: str, what: str, default: Optional[int] = None) -> int:
+    """A positive integer attribute (Rows, Columns, NumberOfFrames)."""
+    values = numbers(header, keyword, 1, what, required=default is None)
+    if values is None:
+        return int(default)
+    value = float(values[0])
+    if value != int(value) or value < 1:
+        raise InputError(f"{what}: {keyword} is {value:g}, a positive integer expected")
+    return int(value)
+
+
+def _orientation(header, what: str = "DICOM file") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    cosines = numbers(header, "ImageOrientationPatient", 6, what)
     row, column = cosines[:3], cosines[3:]
-    return row, column, np.cross(row, column)
+    normal = np.cross(row, column)
+    check_geometry_values(what, (1, 1, 1), (1, 1, 1), (0, 0, 0), np.column_stack([row, column, normal]).ravel())
+    return row, column, normal
 
 
 def _direction(row, column, normal) -> tuple[float, ...]:
@@ -255,41 +307,51 @@ def ct_volume(slices: list[DicomFile], what: str):
     import SimpleITK as sitk
 
     headers = [s.header for s in slices]
-    if any(int(h.get("NumberOfFrames", 1) or 1) > 1 for h in headers):
+    if any(integer(s.header, "NumberOfFrames", f"{what}: {s.path.name}", 1) > 1 for s in slices):
         raise InputError(f"{what}: multi-frame (enhanced) CT is not supported")
     for attribute in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
         missing = [s.path.name for s in slices if attribute not in s.header]
         if missing:
             raise InputError(f"{what}: {missing[0]} has no {attribute}")
-    row, column, normal = _orientation(headers[0])
+    row, column, normal = _orientation(headers[0], f"{what}: {slices[0].path.name}")
     for item in slices[1:]:
-        other = np.concatenate(_orientation(item.header)[:2])
+        other = np.concatenate(_orientation(item.header, f"{what}: {item.path.name}")[:2])
         if not np.allclose(other, np.concatenate([row, column]), atol=1e-4):
             raise InputError(f"{what}: slices with different orientations ({item.path.name})")
-    shapes = {(int(h.Rows), int(h.Columns)) for h in headers}
-    spacings = {tuple(round(float(v), 4) for v in h.PixelSpacing) for h in headers}
+    shapes = {(integer(s.header, "Rows", f"{what}: {s.path.name}"),
+               integer(s.header, "Columns", f"{what}: {s.path.name}")) for s in slices}
+    spacings = {tuple(round(float(v), 4) for v in numbers(s.header, "PixelSpacing", 2, f"{what}: {s.path.name}"))
+                for s in slices}
     if len(shapes) > 1 or len(spacings) > 1:
         raise InputError(f"{what}: slices of different sizes or pixel spacings ({sorted(shapes)}, {sorted(spacings)})")
-    tilts = {round(float(h.get("GantryDetectorTilt", 0) or 0), 3) for h in headers}
+    tilts = {round(number(s.header, "GantryDetectorTilt", 0.0, f"{what}: {s.path.name}"), 3) for s in slices}
     if tilts - {0.0}:
         raise InputError(f"{what}: gantry tilt of {max(tilts, key=abs)} degrees (not supported: resample "
                          "the series to a regular grid first)")
-    positions = np.asarray([[float(v) for v in h.ImagePositionPatient] for h in headers])
+    (rows, columns), = shapes
+    pixel_spacing = list(next(iter(spacings)))
+    check_geometry_values(what, (columns, rows, len(slices)), (pixel_spacing[1], pixel_spacing[0], 1.0), (0, 0, 0))
+    check_memory(float(rows) * columns * len(slices), 2 + 8.0 / len(slices), what, (columns, rows, len(slices)))
+    positions = np.asarray([numbers(s.header, "ImagePositionPatient", 3, f"{what}: {s.path.name}") for s in slices])
     along = positions @ normal
     order = np.argsort(along, kind="stable")
     positions, along = positions[order], along[order]
-    pixel_spacing = [float(v) for v in headers[0].PixelSpacing]  # (between rows, between columns)
     drift = positions - positions[:1] - np.outer(along - along[0], normal)
     if np.abs(drift).max() > TILT_TOLERANCE_FRACTION * min(pixel_spacing):
         raise InputError(f"{what}: gantry tilt (slice positions drift {np.abs(drift).max():.2f} mm off the "
                          "slice normal; not supported: resample the series to a regular grid first)")
     step = check_slice_positions(along, what)
-    rows, columns = shapes.pop()
     volume = np.empty((len(slices), rows, columns), dtype=np.int16)
     for index, slice_index in enumerate(order):
-        dataset, pixels = _read_full(slices[slice_index].path)
-        slope = float(dataset.get("RescaleSlope", 1) or 1)
-        intercept = float(dataset.get("RescaleIntercept", 0) or 0)
+        path = slices[slice_index].path
+        dataset, pixels = _read_full(path)
+        slope = number(dataset, "RescaleSlope", 1.0, f"{what}: {path.name}")
+        intercept = number(dataset, "RescaleIntercept", 0.0, f"{what}: {path.name}")
+        if slope == 0:
+            raise InputError(f"{what}: {path.name} has RescaleSlope 0")
+        if pixels.shape != (rows, columns):
+            raise InputError(f"{what}: {path.name} holds pixels of shape {pixels.shape}, not Rows x Columns "
+                             f"{(rows, columns)}")
         hu = np.rint(pixels.astype(np.float64) * slope + intercept)
         volume[index] = np.clip(hu, HU_MIN, np.iinfo(np.int16).max)
     image = sitk.GetImageFromArray(volume)
@@ -305,23 +367,30 @@ def dose_image(item: DicomFile):
     import SimpleITK as sitk
 
     what = f"RTDOSE {item.path}"
+    header = item.header
+    frames = integer(header, "NumberOfFrames", what, 1)
+    rows, columns = integer(header, "Rows", what), integer(header, "Columns", what)
+    check_memory(float(frames) * rows * columns, 16.0, what, (columns, rows, frames))  # float64 + raw
     dataset, pixels = _read_full(item.path)
     if "DoseGridScaling" not in dataset:
         raise InputError(f"{what}: no DoseGridScaling")
+    scaling = number(dataset, "DoseGridScaling", 1.0, what)
     units = str(dataset.get("DoseUnits", "GY")).upper()
     if units not in ("GY", "CGY"):
         raise InputError(f"{what}: dose units {units!r} are not absolute (GY expected)")
-    dose = pixels.astype(np.float64) * float(dataset.DoseGridScaling)
+    if pixels.size != frames * rows * columns:
+        raise InputError(f"{what}: {pixels.size} pixels, not NumberOfFrames x Rows x Columns = "
+                         f"{frames * rows * columns}")
+    dose = pixels.astype(np.float64) * scaling
     if units == "CGY":
-        dose /= 100.0
-    frames = int(dataset.get("NumberOfFrames", 1) or 1)
-    dose = dose.reshape(frames, int(dataset.Rows), int(dataset.Columns))
-    row, column, normal = _orientation(dataset)
-    position = np.asarray([float(v) for v in dataset.ImagePositionPatient])
+        dose /= 100.0  # DoseUnits CGY: converted to Gy (noted in import.json)
+    dose = dose.reshape(frames, rows, columns)
+    row, column, normal = _orientation(dataset, what)
+    position = numbers(dataset, "ImagePositionPatient", 3, what)
     if frames > 1:
         if "GridFrameOffsetVector" not in dataset:
             raise InputError(f"{what}: {frames} frames but no GridFrameOffsetVector")
-        offsets = np.asarray([float(v) for v in dataset.GridFrameOffsetVector])
+        offsets = numbers(dataset, "GridFrameOffsetVector", None, what)
         if offsets.size != frames:
             raise InputError(f"{what}: GridFrameOffsetVector has {offsets.size} values for {frames} frames")
         if offsets[0] != 0 and abs(offsets[0] - position @ normal) < 1e-3:
@@ -331,9 +400,10 @@ def dose_image(item: DicomFile):
         step = check_slice_positions(offsets, what)
         origin = position + offsets[0] * normal
     else:
-        step = float(dataset.get("SliceThickness", 1) or 1)
+        step = number(dataset, "SliceThickness", 1.0, what) or 1.0
         origin = position
-    pixel_spacing = [float(v) for v in dataset.PixelSpacing]
+    pixel_spacing = numbers(dataset, "PixelSpacing", 2, what).tolist()
+    check_geometry_values(what, (columns, rows, frames), (pixel_spacing[1], pixel_spacing[0], step), origin)
     image = sitk.GetImageFromArray(dose.astype(np.float32))
     image.SetSpacing((pixel_spacing[1], pixel_spacing[0], step))
     image.SetOrigin(tuple(origin.tolist()))
@@ -439,6 +509,8 @@ def rasterise_contours(contours: list[np.ndarray], grid) -> tuple[np.ndarray, li
 def contour_points(contour) -> np.ndarray:
     """ContourData as an (N, 3) float array, parsed from the raw bytes when possible (fast)."""
     element = contour.get_item("ContourData")
+    if element is None:
+        raise ValueError("no ContourData")
     value = getattr(element, "value", None)
     if isinstance(value, bytes):
         numbers = value.decode("ascii", errors="replace").replace("\\", " ").split()
@@ -451,12 +523,20 @@ def structure_masks(item: DicomFile, grid, writer: PatientWriter) -> None:
     import SimpleITK as sitk
 
     header = read_dataset(item.path)
-    names = {int(roi.ROINumber): str(roi.get("ROIName", f"ROI_{roi.ROINumber}"))
-             for roi in header.get("StructureSetROISequence", [])}
+    try:
+        names = {int(roi.ROINumber): str(roi.get("ROIName", f"ROI_{roi.ROINumber}"))
+                 for roi in header.get("StructureSetROISequence", [])}
+    except Exception as error:  # a missing or garbled ROINumber
+        raise InputError(f"{item.path}: unreadable StructureSetROISequence ({type(error).__name__}: {error})") \
+            from None
     contours_by_roi: dict[int, list[np.ndarray]] = {number: [] for number in names}
     skipped_types: set[str] = set()
     for roi in header.get("ROIContourSequence", []):
-        number = int(roi.ReferencedROINumber)
+        try:
+            number = int(roi.ReferencedROINumber)
+        except Exception as error:
+            raise InputError(f"{item.path}: a ROIContourSequence item has no valid ReferencedROINumber "
+                             f"({type(error).__name__}: {error})") from None
         for contour in roi.get("ContourSequence", []):
             kind = str(contour.get("ContourGeometricType", "CLOSED_PLANAR")).upper()
             if kind != "CLOSED_PLANAR":
@@ -464,8 +544,11 @@ def structure_masks(item: DicomFile, grid, writer: PatientWriter) -> None:
                 continue
             try:
                 points = contour_points(contour)
-            except ValueError as error:
-                raise InputError(f"{item.path}: ROI {number} has unreadable ContourData ({error})") from None
+            except Exception as error:  # missing, not numbers, not triplets
+                raise InputError(f"{item.path}: ROI {number} has unreadable ContourData "
+                                 f"({type(error).__name__}: {error})") from None
+            if not np.all(np.isfinite(points)):
+                raise InputError(f"{item.path}: ROI {number} has non-finite ContourData coordinates")
             if len(points) >= 3:
                 contours_by_roi.setdefault(number, []).append(points)
     if skipped_types:
@@ -496,10 +579,13 @@ def import_group(patient_id: str, group: DicomGroup, options: ImportOptions) -> 
         raise InputError("no CT found")
     source = os.path.commonpath([str(f.path.parent) for f in group.files])
     with PatientWriter(options, patient_id, source, "dicom") as writer:
-        writer.record["dicom"] = {
-            "PatientID": group.patient_id, "FrameOfReferenceUID": group.frame_of_reference,
-            "StudyInstanceUID": sorted({str(f.header.get("StudyInstanceUID", "")) for f in group.files}),
-        }
+        if options.pseudonymised:  # no PatientID and no UID that leads back to the archive
+            writer.record["dicom"] = {"files": len(group.files)}
+        else:
+            writer.record["dicom"] = {
+                "PatientID": group.patient_id, "FrameOfReferenceUID": group.frame_of_reference,
+                "StudyInstanceUID": sorted({str(f.header.get("StudyInstanceUID", "")) for f in group.files}),
+            }
         series: dict[str, list[DicomFile]] = defaultdict(list)
         for item in cts:
             series[str(item.header.get("SeriesInstanceUID", ""))].append(item)
@@ -508,7 +594,8 @@ def import_group(patient_id: str, group: DicomGroup, options: ImportOptions) -> 
             uid, slices = max(series.items(), key=lambda entry: len(entry[1]))
             if len(series) > 1:
                 writer.note(f"{len(series)} CT series: used {uid} ({len(slices)} slices)")
-            writer.record["dicom"]["CTSeriesInstanceUID"] = uid
+            if not options.pseudonymised:
+                writer.record["dicom"]["CTSeriesInstanceUID"] = uid
             if len(slices) >= 2:
                 ct = ct_volume(slices, f"CT series {uid} of patient {group.patient_id}")
                 writer.write_ct(ct, f"{len(slices)} CT slices in {Path(os.path.commonpath([str(s.path) for s in slices]))}")
@@ -520,6 +607,9 @@ def import_group(patient_id: str, group: DicomGroup, options: ImportOptions) -> 
             dose = group_dose(doses, notes)
             for text in notes:
                 writer.note(text)
+            if any(str(d.header.get("DoseUnits", "") if "DoseUnits" in d.header else "").upper() == "CGY"
+                   for d in doses):
+                writer.note("RTDOSE in cGy (DoseUnits CGY): converted to Gy")
             writer.write_dose(dose, ", ".join(str(d.path) for d in doses))
         else:
             writer.note("no dose")
@@ -542,7 +632,11 @@ def import_dicom(source, options: ImportOptions, report: Optional[ImportReport] 
     if not source.is_dir():
         raise InputError(f"source folder {source} does not exist or is not a folder")
     files, unreadable = scan_tree(source, options.quiet)
-    groups, orphans = group_files(files, unreadable)
+    for item in files:  # identifying values are learnt here, to be removed from every text written
+        options.redact.add_dataset(item.header)
+    options.hide_source(source)
+    report.redact = options.redact
+    groups, orphans = group_files(files, unreadable, options.patient_id)
     if not groups and not orphans:
         raise InputError(f"no CT, RTSTRUCT or RTDOSE DICOM file found under {source}")
     options.out.mkdir(parents=True, exist_ok=True)
@@ -559,4 +653,9 @@ def import_dicom(source, options: ImportOptions, report: Optional[ImportReport] 
             report.add(import_group(patient_id, group, options))
         except InputError as error:
             report.skipped(patient_id, str(error), source=source_text)
+        except Exception as error:  # a damaged file pydicom or numpy could not handle: skip, say what broke
+            log.debug("patient %s failed", patient_id, exc_info=True)
+            report.skipped(patient_id, f"error: unexpected {type(error).__name__} while reading "
+                           f"{source_text}: {error}", source=source_text)
+    options.finish()
     return report

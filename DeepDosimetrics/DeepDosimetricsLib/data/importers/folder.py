@@ -18,14 +18,12 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from DeepDosimetricsLib.data.importers.layout import ImportOptions, PatientWriter, existing_patient
 from DeepDosimetricsLib.data.importers.report import ImportReport
-from DeepDosimetricsLib.data.synonyms import safe_name
 from DeepDosimetricsLib.runtime.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -135,12 +133,26 @@ def find_patient_files(folder: Path, patterns: FolderPatterns) -> PatientFiles:
     return files
 
 
-def patient_folders(source: Path) -> list[Path]:
-    """The patient folders of a source: its non-hidden sub-folders (natural order)."""
+def patient_folders(source: Path, unreadable: Optional[list] = None) -> list[Path]:
+    """The patient folders of a source: its non-hidden sub-folders (natural order).
+
+    Entries that cannot be read (a broken link, a symbolic-link loop, a folder without permission) are
+    appended to ``unreadable`` as (path, reason), so they are reported rather than skipped in silence.
+    """
+    from DeepDosimetricsLib.data.cohort import entry_problem
     from DeepDosimetricsLib.data.patient import natural_key
 
-    return sorted((p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                  key=lambda p: natural_key(p.name))
+    folders = []
+    for path in source.iterdir():
+        if path.name.startswith("."):
+            continue
+        problem = entry_problem(path)
+        if problem:
+            if unreadable is not None:
+                unreadable.append((path, problem))
+        elif path.is_dir():
+            folders.append(path)
+    return sorted(folders, key=lambda p: natural_key(p.name))
 
 
 def import_folder(source, options: ImportOptions, patterns: Optional[FolderPatterns] = None,
@@ -155,27 +167,33 @@ def import_folder(source, options: ImportOptions, patterns: Optional[FolderPatte
         raise InputError(f"source folder {source} does not exist or is not a folder")
     if source.resolve() == options.out.resolve():
         raise InputError(f"the output cohort {options.out} must differ from the source {source}")
-    folders = patient_folders(source)
+    unreadable: list = []
+    folders = patient_folders(source, unreadable)
     source_is_a_patient = not find_patient_files(source, patterns).problem
     if source_is_a_patient and all(p.name == "structures" for p in folders):
         raise InputError(f"{source} looks like one patient's folder: give the folder that contains "
                          f"the patient folders ({source.parent})")
-    if not folders:
+    if not folders and not unreadable:
         raise InputError(f"source folder {source} has no patient sub-folder")
     options.out.mkdir(parents=True, exist_ok=True)
+    options.hide_source(source)
+    report.redact = options.redact
+    for path, problem in unreadable:
+        report.skipped(options.patient_id(path.name, path.name), problem, source=str(path))
     for folder in progress_bar(folders, desc="import folder", quiet=options.quiet):
         _import_patient(folder, options, patterns, report)
     clinical = source / CLINICAL_FILE
     if clinical.is_file() and (options.overwrite or not (options.out / CLINICAL_FILE).exists()):
-        shutil.copyfile(clinical, options.out / CLINICAL_FILE)
+        import_clinical(clinical, options, report)
+    options.finish()
     return report
 
 
 def _import_patient(folder: Path, options: ImportOptions, patterns: FolderPatterns,
                     report: ImportReport) -> None:
-    patient_id = safe_name(folder.name)
+    patient_id = options.patient_id(folder.name, folder.name)
     if any(entry.patient == patient_id for entry in report.entries):
-        report.skipped(f"{patient_id} ({folder.name})", f"another source folder already gives the patient id "
+        report.skipped(f"{patient_id} ({options.redact(folder.name)})", f"another source folder already gives the patient id "
                        f"{patient_id}", source=str(folder))
         return
     existing = existing_patient(options, patient_id, str(folder))
@@ -203,3 +221,36 @@ def _import_patient(folder: Path, options: ImportOptions, patterns: FolderPatter
         return
     report.ok(patient_id, "; ".join(writer.record["notes"]), source=str(folder),
               structures=writer.structure_count, has_dose=files.dose is not None)
+
+
+def import_clinical(path: Path, options: ImportOptions, report: ImportReport) -> Path:
+    """Write the source's clinical table into the cohort with the patient ids mapped exactly as the
+    patient folders were (file-system safe ids or pseudonyms), so no row is orphaned by the import.
+
+    With pseudonyms, columns that identify a person (name, birth date, accession number, institution...)
+    are dropped. Rows naming no imported patient are kept and reported in the summary as a note.
+    """
+    import pandas as pd
+
+    from DeepDosimetricsLib.data.pseudonym import IDENTIFYING_COLUMNS
+    from DeepDosimetricsLib.runtime.atomic import write_csv_atomic
+
+    try:
+        table = pd.read_csv(path, dtype={"patient": str}, keep_default_na=False)
+    except Exception as error:  # pandas raises many kinds
+        raise InputError(f"clinical table {path}: cannot read it as CSV ({error})") from None
+    if "patient" not in table.columns:
+        raise InputError(f"clinical table {path} has no 'patient' column")
+    table["patient"] = [options.patient_id(str(v).strip(), str(v).strip()) for v in table["patient"]]
+    if options.pseudonymised:
+        dropped = [c for c in table.columns
+                   if str(c).lower().replace("_", "").replace(" ", "") in IDENTIFYING_COLUMNS]
+        table = table.drop(columns=dropped)
+        if dropped:
+            log.info("clinical table: %d identifying column(s) dropped", len(dropped))
+    imported = {entry.patient for entry in report.entries if entry.ok}
+    orphans = sorted(set(table["patient"]) - imported - {p.name for p in options.out.iterdir() if p.is_dir()})
+    if orphans:
+        log.warning("clinical table %s: %d row(s) name no imported patient: %s", options.redact(str(path)),
+                    len(orphans), ", ".join(orphans[:5]))
+    return write_csv_atomic(table, options.out / CLINICAL_FILE)

@@ -14,12 +14,16 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 
+from DeepDosimetricsLib.data.checks import check_image
+from DeepDosimetricsLib.data.headers import check_image_file
+from DeepDosimetricsLib.data.ids import safe_patient_id
+from DeepDosimetricsLib.data.pseudonym import Pseudonymizer, Redactor, identifying_keys
 from DeepDosimetricsLib.data.synonyms import SynonymMap, load_synonyms, safe_name
 from DeepDosimetricsLib.runtime.atomic import replace_folder
 from DeepDosimetricsLib.runtime.errors import InputError
@@ -43,6 +47,10 @@ class ImportOptions:
     link: str = "symlink"  # folder importer: symlink | hardlink | copy conforming NRRD files
     synonyms: Optional[SynonymMap] = None  # None: packaged map (+ $DEEPDOSIMETRICS_SYNONYMS)
     quiet: bool = False
+    #: key file of the pseudonyms (created when absent); None keeps the (file-system safe) patient ids
+    pseudonymize: Optional[Union[str, os.PathLike]] = None
+    #: identifying strings met while importing, removed from every text written (see data/pseudonym.py)
+    redact: Redactor = field(default_factory=Redactor)
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -50,6 +58,41 @@ class ImportOptions:
             raise InputError(f"unknown link mode '{self.link}'; use one of {', '.join(LINK_MODES)}")
         if self.synonyms is None:
             self.synonyms = load_synonyms()
+        self.pseudonymizer = Pseudonymizer(self.pseudonymize) if self.pseudonymize else None
+        if self.pseudonymizer is not None:
+            key = Path(self.pseudonymize).resolve()
+            if key.is_relative_to(self.out.resolve()):
+                raise InputError(f"the pseudonym key file {self.pseudonymize} must not lie inside the cohort "
+                                 f"{self.out} (it re-identifies the patients)")
+
+    @property
+    def pseudonymised(self) -> bool:
+        return self.pseudonymizer is not None
+
+    def patient_id(self, original: object, source_name: Optional[str] = None) -> str:
+        """The cohort's id of a patient: its pseudonym, or the file-system safe form of its id.
+
+        With pseudonyms, the original id (and ``source_name``, e.g. its folder name) is redacted from
+        every text the import writes.
+        """
+        if self.pseudonymizer is None:
+            return safe_patient_id(original)
+        pseudonym = self.pseudonymizer.pseudonym(original)
+        for text in (original, safe_patient_id(original), source_name):
+            if text:
+                self.redact.add(text, pseudonym)
+        return pseudonym
+
+    def hide_source(self, source: Union[str, os.PathLike]) -> None:
+        """With pseudonyms, the source folder's path is written as ``SRC``."""
+        if self.pseudonymizer is not None:
+            self.redact.add(str(Path(source).resolve()), "SRC")
+            self.redact.add(str(source), "SRC")
+
+    def finish(self) -> None:
+        """Save the pseudonym mapping into the key file (after an import)."""
+        if self.pseudonymizer is not None:
+            self.pseudonymizer.save()
 
 
 def patient_state(cohort_dir: Path, patient_id: str) -> str:
@@ -142,13 +185,20 @@ class PatientWriter:
         self.record["notes"].append(text)
 
     # --- images written from memory -------------------------------------------------------------
+    def check(self, image, kind: str, what: str) -> None:
+        """The value checks of data/checks.py (InputError skips the patient; warnings become notes)."""
+        for text in check_image(image, what, kind):
+            self.note(text)
+
     def write_ct(self, image, source: str = "") -> None:
+        self.check(image, "ct", f"CT ({source})" if source else "CT")
         self._write(as_ct(image), CT_FILE)
         self.record["ct"] = {"file": CT_FILE, "source": source}
 
     def write_dose(self, image, source: str = "") -> None:
         import SimpleITK as sitk
 
+        self.check(image, "dose", f"dose ({source})" if source else "dose")
         self._write(sitk.Cast(image, sitk.sitkFloat32), DOSE_FILE)
         self.record["dose"] = {"file": DOSE_FILE, "source": source}
 
@@ -170,14 +220,14 @@ class PatientWriter:
         """Link/copy a conforming CT NRRD, or convert it to int16 HU."""
         import SimpleITK as sitk
 
-        self._place(path, CT_FILE, sitk.sitkInt16, as_ct)
+        self._place(path, CT_FILE, sitk.sitkInt16, as_ct, "ct")
         self.record["ct"] = {"file": CT_FILE, "source": str(path)}
 
     def place_dose(self, path: Path) -> None:
         """Link/copy a conforming float32 dose NRRD, or convert it."""
         import SimpleITK as sitk
 
-        self._place(path, DOSE_FILE, sitk.sitkFloat32, lambda image: sitk.Cast(image, sitk.sitkFloat32))
+        self._place(path, DOSE_FILE, sitk.sitkFloat32, lambda image: sitk.Cast(image, sitk.sitkFloat32), "dose")
         self.record["dose"] = {"file": DOSE_FILE, "source": str(path)}
 
     def place_structure(self, original_name: str, path: Path) -> Optional[str]:
@@ -191,7 +241,7 @@ class PatientWriter:
             return None
         name = self._structure_name(original_name)
         relative = self._structure_file(name)
-        if mask is image and _linkable(path):
+        if mask is image and _linkable(path) and not self._private_keys(image):
             self._link(path, relative)
         else:
             self._write(mask, relative)
@@ -205,7 +255,10 @@ class PatientWriter:
 
     def place_extra(self, path: Path, relative: str) -> None:
         """Link/copy another file as it is (e.g. OpenKBP's possible_dose_mask.nrrd)."""
-        self._link(path, relative)
+        if self._private_keys(_read_information(path)):
+            self._write(_read(path), relative)
+        else:
+            self._link(path, relative)
         self.record.setdefault("extras", {})[relative] = str(path)
 
     # --- commit ---------------------------------------------------------------------------------
@@ -213,8 +266,10 @@ class PatientWriter:
         """Write import.json and move the staged patient to its final folder (replacing an old one)."""
         if self.record["ct"] is None and self.record["dose"] is None:
             raise InputError(f"patient {self.patient_id}: nothing to write (no CT and no dose)")
+        if self.options.pseudonymised:
+            self.record["pseudonymised"] = True
         with open(self.staging_dir / RECORD_FILE, "w", encoding="utf-8") as stream:
-            json.dump(self.record, stream, indent=1)
+            json.dump(self.options.redact.record(self.record), stream, indent=1)
         replace_folder(self.staging_dir, self.final_dir)
         return self.final_dir
 
@@ -240,25 +295,31 @@ class PatientWriter:
     def _write(self, image, relative: str) -> None:
         import SimpleITK as sitk
 
+        private = self._private_keys(image)
+        if private:
+            image = sitk.Image(image)  # a copy: the caller's image keeps its header
+            for key in private:
+                image.EraseMetaData(key)
+            self.note(f"{relative}: {len(private)} identifying header entries removed")
         target = self.staging_dir / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         sitk.WriteImage(image, str(target), True)
 
-    def _place(self, path: Path, relative: str, pixel_id: int, convert) -> None:
-        import SimpleITK as sitk
-
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError as error:
-            raise InputError(f"unreadable file {path}: {_first_line(error)}") from error
+    def _place(self, path: Path, relative: str, pixel_id: int, convert, kind: str) -> None:
+        reader = _read_information(path)
         if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
             raise InputError(f"{path} is not a 3D scalar image")
-        if reader.GetPixelID() == pixel_id and _linkable(path):
+        image = _read(path)  # the values are checked before the file is linked
+        self.check(image, kind, f"{'CT' if kind == 'ct' else kind} ({path})")
+        if reader.GetPixelID() == pixel_id and _linkable(path) and not self._private_keys(reader):
             self._link(path, relative)
         else:
-            self._write(convert(_read(path)), relative)
+            self._write(convert(image), relative)
+
+    def _private_keys(self, image_or_reader) -> list:
+        """Header keys that identify a person (any mode) or the patient (pseudonymised): such a file is
+        rewritten without them instead of linked."""
+        return identifying_keys(image_or_reader.GetMetaDataKeys(), self.options.pseudonymised)
 
     def _link(self, path: Path, relative: str) -> None:
         target = self.staging_dir / relative
@@ -277,9 +338,24 @@ class PatientWriter:
         shutil.copy2(source, target)
 
 
+def _read_information(path: Path):
+    """The header of an image file (checked: size against the memory limit, geometry)."""
+    import SimpleITK as sitk
+
+    check_image_file(path, f"image {path}")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise InputError(f"unreadable file {path}: {_first_line(error)}") from None
+    return reader
+
+
 def _read(path: Path):
     import SimpleITK as sitk
 
+    check_image_file(path, f"image {path}")
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as error:

@@ -21,7 +21,6 @@ import numpy as np
 
 from DeepDosimetricsLib.data.importers.layout import ImportOptions, PatientWriter, existing_patient
 from DeepDosimetricsLib.data.importers.report import ImportReport
-from DeepDosimetricsLib.data.synonyms import safe_name
 from DeepDosimetricsLib.runtime.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -47,7 +46,10 @@ def read_sparse_csv(path: Path, dtype=np.float32, shape=GRID_SHAPE) -> np.ndarra
         raise InputError(f"{path}: the first column must hold flat indices into a {shape} grid")
     dense = np.zeros(size, dtype=dtype)
     if "data" in table.columns and table["data"].notna().any():
-        dense[index] = table["data"].to_numpy(dtype=np.float64).astype(dtype)
+        try:
+            dense[index] = table["data"].to_numpy(dtype=np.float64).astype(dtype)
+        except (ValueError, TypeError) as error:
+            raise InputError(f"{path}: the data column holds values that are not numbers ({error})") from None
     else:
         dense[index] = 1
     return dense.reshape(shape)
@@ -98,8 +100,10 @@ def import_openkbp(source, options: ImportOptions, report: Optional[ImportReport
     if not folders:
         raise InputError(f"source folder {source} has no OpenKBP patient folder (pt_N/ with CSV files)")
     options.out.mkdir(parents=True, exist_ok=True)
+    options.hide_source(source)
+    report.redact = options.redact
     for folder in progress_bar(folders, desc="import openkbp", quiet=options.quiet):
-        patient_id = safe_name(folder.name)
+        patient_id = options.patient_id(folder.name, folder.name)
         existing = existing_patient(options, patient_id, str(folder))
         if existing is not None:
             report.add(existing)
@@ -110,6 +114,7 @@ def import_openkbp(source, options: ImportOptions, report: Optional[ImportReport
             report.skipped(patient_id, str(error), source=str(folder))
             continue
         report.add(entry)
+    options.finish()
     return report
 
 

@@ -7,7 +7,7 @@ import io
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 from DeepDosimetricsLib.runtime.atomic import write_text_atomic
 
@@ -40,9 +40,14 @@ class ImportReport:
 
     importer: str
     entries: list[PatientImportStatus] = field(default_factory=list)
+    #: applied to every text of an entry (identifying values removed; see data/pseudonym.py)
+    redact: Optional[Callable[[str], str]] = field(default=None, repr=False, compare=False)
 
     def add(self, entry: PatientImportStatus) -> PatientImportStatus:
         entry.importer = entry.importer or self.importer
+        if self.redact is not None:
+            entry.patient, entry.reason, entry.source = (self.redact(entry.patient), self.redact(entry.reason),
+                                                         self.redact(entry.source))
         self.entries.append(entry)
         return entry
 

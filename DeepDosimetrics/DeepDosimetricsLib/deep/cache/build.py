@@ -372,7 +372,7 @@ def ensure_cache(
     except OSError as error:
         raise InputError(f"cannot create the cache folder {folder}: {error.strerror or error}") from None
     todo = [pid for pid in cohort.ids if not patient_is_complete(folder / pid, config)]
-    failed: Dict[str, str] = {}
+    failed: Dict[str, str] = dict(getattr(cohort, "unreadable", None) or {})  # reported, not skipped silently
     prescriptions = clinical_prescriptions(cohort.clinical)
     if todo:
         log.debug("cache %s: building %d of %d patients", folder, len(todo), len(cohort))
