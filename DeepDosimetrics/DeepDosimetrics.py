@@ -518,11 +518,20 @@ class DeepDosimetricsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ):
             button.connect("clicked(bool)", handler)
         self.ui.cancelButton.enabled = False
+        # ctkPathLineEdit only reports valid paths, and an empty text is not one: report a cleared field
+        for pathEdit in slicer.util.findChildren(uiWidget, className="ctkPathLineEdit"):
+            pathEdit.connect("validInputChanged(bool)", lambda valid, edit=pathEdit: self._onPathEdited(edit))
 
         self._jobTimer = qt.QTimer()
         self._jobTimer.setInterval(200)
         self._jobTimer.connect("timeout()", self.onJobTimer)
         self.initializeParameterNode()
+
+    def _onPathEdited(self, pathEdit) -> None:
+        """An emptied path field clears its parameter (the field's validator refuses an empty text)."""
+        name = pathEdit.property("SlicerParameterName")
+        if self._parameterNode and name and not pathEdit.currentPath.strip():
+            setattr(self._parameterNode, name, Path(""))
 
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""

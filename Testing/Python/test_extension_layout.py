@@ -177,3 +177,26 @@ def test_screenshots_named_in_cmake_exist():
         name = url.rsplit("/", 1)[-1]
         path = ROOT / "Resources" / "Screenshots" / name
         assert path.is_file(), f"{path} (named in EXTENSION_SCREENSHOTURLS) is missing"
+
+
+def test_cmake_minimum_is_slicers():
+    """Slicer requires CMake 3.20.6 or later (its extension template: 3.20.6...3.28)."""
+    match = re.search(r"cmake_minimum_required\(VERSION (\d+)\.(\d+)\.(\d+)\.\.\.([\d.]+)", (ROOT / "CMakeLists.txt").read_text())
+    assert match and tuple(int(v) for v in match.groups()[:3]) >= (3, 20, 6)
+
+
+def test_extensions_index_json_entry_agrees_with_s4ext():
+    import json
+
+    entry = json.loads((ROOT / "DeepDosimetrics.json").read_text())
+    for key in ("$schema", "build_dependencies", "category", "scm_url", "scm_revision", "tier"):
+        assert key in entry, f"DeepDosimetrics.json lacks {key}"
+    keys = dict(line.partition(" ")[::2] for line in (ROOT / "DeepDosimetrics.s4ext").read_text().splitlines()
+                if line.strip() and not line.startswith("#"))
+    assert entry["build_dependencies"] == keys["depends"].split()
+    assert entry["scm_url"] == keys["scmurl"].strip() and entry["category"] == keys["category"].strip()
+
+
+def test_panel_picture_is_in_the_readme():
+    assert (ROOT / "Resources" / "Screenshots" / "DeepDosimetrics-panel.png").is_file()
+    assert "Resources/Screenshots/DeepDosimetrics-panel.png" in (ROOT / "README.md").read_text()

@@ -1,0 +1,143 @@
+"""The module panel checked without Slicer: the .ui against the Widget code (handlers, CTK string lists),
+the panel's defaults against the library's, the requirements list against pyproject.toml and the first-use
+install decision, and the offscreen rendering of the panel picture."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MODULE_FILE = ROOT / "DeepDosimetrics" / "DeepDosimetrics.py"
+UI_FILE = ROOT / "DeepDosimetrics" / "Resources" / "UI" / "DeepDosimetrics.ui"
+
+
+def widget_class(name: str) -> ast.ClassDef:
+    tree = ast.parse(MODULE_FILE.read_text())
+    return next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
+
+
+def test_every_button_is_connected_to_an_existing_handler():
+    buttons = {w.get("name") for w in ET.parse(UI_FILE).iter("widget") if w.get("class") == "QPushButton"}
+    widget = widget_class("DeepDosimetricsWidget")
+    methods = {n.name for n in widget.body if isinstance(n, ast.FunctionDef)}
+    source = ast.unparse(widget)
+    pairs = dict(re.findall(r"\(self\.ui\.(\w+), self\.(\w+)\)", source))
+    pairs.update(re.findall(r"self\.ui\.(\w+)\.connect\('clicked\(bool\)', self\.(\w+)\)", source))
+    assert buttons - set(pairs) == set(), f"buttons without a handler: {sorted(buttons - set(pairs))}"
+    missing = {b: h for b, h in pairs.items() if h not in methods}
+    assert not missing, f"handlers absent from the Widget: {missing}"
+
+
+def test_name_filters_are_one_pattern_per_string():
+    """CTK reads a stringlist: "*.yaml *.yml" in one entry is one pattern that no file name matches."""
+    for widget in ET.parse(UI_FILE).iter("widget"):
+        for prop in widget.findall("property[@name='nameFilters']"):
+            patterns = [s.text for s in prop.iter("string")]
+            assert patterns and all(" " not in p for p in patterns), (widget.get("name"), patterns)
+    names = {w.get("name"): w for w in ET.parse(UI_FILE).iter("widget")}
+    patterns = [s.text for s in names["radiomicsParameterFileLineEdit"].iter("string") if s.text.startswith("*")]
+    assert patterns == ["*.yaml", "*.yml", "*.json"]
+
+
+def test_path_fields_can_be_cleared():
+    """Every ctkPathLineEdit is found by class and an emptied one clears its parameter."""
+    source = ast.unparse(widget_class("DeepDosimetricsWidget"))
+    assert "findChildren(uiWidget, className='ctkPathLineEdit')" in source
+    assert "validInputChanged(bool)" in source and "_onPathEdited" in source
+
+
+def test_panel_defaults_are_the_library_defaults():
+    sys.path.insert(0, str(ROOT / "DeepDosimetrics"))
+    from DeepDosimetricsLib.cli import build_parser
+    from DeepDosimetricsLib.deep.encode.settings import EncodeSettings
+
+    node = widget_class("DeepDosimetricsParameterNode")
+    fields = {a.target.id: ast.unparse(a) for a in node.body if isinstance(a, ast.AnnAssign)}
+    assert fields["overlap"].endswith("= DEFAULT_OVERLAP")
+    assert "Choice(DEVICES)" in fields["device"] and "Choice(tuple(CHANNEL_SETS))" in fields["channels"]
+    assert "Choice(RADIOMICS_PRESETS)" in fields["radiomicsPreset"]
+    arguments = build_parser().parse_args(["encode", "--model", "M", "--cohort", "C", "--out", "O"])
+    assert arguments.overlap == EncodeSettings().overlap
+    assert build_parser().parse_args(["encode", "--model", "M", "--cohort", "C", "--out", "O", "--device", "mps"])
+
+
+# ------------------------------------------------------------------------------------- requirements
+def test_requirements_list_and_pyproject_agree():
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.toml")
+    from DeepDosimetricsLib.runtime.requirements import REQUIREMENTS, TOOL_EXTRAS
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {(None, r) for r in project["dependencies"]}
+    for extra, entries in project.get("optional-dependencies", {}).items():
+        if extra not in TOOL_EXTRAS:
+            declared |= {(extra, r) for r in entries}
+    listed = {(r.extra, r.pyproject) for r in REQUIREMENTS}
+    assert declared - listed == set(), f"in pyproject.toml, not in runtime/requirements.py: {sorted(declared - listed, key=str)}"
+    assert listed - declared == set(), f"in runtime/requirements.py, not in pyproject.toml: {sorted(listed - declared, key=str)}"
+
+
+def test_first_use_installs_only_what_is_missing_and_asks_once():
+    from DeepDosimetricsLib.runtime import requirements
+
+    present = {"numpy", "SimpleITK", "vtk", "slicer", "scipy", "radiomics"}
+    calls = []
+
+    def find_spec(name):
+        return object() if name in present else None
+
+    def pip_install(specs):
+        calls.append(("pip", list(specs)))
+        present.update(r.import_name for r in requirements.REQUIREMENTS if r.pip in specs)
+
+    def install_torch(spec):
+        calls.append(("torch", spec))
+        present.add("torch")
+        return object()
+
+    asked = []
+    assert requirements.ensure([None], lambda m: asked.append(m) or True, pip_install, install_torch, find_spec)
+    assert len(asked) == 1 and "pandas>=" in asked[0]
+    installed = calls[0][1]
+    assert {"pandas>=1.5", "psutil>=5.9"} <= set(installed)
+    assert not any(s.startswith(("numpy", "SimpleITK", "vtk", "torch", "pyradiomics")) for s in installed)
+    assert calls[1][0] == "torch" and calls[1][1].startswith(">=")
+    calls.clear()
+    assert requirements.ensure([None], lambda m: pytest.fail("asked again"), pip_install, install_torch, find_spec)
+    assert calls == []
+
+
+def test_first_use_declined_or_impossible():
+    from DeepDosimetricsLib.runtime import requirements
+    from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError
+
+    nothing = lambda name: None  # noqa: E731
+    with pytest.raises(DeepDosimetricsError, match="reinstall Slicer"):
+        requirements.ensure([None], lambda m: True, pytest.fail, pytest.fail, nothing)
+    only_slicer = lambda name: object() if name in ("numpy", "SimpleITK", "slicer") else None  # noqa: E731
+    with pytest.raises(DeepDosimetricsError, match="SlicerRadiomics from the Extensions Manager"):
+        requirements.ensure([None], lambda m: True, pytest.fail, pytest.fail, only_slicer)
+    no_pandas = lambda name: None if name == "pandas" else object()  # noqa: E731
+    assert requirements.ensure([None], lambda m: False, pytest.fail, pytest.fail, no_pandas) is False
+    assert [r.name for r in requirements.requirements(["review"])] == ["trame-slicer"]
+    assert requirements.REQUIREMENTS[-1].pip == "trame-slicer==2.0.0"  # no [standalone]: Slicer is slicer-core
+
+
+# ------------------------------------------------------------------------------------- picture
+def test_panel_renders_offscreen(tmp_path, monkeypatch):
+    pytest.importorskip("PySide6", reason="PySide6 is not installed (pip install PySide6-Essentials)")
+    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")
+    sys.path.insert(0, str(ROOT / "Utilities"))
+    import render_panel
+
+    out = render_panel.render(tmp_path / "panel.png")
+    header = out.read_bytes()[:24]
+    width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+    assert header[:8] == b"\x89PNG\r\n\x1a\n" and width >= 400 and height > 1000
+    text = render_panel.qt_ui_text()
+    assert "ctk" not in text and "qMRML" not in text
