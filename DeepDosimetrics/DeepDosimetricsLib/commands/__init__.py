@@ -13,6 +13,7 @@ COMMANDS: dict[str, str] = {
     "cache": "cache",
     "train": "train",
     "encode": "encode",
+    "review": "review",
     "predict": "predict",
 }
 
