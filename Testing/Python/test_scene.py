@@ -408,3 +408,34 @@ def test_scene_bundle_accepts_relative_paths(scene, patient_dir, tmp_path, monke
 def test_scene_bundle_name_must_end_in_mrb(scene, tmp_path):
     with pytest.raises(InputError, match="must end in .mrb"):
         mrml.bundles.save_scene_bundle(tmp_path / "scene.zip", scene)
+
+
+def test_owned_vtk_objects_are_released(scene):
+    """GetNodesByClass collections and CreateOrientedImageDataFromVolumeNode images belong to the caller:
+    after release only the Python reference is left (2 before, a leak per call)."""
+    ct = mrml.volumes.image_to_volume(oblique_image(), "ct", scene)
+    collection = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+    assert collection.GetReferenceCount() == 2  # the defect: a raw call leaks one reference
+    assert mrml.headless.nodes_by_class(scene, "vtkMRMLScalarVolumeNode") == [ct]
+    oriented = mrml.segments.oriented_image_from_volume(ct)
+    assert oriented.GetReferenceCount() == 1
+
+
+def test_show_table_switches_to_a_layout_with_a_table_first(scene):
+    table = mrml.tables.table_from_dataframe(pd.DataFrame({"a": [1.0]}), "t", scene)
+    layout = mrml.tables.show_table(table, scene)
+    assert layout == slicer.vtkSlicerTablesLogic.GetLayoutWithTable(layout)  # a layout that has a table view
+    assert scene.GetFirstNodeByClass("vtkMRMLLayoutNode").GetViewArrangement() == layout
+    assert mrml.headless.application_logic(scene).GetSelectionNode().GetActiveTableID() == table.GetID()
+
+
+def test_roc_chart_of_predictions(scene):
+    frame = pd.DataFrame({"feature_set": ["a"] * 4 + ["b"] * 4, "outcome": [0, 0, 1, 1] * 2,
+                          "prediction": [0.1, 0.2, 0.8, 0.9, 0.9, 0.8, 0.2, 0.1]})
+    table, chart = mrml.tables.roc_chart(frame, "ROC", scene)
+    assert chart.GetNumberOfPlotSeriesNodes() == 2
+    values = mrml.tables.dataframe_from_table(table)
+    fpr, tpr = values["a FPR"].to_numpy(), values["a TPR"].to_numpy()
+    assert np.trapezoid(tpr, fpr) == pytest.approx(1.0)
+    fpr, tpr = mrml.tables.roc_points(np.array([0, 0, 1, 1]), np.array([0.9, 0.8, 0.2, 0.1]))
+    assert np.trapezoid(tpr, fpr) == pytest.approx(0.0)
