@@ -29,6 +29,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="structure-name synonyms extending the packaged map "
                         "(default: $DEEPDOSIMETRICS_SYNONYMS if set)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--pseudonymize", metavar="KEYFILE", default=None,
+                        help="replace patient ids with stable pseudonyms (anon-<HMAC-SHA256 of the id>); the "
+                        "secret key and the only mapping back to the ids live in KEYFILE (created, mode 0600, "
+                        "when absent; keep it outside the cohort and private). The same KEYFILE gives the same "
+                        "pseudonyms in later imports")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     from DeepDosimetricsLib.data.synonyms import load_synonyms
 
     options = ImportOptions(out=args.out, overwrite=args.overwrite, link=getattr(args, "link", "symlink"),
-                            synonyms=load_synonyms(args.synonyms), quiet=args.quiet)
+                            synonyms=load_synonyms(args.synonyms), quiet=args.quiet,
+                            pseudonymize=getattr(args, "pseudonymize", None))
     if args.import_kind == "folder":
         from DeepDosimetricsLib.data.importers.folder import (
             DEFAULT_CT_PATTERNS,
@@ -94,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
 
         report = import_dicom(args.source, options)
     path = report.write(options.out)
+    if options.pseudonymised:
+        print(f"pseudonyms: key and mapping in {args.pseudonymize} (keep it private, outside the cohort)")
     print(report.summary())
     print(f"report: {path}")
     return report.exit_code

@@ -1,0 +1,256 @@
+"""Pseudonymised import and identifiers that never reach an output (issue 12, item 4), and the one
+file-system-safe patient id mapping shared by folders and clinical.csv (item 8)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+from DeepDosimetricsLib.cli import main
+from DeepDosimetricsLib.data.cohort import Cohort
+from DeepDosimetricsLib.data.ids import MAX_ID_BYTES, safe_patient_id
+from DeepDosimetricsLib.data.pseudonym import Pseudonymizer
+
+NAME = "Rossi^Mariagrazia"
+BIRTH_DATE = "19581123"
+ACCESSION = "ACC7734521"
+INSTITUTION = "Ospedale Careggi Firenze"
+PATIENT_ID = "MRN-0042"
+#: what must never appear in any output byte (in every mode)
+SECRETS = [NAME, "Rossi", "Mariagrazia", "Rossi Mariagrazia", BIRTH_DATE, ACCESSION, INSTITUTION]
+ROWS = COLUMNS = 16
+SPACING = 2.0
+
+
+# ------------------------------------------------------------------------------ a small DICOM-RT patient
+def _write_dicom(path: Path, modality: str, sop_class: str, **attributes) -> None:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = Dataset()
+    dataset.file_meta = meta
+    dataset.SOPClassUID = sop_class
+    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    dataset.Modality = modality
+    dataset.PatientName = NAME
+    dataset.PatientBirthDate = BIRTH_DATE
+    dataset.AccessionNumber = ACCESSION
+    dataset.InstitutionName = INSTITUTION
+    dataset.PatientID = PATIENT_ID
+    dataset.StudyInstanceUID = "1.2.3.4"
+    for key, value in attributes.items():
+        setattr(dataset, key, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dataset.save_as(str(path), enforce_file_format=True)
+
+
+def _square(lo: int, hi: int, z: float) -> list:
+    corners = [(lo - 0.5, lo - 0.5), (hi + 0.5, lo - 0.5), (hi + 0.5, hi + 0.5), (lo - 0.5, hi + 0.5)]
+    return [v for i, j in corners for v in (i * SPACING, j * SPACING, z)]
+
+
+def write_patient(root: Path, frame: str = "1.9.1") -> Path:
+    """CT (4 slices), RTSTRUCT (Body, PTV) and RTDOSE of one patient, in a folder named after the patient."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import CTImageStorage, RTDoseStorage, RTStructureSetStorage, generate_uid
+
+    folder = root / "Rossi_Mariagrazia" / "CT 2024"
+    series = generate_uid()
+    hu = np.full((ROWS, COLUMNS), -1000, np.int16)
+    hu[3:13, 3:13] = 40
+    for k in range(4):
+        _write_dicom(folder / f"ct{k}.dcm", "CT", CTImageStorage, SeriesInstanceUID=series, FrameOfReferenceUID=frame,
+                     ImagePositionPatient=[0.0, 0.0, 3.0 * k], ImageOrientationPatient=[1, 0, 0, 0, 1, 0],
+                     PixelSpacing=[SPACING, SPACING], Rows=ROWS, Columns=COLUMNS, SamplesPerPixel=1,
+                     PhotometricInterpretation="MONOCHROME2", BitsAllocated=16, BitsStored=16, HighBit=15,
+                     PixelRepresentation=0, RescaleSlope=1, RescaleIntercept=-1024,
+                     PixelData=(hu + 1024).astype(np.uint16).tobytes())
+    frame_item = Dataset()
+    frame_item.FrameOfReferenceUID = frame
+    rois, contours = [], []
+    for number, (name, (lo, hi)) in enumerate({"Body": (3, 12), "PTV": (6, 9)}.items(), start=1):
+        roi = Dataset()
+        roi.ROINumber, roi.ROIName, roi.ReferencedFrameOfReferenceUID = number, name, frame
+        rois.append(roi)
+        item = Dataset()
+        item.ReferencedROINumber = number
+        item.ContourSequence = []
+        for k in range(4):
+            contour = Dataset()
+            contour.ContourGeometricType = "CLOSED_PLANAR"
+            contour.ContourData = _square(lo, hi, 3.0 * k)
+            contour.NumberOfContourPoints = 4
+            item.ContourSequence.append(contour)
+        contours.append(item)
+    _write_dicom(folder / "rs.dcm", "RTSTRUCT", RTStructureSetStorage, ReferencedFrameOfReferenceSequence=[frame_item],
+                 StructureSetROISequence=rois, ROIContourSequence=contours)
+    gy = np.zeros((4, ROWS, COLUMNS))
+    gy[:, 5:11, 5:11] = 60.0
+    gy[:, 3:13, 3:13] += 5.0
+    _write_dicom(folder / "rd.dcm", "RTDOSE", RTDoseStorage, FrameOfReferenceUID=frame,
+                 ImagePositionPatient=[0.0, 0.0, 0.0], ImageOrientationPatient=[1, 0, 0, 0, 1, 0],
+                 PixelSpacing=[SPACING, SPACING], Rows=ROWS, Columns=COLUMNS, NumberOfFrames=4,
+                 GridFrameOffsetVector=[3.0 * k for k in range(4)], DoseGridScaling=1e-3, DoseUnits="GY",
+                 DoseSummationType="PLAN", SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME2",
+                 BitsAllocated=32, BitsStored=32, HighBit=31, PixelRepresentation=0,
+                 PixelData=np.rint(gy / 1e-3).astype(np.uint32).tobytes())
+    return root
+
+
+def all_bytes(*folders: Path) -> dict:
+    """Every file under the folders (links followed: a linked source file is an output too) -> bytes."""
+    found = {}
+    for folder in folders:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                found[path] = path.read_bytes()
+    return found
+
+
+def leaks(outputs: dict, texts: list, secrets: list) -> list:
+    """(where, secret) for every secret found, case-insensitively, in a file's bytes or in a text."""
+    found = []
+    for secret in secrets:
+        needle = secret.lower().encode()
+        found += [(str(path), secret) for path, data in outputs.items() if needle in data.lower()]
+        found += [("captured text", secret) for text in texts if secret.lower() in text.lower()]
+        found += [("a file name", secret) for path in outputs if secret.lower() in str(path).lower()]
+    return found
+
+
+@pytest.fixture(scope="module")
+def dicom_source(tmp_path_factory) -> Path:
+    return write_patient(tmp_path_factory.mktemp("archive") / "export")
+
+
+def _run(argv: list, capsys, caplog) -> tuple:
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG):
+        code = main(argv)
+    captured = capsys.readouterr()
+    return code, [captured.out, captured.err, caplog.text]
+
+
+def _analyse(cohort: Path, results: Path, capsys, caplog) -> list:
+    """dvh and radiomics on the imported cohort; their captured output."""
+    texts = []
+    for argv in (["dvh", "--cohort", str(cohort), "--quiet", "--out", str(results / "dvh.csv")],
+                 ["radiomics", "--cohort", str(cohort), "--quiet", "--out", str(results / "radiomics.csv")]):
+        code, captured = _run(argv, capsys, caplog)
+        assert code == 0, captured
+        texts += captured
+    return texts
+
+
+@pytest.mark.parametrize("pseudonymised", [False, True], ids=["plain", "pseudonymised"])
+def test_no_identifier_reaches_any_output(dicom_source: Path, tmp_path: Path, capsys, caplog, pseudonymised):
+    cohort, results, key = tmp_path / "cohort", tmp_path / "results", tmp_path / "private" / "key.json"
+    argv = ["import", "dicom", str(dicom_source), "--out", str(cohort), "--quiet"]
+    if pseudonymised:
+        argv += ["--pseudonymize", str(key)]
+    code, texts = _run(argv, capsys, caplog)
+    assert code == 0, texts
+    (pid,) = [p.name for p in cohort.iterdir() if p.is_dir()]
+    record = json.loads((cohort / pid / "import.json").read_text())
+    assert set(record["structures"]) == {"Body", "PTV"} and record["dose"]
+    texts += _analyse(cohort, results, capsys, caplog)
+    outputs = all_bytes(cohort, results)
+    assert len(outputs) >= 6
+    secrets = SECRETS + ([PATIENT_ID, str(dicom_source)] if pseudonymised else [])
+    assert leaks(outputs, texts, secrets) == []
+    if pseudonymised:
+        assert pid.startswith("anon-") and record["pseudonymised"]
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+        assert json.loads(key.read_text())["pseudonyms"] == {pid: PATIENT_ID}
+    else:
+        assert pid == PATIENT_ID
+
+
+def test_pseudonyms_are_stable_with_the_key_and_differ_without_it(dicom_source: Path, tmp_path: Path):
+    key = tmp_path / "key.json"
+    ids = []
+    for index, key_file in enumerate([key, key, tmp_path / "other.json"]):
+        out = tmp_path / f"cohort{index}"
+        assert main(["import", "dicom", str(dicom_source), "--out", str(out), "--quiet",
+                     "--pseudonymize", str(key_file)]) == 0
+        ids.append([p.name for p in out.iterdir() if p.is_dir()][0])
+    assert ids[0] == ids[1] != ids[2]
+    assert Pseudonymizer(key).pseudonym(PATIENT_ID) == ids[0]
+    with pytest.raises(Exception, match="must not lie inside the cohort"):
+        from DeepDosimetricsLib.data.importers import ImportOptions
+
+        ImportOptions(out=tmp_path / "c", pseudonymize=tmp_path / "c" / "key.json")
+
+
+def _folder_source(root: Path) -> Path:
+    """Two patients with awkward ids, NRRD headers carrying identifying keys, and a clinical table."""
+    ct = np.full((4, 8, 8), -1000, np.int16)
+    ct[1:3, 2:6, 2:6] = 30
+    ptv = np.zeros(ct.shape, np.uint8)
+    ptv[1:3, 3:5, 3:5] = 1
+    ids = ["Pt 001", "Pt/002 ü" if os.sep != "/" else "Pté 002", "x" * 90]
+    for pid in ids:
+        folder = root / pid
+        folder.mkdir(parents=True)
+        for name, array in (("ct", ct), ("PTV", ptv)):
+            image = sitk.GetImageFromArray(array)
+            image.SetMetaData("PatientName", NAME)
+            image.SetMetaData("0008|0080", INSTITUTION)
+            sitk.WriteImage(image, str(folder / f"{name}.nrrd"))
+    pd.DataFrame({"patient": ids, "Name": [NAME] * 3, "age": [60, 70, 80]}).to_csv(root / "clinical.csv",
+                                                                                  index=False)
+    return root
+
+
+@pytest.mark.parametrize("pseudonymised", [False, True], ids=["plain", "pseudonymised"])
+def test_folder_import_ids_clinical_and_header_keys(tmp_path: Path, capsys, caplog, pseudonymised):
+    source = _folder_source(tmp_path / "source")
+    cohort = tmp_path / "cohort"
+    argv = ["import", "folder", str(source), "--out", str(cohort), "--quiet"]
+    if pseudonymised:
+        argv += ["--pseudonymize", str(tmp_path / "key.json")]
+    code, texts = _run(argv, capsys, caplog)
+    assert code == 0, texts
+    opened = Cohort.open(cohort)
+    clinical = opened.clinical
+    assert sorted(clinical["patient"]) == sorted(opened.ids)  # no clinical row orphaned
+    if pseudonymised:
+        assert all(pid.startswith("anon-") for pid in opened.ids) and "Name" not in clinical.columns
+        secrets = [NAME, INSTITUTION, "Pt 001", "Pt_001", "x" * 20]
+    else:
+        assert opened.ids == ["Pt_001", "Pté_002", safe_patient_id("x" * 90)]
+        secrets = [INSTITUTION, "PatientName"]  # stripped from the NRRD headers (no link to the source)
+    assert leaks(all_bytes(*(cohort / pid for pid in opened.ids)), texts, secrets) == []
+
+
+def test_safe_patient_id():
+    assert safe_patient_id("Pt 001") == "Pt_001"
+    assert safe_patient_id(" a/b\\c:d*e ") == "a_b_c_d_e"
+    assert safe_patient_id("ﬁle") == "file"  # NFKC
+    assert safe_patient_id("Cafe\u0301") == safe_patient_id("Café")  # one id however it was typed
+    assert safe_patient_id("..") == "unnamed" and safe_patient_id("CON") == "CON_"
+    long = safe_patient_id("y" * 200)
+    assert len(long.encode()) <= MAX_ID_BYTES and long == safe_patient_id("y" * 200) != safe_patient_id("y" * 201)
+    for text in ("Pt 001", "y" * 200, "Pté/ 3", "CON"):
+        assert safe_patient_id(safe_patient_id(text)) == safe_patient_id(text)
+
+
+def test_clinical_rows_with_source_ids_match_the_folders(tmp_path: Path):
+    folder = tmp_path / "cohort" / "Pt_001"
+    ct = np.full((4, 8, 8), -1000, np.int16)
+    ct[1:3, 2:6, 2:6] = 30
+    folder.mkdir(parents=True)
+    sitk.WriteImage(sitk.GetImageFromArray(ct), str(folder / "ct.nrrd"))
+    pd.DataFrame({"patient": ["Pt 001"], "age": [60]}).to_csv(tmp_path / "cohort" / "clinical.csv", index=False)
+    assert list(Cohort.open(tmp_path / "cohort").clinical["patient"]) == ["Pt_001"]
