@@ -1,0 +1,178 @@
+"""Review station without a browser: patient ids, verdicts, the access policy and its HTTP/websocket gate."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from DeepDosimetricsLib.review.catalog import Catalog, metrics_table
+from DeepDosimetricsLib.review.security import AccessPolicy, is_loopback, make_middleware
+from DeepDosimetricsLib.review.verdicts import VerdictStore
+from DeepDosimetricsLib.runtime.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def encoding(phantom_cohort, tmp_path_factory) -> Path:
+    """A hand-made encoding folder of the phantom cohort (what `encode --reconstruct` writes, minus volumes)."""
+    ids = sorted(p.name for p in phantom_cohort.iterdir() if p.is_dir())
+    out = tmp_path_factory.mktemp("encoding")
+    (out / "encode.json").write_text(json.dumps({"patients": ids + ["not_in_cohort"],
+                                                 "description": {"channels": ["window:soft_tissue", "mask:PTV", "dose"]}}))
+    rows = []
+    for index, pid in enumerate(ids):
+        (out / pid / "recon").mkdir(parents=True)
+        rows += [(pid, "window:soft_tissue", "psnr_body", 30.0 - index), (pid, "mask:PTV", "dice", 0.95 - 0.3 * index),
+                 (pid, "dose", "D95_error_gy", 0.5 * index), (pid, "dose", "Dmean_error_gy", -0.2)]
+    pd.DataFrame(rows, columns=["patient", "channel", "metric", "value"]).to_csv(out / "metrics.csv", index=False)
+    return out
+
+
+def test_catalog_serves_only_encoded_cohort_patients(encoding, phantom_cohort):
+    catalog = Catalog(encoding, phantom_cohort)
+    assert "not_in_cohort" not in catalog.ids and len(catalog.ids) == 4
+    first = catalog.ids[0]
+    assert catalog.check_id(first) == first
+    assert catalog.files(first).recon == encoding / first / "recon"
+    for bad in ["not_in_cohort", "../" + first, first + "/..", "..", f"{first}/ct.nrrd", "/etc/passwd",
+                f"..\\{first}", "", None, 3, ["x"], first + "\x00"]:
+        with pytest.raises(InputError):
+            catalog.check_id(bad)
+        with pytest.raises(InputError):
+            catalog.files(bad)
+
+
+def test_patient_list_flags_worst_first(encoding, phantom_cohort):
+    catalog = Catalog(encoding, phantom_cohort)
+    rows = catalog.patient_rows("flagged")
+    flagged = [r["flagged"] for r in rows]
+    assert flagged == sorted(flagged, reverse=True) and flagged[0]
+    assert rows[0]["ptv_dice"] == min(r["ptv_dice"] for r in rows if r["flagged"])
+    assert "PTV Dice" in rows[0]["why"]
+    by_psnr = [r["psnr"] for r in catalog.patient_rows("psnr")]
+    assert by_psnr == sorted(by_psnr)  # worst (lowest) first
+    assert metrics_table(pd.DataFrame(columns=["patient", "channel", "metric", "value"])).empty
+
+
+def test_verdicts_atomic_kept_and_checked(encoding, phantom_cohort):
+    catalog = Catalog(encoding, phantom_cohort)
+    pid = catalog.ids[1]
+    store = VerdictStore(encoding, catalog.check_id)
+    store.record(pid, "not acceptable", "=HYPERLINK(\"x\")\nPTV edge lost", "dr a")
+    store.record(pid, "acceptable", "fine after all", "dr a")  # replaces dr a's verdict
+    store.record(pid, "not acceptable", "", "dr b")
+    again = VerdictStore(encoding, catalog.check_id)  # a restart reads the file back
+    table = pd.read_csv(encoding / "review.csv", keep_default_na=False)
+    assert list(table.columns) == ["patient", "verdict", "comment", "reviewer", "time"]
+    assert len(again.rows) == 2 and again.latest()[pid]["reviewer"] == "dr b"
+    assert set(table["verdict"]) == {"acceptable", "not acceptable"}
+    for bad in ["../x", "not_in_cohort"]:
+        with pytest.raises(InputError):
+            store.record(bad, "acceptable")
+    with pytest.raises(InputError):
+        store.record(pid, "maybe")
+    store.record(catalog.ids[2], "acceptable", "=1+1", "")
+    assert VerdictStore(encoding, catalog.check_id).latest()[catalog.ids[2]]["comment"] == "'=1+1"
+    assert not list(encoding.glob(".review.csv*"))  # no temporary left behind
+
+
+def test_policy_requires_a_token_off_loopback():
+    assert AccessPolicy.create().host == "127.0.0.1" and not AccessPolicy.create().requires_token
+    assert is_loopback("127.0.0.2") and is_loopback("::1") and not is_loopback("0.0.0.0")
+    generated = AccessPolicy.create("0.0.0.0")
+    assert generated.requires_token and generated.generated and len(generated.token) >= 30
+    assert AccessPolicy.create("0.0.0.0").token != generated.token
+    given = AccessPolicy.create("127.0.0.2", "s3cret-token-of-20ch")
+    assert given.requires_token and given.url(8080).endswith("/index.html?token=s3cret-token-of-20ch")
+    for bad in ["short", "has space in it 1234", "semi;colon-1234567890"]:
+        with pytest.raises(InputError):
+            AccessPolicy.create("0.0.0.0", bad)
+    with pytest.raises(InputError):
+        AccessPolicy.create("http://x/")
+
+
+def _serve(policy: AccessPolicy):
+    """An aiohttp app behind the gate, on a free port of policy.host, in a thread: (port, stop)."""
+    from aiohttp import web
+
+    async def page(request):
+        return web.Response(text="PATIENT DATA")
+
+    async def ws(request):
+        socket_ = web.WebSocketResponse()
+        await socket_.prepare(request)
+        await socket_.send_str("PATIENT DATA")
+        await socket_.close()
+        return socket_
+
+    loop = asyncio.new_event_loop()
+    app = web.Application(middlewares=[make_middleware(policy)])
+    app.router.add_get("/index.html", page)
+    app.router.add_get("/ws", ws)
+    runner = web.AppRunner(app)
+    with socket.socket() as probe:
+        probe.bind((policy.host, 0))
+        port = probe.getsockname()[1]
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, policy.host, port).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def stop():
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+
+    return port, stop
+
+
+def _get(url: str, headers=None):
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode(), response.headers
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode(), error.headers
+
+
+def test_gate_refuses_without_or_with_wrong_token():
+    policy = AccessPolicy.create("127.0.0.2", "right-token-0123456789")
+    port, stop = _serve(policy)
+    base = f"http://127.0.0.2:{port}"
+    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    try:
+        for url, headers in [(f"{base}/index.html", {}), (f"{base}/index.html?token=wrong-token-0123456789", {}),
+                             (f"{base}/index.html", {"Authorization": "Bearer nope"}),
+                             (f"{base}/index.html", {"Cookie": "deepdosimetrics_review_token=nope"}),
+                             (f"{base}/ws", upgrade), (f"{base}/ws?token=wrong", upgrade)]:
+            status, body, _ = _get(url, headers)
+            assert status == 403 and "PATIENT" not in body, url
+        status, body, headers = _get(f"{base}/index.html?token=right-token-0123456789")
+        assert status == 200 and body == "PATIENT DATA"
+        cookie = headers["Set-Cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        assert _get(f"{base}/index.html", {"Authorization": "Bearer right-token-0123456789"})[0] == 200
+        assert _get(f"{base}/index.html", {"Cookie": "deepdosimetrics_review_token=right-token-0123456789"})[0] == 200
+        # a page of another site may not open the websocket, even with the cookie
+        cross = {**upgrade, "Origin": "http://evil.example", "Cookie": "deepdosimetrics_review_token=right-token-0123456789"}
+        assert _get(f"{base}/ws", cross)[0] == 403
+    finally:
+        stop()
+
+
+def test_gate_on_loopback_refuses_foreign_host_names():
+    policy = AccessPolicy.create("127.0.0.1")
+    port, stop = _serve(policy)
+    try:
+        assert _get(f"http://127.0.0.1:{port}/index.html")[0] == 200
+        status, body, _ = _get(f"http://127.0.0.1:{port}/index.html", {"Host": f"rebind.example:{port}"})
+        assert status == 403 and "PATIENT" not in body
+    finally:
+        stop()
