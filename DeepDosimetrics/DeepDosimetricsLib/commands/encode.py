@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -133,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
     result = encode_cohort(args.model, args.cohort, args.out, args.cache, settings,
                            resume=args.resume, overwrite=args.overwrite,
                            patient_hook=scene_outputs(args.cohort, settings.snapshots, settings.scene))
+    if os.environ.get("RANK", "0") not in ("", "0"):  # under torchrun, rank 0 reports for all
+        return 1 if result.skipped else 0
     print(f"encoded: {len(result.done)} patient(s) ({len(result.reused)} already done), "
           f"skipped: {len(result.skipped)}")
     for pid, reason in result.skipped.items():
