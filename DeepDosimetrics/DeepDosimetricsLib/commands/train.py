@@ -83,7 +83,17 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, val_fraction=args.val_fraction, patience=args.patience,
         num_workers=args.num_workers, threads=args.threads, skip_incomplete=args.skip_incomplete, seed=args.seed,
     )
-    result = train(args.cohort, args.out, config, cache_dir=args.cache, resume=args.resume, quiet=args.quiet)
+    import contextlib
+    import os
+
+    from DeepDosimetricsLib.runtime.locks import job_lock
+
+    # one training per model folder: a second one is refused at once, naming the holder (under torchrun,
+    # rank 0 holds it for the job)
+    lock = (job_lock(args.out, "train", what="wait for it to finish or choose another --out")
+            if os.environ.get("RANK", "0") in ("", "0") else contextlib.nullcontext())
+    with lock:
+        result = train(args.cohort, args.out, config, cache_dir=args.cache, resume=args.resume, quiet=args.quiet)
     if result.summary.get("world_size", 1) > 1 and int(__import__("os").environ.get("RANK", "0")) != 0:
         return 0
     best = f"{result.best_val_loss:.5g}" if result.best_val_loss is not None else "n/a"
