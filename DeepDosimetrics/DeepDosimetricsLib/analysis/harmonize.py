@@ -37,9 +37,8 @@ class ComBat:
 
     def fit(self, X: np.ndarray, batch: Sequence) -> ComBat:
         """X: samples x features (no missing value); batch: one label per sample."""
-        from neuroCombat import neuroCombat
-
         import pandas as pd
+        from neuroCombat import neuroCombat
 
         X = np.asarray(X, dtype=float)
         labels = np.asarray([str(b) for b in batch])

@@ -346,7 +346,6 @@ def read_feature_table(
 
 
 def _from_long(table: pd.DataFrame, path: str, name: str, what: str, notes: List[str]) -> pd.DataFrame:
-    import pandas as pd
 
     table = table.copy()
     table["patient"] = table["patient"].astype(str).str.strip()
