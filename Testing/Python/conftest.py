@@ -13,6 +13,21 @@ SHARED_DATA = Path(os.environ.get("DEEPDOSIMETRICS_SHARED_DATA", REPO.parent / "
 # Tests share 2 cores: keep each library from starting more threads than that.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+# Hypothesis profiles (property-based tests, e.g. test_fuzz_inputs.py): "ci" (default) keeps each test to a
+# few seconds on 2 cores; "nightly" runs many more examples: `pytest --hypothesis-profile nightly`
+# (or HYPOTHESIS_PROFILE=nightly). Registered here so the plugin's option finds them.
+try:
+    from hypothesis import HealthCheck, settings
+
+    _relaxed = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large]
+    settings.register_profile("ci", max_examples=12, deadline=10_000, derandomize=True,
+                              suppress_health_check=_relaxed, print_blob=True)
+    settings.register_profile("nightly", max_examples=400, deadline=10_000, suppress_health_check=_relaxed,
+                              print_blob=True)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # hypothesis is in the dev extra; its tests skip without it
+    pass
+
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:

@@ -209,3 +209,30 @@ def test_unreadable_entries_of_a_patient_folder_are_reported(tmp_path: Path):
         patient.structure("Heart")
     with pytest.raises(InputError, match="Lung.nrrd"):
         patient.structure("Lung")
+
+
+# ------------------------------------------------------------------------------ the exit-code contract
+def test_exit_code_contract(phantom_cohort: Path, tmp_path: Path):
+    """0: measured or skipped for a reason the data give; 1: something could not be read or failed the
+    checks (also an unreadable entry of the cohort folder, a patient the cache or an import refused);
+    2: bad input that stops the command."""
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    pid = sorted(p.name for p in phantom_cohort.iterdir() if p.is_dir())[0]
+    shutil.copytree(phantom_cohort / pid, cohort / pid)
+    ct = sitk.ReadImage(str(cohort / pid / "ct.nrrd"))
+    empty = sitk.Image(ct.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(ct)
+    sitk.WriteImage(empty, str(cohort / pid / "structures" / "Empty.nrrd"))
+    out = tmp_path / "dvh.csv"
+    assert main(["dvh", "--cohort", str(cohort), "--quiet", "--out", str(out)]) == 0  # a data skip
+    table = pd.read_csv(out, keep_default_na=False)
+    assert table[table["structure"] == "Empty"]["reason"].str.startswith("empty structure").all()
+
+    (cohort / "pt_loop").symlink_to(cohort / "pt_loop")  # an entry that cannot be read
+    assert main(["dvh", "--cohort", str(cohort), "--quiet", "--out", str(out)]) == 1
+    table = pd.read_csv(out, keep_default_na=False)
+    row = table[table["patient"] == "pt_loop"]
+    assert len(row) == 1 and "symbolic-link loop" in row["reason"].iloc[0] and row["value"].iloc[0] == ""
+    assert main(["cache", "--cohort", str(cohort), "--cache", str(tmp_path / "cache"), "--quiet"]) == 1
+    assert main(["dvh", "--cohort", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
