@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from DeepDosimetricsLib.review.catalog import Catalog, metrics_table
 from DeepDosimetricsLib.review.security import AccessPolicy, is_loopback, make_middleware
 from DeepDosimetricsLib.review.verdicts import VerdictStore
