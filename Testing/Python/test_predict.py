@@ -340,3 +340,20 @@ def test_parallel_folds_give_the_same_predictions():
     one = run_protocol([_noise_set(X)], y, y, None, settings, "binary", jobs=1)["noise"]
     two = run_protocol([_noise_set(X)], y, y, None, settings, "binary", jobs=2)["noise"]
     assert np.array_equal(oof_matrix(one, 40, 1), oof_matrix(two, 40, 1))
+
+
+# ------------------------------------------------------------------------------------------ phantoms
+def test_phantom_scanner_site_changes_the_ct_only():
+    from DeepDosimetricsLib.data.phantom import SCANNER_SITES, PhantomConfig, generate_patient
+
+    plain = generate_patient(1, PhantomConfig(shape=(32, 32, 24)))
+    sited = generate_patient(1, PhantomConfig(shape=(32, 32, 24), sites=3))
+    site = sited.parameters["clinical"]["site"]
+    assert site in {s.name for s in SCANNER_SITES[:3]} and sited.parameters["scanner"]["name"] == site
+    assert np.array_equal(plain.dose, sited.dose)
+    assert plain.structures.keys() == sited.structures.keys()
+    assert all(np.array_equal(plain.structures[k], sited.structures[k]) for k in plain.structures)
+    assert plain.parameters["clinical"]["outcome"] == sited.parameters["clinical"]["outcome"]
+    assert sited.parameters["clinical"]["tumour_site"] == plain.parameters["clinical"]["site"]
+    if site != "site_A":
+        assert not np.array_equal(plain.ct, sited.ct)

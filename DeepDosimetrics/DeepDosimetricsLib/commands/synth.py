@@ -28,6 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="voxel spacing in mm (default: 400-mm field of view and 320-mm scan length for the shape)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same files")
+    parser.add_argument(
+        "--sites",
+        type=int,
+        default=0,
+        metavar="N",
+        help="scanner sites (1-4): a 'site' column in clinical.csv and a per-site CT effect (HU offset, noise, "
+        "slice thickness) that changes no dose or outcome; the PTV site is then 'tumour_site' (default 0: none)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -42,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         spacing=None if args.spacing is None else tuple(args.spacing),
         seed=args.seed,
         quiet=args.quiet,
+        sites=args.sites,
     )
     if not args.quiet:
         print(f"wrote {args.patients} phantom patients to {out} (clinical.csv, cohort.json)")

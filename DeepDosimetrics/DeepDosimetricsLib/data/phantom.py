@@ -55,6 +55,13 @@ Outcome model (binary ``outcome`` in clinical.csv, drawn per patient from its ow
 Clinical columns: patient, age (years), sex (M/F; pelvis patients are male), smoking
 (never/former/current), ecog (0-2), site (lung_left, lung_right, mediastinum, prostate), outcome (0/1).
 Only ``outcome`` depends on dose and PTV volume; the other variables are noise.
+
+Scanner sites (``sites=N``, ``synth --sites N``; default 0 keeps the files of generator version 1): each
+patient is assigned at random, from its own fifth random stream, to one of the first N of
+``SCANNER_SITES`` (site_A native; site_B +40 HU, +15 HU noise, slices 2x thicker; site_C -35 HU, +30 HU
+noise, 1.5x; site_D +20 HU, +8 HU noise, 3x). The site's effect is applied to the finished CT only, so
+dose, structures and outcome are those of the same patient without sites. clinical.csv then has
+``site`` (the scanner site) and ``tumour_site`` (the PTV site), and cohort.json lists the sites.
 """
 
 from __future__ import annotations
@@ -116,6 +123,8 @@ class PhantomConfig:
     spacing: Optional[Tuple[float, float, float]] = None  # None: 400-mm field of view, 320-mm scan
     seed: int = 0
     dose_grid_mm: float = 5.0
+    #: scanner sites (0: none, the cohort of generator version 1 byte for byte); see SCANNER_SITES
+    sites: int = 0
 
     def __post_init__(self) -> None:
         try:
@@ -140,6 +149,9 @@ class PhantomConfig:
         object.__setattr__(self, "seed", int(self.seed))
         if not (self.dose_grid_mm > 0):
             raise InputError(f"dose grid spacing must be positive, got {self.dose_grid_mm!r}")
+        if int(self.sites) != self.sites or not 0 <= self.sites <= len(SCANNER_SITES):
+            raise InputError(f"phantom sites must be an integer from 0 to {len(SCANNER_SITES)}, got {self.sites!r}")
+        object.__setattr__(self, "sites", int(self.sites))
 
     @property
     def grid_spacing(self) -> Tuple[float, float, float]:
@@ -161,6 +173,7 @@ class PhantomConfig:
             "shape": list(self.shape),
             "spacing": [float(v) for v in self.grid_spacing],
             "dose_grid_mm": float(self.dose_grid_mm),
+            **({"sites": self.sites} if self.sites else {}),
         }
 
 
@@ -194,6 +207,46 @@ class OutcomeModel:
 
 
 OUTCOME_MODEL = OutcomeModel()
+
+
+@dataclass(frozen=True)
+class ScannerSite:
+    """A hospital/scanner of the cohort: how its CTs differ (never the anatomy, dose or outcome).
+
+    hu_offset: added to every voxel (calibration drift); extra_noise_hu: sigma of added Gaussian noise;
+    slice_thickness: reconstructed slice thickness as a multiple of the slice spacing (a Gaussian slice
+    profile along z; 1 = native).
+    """
+
+    name: str
+    hu_offset: float
+    extra_noise_hu: float
+    slice_thickness: float
+
+
+#: the sites of ``synth --sites N`` are the first N rows
+SCANNER_SITES = (
+    ScannerSite("site_A", 0.0, 0.0, 1.0),
+    ScannerSite("site_B", 40.0, 15.0, 2.0),
+    ScannerSite("site_C", -35.0, 30.0, 1.5),
+    ScannerSite("site_D", 20.0, 8.0, 3.0),
+)
+
+
+def _apply_scanner(ct: np.ndarray, site: ScannerSite, rng: np.random.Generator) -> np.ndarray:
+    """The CT as the site's scanner would give it: slice profile along z, HU offset, extra noise."""
+    from scipy import ndimage
+
+    if site.hu_offset == 0 and site.extra_noise_hu == 0 and site.slice_thickness <= 1:
+        return ct
+    hu = ct.astype(np.float32)
+    if site.slice_thickness > 1:  # FWHM of the slice profile from 1 to `slice_thickness` slices
+        sigma = math.sqrt(site.slice_thickness**2 - 1.0) / 2.3548
+        hu = ndimage.gaussian_filter1d(hu, sigma, axis=0, mode="nearest")
+    hu += np.float32(site.hu_offset)
+    if site.extra_noise_hu:
+        hu += rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(site.extra_noise_hu)
+    return np.clip(np.rint(hu), HU_MIN, HU_MAX).astype(np.int16)
 
 
 def patient_id(index: int) -> str:
@@ -1058,8 +1111,8 @@ def generate_patient(index: int, config: PhantomConfig = PhantomConfig()) -> Pha
 
     if index < 0:
         raise InputError(f"phantom patient index must be >= 0, got {index}")
-    streams = config.seed_sequence(index).spawn(4)
-    rng_anatomy, rng_noise, rng_clinical, rng_outcome = (np.random.default_rng(s) for s in streams)
+    streams = config.seed_sequence(index).spawn(5)  # children 0-3 are those of generator version 1
+    rng_anatomy, rng_noise, rng_clinical, rng_outcome, rng_site = (np.random.default_rng(s) for s in streams)
     anatomy = _draw_anatomy(index, rng_anatomy)
     one_leg = isinstance(anatomy, PelvisAnatomy) and anatomy.legs == 1
     target = _uniform(rng_anatomy, 0.38, 0.46) if one_leg else _uniform(rng_anatomy, 0.40, 0.50)
@@ -1089,6 +1142,10 @@ def generate_patient(index: int, config: PhantomConfig = PhantomConfig()) -> Pha
         hu = ndimage.gaussian_filter(hu, sigma_blur, mode="nearest")
         hu += rng_noise.standard_normal(hu.shape, dtype=np.float32) * np.float32(anatomy.noise_hu)
         ct[k] = np.clip(np.rint(hu), HU_MIN, HU_MAX).astype(np.int16)
+    scanner = None
+    if config.sites:  # after the anatomy and on the CT only: dose, structures and outcome do not change
+        scanner = SCANNER_SITES[int(rng_site.integers(config.sites))]
+        ct = _apply_scanner(ct, scanner, rng_site)
     empty = [name for name in names if not structures[name].any()]
     for name in empty:
         del structures[name]
@@ -1141,6 +1198,9 @@ def generate_patient(index: int, config: PhantomConfig = PhantomConfig()) -> Pha
     probability = 1.0 / (1.0 + math.exp(-logit))
     outcome = int(rng_outcome.random() < probability)
     clinical = _clinical_row(index, anatomy.variant, anatomy.ptv.site, rng_clinical)
+    if scanner is not None:  # `site` is the scanner site; the PTV's site is then `tumour_site`
+        clinical["tumour_site"] = clinical.pop("site")
+        clinical["site"] = scanner.name
     clinical["outcome"] = outcome
 
     def world(center):
@@ -1187,6 +1247,7 @@ def generate_patient(index: int, config: PhantomConfig = PhantomConfig()) -> Pha
             "plan": plan,
             "dose_grid": {"size": list(coarse.size), "spacing": list(coarse.spacing)},
             "noise_hu": anatomy.noise_hu,
+            **({"scanner": asdict(scanner)} if scanner is not None else {}),
             "structures": list(structures),
             "dose_metrics": metrics,
             "clinical": clinical,
@@ -1293,6 +1354,8 @@ def _remove_surplus_patients(out_dir: Path, patients: int) -> None:
 
 
 CLINICAL_COLUMNS = ("patient", "age", "sex", "smoking", "ecog", "site", "outcome")
+#: with scanner sites: ``site`` is the scanner's, the PTV site moves to ``tumour_site``
+CLINICAL_COLUMNS_SITES = ("patient", "age", "sex", "smoking", "ecog", "tumour_site", "site", "outcome")
 
 
 def synthesize_cohort(
@@ -1302,13 +1365,21 @@ def synthesize_cohort(
     spacing: Optional[Sequence[float]] = None,
     seed: int = 0,
     quiet: bool = True,
+    sites: int = 0,
 ) -> Path:
-    """Write a phantom cohort of ``patients`` patients into ``out_dir``; returns ``out_dir``."""
+    """Write a phantom cohort of ``patients`` patients into ``out_dir``; returns ``out_dir``.
+
+    ``sites`` > 0 assigns each patient at random (its own stream) to one of the first ``sites`` scanner
+    sites of ``SCANNER_SITES``: a ``site`` column in clinical.csv and the site's CT effect (HU offset, noise,
+    slice thickness), which changes no dose, structure or outcome.
+    """
     from DeepDosimetricsLib.runtime.progress import progress_bar
 
     if int(patients) != patients or patients < 1:
         raise InputError(f"the number of phantom patients must be a positive integer, got {patients!r}")
-    config = PhantomConfig(shape=tuple(shape), spacing=None if spacing is None else tuple(spacing), seed=seed)
+    config = PhantomConfig(
+        shape=tuple(shape), spacing=None if spacing is None else tuple(spacing), seed=seed, sites=sites
+    )
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"phantom output {out_dir} exists and is not a folder")
@@ -1326,10 +1397,11 @@ def synthesize_cohort(
         rows.append(parameters["clinical"])
     _remove_surplus_patients(out_dir, int(patients))
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(CLINICAL_COLUMNS), lineterminator="\n")
+    columns = CLINICAL_COLUMNS_SITES if config.sites else CLINICAL_COLUMNS
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({key: row[key] for key in CLINICAL_COLUMNS})
+        writer.writerow({key: row[key] for key in columns})
     _write_text(out_dir / "clinical.csv", buffer.getvalue())
     cohort = {
         "generator": {"name": "DeepDosimetrics phantom", **config.settings()},
@@ -1349,6 +1421,13 @@ def synthesize_cohort(
         },
         "outcome_model": OUTCOME_MODEL.describe(),
     }
+    if config.sites:
+        cohort["clinical_columns"]["tumour_site"] = cohort["clinical_columns"].pop("site")
+        cohort["clinical_columns"]["site"] = (
+            "scanner site (scanner_sites): changes the CT only, not the dose, structures or outcome"
+        )
+        cohort["clinical_columns"]["outcome"] = cohort["clinical_columns"].pop("outcome")
+        cohort["scanner_sites"] = [asdict(site) for site in SCANNER_SITES[: config.sites]]
     _write_text(out_dir / "cohort.json", json.dumps(_rounded(cohort), indent=2) + "\n")
     return out_dir
 
@@ -1358,6 +1437,8 @@ __all__ = [
     "PhantomPatient",
     "OutcomeModel",
     "OUTCOME_MODEL",
+    "SCANNER_SITES",
+    "ScannerSite",
     "generate_patient",
     "synthesize_patient",
     "synthesize_cohort",
