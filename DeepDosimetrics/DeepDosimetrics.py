@@ -3,26 +3,26 @@
 The module is thin. The computation lives in ``DeepDosimetricsLib`` (a Slicer-free library with the
 ``deepdosimetrics`` command line), the MRML conversions in ``DeepDosimetricsLib.mrml``, the background
 process runner in ``DeepDosimetricsLib.runtime.jobs``. The Logic works from the Python console and
-headless (``slicer-core``): the Qt/CTK imports below are guarded, so this file imports where only the
-MRML classes exist.
+headless (``slicer-core``): the Qt/CTK imports below are guarded, and ``mrml.application`` stands in for
+the scripted-module classes where only the MRML classes exist.
 """
 
-import logging
 import shutil
 import tempfile
-import unittest
 from pathlib import Path
 from typing import Annotated, Any, Dict, Optional
 
 import slicer
 import vtk
+from DeepDosimetricsLib import mrml
 from DeepDosimetricsLib.analysis.protocol import MODELS, ProtocolSettings
 from DeepDosimetricsLib.deep.channels import CHANNEL_SETS
 from DeepDosimetricsLib.deep.encode.settings import DEFAULT_OVERLAP
 from DeepDosimetricsLib.deep.train.training import TrainConfig
 from DeepDosimetricsLib.features.radiomics import DEFAULT_PRESET, preset_names
 from DeepDosimetricsLib.runtime.devices import DEFAULT_DEVICE, DEVICES
-from DeepDosimetricsLib.runtime.jobs import CliJob
+from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError, InputError
+from DeepDosimetricsLib.runtime.jobs import CliJob, cli_arguments, start_server
 
 try:  # the Slicer application: Qt, CTK, scripted-module base classes, parameter node wrapper
     import ctk  # noqa: F401
@@ -41,44 +41,18 @@ try:  # the Slicer application: Qt, CTK, scripted-module base classes, parameter
 except ImportError:  # slicer-core (headless): the Logic and the Test still work
     HAS_SLICER_GUI = False
     qt = None
-    vtkMRMLScalarVolumeNode = getattr(slicer, "vtkMRMLScalarVolumeNode", object)
-    vtkMRMLSegmentationNode = getattr(slicer, "vtkMRMLSegmentationNode", object)
-
-    def parameterNodeWrapper(cls):
-        """Headless stand-in: the class is left as it is."""
-        return cls
-
-    def Choice(choices):
-        return ("Choice", tuple(choices))
-
-    def WithinRange(minimum, maximum):
-        return ("WithinRange", minimum, maximum)
-
-    class ScriptedLoadableModule:
-        def __init__(self, parent):
-            self.parent = parent
-
-    class ScriptedLoadableModuleWidget:
-        def __init__(self, parent=None):
-            self.parent = parent
-
-    class ScriptedLoadableModuleLogic:
-        def __init__(self, parent=None):
-            self.parent = parent
-
-    class ScriptedLoadableModuleTest(unittest.TestCase):
-        def delayDisplay(self, message, msec=0):
-            logging.info(message)
-
-    class VTKObservationMixin:
-        def __init__(self):
-            pass
-
-        def removeObservers(self, *args):
-            pass
-
-
-log = logging.getLogger("DeepDosimetrics")
+    from DeepDosimetricsLib.mrml.application import (  # noqa: F401
+        Choice,
+        ScriptedLoadableModule,
+        ScriptedLoadableModuleLogic,
+        ScriptedLoadableModuleTest,
+        ScriptedLoadableModuleWidget,
+        VTKObservationMixin,
+        WithinRange,
+        parameterNodeWrapper,
+        vtkMRMLScalarVolumeNode,
+        vtkMRMLSegmentationNode,
+    )
 
 # Every choice and default below comes from the library, so the panel and the command line agree.
 RADIOMICS_PRESETS = tuple(preset_names())
@@ -159,8 +133,6 @@ def _isSet(path) -> bool:
 
 def parseFeatureTables(text: str) -> Dict[str, str]:
     """``"dvh=dvh.csv radiomics=/data/radiomics.csv"`` -> {name: path} (the ``predict --features`` form)."""
-    from DeepDosimetricsLib.runtime.errors import InputError
-
     tables: Dict[str, str] = {}
     for item in (text or "").split():
         name, sep, path = item.partition("=")
@@ -187,64 +159,35 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
         self.reviewJob: Optional[CliJob] = None
         self._requirementsChecked: set = set()
 
-    # ------------------------------------------------------------------ helpers
     @property
     def scene(self) -> Any:
         """The MRML scene the logic adds nodes to."""
-        from DeepDosimetricsLib import mrml
-
         return mrml.headless.current_scene(self._scene)
 
     def getParameterNode(self):
         """The typed parameter node (application only)."""
         return DeepDosimetricsParameterNode(super().getParameterNode())
 
-    # ------------------------------------------------------------------ first-use installation
     def ensureRequirements(self, groups=(None,), askConfirmation: bool = True) -> bool:
         """Check the library's Python requirements (``runtime.requirements``) and install the missing ones.
 
         Asks once (``confirmOkCancelDisplay``), installs with ``slicer.util.pip_install`` at the listed
         versions and torch through the PyTorch extension; Slicer's own SimpleITK, numpy and vtk are never
-        reinstalled. ``groups``: ``None`` (core), ``"review"``... Returns False when the user declined.
+        reinstalled (``mrml.application.ensure_requirements``). ``groups``: ``None`` (core), ``"review"``...
+        Returns False when the user declined.
         """
-        from DeepDosimetricsLib.runtime import requirements
-
         key = tuple(groups)
-        if key in self._requirementsChecked:
-            return True
-
-        def confirm(message):
-            if not askConfirmation or getattr(slicer, "app", None) is None:
-                return True
-            return slicer.util.confirmOkCancelDisplay(message, "DeepDosimetrics needs Python packages")
-
-        def installTorch(spec):
-            try:
-                import PyTorchUtils
-            except ImportError:
-                from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError
-
-                raise DeepDosimetricsError("install the PyTorch extension from the Extensions Manager") from None
-            return PyTorchUtils.PyTorchUtilsLogic().installTorch(
-                askConfirmation=askConfirmation, torchVersionRequirement=spec
-            )
-
-        ok = requirements.ensure(groups, confirm, lambda specs: slicer.util.pip_install(specs), installTorch)
-        if ok:
+        if key not in self._requirementsChecked and mrml.application.ensure_requirements(groups, askConfirmation):
             self._requirementsChecked.add(key)
-        return ok
+        return key in self._requirementsChecked
 
     # ------------------------------------------------------------------ patients
     def patientFromNodes(self, ctNode, segmentationNode=None, labelmapNodes=(), doseNode=None, patientId=None):
         """The library's Patient built from scene nodes (segments exported on the CT geometry)."""
-        from DeepDosimetricsLib import mrml
-
         return mrml.patients.patient_from_nodes(ctNode, segmentationNode, labelmapNodes, doseNode, patientId)
 
     def loadPatientFolder(self, path):
         """Load a patient folder into CT, segmentation and dose nodes; returns mrml.patients.PatientNodes."""
-        from DeepDosimetricsLib import mrml
-
         nodes = mrml.patients.load_patient_folder(path, self.scene)
         mrml.display.show_reconstruction(nodes.ct, None, None, nodes.dose, nodes.segmentation)
         return nodes
@@ -252,11 +195,9 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
     def exportPatientFolder(self, ctNode, segmentationNode=None, doseNode=None, folder=None, patientId=None):
         """Write the nodes as one patient of a cohort (the importers' layout) under ``folder`` (default: a
         new temporary cohort); returns the patient folder."""
-        from DeepDosimetricsLib import mrml
-
         return mrml.patients.export_patient_folder(ctNode, segmentationNode, doseNode, folder, patientId)
 
-    # ------------------------------------------------------------------ radiomics
+    # ------------------------------------------------------------------ radiomics and DVH
     @staticmethod
     def slicerRadiomicsLogic():
         """SlicerRadiomics' logic when that extension is installed, else None."""
@@ -274,9 +215,6 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
         pyradiomics path with the same parameter file (``mrml.features.radiomics_table``); the path used is
         in :attr:`lastRadiomicsPath` and the table attribute ``DeepDosimetrics.RadiomicsPath``.
         """
-        from DeepDosimetricsLib import mrml
-        from DeepDosimetricsLib.runtime.errors import InputError
-
         radiomicsLogic = self.slicerRadiomicsLogic() if useSlicerRadiomics in (None, True) else None
         if useSlicerRadiomics and radiomicsLogic is None:
             raise InputError("SlicerRadiomics is not installed: install it from the Extensions Manager")
@@ -284,13 +222,10 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
             volumeNode, maskNode, presetOrParameterFile, tableNode, structures, radiomicsLogic)
         return tableNode
 
-    # ------------------------------------------------------------------ DVH
     def computeDoseVolumeMetrics(self, doseNode, segmentationNode, ctNode=None, tableNode=None, binWidthGy=0.1,
                                  structures=None):
         """Dose-volume metrics per structure -> (table node, DVH chart node); with ``ctNode`` on the CT grid
         as the ``dvh`` command computes them, else on the dose grid (``mrml.features.dvh_tables``)."""
-        from DeepDosimetricsLib import mrml
-
         return mrml.features.dvh_tables(doseNode, segmentationNode, ctNode, tableNode, binWidthGy, structures)
 
     # ------------------------------------------------------------------ long jobs
@@ -300,16 +235,11 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
         Non-blocking (the widget): returns the started CliJob; poll it, cancel it with cancelJob().
         Blocking (console, batch): waits, returns the CliJob, raises DeepDosimetricsError if it failed.
         """
-        from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError
-
         if self.currentJob is not None and self.currentJob.running:
             raise DeepDosimetricsError("a job is already running: cancel it or wait for it to finish")
         job = CliJob(arguments, on_line=onLine, on_progress=onProgress)
         self.currentJob = job.start()
-        if not blocking:
-            return job
-        code = job.wait(timeout=timeout)
-        if code != 0 and not job.cancelled:
+        if blocking and job.wait(timeout=timeout) != 0 and not job.cancelled:
             raise DeepDosimetricsError(f"deepdosimetrics {arguments[0]} failed: {job.error_message()}")
         return job
 
@@ -322,24 +252,19 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
     def trainArguments(cohortFolder, modelFolder, channels="default", steps=DEFAULT_TRAINING_STEPS,
                        device=DEFAULT_DEVICE):
         """Command-line arguments of a training job."""
-        return ["train", "--cohort", str(cohortFolder), "--out", str(modelFolder), "--channels", str(channels),
-                "--steps", str(int(steps)), "--device", str(device)]
+        return cli_arguments("train", cohort=cohortFolder, out=modelFolder, channels=channels, steps=int(steps),
+                             device=device)
 
     @staticmethod
     def encodeArguments(modelFolder, cohortFolder, outputFolder, reconstruct=True, overlap=DEFAULT_OVERLAP,
                         device=DEFAULT_DEVICE):
         """Command-line arguments of a cohort encoding job."""
-        arguments = ["encode", "--model", str(modelFolder), "--cohort", str(cohortFolder), "--out", str(outputFolder),
-                     "--overlap", str(float(overlap)), "--device", str(device)]
-        if reconstruct:
-            arguments.append("--reconstruct")
-        return arguments
+        return cli_arguments("encode", model=modelFolder, cohort=cohortFolder, out=outputFolder,
+                             overlap=float(overlap), device=device, reconstruct=bool(reconstruct))
 
     # ------------------------------------------------------------------ encoding and reconstruction
-    def encodeNodes(
-        self, ctNode, segmentationNode=None, doseNode=None, modelFolder=None, outputFolder=None,
-        reconstruct=True, overlap=DEFAULT_OVERLAP, device=DEFAULT_DEVICE, blocking=True,
-    ):
+    def encodeNodes(self, ctNode, segmentationNode=None, doseNode=None, modelFolder=None, outputFolder=None,
+                    reconstruct=True, overlap=DEFAULT_OVERLAP, device=DEFAULT_DEVICE, blocking=True):
         """Encode the patient in the scene with a trained model (``deepdosimetrics encode``).
 
         The nodes are written as a one-patient cohort in a temporary folder (with its own preprocessing
@@ -349,8 +274,6 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
         started CliJob is returned: when it has finished, call
         ``loadEncodingResults(outputFolder, ctNode, job.patientId, ...)`` and remove ``job.workFolder``.
         """
-        from DeepDosimetricsLib.runtime.errors import InputError
-
         if modelFolder is None or not Path(modelFolder).is_dir():
             raise InputError(f"model folder {modelFolder} does not exist")
         work = Path(tempfile.mkdtemp(prefix="DeepDosimetrics-encode-"))
@@ -366,7 +289,7 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
                 return job
             return self.loadEncodingResults(outputFolder, ctNode, patientFolder.name, doseNode, segmentationNode)
         except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
+            blocking = True  # the temporary folder goes whenever the job could not start
             raise
         finally:
             if blocking:
@@ -376,8 +299,6 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
         """Add one patient's encoding results (features table, reconstructions, residuals, labelmaps) to the
         scene and show them over the CT (``mrml.results.load_encoding_results``, which the ``.mrb`` scenes
         of ``encode --scene`` use too); returns file stem -> node."""
-        from DeepDosimetricsLib import mrml
-
         return mrml.results.load_encoding_results(outputFolder, patientId, ctNode, doseNode, segmentationNode,
                                                   scene=self.scene)
 
@@ -385,27 +306,15 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
                            opacity=0.5):
         """CT background, reconstruction foreground at ``opacity``, residual with a diverging map symmetric
         around zero, dose with a dose map hiding zero, structures as outlines."""
-        from DeepDosimetricsLib import mrml
-
         mrml.display.show_reconstruction(ctNode, reconNode, residualNode, doseNode, segmentationNode, opacity)
 
     def saveSnapshots(self, outPrefix, ctNode, foregroundNode=None, rasPoint=None, opacity=0.5, labelNode=None):
         """Axial, coronal and sagittal PNG snapshots (``<prefix>_<view>.png``) through ``rasPoint``."""
-        from DeepDosimetricsLib import mrml
-
         return mrml.slices.write_snapshots(outPrefix, ctNode, rasPoint, foregroundNode, opacity, labelNode)
 
     def saveSceneBundle(self, path):
         """Write the scene as a Slicer data bundle (.mrb)."""
-        from DeepDosimetricsLib import mrml
-
-        if getattr(slicer, "app", None) is not None:
-            if not slicer.util.saveScene(str(path)):
-                from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError
-
-                raise DeepDosimetricsError(f"could not save the scene to {path}")
-            return Path(path)
-        return mrml.bundles.save_scene_bundle(path, self.scene)
+        return mrml.application.save_scene(path, self.scene)
 
     # ------------------------------------------------------------------ outcome analysis
     @staticmethod
@@ -415,14 +324,10 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
         """Command-line arguments of ``deepdosimetrics predict``; ``featureTables`` is {name: table} or the
         text ``"dvh=dvh.csv radiomics=radiomics.csv"``. A time column selects a time-to-event endpoint."""
         tables = parseFeatureTables(featureTables) if isinstance(featureTables, str) else dict(featureTables)
-        arguments = ["predict", "--clinical", str(clinicalFile)]
-        arguments += ["--time", str(time), "--event", str(event)] if time else ["--outcome", str(outcome)]
-        if tables:
-            arguments += ["--features", *(f"{name}={path}" for name, path in tables.items())]
-        arguments += ["--model", str(model), "--folds", str(int(folds)), "--repeats", str(int(repeats))]
-        if harmonize:
-            arguments += ["--harmonize", str(harmonize)]
-        return arguments + ["--out", str(outFolder)]
+        return cli_arguments(
+            "predict", clinical=clinicalFile, time=str(time) if time else None, event=str(event) if time else None,
+            outcome=None if time else str(outcome), features=[f"{name}={path}" for name, path in tables.items()],
+            model=model, folds=int(folds), repeats=int(repeats), harmonize=harmonize or None, out=outFolder)
 
     def predictOutcome(self, clinicalFile, featureTables, outFolder, outcome="outcome", time="", event="",
                        model=DEFAULT_PROTOCOL.model, folds=DEFAULT_PROTOCOL.folds, repeats=DEFAULT_PROTOCOL.repeats,
@@ -435,39 +340,32 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
         from DeepDosimetricsLib.analysis.job import PredictSettings, predict_outcome
 
         tables = parseFeatureTables(featureTables) if isinstance(featureTables, str) else dict(featureTables)
-        settings = PredictSettings(
+        result = predict_outcome(PredictSettings(
             clinical=str(clinicalFile), features={k: str(v) for k, v in tables.items()}, out=str(outFolder),
             outcome=None if time else outcome, time=time or None, event=event or None, model=model,
             folds=int(folds), repeats=int(repeats), harmonize=harmonize or None, jobs=int(jobs),
-        )
-        result = predict_outcome(settings)
+        ))
         if showResults:
             self.loadPredictionResults(outFolder)
         return result
 
     def loadPredictionResults(self, outFolder):
         """``summary.csv`` as a table node, ROC curves (binary endpoint) as a plot chart: {"summary", "roc"}."""
-        from DeepDosimetricsLib import mrml
-
         return mrml.results.load_prediction_results(outFolder, self.scene)
 
     # ------------------------------------------------------------------ review station
     @staticmethod
     def reviewArguments(encodingFolder, cohortFolder, modelFolder=None):
         """Command-line arguments of ``deepdosimetrics review`` (local only: 127.0.0.1)."""
-        arguments = ["review", "--encoding", str(encodingFolder), "--cohort", str(cohortFolder)]
-        if modelFolder is not None and _isSet(modelFolder):
-            arguments += ["--model", str(modelFolder)]
-        return arguments
+        return cli_arguments("review", encoding=encodingFolder, cohort=cohortFolder,
+                             model=modelFolder if _isSet(modelFolder) else None)
 
     def startReviewStation(self, encodingFolder, cohortFolder, modelFolder=None, timeout=120.0, onLine=None):
         """Start ``deepdosimetrics review`` in a background process; returns the URL it prints. The server
         runs until ``stopReviewStation()`` (or the application closes)."""
-        from DeepDosimetricsLib.runtime.jobs import start_server
-
         self.stopReviewStation()
-        self.reviewJob, url = start_server(self.reviewArguments(encodingFolder, cohortFolder, modelFolder), timeout,
-                                           onLine)
+        arguments = self.reviewArguments(encodingFolder, cohortFolder, modelFolder)
+        self.reviewJob, url = start_server(arguments, timeout, onLine)
         return url
 
     def stopReviewStation(self):
@@ -558,18 +456,12 @@ class DeepDosimetricsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def initializeParameterNode(self) -> None:
         """Parameter node of the module, with the scene's CT and dose as default inputs."""
-        from DeepDosimetricsLib import mrml
-
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.ctVolume:
-            volumes = mrml.headless.nodes_by_class(slicer.mrmlScene, "vtkMRMLScalarVolumeNode")
-            volumes = [n for n in volumes if not mrml.volumes.is_dose_volume(n)]
-            if volumes:
-                self._parameterNode.ctVolume = volumes[0]
-        if not self._parameterNode.doseVolume:
-            doses = mrml.volumes.find_dose_volumes(slicer.mrmlScene)
-            if doses:
-                self._parameterNode.doseVolume = doses[0]
+        ct, dose = mrml.volumes.default_inputs(slicer.mrmlScene)
+        if not self._parameterNode.ctVolume and ct is not None:
+            self._parameterNode.ctVolume = ct
+        if not self._parameterNode.doseVolume and dose is not None:
+            self._parameterNode.doseVolume = dose
 
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
@@ -611,8 +503,6 @@ class DeepDosimetricsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._parameterNode.doseVolume = nodes.dose
 
     def onRadiomics(self) -> None:
-        from DeepDosimetricsLib import mrml
-
         p = self._parameterNode
         spec = str(p.radiomicsParameterFile) if _isSet(p.radiomicsParameterFile) else p.radiomicsPreset
         volume = p.doseVolume if p.radiomicsOnDose else p.ctVolume
@@ -652,8 +542,6 @@ class DeepDosimetricsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _showPrediction(self, out) -> None:
         added = self.logic.loadPredictionResults(out)
-        from DeepDosimetricsLib import mrml
-
         mrml.tables.show_table(added["summary"])
         if added["roc"] is not None:
             slicer.modules.plots.logic().ShowChartInLayout(added["roc"])
@@ -754,22 +642,17 @@ class DeepDosimetricsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 # DeepDosimetricsTest
 #
 class DeepDosimetricsTest(ScriptedLoadableModuleTest):
-    """Runs a small phantom through the Logic (in Slicer: Reload and Test; headless: pytest)."""
+    """Runs a small phantom patient through the Logic (in Slicer: Reload and Test; headless: pytest)."""
 
     def setUp(self):
-        """A clean scene: Slicer's own, or a new headless one."""
-        from DeepDosimetricsLib import mrml
-
-        if getattr(slicer, "app", None) is not None:
+        """A clean scene (Slicer's own, or a new headless one) and a work folder."""
+        inApplication = mrml.headless.in_slicer_application()
+        if inApplication:
             slicer.mrmlScene.Clear()
-            self._headless = None
-        else:
-            self._headless = mrml.headless.create_headless_scene()
+        self._headless = None if inApplication else mrml.headless.create_headless_scene()
         self._workdir = Path(tempfile.mkdtemp(prefix="DeepDosimetricsTest-"))
 
     def tearDown(self):
-        from DeepDosimetricsLib import mrml
-
         if getattr(self, "_headless", None) is not None:
             mrml.headless.close_headless_scene(self._headless)
         shutil.rmtree(getattr(self, "_workdir", ""), ignore_errors=True)
@@ -781,51 +664,33 @@ class DeepDosimetricsTest(ScriptedLoadableModuleTest):
         finally:
             self.tearDown()
 
-    def _phantomPatientFolder(self) -> Path:
-        """A small deterministic patient folder (CT with a body and a PTV, dose peaked on the PTV)."""
-        import numpy as np
-        import SimpleITK as sitk
-
-        folder = self._workdir / "phantom"
-        (folder / "structures").mkdir(parents=True)
-        z, y, x = np.mgrid[0:16, 0:24, 0:24]
-        body = ((x - 12) ** 2 / 100 + (y - 12) ** 2 / 64) <= 1
-        ct = np.where(body, 40, -1000).astype(np.int16) + ((x + 2 * y + 3 * z) % 7).astype(np.int16)
-        ptv = (((x - 12) ** 2 + (y - 12) ** 2 + (z - 8) ** 2) <= 16).astype(np.uint8)
-        dose = (60.0 * np.exp(-(((x - 12) ** 2 + (y - 12) ** 2 + (z - 8) ** 2) / 50.0)) * body).astype(np.float32)
-        for array, name in ((ct, "ct.nrrd"), (ptv, "structures/PTV.nrrd"), (body.astype(np.uint8), "structures/BODY.nrrd"),
-                            (dose, "dose.nrrd")):
-            image = sitk.GetImageFromArray(array)
-            image.SetSpacing((2.0, 2.0, 2.5))
-            image.SetOrigin((-24.0, -30.0, 10.0))
-            sitk.WriteImage(image, str(folder / name))
-        return folder
-
     def test_DeepDosimetrics_phantom(self):
-        from DeepDosimetricsLib import mrml
+        from DeepDosimetricsLib.data.patient import Patient
+        from DeepDosimetricsLib.data.phantom import PhantomConfig, synthesize_patient
 
-        self.delayDisplay("Loading a phantom patient")
+        self.delayDisplay("Loading a phantom patient (the library's generator)")
+        folder = synthesize_patient(self._workdir, 0, PhantomConfig(shape=(32, 32, 24)))
+        expected = Patient.from_folder(folder)
         logic = DeepDosimetricsLogic()
-        nodes = logic.loadPatientFolder(self._phantomPatientFolder())
+        nodes = logic.loadPatientFolder(folder)
         self.assertTrue(mrml.volumes.is_dose_volume(nodes.dose))
-        self.assertEqual(nodes.segmentation.GetSegmentation().GetNumberOfSegments(), 2)
+        self.assertEqual(nodes.segmentation.GetSegmentation().GetNumberOfSegments(), len(expected.structure_names))
 
         self.delayDisplay("Patient from nodes")
         patient = logic.patientFromNodes(nodes.ct, nodes.segmentation, doseNode=nodes.dose)
-        self.assertEqual(sorted(patient.structure_names), ["BODY", "PTV"])
-        self.assertEqual(int(patient.structure("PTV").sum()), 257)
+        self.assertEqual(sorted(patient.structure_names), sorted(expected.structure_names))
+        self.assertEqual(int(patient.structure("PTV").sum()), int(expected.structure("PTV").sum()))
 
         self.delayDisplay("Radiomics")
         table = logic.computeRadiomics(nodes.ct, nodes.segmentation, "firstorder", useSlicerRadiomics=False)
-        frame = mrml.tables.dataframe_from_table(table)
-        self.assertIn("original_firstorder_Mean", list(frame["Feature"]))
+        self.assertIn("original_firstorder_Mean", list(mrml.tables.dataframe_from_table(table)["Feature"]))
         self.assertEqual(table.GetAttribute(mrml.tables.RADIOMICS_PATH_ATTRIBUTE), "pyradiomics")
 
         self.delayDisplay("Dose-volume metrics")
         dvhTable, chart = logic.computeDoseVolumeMetrics(nodes.dose, nodes.segmentation, nodes.ct)
         metrics = mrml.tables.dataframe_from_table(dvhTable).set_index("Metric")
-        self.assertGreater(metrics.loc["Dmean_Gy", "PTV"], metrics.loc["Dmean_Gy", "BODY"])
-        self.assertEqual(chart.GetNumberOfPlotSeriesNodes(), 2)
+        self.assertGreater(metrics.loc["Dmean_Gy", "PTV"], metrics.loc["Dmean_Gy", "Body"])
+        self.assertEqual(chart.GetNumberOfPlotSeriesNodes(), len(expected.structure_names))
 
         self.delayDisplay("Overlay and snapshots")
         logic.showReconstruction(nodes.ct, None, None, nodes.dose, nodes.segmentation)

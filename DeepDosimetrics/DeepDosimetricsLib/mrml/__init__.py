@@ -15,6 +15,8 @@ first use.
 - :mod:`.bundles`: ``.mrb`` scene bundles
 - :mod:`.results`: encoding results (reconstructions, residuals) as nodes
 - :mod:`.snapshots`: PNG snapshots (matplotlib, no Slicer) and the per-patient ``.mrb`` of ``encode --scene``
+- :mod:`.application`: what the module takes from the Slicer application (first-use installation, scene
+  saving) and headless stand-ins for the scripted-module API
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 import importlib
 
 MODULES = ("headless", "volumes", "segments", "patients", "display", "slices", "tables", "features", "bundles",
-           "results", "snapshots")
+           "results", "snapshots", "application")
 
 
 def __getattr__(name: str):

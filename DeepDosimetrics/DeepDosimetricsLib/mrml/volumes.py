@@ -177,6 +177,15 @@ def find_dose_volumes(scene: Any = None) -> list:
     return [node for node in nodes_by_class(current_scene(scene), "vtkMRMLScalarVolumeNode") if is_dose_volume(node)]
 
 
+def default_inputs(scene: Any = None) -> Tuple[Optional[Any], Optional[Any]]:
+    """(first scalar volume that is not a dose, first dose volume) of the scene, None where there is none:
+    what the panel picks when its CT and dose inputs are empty."""
+    volumes = nodes_by_class(current_scene(scene), "vtkMRMLScalarVolumeNode")
+    cts = [node for node in volumes if not is_dose_volume(node)]
+    doses = [node for node in volumes if is_dose_volume(node)]
+    return (cts[0] if cts else None), (doses[0] if doses else None)
+
+
 def volume_center_ras(node: Any) -> Tuple[float, float, float]:
     """The RAS centre of a volume node's bounds."""
     bounds = [0.0] * 6

@@ -55,6 +55,26 @@ def first_url(lines: Iterable[str], prefix: str = "review station:") -> Optional
     return None
 
 
+def cli_arguments(command: str, **options) -> List[str]:
+    """The arguments of ``deepdosimetrics <command>`` from keyword options, in the order given.
+
+    ``name=value`` becomes ``--name value`` (underscores as dashes); ``True`` a bare ``--name``; ``None`` and
+    ``False`` leave the option out; a list or tuple gives one option with several values (``nargs="+"``),
+    left out when empty. Example: ``cli_arguments("train", cohort="C", steps=10)`` ->
+    ``["train", "--cohort", "C", "--steps", "10"]``.
+    """
+    arguments = [command]
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            arguments.append(flag)
+        elif isinstance(value, (list, tuple)):
+            arguments += [flag, *map(str, value)] if value else []
+        elif value is not None and value is not False:
+            arguments += [flag, str(value)]
+    return arguments
+
+
 class CliJob:
     """A ``deepdosimetrics`` command in a background process.
 
