@@ -3,7 +3,9 @@
 Runs only the `deepdosimetrics` command line (whose interface is stable), on a tiny phantom cohort:
 synth, radiomics, dvh, a few fixed-seed training steps and an encoding. `summarize` reduces the outputs to
 digests (synth files) and numbers (tables, loss history, features) that `test_refactor_invariance.py`
-compares with `data/refactor_reference.json`, written once from the code before the reorganisation:
+compares with `data/refactor_reference.json`, written once from the code before the reorganisation. Training
+passes `data/train-legacy.yaml`, the recipe of that time, so that later changes of the default recipe
+(issue 13) leave the comparison meaningful:
 
     python Testing/Python/refactor_reference.py OUT_DIR --write Testing/Python/data/refactor_reference.json
 """
@@ -16,6 +18,10 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+
+
+#: the training recipe the reference was made with (the defaults before issue 13 changed them)
+LEGACY_RECIPE = Path(__file__).parent / "data" / "train-legacy.yaml"
 
 
 def run_pipeline(out: Path) -> None:
@@ -31,7 +37,7 @@ def run_pipeline(out: Path) -> None:
         ["dvh", "--cohort", str(cohort), "--out", str(out / "dvh.csv"), "--quiet"],
         ["train", "--cohort", str(cohort), "--cache", str(cache), "--out", str(model), "--tile", "16",
          "--batch", "2", "--widths", "8", "8", "--steps", "30", "--device", "cpu", "--seed", "1",
-         "--checkpoint-every", "15", "--quiet"],
+         "--checkpoint-every", "15", "--config", str(LEGACY_RECIPE), "--quiet"],
         ["encode", "--model", str(model), "--cohort", str(cohort), "--cache", str(cache), "--out", str(enc),
          "--device", "cpu", "--quiet"],
     ]

@@ -124,7 +124,9 @@ def test_structure_features_are_voxel_weighted_means_and_stds():
 def test_encoding_outputs(encoded, two_patients, cache_dir):
     features = pd.read_csv(encoded / "features.csv")
     assert list(features.columns) == ["patient", "structure", "feature", "value"]
-    assert set(features["feature"]) == {f"z{i:02d}_{s}" for i in range(10) for s in ("mean", "std")}
+    pooled = {f"z{i:02d}_{s}" for i in range(10) for s in ("mean", "std", "ctr")}
+    assert set(features["feature"]) == pooled | {"dose_rec_mean_gy", "dose_rec_max_gy"}
+    assert not features.query("structure == 'BODY'")["feature"].str.endswith("_ctr").any()
     assert {"BODY", "PTV"} <= set(features["structure"])
     tiles = pd.read_csv(encoded / "tiles.csv")
     assert {"patient", "tile", "z", "y", "x", "center_x_mm", "voxels_BODY", "voxels_PTV", "z09"} <= set(tiles.columns)

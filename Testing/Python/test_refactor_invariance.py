@@ -44,6 +44,8 @@ def test_training_loss_history_is_equal(outputs, reference):
 
 
 def test_encoded_features_are_equal(outputs, reference):
-    assert outputs["features"].keys() == reference["features"].keys()
+    # every reference feature is still there with its value; pooling rows added later (issue 13: zNN_ctr,
+    # dose_rec_*) are extra rows, not changes
+    assert set(reference["features"]) <= set(outputs["features"])
     for key, value in reference["features"].items():
         assert outputs["features"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key

@@ -45,6 +45,8 @@ class ModelConfig:
     groups: int = 8  # GroupNorm groups (capped by the width); works with batches of 1-2
     activation: str = "silu"
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
+    residual: bool = False  # the extra convolutions of each level are residual blocks (x + conv(x))
+    decoder_convs: Optional[int] = None  # extra convolutions per decoder level (None: convs_per_level)
 
     def __post_init__(self) -> None:
         self.channels = [str(c) for c in self.channels]
@@ -61,6 +63,8 @@ class ModelConfig:
             raise InputError(
                 f"model configuration: unknown activation {self.activation!r} (one of {', '.join(ACTIVATIONS)})"
             )
+        if self.decoder_convs is not None and int(self.decoder_convs) < 0:
+            raise InputError(f"model configuration: decoder_convs must be >= 0, got {self.decoder_convs}")
         factor = 2 ** len(self.widths)
         if self.tile < factor or self.tile % factor:
             raise InputError(
@@ -121,8 +125,25 @@ def _conv_block(cin: int, cout: int, cfg: ModelConfig, stride: int = 1) -> list[
     ]
 
 
+class _Residual(nn.Module):
+    """x + (conv, norm, activation, conv, norm)(x), then the activation: a pre-summed residual block."""
+
+    def __init__(self, width: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            *_conv_block(width, width, cfg),
+            nn.Conv3d(width, width, 3, padding=1, bias=False),
+            _norm(cfg.groups, width),
+        )
+        self.act = _activation(cfg.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x + self.body(x))
+
+
 class _Level(nn.Sequential):
-    """One resolution level: a strided conv (encoder) or upsample + conv (decoder), then extra convs."""
+    """One resolution level: a strided conv (encoder) or upsample + conv (decoder), then extra convs
+    (plain, or residual blocks with ``residual``)."""
 
     def __init__(self, cin: int, cout: int, cfg: ModelConfig, down: bool) -> None:
         layers: list[nn.Module] = []
@@ -131,8 +152,9 @@ class _Level(nn.Sequential):
         else:
             layers += [nn.Upsample(scale_factor=2, mode="nearest")]
             layers += _conv_block(cin, cout, cfg)
-        for _ in range(cfg.convs_per_level):
-            layers += _conv_block(cout, cout, cfg)
+        extra = cfg.convs_per_level if down or cfg.decoder_convs is None else int(cfg.decoder_convs)
+        for _ in range(extra):
+            layers += [_Residual(cout, cfg)] if cfg.residual else _conv_block(cout, cout, cfg)
         super().__init__(*layers)
 
 
@@ -205,10 +227,21 @@ def reconstruction_loss(
     channel_weights: Optional[Sequence[float]] = None,
     mask_channels: Sequence[int] = (),
     mask_bce_weight: float = 0.0,
+    terms: Optional[LossTerms] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted chi-square (per-channel mean squared error of sigmoid(logits)) plus optional BCE on masks.
+    """Weighted chi-square (per-channel mean squared error of sigmoid(logits)) plus optional terms.
 
-    Returns (scalar loss, per-channel MSE of shape (C,), detached).
+    Args:
+        logits: (B, C, t, t, t) decoder output before the sigmoid.
+        target: (B, C, t, t, t) tiles in [0, 1].
+        channel_weights: one weight per channel for the squared error (default 1 each).
+        mask_channels: indices of mask channels (binary).
+        mask_bce_weight: weight of an extra binary cross-entropy on the mask channels.
+        terms: the fidelity terms of :class:`LossTerms` (soft Dice on masks, dose error inside the
+            target, dose-gradient error); None or all-zero weights: the plain weighted MSE.
+
+    Returns:
+        (scalar loss, per-channel MSE of shape (C,), detached).
     """
     values = torch.sigmoid(logits.float())
     target = target.float()
@@ -223,7 +256,53 @@ def reconstruction_loss(
         index = list(mask_channels)
         bce = nn.functional.binary_cross_entropy_with_logits(logits[:, index].float(), target[:, index])
         loss = loss + mask_bce_weight * bce
+    if terms is not None and terms.active:
+        loss = loss + terms(values, target)
     return loss, per_channel.detach()
+
+
+@dataclass
+class LossTerms:
+    """Fidelity terms added to the weighted MSE (all off at weight 0).
+
+    - ``dice``: soft Dice loss (1 - 2|AB| / (|A| + |B|), over the batch) on each mask channel: a
+      boundary-sensitive term, since a blurred edge costs Dice where it costs little squared error;
+    - ``dose_in_target``: squared dose error inside the target mask (mean over target voxels), so
+      D95/Dmean in the PTV count however small the PTV is in the tile;
+    - ``gradient``: squared error of the dose's finite differences along z, y and x (the fall-off).
+    """
+
+    dose_channels: Sequence[int] = ()
+    mask_channels: Sequence[int] = ()
+    target_channel: Optional[int] = None  # the PTV mask channel
+    dice: float = 0.0
+    dose_in_target: float = 0.0
+    gradient: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return bool((self.dice and self.mask_channels) or (self.dose_channels and (
+            self.gradient or (self.dose_in_target and self.target_channel is not None))))
+
+    def __call__(self, values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        total = values.new_zeros(())
+        if self.dice and len(self.mask_channels):
+            index = list(self.mask_channels)
+            a, b = values[:, index], target[:, index]
+            overlap = (a * b).sum(dim=(0, 2, 3, 4))
+            sizes = a.sum(dim=(0, 2, 3, 4)) + b.sum(dim=(0, 2, 3, 4))
+            total = total + self.dice * (1 - (2 * overlap + 1.0) / (sizes + 1.0)).mean()
+        if len(self.dose_channels):
+            index = list(self.dose_channels)
+            v, t = values[:, index], target[:, index]
+            if self.dose_in_target and self.target_channel is not None:
+                inside = target[:, self.target_channel : self.target_channel + 1]
+                error = ((v - t) ** 2 * inside).sum() / (inside.sum() * len(index) + 1.0)
+                total = total + self.dose_in_target * error
+            if self.gradient:
+                error = sum(((v.diff(dim=d) - t.diff(dim=d)) ** 2).mean() for d in (2, 3, 4)) / 3
+                total = total + self.gradient * error
+        return total
 
 
 def check_channels(config: ModelConfig, channels: Sequence[str], where: str = "the cohort") -> None:

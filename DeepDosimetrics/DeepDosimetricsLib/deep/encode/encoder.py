@@ -4,9 +4,18 @@
 For one cached patient, :func:`encode_patient` lays a :class:`~.tiling.TileGrid` over the volume
 (stride ``tile * (1 - overlap)``), keeps the tiles holding at least one body voxel, and runs the model
 on them in batches (``torch.inference_mode``; channels_last_3d on CPU, bfloat16 autocast on CUDA).
-Each tile's K features are kept with its position and the voxel count of every structure inside it;
-a structure's features are the mean and standard deviation of the tile features weighted by those
-counts (``BODY``: the whole body). With a sink, the decoded tiles are blended into it slab by slab.
+Each tile's K features are kept with its position and the voxel count of every structure inside it.
+Per structure, the feature table pools them three ways (``BODY``: the whole body):
+
+- ``zNN_mean``/``zNN_std``: mean and standard deviation of the grid tiles' features weighted by the
+  structure's voxels in each tile (a large structure's texture; a small organ is diluted in it);
+- ``zNN_ctr``: the features of one tile centred on the structure's centroid (what the code says about
+  the organ and its surroundings, the same for every patient whatever the grid's phase);
+- ``dose_rec_mean_gy``/``dose_rec_max_gy``: that tile's K features decoded, and the decoded dose pooled
+  over the structure's voxels inside it (a function of the K features and the organ's mask only: the
+  dose the features carry, in Gy), when the model has a dose channel.
+
+With a sink, the decoded grid tiles are blended into it slab by slab.
 """
 
 from __future__ import annotations
@@ -87,6 +96,8 @@ class PatientTiles:
     positions: list[Triple]
     features: np.ndarray  # (N, K) float32
     counts: dict[str, np.ndarray] = field(default_factory=dict)  # structure -> voxels per tile (N,)
+    centred: dict[str, np.ndarray] = field(default_factory=dict)  # structure -> (K,) features of its centred tile
+    decoded: dict[str, dict[str, float]] = field(default_factory=dict)  # structure -> decoded-dose statistics
 
     def tile_table(self, geometry=None) -> pd.DataFrame:
         """One row per tile: index, start (z, y, x) on the cache grid, centre in LPS mm, voxel counts, features."""
@@ -114,6 +125,11 @@ class PatientTiles:
             for name, m, s in zip(names, mean, std):
                 rows.append((self.patient, structure, f"{name}_mean", float(m)))
                 rows.append((self.patient, structure, f"{name}_std", float(s)))
+            if structure in self.centred:
+                rows += [(self.patient, structure, f"{name}_ctr", float(v))
+                         for name, v in zip(names, self.centred[structure])]
+            for feature, value in self.decoded.get(structure, {}).items():
+                rows.append((self.patient, structure, feature, float(value)))
         return pd.DataFrame(rows, columns=["patient", "structure", "feature", "value"])
 
 
@@ -155,6 +171,66 @@ def structure_counts(cached_patient, grid: TileGrid, positions: Sequence[Triple]
     return counts
 
 
+def structure_centroids(cached_patient, names: Sequence[str], slab: int = 32) -> dict[str, np.ndarray]:
+    """Centroid (z, y, x) in cache voxels of each named structure that has voxels (read slab by slab)."""
+    from DeepDosimetricsLib.deep.channels import mask
+
+    depth, height, width = cached_patient.shape
+    centroids = {}
+    for name in names:
+        total, sums = 0, np.zeros(3)
+        for z0 in range(0, depth, slab):
+            planes = min(slab, depth - z0)
+            found = np.nonzero(cached_patient.read_tile([mask(name)], (z0, 0, 0), (planes, height, width))[0] > 0)
+            if len(found[0]):
+                total += len(found[0])
+                sums += [found[0].sum() + z0 * len(found[0]), found[1].sum(), found[2].sum()]
+        if total:
+            centroids[name] = sums / total
+    return centroids
+
+
+def centred_tiles(
+    runner: TileModel,
+    cached_patient,
+    specs: Sequence[ChannelSpec],
+    names: Sequence[str],
+    batch: int = 8,
+) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
+    """Per structure: the K features of a tile centred on its centroid, and the decoded dose in it.
+
+    Returns (structure -> (K,) features, structure -> {"dose_rec_mean_gy", "dose_rec_max_gy"}); the second
+    is empty when the model has no dose channel.
+    """
+    from DeepDosimetricsLib.deep.channels import mask, to_units
+
+    cp = cached_patient
+    tile = runner.config.tile
+    shape = np.asarray(cp.shape)
+    centroids = structure_centroids(cp, names)
+    order = list(centroids)
+    lo, hi = np.minimum(0, shape - tile), np.maximum(0, shape - tile)
+    starts = {n: tuple(int(v) for v in np.clip(np.round(centroids[n]).astype(int) - tile // 2, lo, hi))
+              for n in order}
+    dose_index = next((i for i, spec in enumerate(specs) if spec.kind == "dose"), None)
+    features: dict[str, np.ndarray] = {}
+    decoded: dict[str, dict[str, float]] = {}
+    for group in batched(order, batch):
+        inputs = np.stack([cp.read_tile(list(specs), starts[n], (tile,) * 3) for n in group])
+        codes = runner.encode(inputs)
+        values = runner.decode(codes) if dose_index is not None else None
+        for slot, name in enumerate(group):
+            features[name] = codes[slot]
+            if values is None:
+                continue
+            inside = cp.read_tile([mask(name)], starts[name], (tile,) * 3)[0] > 0
+            if not inside.any():
+                continue
+            dose = to_units(specs[dose_index], values[slot, dose_index][inside], cp.prescription_gy)
+            decoded[name] = {"dose_rec_mean_gy": float(dose.mean()), "dose_rec_max_gy": float(dose.max())}
+    return features, decoded
+
+
 def body_slab_reader(cached_patient):
     """``(z0, z1) -> body[z0:z1]`` (float32 0/1) read through ``read_tile``, for :func:`tiles_touching`."""
     from DeepDosimetricsLib.deep.channels import mask
@@ -173,8 +249,22 @@ def encode_patient(
     sink: Optional[Sink] = None,
     fill: Optional[Sequence[float]] = None,
     quiet: bool = True,
+    structure_tiles: bool = True,
 ) -> PatientTiles:
-    """Encode the body tiles of one cached patient; with ``sink``, also stream the stitched reconstruction."""
+    """Encode the body tiles of one cached patient; with ``sink``, also stream the stitched reconstruction.
+
+    Args:
+        runner: the model (:class:`TileModel`, or any object with ``config``, ``encode``, ``decode`` and
+            ``decode_channels_last``, e.g. a PCA baseline).
+        cached_patient: a patient of the preprocessing cache.
+        specs: the model's channels.
+        overlap: tile overlap of the grid (stride ``tile * (1 - overlap)``).
+        batch: tiles per model call.
+        sink: receives the stitched reconstruction slab by slab (None: features only).
+        fill: per-channel values outside the tiles (air).
+        quiet: no progress bar.
+        structure_tiles: also encode one tile centred on each structure (``zNN_ctr``, decoded dose).
+    """
     from DeepDosimetricsLib.runtime.progress import progress_bar
 
     cp = cached_patient
@@ -202,7 +292,11 @@ def encode_patient(
     if stitcher is not None:
         stitcher.finish()
     counts = structure_counts(cp, grid, positions)
-    return PatientTiles(cp.id, grid, positions, features, counts)
+    centred, decoded = {}, {}
+    if structure_tiles:
+        names = [name for name in counts if name != BODY and counts[name].sum() > 0]
+        centred, decoded = centred_tiles(runner, cp, specs, names, batch)
+    return PatientTiles(cp.id, grid, positions, features, counts, centred, decoded)
 
 
 def decode_tiles(

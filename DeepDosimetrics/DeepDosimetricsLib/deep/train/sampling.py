@@ -49,6 +49,7 @@ class SamplingConfig:
     batch: int = 2
     ptv_share: float = 0.3  # share of tiles centred near the target (PTV), when the patient has one
     body_share: float = 0.6  # share of tiles centred in the body; the rest anywhere in the volume
+    edge_share: float = 0.0  # share of tiles (taken from ptv_share) centred on a voxel of the target's surface
     target: str = "PTV"
     flips: bool = True  # random flips along each axis
     jitter: float = 0.02  # window channels: value * (1 + a) + b, a and b uniform in [-jitter, jitter]
@@ -62,6 +63,8 @@ class SamplingConfig:
                 f"ptv_share ({self.ptv_share}) and body_share ({self.body_share}) must lie in [0, 1] "
                 "and add up to at most 1"
             )
+        if not 0 <= self.edge_share <= self.ptv_share:
+            raise InputError(f"edge_share ({self.edge_share}) must lie in [0, ptv_share ({self.ptv_share})]")
         if not 0 <= self.jitter < 0.5:
             raise InputError(f"jitter must lie in [0, 0.5), got {self.jitter}")
 
@@ -101,22 +104,53 @@ class PatientIndex:
     block: int
     body_blocks: np.ndarray  # (n, 3) block indices (z, y, x)
     target_blocks: np.ndarray  # (m, 3), m may be 0
+    edge_points: Optional[np.ndarray] = None  # (e, 3) voxels of the target's surface (a subsample), or None
 
 
-def index_patient(source: TileSource, tile: int, target: str = "PTV") -> PatientIndex:
-    """Occupancy of the body and the target in blocks of tile // 2 (a block voxel lies inside a tile centred in it)."""
+def surface_points(volume: np.ndarray, limit: int = 4096, slab: int = 32) -> np.ndarray:
+    """(n, 3) voxels of a mask's surface (in the mask, with a 6-neighbour outside), at most ``limit``
+    evenly spread; read slab by slab."""
+    depth = volume.shape[0]
+    points = []
+    for z0 in range(0, depth, slab):
+        lo, hi = max(0, z0 - 1), min(depth, z0 + slab + 1)
+        block = np.asarray(volume[lo:hi]) != 0
+        drop_mapped_pages(volume)
+        inside = np.pad(block, 1)
+        core = inside[1:-1, 1:-1, 1:-1]
+        interior = core.copy()
+        for axis in range(3):
+            for shift in (-1, 1):
+                interior &= np.roll(inside, shift, axis=axis)[1:-1, 1:-1, 1:-1]
+        edge = core & ~interior
+        edge = edge[z0 - lo : z0 - lo + min(slab, depth - z0)]
+        found = np.argwhere(edge)
+        found[:, 0] += z0
+        points.append(found)
+    points = np.concatenate(points) if points else np.zeros((0, 3), np.int64)
+    if len(points) > limit:
+        points = points[np.linspace(0, len(points) - 1, limit).astype(int)]
+    return points
+
+
+def index_patient(source: TileSource, tile: int, target: str = "PTV", edges: bool = False) -> PatientIndex:
+    """Occupancy of the body and the target in blocks of tile // 2 (a block voxel lies inside a tile centred
+    in it); with ``edges``, also points of the target's surface."""
     block = max(1, tile // 2)
     body = np.argwhere(occupancy_grid(source.body, block))
     release_pages(source)
     has_target = source.has_structure(target) if hasattr(source, "has_structure") else True
     target_blocks = np.zeros((0, 3), dtype=np.int64)
+    edge_points = None
     if has_target:
         try:
             target_blocks = np.argwhere(occupancy_grid(source.mask(target), block))
+            if edges:
+                edge_points = surface_points(source.mask(target))
         except InputError:
             pass
         release_pages(source)
-    return PatientIndex(tuple(int(v) for v in source.shape), block, body, target_blocks)
+    return PatientIndex(tuple(int(v) for v in source.shape), block, body, target_blocks, edge_points)
 
 
 def tile_start(index: PatientIndex, config: SamplingConfig, rng: np.random.Generator) -> tuple[int, int, int]:
@@ -124,6 +158,12 @@ def tile_start(index: PatientIndex, config: SamplingConfig, rng: np.random.Gener
     shape = np.asarray(index.shape)
     u = rng.random()
     blocks: Optional[np.ndarray] = None
+    if config.edge_share > 0 and u < config.edge_share and index.edge_points is not None and len(index.edge_points):
+        centre = index.edge_points[rng.integers(len(index.edge_points))] + rng.integers(-2, 3, size=3)
+        start = centre - config.tile // 2
+        lo = np.minimum(0, shape - config.tile)
+        hi = np.maximum(0, shape - config.tile)
+        return tuple(int(v) for v in np.clip(start, lo, hi))
     if u < config.ptv_share and len(index.target_blocks):
         blocks = index.target_blocks
     elif u < config.ptv_share + config.body_share and len(index.body_blocks):
@@ -193,7 +233,9 @@ class TileSampler:
         self.config = config
         self.seed = int(seed)
         self.rank = int(rank)
-        self.indexes = list(indexes) if indexes is not None else [index_patient(s, config.tile, config.target) for s in sources]
+        if indexes is None:
+            indexes = [index_patient(s, config.tile, config.target, edges=config.edge_share > 0) for s in sources]
+        self.indexes = list(indexes)
         labels = [getattr(s, "label", str(s)) for s in self.specs]
         self.window_channels = [i for i, label in enumerate(labels) if label.startswith("window:")]
 

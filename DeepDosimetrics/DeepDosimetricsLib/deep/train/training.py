@@ -46,8 +46,9 @@ HISTORY_CSV = "loss_history.csv"
 LOSS_CURVE_PNG = "loss_curve.png"
 CONFIG_YAML = "train-config.yaml"
 #: options a resumed run takes from the new call rather than from the checkpoint
-RUNTIME_OPTIONS = ("steps", "epochs", "device", "num_workers", "threads", "checkpoint_every", "log_every", "patience")
-SCHEDULES = ("cosine", "plateau", "constant")
+RUNTIME_OPTIONS = ("steps", "epochs", "device", "num_workers", "threads", "checkpoint_every", "log_every", "patience",
+                   "budget_minutes", "compile")
+SCHEDULES = ("cosine", "warmup_cosine", "plateau", "constant")
 
 
 @dataclass
@@ -63,6 +64,7 @@ class TrainConfig:
     skip_incomplete: bool = False  # leave out patients lacking a channel instead of refusing
     ptv_share: float = 0.3
     body_share: float = 0.6
+    edge_share: float = 0.0  # share of tiles centred on the target's surface (taken from ptv_share)
     flips: bool = True
     jitter: float = 0.02
     num_workers: int = 0
@@ -74,9 +76,14 @@ class TrainConfig:
     groups: int = 8
     activation: str = "silu"
     gradient_checkpointing: bool = False
+    residual: bool = False  # residual blocks for the extra convolutions of each level
+    decoder_convs: Optional[int] = None  # extra convolutions per decoder level (None: convs_per_level)
     # loss
     channel_weights: dict[str, float] = field(default_factory=dict)  # label -> weight (default 1)
     mask_bce_weight: float = 0.0  # extra binary cross-entropy on mask channels
+    mask_dice_weight: float = 0.0  # soft Dice loss on mask channels (boundary-sensitive)
+    dose_target_weight: float = 0.0  # squared dose error inside the target (PTV) mask
+    dose_gradient_weight: float = 0.0  # squared error of the dose's finite differences (fall-off)
     # optimisation
     steps: Optional[int] = None  # total steps; or epochs * steps_per_epoch
     epochs: Optional[int] = None
@@ -85,6 +92,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: str = "cosine"
     min_lr_ratio: float = 0.05  # cosine floor as a share of lr
+    warmup_fraction: float = 0.0  # warmup_cosine: share of the run with a linear warm-up
+    budget_minutes: Optional[float] = None  # stop after this much training time (the schedule follows it)
     plateau_factor: float = 0.5
     plateau_patience: int = 2
     patience: int = 10  # early stopping: validations without improvement (0: never stop early)
@@ -94,6 +103,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"
+    compile: bool = False  # torch.compile the model (CUDA: worth it for long runs; CPU: needs a compiler)
 
     def __post_init__(self) -> None:
         self.widths = [int(w) for w in self.widths]
@@ -109,6 +119,10 @@ class TrainConfig:
             raise InputError("steps and epochs must be >= 1")
         if self.lr <= 0:
             raise InputError(f"lr must be > 0, got {self.lr}")
+        if self.budget_minutes is not None and self.budget_minutes <= 0:
+            raise InputError(f"budget_minutes must be > 0, got {self.budget_minutes}")
+        if not 0 <= self.edge_share <= self.ptv_share:
+            raise InputError(f"edge_share ({self.edge_share}) must lie in [0, ptv_share ({self.ptv_share})]")
 
     @property
     def total_steps(self) -> int:
@@ -296,6 +310,8 @@ def _model_config(config: TrainConfig, labels: list[str]):
         groups=config.groups,
         activation=config.activation,
         gradient_checkpointing=config.gradient_checkpointing,
+        residual=config.residual,
+        decoder_convs=config.decoder_convs,
     )
 
 
@@ -306,11 +322,22 @@ def _make_scheduler(optimizer, config: TrainConfig, total_steps: int):
         return torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=max(1, total_steps), eta_min=config.lr * config.min_lr_ratio
         )
+    if config.schedule == "warmup_cosine":  # the trainer sets the rate from the run's progress
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     if config.schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, factor=config.plateau_factor, patience=config.plateau_patience
         )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def lr_factor(progress: float, warmup_fraction: float, min_ratio: float) -> float:
+    """warmup_cosine: linear warm-up over ``warmup_fraction`` of the run, then a cosine down to ``min_ratio``."""
+    progress = min(1.0, max(0.0, progress))
+    if warmup_fraction > 0 and progress < warmup_fraction:
+        return max(progress / warmup_fraction, 1e-3)
+    rest = (progress - warmup_fraction) / max(1e-9, 1.0 - warmup_fraction)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * rest))
 
 
 def _resume_config(saved: dict[str, Any], requested: TrainConfig) -> TrainConfig:
@@ -384,6 +411,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best_val, self.bad_validations, self.best_step = math.inf, 0, None
         self.stopped_early = False
+        self._budget_reached = False
         self.last_train_loss: Optional[float] = None
 
     # ------------------------------------------------------------------ setup
@@ -444,9 +472,9 @@ class Trainer:
         by_id = {p.id: p for p in patients}
         sampling = SamplingConfig(
             tile=config.tile, batch=config.batch, ptv_share=config.ptv_share, body_share=config.body_share,
-            flips=config.flips, jitter=config.jitter,
+            flips=config.flips, jitter=config.jitter, edge_share=config.edge_share,
         )
-        indexes = {p.id: index_patient(p, config.tile) for p in patients}
+        indexes = {p.id: index_patient(p, config.tile, edges=config.edge_share > 0) for p in patients}
 
         def sampler(ids: list[str], rank: int = 0) -> TileSampler:
             return TileSampler([by_id[i] for i in ids], self.specs, sampling, seed=config.seed, rank=rank,
@@ -484,6 +512,8 @@ class Trainer:
         if checkpoint is not None:
             self._restore(checkpoint)
         self.ddp_model = self.ctx.wrap(model, device)
+        if config.compile:
+            self.ddp_model = torch.compile(self.ddp_model)
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
         """Weights, optimiser, schedule, history, early-stopping state and random states of a checkpoint."""
@@ -509,6 +539,18 @@ class Trainer:
         if unknown_weights:
             raise InputError(f"channel_weights name channels not trained: {', '.join(unknown_weights)}")
         self.mask_channels = self.model_config.mask_channels
+        self.loss_terms = None
+        if config.mask_dice_weight or config.dose_target_weight or config.dose_gradient_weight:
+            from DeepDosimetricsLib.deep.model import LossTerms
+
+            target = "mask:PTV"
+            self.loss_terms = LossTerms(
+                dose_channels=[i for i, label in enumerate(self.labels) if label.startswith("dose")],
+                mask_channels=self.mask_channels,
+                target_channel=self.labels.index(target) if target in self.labels else None,
+                dice=config.mask_dice_weight, dose_in_target=config.dose_target_weight,
+                gradient=config.dose_gradient_weight,
+            )
 
     # ------------------------------------------------------------------ the loop
     def batches(self):
@@ -539,10 +581,15 @@ class Trainer:
     def _loss(self, logits, x):
         from DeepDosimetricsLib.deep.model import reconstruction_loss
 
-        return reconstruction_loss(logits, x, self.weights, self.mask_channels, self.config.mask_bce_weight)
+        return reconstruction_loss(logits, x, self.weights, self.mask_channels, self.config.mask_bce_weight,
+                                   self.loss_terms)
 
     def step(self, batch) -> float:
         """One optimisation step on a batch; the loss (DeepDosimetricsError when it is not finite)."""
+        if self.config.schedule == "warmup_cosine":
+            factor = lr_factor(self.progress(), self.config.warmup_fraction, self.config.min_lr_ratio)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.config.lr * factor
         x = self._to_device(batch)
         with self._autocast():
             logits, _ = self.ddp_model(x)
@@ -550,7 +597,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        if self.config.schedule != "plateau":
+        if self.config.schedule not in ("plateau", "warmup_cosine"):
             self.scheduler.step()
         self.step_count += 1
         value = float(loss.detach())
@@ -566,9 +613,10 @@ class Trainer:
         self.window_loss += loss
         self.window_steps += 1
         self.bar.update(1)
-        validate_now = step % config.steps_per_epoch == 0 or step == self.total_steps
+        last = step == self.total_steps or self._budget_check()
+        validate_now = step % config.steps_per_epoch == 0 or last
         row = None
-        if step % config.log_every == 0 or step == self.total_steps or validate_now:
+        if step % config.log_every == 0 or last or validate_now:
             row = self._log_row()
         if validate_now:
             self._validate_into(row)
@@ -580,12 +628,29 @@ class Trainer:
         if validate_now and config.patience and self.bad_validations >= config.patience:
             self.stopped_early = True
             log.info("early stopping at step %d: no improvement in %d validations", step, self.bad_validations)
-        if step % config.checkpoint_every == 0 or step == self.total_steps or self.stopped_early:
+        if step % config.checkpoint_every == 0 or last or self.stopped_early:
             self.checkpoint()
+
+    def progress(self) -> float:
+        """Share of the run done: of the steps, or of the time budget when that is further along."""
+        done = self.step_count / max(1, self.total_steps)
+        if self.config.budget_minutes:
+            done = max(done, (time.perf_counter() - self.run_start) / (60 * self.config.budget_minutes))
+        return done
 
     @property
     def should_stop(self) -> bool:
-        return self.stopped_early
+        """Early stopping, or the time budget spent (then after_step has validated and checkpointed)."""
+        return self.stopped_early or self.budget_spent
+
+    @property
+    def budget_spent(self) -> bool:
+        return bool(self.config.budget_minutes) and self._budget_reached
+
+    def _budget_check(self) -> bool:
+        minutes = self.config.budget_minutes
+        self._budget_reached = bool(minutes) and time.perf_counter() - self.run_start >= 60 * minutes
+        return self._budget_reached
 
     def _log_row(self) -> dict[str, Any]:
         """A history row for this step: mean training loss (over ranks) and throughput since the last row."""
@@ -680,7 +745,7 @@ class Trainer:
         from DeepDosimetricsLib.deep.model import MODEL_JSON, save_model
 
         self.bar.close()
-        if self.step_count % self.config.checkpoint_every and not self.stopped_early:
+        if self.step_count % self.config.checkpoint_every and not (self.stopped_early or self.budget_spent):
             self.checkpoint()
         in_sync = self.ctx.parameters_in_sync(self.model)
         if self.ctx.is_main:
