@@ -268,32 +268,16 @@ class DeepDosimetricsLogic(ScriptedLoadableModuleLogic):
         """Encode the patient in the scene with a trained model (``deepdosimetrics encode``).
 
         The nodes are written as a one-patient cohort in a temporary folder (with its own preprocessing
-        cache) and encoded in a background process. Blocking, the features table and (with
-        ``reconstruct``) the reconstruction and residual volumes are added to the scene and shown over the
-        CT, the temporary folder is removed, and a dict name -> added node is returned. Not blocking, the
-        started CliJob is returned: when it has finished, call
+        cache) and encoded in a background process (``mrml.results.encode_nodes``). Blocking, the features
+        table and (with ``reconstruct``) the reconstruction and residual volumes are added to the scene and
+        shown over the CT, the temporary folder is removed, and a dict name -> added node is returned. Not
+        blocking, the started CliJob is returned: when it has finished, call
         ``loadEncodingResults(outputFolder, ctNode, job.patientId, ...)`` and remove ``job.workFolder``.
         """
-        if modelFolder is None or not Path(modelFolder).is_dir():
-            raise InputError(f"model folder {modelFolder} does not exist")
-        work = Path(tempfile.mkdtemp(prefix="DeepDosimetrics-encode-"))
-        try:
-            patientFolder = self.exportPatientFolder(ctNode, segmentationNode, doseNode, work / "cohort")
-            outputFolder = Path(outputFolder) if outputFolder else work / "out"
-            arguments = self.encodeArguments(modelFolder, patientFolder.parent, outputFolder, reconstruct, overlap,
-                                             device) + ["--cache", str(work / "cache")]
-            job = self.runJob(arguments, blocking=blocking)
-            job.patientId = patientFolder.name
-            if not blocking:
-                job.workFolder = work
-                return job
-            return self.loadEncodingResults(outputFolder, ctNode, patientFolder.name, doseNode, segmentationNode)
-        except BaseException:
-            blocking = True  # the temporary folder goes whenever the job could not start
-            raise
-        finally:
-            if blocking:
-                shutil.rmtree(work, ignore_errors=True)
+        return mrml.results.encode_nodes(
+            ctNode, segmentationNode, doseNode, modelFolder, outputFolder,
+            lambda cohort, out: self.encodeArguments(modelFolder, cohort, out, reconstruct, overlap, device),
+            self.runJob, blocking, self.scene)
 
     def loadEncodingResults(self, outputFolder, ctNode, patientId, doseNode=None, segmentationNode=None):
         """Add one patient's encoding results (features table, reconstructions, residuals, labelmaps) to the
@@ -522,18 +506,18 @@ class DeepDosimetricsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onTrain(self) -> None:
         p = self._parameterNode
-        self._startJob(lambda: self.logic.trainArguments(p.cohortFolder, p.modelFolder, p.channels, p.trainingSteps,
-                                                         p.device))
+        self._startCommand(lambda: self.logic.trainArguments(p.cohortFolder, p.modelFolder, p.channels,
+                                                             p.trainingSteps, p.device))
 
     def onEncode(self) -> None:
         p = self._parameterNode
-        self._startJob(lambda: self.logic.encodeArguments(p.modelFolder, p.cohortFolder, p.outputFolder,
-                                                          p.reconstruct, p.overlap, p.device))
+        self._startCommand(lambda: self.logic.encodeArguments(p.modelFolder, p.cohortFolder, p.outputFolder,
+                                                              p.reconstruct, p.overlap, p.device))
 
     def onPredict(self) -> None:
         p = self._parameterNode
         out = p.analysisFolder
-        self._startJob(
+        self._startCommand(
             lambda: self.logic.predictArguments(p.clinicalFile, p.featureTables, out, p.outcomeColumn, p.timeColumn,
                                                 p.eventColumn, p.predictModel, p.folds, p.repeats, p.harmonizeColumn),
             groups=(None, "analysis"),
@@ -557,23 +541,13 @@ class DeepDosimetricsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onEncodeScene(self) -> None:
         p = self._parameterNode
-        self.ui.progressBar.value = 0
-        with slicer.util.tryWithErrorDisplay("Encoding failed.", waitCursor=True):
-            self.logic.ensureRequirements()
-            job = self.logic.encodeNodes(
-                p.ctVolume, p.segmentation, p.doseVolume, p.modelFolder,
-                p.outputFolder if _isSet(p.outputFolder) else None, p.reconstruct, p.overlap, p.device,
-                blocking=False,
-            )
-            job.on_line, job.on_progress = self._log, self._onProgress
-            outputFolder = job.arguments[job.arguments.index("--out") + 1]
-            nodes = (p.ctVolume, p.doseVolume, p.segmentation)
-            self._onJobFinished = lambda finished: self._loadSceneEncoding(finished, outputFolder, *nodes)
-            self._log("$ deepdosimetrics " + " ".join(job.arguments))
-            self._jobTimer.start()
-        self._checkCanApply()
+        nodes, out = (p.ctVolume, p.segmentation, p.doseVolume), p.outputFolder if _isSet(p.outputFolder) else None
+        self._startJob(lambda: self.logic.encodeNodes(*nodes, p.modelFolder, out, p.reconstruct, p.overlap, p.device,
+                                                      blocking=False),
+                       onFinished=lambda job: self._loadSceneEncoding(job, *nodes), failure="Encoding failed.")
 
-    def _loadSceneEncoding(self, job, outputFolder, ctNode, doseNode, segmentationNode) -> None:
+    def _loadSceneEncoding(self, job, ctNode, segmentationNode, doseNode) -> None:
+        outputFolder = job.arguments[job.arguments.index("--out") + 1]
         added = self.logic.loadEncodingResults(outputFolder, ctNode, job.patientId, doseNode, segmentationNode)
         self._log("Added: " + ", ".join(node.GetName() for node in added.values()))
 
@@ -589,13 +563,18 @@ class DeepDosimetricsWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.cancelJob()
         self._log("Cancelled.")
 
-    def _startJob(self, arguments, groups=(None,), onFinished=None) -> None:
+    def _startCommand(self, arguments, groups=(None,), onFinished=None) -> None:
+        """Run ``deepdosimetrics <arguments()>`` in the background."""
+        self._startJob(lambda: self.logic.runJob(arguments()), groups, onFinished)
+
+    def _startJob(self, start, groups=(None,), onFinished=None, failure="Could not start the job.") -> None:
+        """Start a background job (``start()`` returns it started) and follow it: log, progress, results."""
         self.ui.progressBar.value = 0
-        with slicer.util.tryWithErrorDisplay("Could not start the job."):
+        with slicer.util.tryWithErrorDisplay(failure, waitCursor=True):
             self.logic.ensureRequirements(groups)
-            arguments = arguments()
-            self._log("$ deepdosimetrics " + " ".join(arguments))
-            self.logic.runJob(arguments, blocking=False, onLine=self._log, onProgress=self._onProgress)
+            job = start()
+            job.on_line, job.on_progress = self._log, self._onProgress
+            self._log("$ deepdosimetrics " + " ".join(job.arguments))
             self._onJobFinished = onFinished
             self._jobTimer.start()
         self._checkCanApply()

@@ -10,9 +10,11 @@ and, for structure channels, ``<stem>_label.nrrd`` (the thresholded reconstructi
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import SimpleITK as sitk
 
@@ -25,6 +27,7 @@ from DeepDosimetricsLib.mrml.display import (
     show_reconstruction,
 )
 from DeepDosimetricsLib.mrml.headless import current_scene
+from DeepDosimetricsLib.mrml.patients import export_patient_folder
 from DeepDosimetricsLib.mrml.tables import table_from_dataframe
 from DeepDosimetricsLib.mrml.volumes import image_to_volume
 from DeepDosimetricsLib.runtime.errors import InputError
@@ -186,6 +189,47 @@ def load_encoding_results(
         added.update(nodes.by_stem())
         show_reconstruction_nodes(nodes, ct_node, dose_node, segmentation_node)
     return added
+
+
+def encode_nodes(
+    ct_node: Any,
+    segmentation_node: Any,
+    dose_node: Any,
+    model_folder: Optional[PathLike],
+    output_folder: Optional[PathLike],
+    arguments: Callable[[Path, Path], List[str]],
+    run_job: Callable[[List[str], bool], Any],
+    blocking: bool = True,
+    scene: Any = None,
+) -> Any:
+    """Encode the patient of the scene nodes: a one-patient cohort in a temporary folder, encoded by a job.
+
+    ``arguments(cohort_folder, output_folder)`` gives the ``encode`` command line (a ``--cache`` in the
+    temporary folder is added) and ``run_job(arguments, blocking)`` runs it (the module Logic's ``runJob``).
+    Blocking: the results are added to the scene (:func:`load_encoding_results`), the temporary folder is
+    removed and file stem -> node is returned. Not blocking: the started job is returned with ``patientId``
+    and ``workFolder`` (the temporary folder, for the caller to remove once the job has finished) set.
+    Without ``output_folder`` the results go to the temporary folder.
+    """
+    if model_folder is None or not Path(model_folder).is_dir():
+        raise InputError(f"model folder {model_folder} does not exist")
+    work = Path(tempfile.mkdtemp(prefix="DeepDosimetrics-encode-"))
+    try:
+        patient_folder = export_patient_folder(ct_node, segmentation_node, dose_node, work / "cohort")
+        output_folder = Path(output_folder) if output_folder else work / "out"
+        job = run_job(arguments(patient_folder.parent, output_folder) + ["--cache", str(work / "cache")], blocking)
+        job.patientId = patient_folder.name
+        if not blocking:
+            job.workFolder = work
+            return job
+        return load_encoding_results(output_folder, patient_folder.name, ct_node, dose_node, segmentation_node,
+                                     scene=scene)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    finally:
+        if blocking:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def load_prediction_results(out_dir: PathLike, scene: Any = None) -> Dict[str, Any]:
