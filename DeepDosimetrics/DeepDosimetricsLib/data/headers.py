@@ -5,9 +5,10 @@
   whose size, spacing, origin or direction is inconsistent (zero, negative, non-finite, non-orthogonal).
   Then, for a compressed payload ITK does not fully verify, the whole compressed stream is decoded once
   (streamed, without keeping it) so that a damaged stream is an error instead of garbage voxels:
-  ``.nii.gz``/``.gz`` (gzip CRC-32 and length) and MetaImage with ``CompressedData = True`` (zlib
-  Adler-32 and the decoded length). NRRD ``encoding: gzip`` is verified by ITK itself (teem checks the
-  CRC and the length), so it is not decoded twice.
+  ``.nii.gz``/``.gz`` (gzip CRC-32 and length), NRRD ``encoding: gzip`` (attached or detached data; ITK
+  reads only the bytes it needs and so does not always reach the CRC: a damaged stream decoded to garbage
+  without an error, found by the fuzz tests) and MetaImage with ``CompressedData = True`` (zlib Adler-32
+  and the decoded length).
 * ``max_image_bytes()``: ``$DEEPDOSIMETRICS_MAX_IMAGE_MEMORY`` (bytes, or with a suffix K/M/G/T, or a
   fraction of the RAM such as ``0.25``), else half of the machine's RAM (psutil).
 * ``check_geometry_values(...)``: the same geometry rules for headers read otherwise (DICOM).
@@ -188,17 +189,46 @@ def verify_payload(path, what: str, expected_bytes: Optional[int] = None) -> Non
     if key in _verified:
         return
     name = path.name.lower()
-    if _looks_gzip(path):
+    if name.endswith((".nrrd", ".nhdr")):
+        _verify_nrrd(path, what, expected_bytes)
+    elif _looks_gzip(path):
         _verify_gzip(path, what, expected_bytes if name.endswith((".nii.gz", ".nii")) else None)
     elif name.endswith((".mha", ".mhd")):
         _verify_metaimage(path, what, expected_bytes)
     _verified[key] = True
 
 
-def _verify_gzip(path: Path, what: str, expected_image_bytes: Optional[int]) -> None:
+def _verify_nrrd(path: Path, what: str, expected_bytes: Optional[int]) -> None:
+    """A gzip-encoded NRRD payload (attached after the header, or in its ``data file``) must decode fully."""
+    fields, offset = {}, 0
+    with open(path, "rb") as stream:
+        for raw in stream:
+            offset += len(raw)
+            line = raw.decode("latin-1").rstrip("\r\n")
+            if not line:
+                break
+            if ":" in line and not line.startswith("#"):
+                key, value = line.split(":", 1)
+                fields[key.strip().lower()] = value.lstrip("=").strip()
+            if offset > 1 << 20:
+                return  # not a header we understand: ITK decides
+    if fields.get("encoding", "").lower() not in ("gzip", "gz"):
+        return
+    data_file = fields.get("data file", fields.get("datafile", ""))
+    if data_file:
+        if data_file.upper().startswith("LIST") or "%" in data_file or " " in data_file:
+            return  # several data files: ITK decides
+        _verify_gzip(path.parent / data_file, what, expected_bytes)
+    else:
+        _verify_gzip(path, what, expected_bytes, offset)
+
+
+def _verify_gzip(path: Path, what: str, expected_image_bytes: Optional[int], offset: int = 0) -> None:
     decoded = 0
     try:
-        with gzip.open(path, "rb") as stream:
+        with open(path, "rb") as raw:
+            raw.seek(offset)
+            stream = gzip.GzipFile(fileobj=raw, mode="rb")
             while True:
                 chunk = stream.read(_CHUNK)
                 if not chunk:

@@ -610,6 +610,12 @@ def import_group(patient_id: str, group: DicomGroup, options: ImportOptions) -> 
             if any(str(d.header.get("DoseUnits", "") if "DoseUnits" in d.header else "").upper() == "CGY"
                    for d in doses):
                 writer.note("RTDOSE in cGy (DoseUnits CGY): converted to Gy")
+            if ct is not None:
+                from DeepDosimetricsLib.data.geometry import Geometry
+
+                if not Geometry.from_image(dose).overlaps(Geometry.from_image(ct)):
+                    raise InputError(f"RTDOSE {', '.join(d.path.name for d in doses)}: its grid does not "
+                                     "overlap the CT (ImagePositionPatient or frame offsets wrong?)")
             writer.write_dose(dose, ", ".join(str(d.path) for d in doses))
         else:
             writer.note("no dose")
