@@ -125,7 +125,8 @@ def test_first_use_declined_or_impossible():
     no_pandas = lambda name: None if name == "pandas" else object()  # noqa: E731
     assert requirements.ensure([None], lambda m: False, pytest.fail, pytest.fail, no_pandas) is False
     assert [r.name for r in requirements.requirements(["review"])] == ["trame-slicer"]
-    assert requirements.REQUIREMENTS[-1].pip == "trame-slicer==2.0.0"  # no [standalone]: Slicer is slicer-core
+    trame = next(r for r in requirements.REQUIREMENTS if r.name == "trame-slicer")
+    assert trame.pip == "trame-slicer==2.0.0"  # no [standalone]: Slicer is slicer-core
 
 
 # ------------------------------------------------------------------------------------- picture

@@ -68,6 +68,11 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("scikit-image", ">=0.21", "skimage"),
     Requirement("psutil", ">=5.9", "psutil"),
     Requirement("threadpoolctl", ">=3.1", "threadpoolctl"),
+    # outcome analysis (`predict`)
+    Requirement("scikit-learn", ">=1.4", "sklearn"),
+    Requirement("scikit-survival", ">=0.22", "sksurv"),
+    Requirement("neuroCombat", ">=0.2.12", "neuroCombat"),
+    Requirement("joblib", ">=1.3", "joblib"),
     # optional groups (pyproject extras)
     Requirement("slicer-core", ">=5.11.0.6,<5.12", "slicer", extra="slicer", install=SLICER),
     Requirement("trame-slicer", "==2.0.0", "trame_slicer", extra="review", pip_extras="[standalone]"),
