@@ -157,6 +157,19 @@ def _changed(driver, before: np.ndarray):
     return check
 
 
+def _settled(driver, seconds=1.0, timeout=40.0) -> np.ndarray:
+    """The view's image once two captures ``seconds`` apart agree (renders of earlier changes have arrived)."""
+    previous = _view_image(driver)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        time.sleep(seconds)
+        image = _view_image(driver)
+        if image.shape == previous.shape and np.abs(image - previous).mean() < 0.1:
+            return image
+        previous = image
+    return previous
+
+
 def _set_range(driver, element_id: str, value: float) -> None:
     driver.execute_script(
         "const e = document.getElementById(arguments[0]); e.value = arguments[1];"
@@ -176,15 +189,19 @@ def test_review_in_chromium(station):
         patient = select[0].get_attribute("value")
         Select(driver.find_element(By.ID, "patient-select")).select_by_value(patient)
         _wait(lambda: driver.find_element(By.ID, "dvh").is_displayed(), what="the patient to load")
-        first = _wait(lambda: (lambda i: i if i.std() > 5 else None)(_view_image(driver)), what="a non-blank view")
+        _wait(lambda: (lambda i: i if i.std() > 5 else None)(_view_image(driver)), what="a non-blank view")
+        first = _settled(driver)
+        assert first.std() > 5, "the slice view is blank"
         if shots:
             driver.save_screenshot(str(Path(shots) / "review_station.png"))
 
         _set_range(driver, "opacity", 1.0)  # the reconstruction covers the CT
-        second = _wait(_changed(driver, first), what="the view to change with the opacity slider")
+        _wait(_changed(driver, first), what="the view to change with the opacity slider")
+        second = _settled(driver)
 
         Select(driver.find_element(By.ID, "fg-mode")).select_by_value("residual")
-        third = _wait(_changed(driver, second), what="the view to show the residual")
+        _wait(_changed(driver, second), what="the view to show the residual")
+        third = _settled(driver)
         if shots:
             driver.save_screenshot(str(Path(shots) / "review_station_residual.png"))
 
