@@ -36,6 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="scanner sites (1-4): a 'site' column in clinical.csv and a per-site CT effect (HU offset, noise, "
         "slice thickness) that changes no dose or outcome; the PTV site is then 'tumour_site' (default 0: none)",
     )
+    parser.add_argument(
+        "--outcome-scale",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="multiply the dose and PTV-volume coefficients of the outcome model by F (written to cohort.json; "
+        "default 1)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -51,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         quiet=args.quiet,
         sites=args.sites,
+        outcome_scale=args.outcome_scale,
     )
     if not args.quiet:
         print(f"wrote {args.patients} phantom patients to {out} (clinical.csv, cohort.json)")

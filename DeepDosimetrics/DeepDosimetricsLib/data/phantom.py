@@ -125,6 +125,8 @@ class PhantomConfig:
     dose_grid_mm: float = 5.0
     #: scanner sites (0: none, the cohort of generator version 1 byte for byte); see SCANNER_SITES
     sites: int = 0
+    #: multiplies the dose and volume coefficients of the outcome model (1: those of OUTCOME_MODEL)
+    outcome_scale: float = 1.0
 
     def __post_init__(self) -> None:
         try:
@@ -152,6 +154,9 @@ class PhantomConfig:
         if int(self.sites) != self.sites or not 0 <= self.sites <= len(SCANNER_SITES):
             raise InputError(f"phantom sites must be an integer from 0 to {len(SCANNER_SITES)}, got {self.sites!r}")
         object.__setattr__(self, "sites", int(self.sites))
+        if not (math.isfinite(self.outcome_scale) and self.outcome_scale >= 0):
+            raise InputError(f"phantom outcome scale must be a number >= 0, got {self.outcome_scale!r}")
+        object.__setattr__(self, "outcome_scale", float(self.outcome_scale))
 
     @property
     def grid_spacing(self) -> Tuple[float, float, float]:
@@ -174,7 +179,18 @@ class PhantomConfig:
             "spacing": [float(v) for v in self.grid_spacing],
             "dose_grid_mm": float(self.dose_grid_mm),
             **({"sites": self.sites} if self.sites else {}),
+            **({"outcome_scale": self.outcome_scale} if self.outcome_scale != 1.0 else {}),
         }
+
+    def outcome_model(self) -> OutcomeModel:
+        """The outcome model of this cohort (OUTCOME_MODEL with its coefficients times outcome_scale)."""
+        if self.outcome_scale == 1.0:
+            return OUTCOME_MODEL
+        return replace(
+            OUTCOME_MODEL,
+            per_gy_organ_mean_dose=OUTCOME_MODEL.per_gy_organ_mean_dose * self.outcome_scale,
+            per_cc_ptv_volume=OUTCOME_MODEL.per_cc_ptv_volume * self.outcome_scale,
+        )
 
 
 @dataclass(frozen=True)
@@ -1194,7 +1210,7 @@ def generate_patient(index: int, config: PhantomConfig = PhantomConfig()) -> Pha
     organ = anatomy.organ_at_risk()
     organ_dose = metrics[organ]["mean_gy"] if organ in metrics else 0.0
     ptv_cc = metrics["PTV"]["volume_cc"]
-    logit = OUTCOME_MODEL.logit(organ, organ_dose, ptv_cc)
+    logit = config.outcome_model().logit(organ, organ_dose, ptv_cc)
     probability = 1.0 / (1.0 + math.exp(-logit))
     outcome = int(rng_outcome.random() < probability)
     clinical = _clinical_row(index, anatomy.variant, anatomy.ptv.site, rng_clinical)
@@ -1366,19 +1382,22 @@ def synthesize_cohort(
     seed: int = 0,
     quiet: bool = True,
     sites: int = 0,
+    outcome_scale: float = 1.0,
 ) -> Path:
     """Write a phantom cohort of ``patients`` patients into ``out_dir``; returns ``out_dir``.
 
     ``sites`` > 0 assigns each patient at random (its own stream) to one of the first ``sites`` scanner
     sites of ``SCANNER_SITES``: a ``site`` column in clinical.csv and the site's CT effect (HU offset, noise,
-    slice thickness), which changes no dose, structure or outcome.
+    slice thickness), which changes no dose, structure or outcome. ``outcome_scale`` multiplies the dose and
+    volume coefficients of the outcome model (a stronger, easier-to-find signal for analysis demos).
     """
     from DeepDosimetricsLib.runtime.progress import progress_bar
 
     if int(patients) != patients or patients < 1:
         raise InputError(f"the number of phantom patients must be a positive integer, got {patients!r}")
     config = PhantomConfig(
-        shape=tuple(shape), spacing=None if spacing is None else tuple(spacing), seed=seed, sites=sites
+        shape=tuple(shape), spacing=None if spacing is None else tuple(spacing), seed=seed, sites=sites,
+        outcome_scale=outcome_scale,
     )
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -1419,7 +1438,7 @@ def synthesize_cohort(
             "site": "PTV site: lung_left, lung_right, mediastinum or prostate",
             "outcome": "binary toxicity-like outcome drawn from outcome_model",
         },
-        "outcome_model": OUTCOME_MODEL.describe(),
+        "outcome_model": config.outcome_model().describe(),
     }
     if config.sites:
         cohort["clinical_columns"]["tumour_site"] = cohort["clinical_columns"].pop("site")
