@@ -236,3 +236,20 @@ def test_exit_code_contract(phantom_cohort: Path, tmp_path: Path):
     assert len(row) == 1 and "symbolic-link loop" in row["reason"].iloc[0] and row["value"].iloc[0] == ""
     assert main(["cache", "--cohort", str(cohort), "--cache", str(tmp_path / "cache"), "--quiet"]) == 1
     assert main(["dvh", "--cohort", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+
+
+def test_unreadable_cohort_entries_are_listed(tmp_path: Path):
+    from DeepDosimetricsLib.data.cohort import Cohort
+
+    ct = np.full((4, 5, 6), -1000, np.int16)
+    ct[1:3, 1:4, 1:5] = 0
+    _write(ct, tmp_path / "p1" / "ct.nrrd")
+    (tmp_path / "clinical.csv").mkdir()  # a folder where the clinical table is expected
+    (tmp_path / "p2").symlink_to(tmp_path / "gone")  # a broken link
+    (tmp_path / "p3").mkdir()
+    (tmp_path / "p3" / "ct.nrrd").mkdir()  # a folder where the CT is expected: a patient that fails
+    cohort = Cohort.open(tmp_path)
+    assert cohort.ids == ["p1", "p3"]
+    assert set(cohort.unreadable) == {"clinical.csv", "p2"} and "broken symbolic link" in cohort.unreadable["p2"]
+    with pytest.raises(InputError, match="is a folder, not an image file"):
+        cohort["p3"].ct_image()

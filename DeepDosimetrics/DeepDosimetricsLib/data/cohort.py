@@ -104,7 +104,9 @@ class Cohort:
             if entry.name.startswith("."):
                 continue
             problem = entry_problem(entry)
-            if problem is None and entry.is_dir():
+            if problem is None and entry.name == CLINICAL_FILE and not entry.is_file():
+                problem = f"{entry} is not a file (the clinical table is not read)"
+            elif problem is None and entry.is_dir():
                 try:
                     if is_patient_folder(entry):
                         folders.append(entry)
@@ -135,7 +137,7 @@ class Cohort:
                 raise InputError(f"cohort {folder}: no patient folder for {', '.join(missing)}"
                                  + (f" ({why})" if why else ""))
             patients = [p for p in patients if p.id in wanted]
-            unreadable = {name: why for name, why in unreadable.items() if name in wanted}
+            unreadable = {name: why for name, why in unreadable.items() if name in wanted or name == CLINICAL_FILE}
         return cls(folder, patients, clinical, unreadable)
 
     @property
