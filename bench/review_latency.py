@@ -91,17 +91,17 @@ def main() -> None:
         element = driver.find_elements(By.CSS_SELECTOR, "img.image-display-area")[0]
         return np.asarray(Image.open(io.BytesIO(element.screenshot_as_png)).convert("L"), np.float32)
 
-    def wait(check, timeout=300.0):
+    def wait(check, timeout=120.0):
         start = time.perf_counter()
         while time.perf_counter() - start < timeout:
             value = check()
             if value is not None:
                 return time.perf_counter() - start, value
             time.sleep(0.05)
-        raise SystemExit("timed out")
+        return None, image()
 
     def changed(before):
-        return lambda: (lambda i: i if i.shape == before.shape and np.abs(i - before).mean() > 0.5 else None)(image())
+        return lambda: (lambda i: i if i.shape == before.shape and np.abs(i - before).mean() > 0.05 else None)(image())
 
     def set_range(element_id, value):
         driver.execute_script("const e=document.getElementById(arguments[0]); e.value=arguments[1];"
@@ -117,13 +117,16 @@ def main() -> None:
         first_s, first = wait(lambda: (lambda i: i if i.std() > 5 else None)(image()))
         time.sleep(2)
         first = image()
+        print("first image", first_s, flush=True)
         opacity_s, second = wait(changed(first)) if set_range("opacity", 1.0) is None else (None, None)
+        print("opacity", opacity_s, flush=True)
         traversal = []
         before = second
         for value in (1.0, 2.0, 3.0):
             set_range("slider-z00", value)
             seconds, before = wait(changed(before))
             traversal.append(seconds)
+            print("traversal", value, seconds, driver.find_element(By.ID, "traversal-message").text, flush=True)
         message = driver.find_element(By.ID, "traversal-message").text
     finally:
         driver.quit()
@@ -132,8 +135,8 @@ def main() -> None:
     server.wait(20)
     print(json.dumps({"source": str(args.openkbp or args.phantom), "server_ready_s": round(serving_s, 2),
                       "page_s": round(page_s, 2), "patient_to_first_image_s": round(first_s, 2),
-                      "opacity_to_image_s": round(opacity_s, 2),
-                      "traversal_to_image_s": [round(t, 2) for t in traversal], "traversal_message": message,
+                      "opacity_to_image_s": opacity_s and round(opacity_s, 2),
+                      "traversal_to_image_s": [t and round(t, 2) for t in traversal], "traversal_message": message,
                       "server_peak_rss_mb": round(peak, 1)}))
 
 
