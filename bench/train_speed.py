@@ -6,6 +6,10 @@ bf16 autocast. Also the tile sampler alone (reading tiles from a phantom cache),
 step spent on data is visible. Medians of several steps after warm-up.
 
     .venv/bin/python bench/train_speed.py [--channels full] [--tile 64] [--batch 2] [--steps 5] [--threads N]
+        [--recipe] [--widths 16 32 32] [--cuda-only] [--compile]
+
+``--recipe`` times the default training recipe (Resources/train-default.yaml: residual blocks and the
+fidelity loss terms) instead of the plain model and MSE; ``--compile`` adds torch.compile rows on CUDA.
 """
 
 from __future__ import annotations
@@ -22,21 +26,23 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO / "DeepDosimetrics"))
 
 
-def time_steps(model, batch, steps: int, warmup: int, device, layout, bf16: bool) -> list[float]:
+def time_steps(model, batch, steps: int, warmup: int, device, layout, bf16: bool, terms=None,
+               compile: bool = False) -> list[float]:
     import torch
     from DeepDosimetricsLib.deep.model import reconstruction_loss
 
     model = model.to(device=device, memory_format=layout)
     x = batch.to(device).contiguous(memory_format=layout)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    forward = torch.compile(model) if compile else model
     times = []
     for i in range(warmup + steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            logits, _ = model(x)
-        loss, _ = reconstruction_loss(logits, x)
+            logits, _ = forward(x)
+        loss, _ = reconstruction_loss(logits, x, terms=terms)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -56,6 +62,10 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-sampler", action="store_true", help="skip the tile-reading measurement")
+    parser.add_argument("--recipe", action="store_true", help="the default recipe's model and loss terms")
+    parser.add_argument("--widths", type=int, nargs="+", default=None)
+    parser.add_argument("--cuda-only", action="store_true", help="skip the CPU rows")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile rows (CUDA)")
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -66,7 +76,21 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     specs = parse_channels(args.channels)
-    config = ModelConfig(channels=channel_labels(specs), tile=args.tile)
+    labels = channel_labels(specs)
+    extra = {"widths": args.widths} if args.widths else {}
+    terms = None
+    if args.recipe:
+        from DeepDosimetricsLib.deep.model import LossTerms
+        from DeepDosimetricsLib.deep.train.training import make_config
+
+        recipe = make_config()
+        extra.update(residual=recipe.residual, decoder_convs=recipe.decoder_convs)
+        masks = [i for i, label in enumerate(labels) if label.startswith("mask:")]
+        terms = LossTerms(dose_channels=[i for i, label in enumerate(labels) if label.startswith("dose")],
+                          mask_channels=masks, target_channel=labels.index("mask:PTV") if "mask:PTV" in labels else None,
+                          dice=recipe.mask_dice_weight, dose_in_target=recipe.dose_target_weight,
+                          gradient=recipe.dose_gradient_weight)
+    config = ModelConfig(channels=labels, tile=args.tile, **extra)
     voxels = args.batch * args.tile**3
     rng = np.random.default_rng(0)
     batch = torch.from_numpy(rng.random((args.batch, len(specs)) + (args.tile,) * 3, dtype=np.float32))
@@ -75,24 +99,31 @@ def main(argv=None) -> int:
     print(f"model: {config.channels}, tile {args.tile}^3, batch {args.batch}, widths {config.widths}, "
           f"K={config.features}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
 
-    runs = [("cpu", "float32, contiguous", torch.contiguous_format, False),
-            ("cpu", "float32, channels_last_3d", torch.channels_last_3d, False)]
+    runs = [] if args.cuda_only else [("cpu", "float32, contiguous", torch.contiguous_format, False, False),
+                                      ("cpu", "float32, channels_last_3d", torch.channels_last_3d, False, False)]
     if torch.cuda.is_available():
-        runs += [("cuda", "float32", torch.contiguous_format, False), ("cuda", "bf16 autocast", torch.contiguous_format, True)]
+        runs += [("cuda", "float32", torch.contiguous_format, False, False),
+                 ("cuda", "bf16 autocast", torch.contiguous_format, True, False)]
+        if args.compile:
+            runs += [("cuda", "bf16 autocast + compile", torch.contiguous_format, True, True)]
         torch.backends.cudnn.benchmark = True
     else:
         print("CUDA: not available on this machine (GPU rows skipped)")
     results = {}
-    for device_name, label, layout, bf16 in runs:
+    for device_name, label, layout, bf16, compiled in runs:
         torch.manual_seed(0)
         model = TileAutoencoder(config)
-        times = time_steps(model, batch, args.steps, args.warmup, torch.device(device_name), layout, bf16)
+        warmup = args.warmup + (3 if compiled else 0)
+        times = time_steps(model, batch, args.steps, warmup, torch.device(device_name), layout, bf16, terms, compiled)
         median = statistics.median(times)
         results[(device_name, label)] = voxels / median
         print(f"{device_name:>4} {label:<28} step {median:7.3f} s (min {min(times):.3f})  "
               f"{voxels / median / 1e6:7.3f} M voxels/s", flush=True)
     cpu = [v for (d, _), v in results.items() if d == "cpu"]
-    print(f"channels_last_3d speed-up on CPU: {cpu[1] / cpu[0]:.2f}x")
+    if len(cpu) == 2:
+        print(f"channels_last_3d speed-up on CPU: {cpu[1] / cpu[0]:.2f}x")
+    if torch.cuda.is_available():
+        print(f"cuda peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
     if not args.no_sampler:
         from DeepDosimetricsLib.data.phantom import synthesize_cohort

@@ -134,3 +134,15 @@ def test_structure_pooling_centred_tiles_and_decoded_dose(cache):
     assert 0 <= dose <= table[("PTV", "dose_rec_max_gy")] <= 80.0 + 1e-3
     plain = encode_patient(runner, cp, specs, batch=3, structure_tiles=False).feature_table()
     assert not plain["feature"].str.endswith("_ctr").any()
+
+
+def test_output_bias_starts_at_the_channel_means(phantom_cohort, cache, tmp_path):
+    from DeepDosimetricsLib.deep.distributed import DistributedContext
+    from DeepDosimetricsLib.deep.train.training import Trainer
+
+    config = make_config(None, **TINY, steps=1, init_output_bias=True)
+    trainer = Trainer(phantom_cohort, tmp_path / "m", config, DistributedContext.from_environment())
+    trainer.setup(cache=cache)
+    tiles = np.stack([trainer.val_sampler.read(p, s, None) for p, s in trainer.val_tiles[:16]])
+    expected = torch.logit(torch.as_tensor(np.clip(tiles.mean(axis=(0, 2, 3, 4)), 1e-3, 1 - 1e-3)))
+    torch.testing.assert_close(trainer.model.output_bias().detach(), expected.float())

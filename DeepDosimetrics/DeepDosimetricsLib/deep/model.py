@@ -211,6 +211,10 @@ class TileAutoencoder(nn.Module):
             x = self._run_level(level, x)
         return self.to_channels(x)
 
+    def output_bias(self) -> torch.Tensor:
+        """The (C,) bias of the last convolution (the logits of an all-zero decoder input)."""
+        return self.to_channels[1].bias
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(B, K) features -> (B, C, t, t, t) reconstruction in [0, 1]."""
         return torch.sigmoid(self.decode_logits(z))

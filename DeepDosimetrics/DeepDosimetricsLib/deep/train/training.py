@@ -78,6 +78,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     residual: bool = False  # residual blocks for the extra convolutions of each level
     decoder_convs: Optional[int] = None  # extra convolutions per decoder level (None: convs_per_level)
+    init_output_bias: bool = False  # start each output channel at its mean over validation tiles
     # loss
     channel_weights: dict[str, float] = field(default_factory=dict)  # label -> weight (default 1)
     mask_bce_weight: float = 0.0  # extra binary cross-entropy on mask channels
@@ -511,9 +512,24 @@ class Trainer:
         self.scheduler = _make_scheduler(self.optimizer, config, self.total_steps)
         if checkpoint is not None:
             self._restore(checkpoint)
+        elif config.init_output_bias:
+            self._init_output_bias()
         self.ddp_model = self.ctx.wrap(model, device)
         if config.compile:
             self.ddp_model = torch.compile(self.ddp_model)
+
+    def _init_output_bias(self, tiles: int = 16) -> None:
+        """Output biases at the logit of each channel's mean over the first validation tiles, so that the
+        first steps learn structure rather than the mean (deterministic: no random numbers drawn)."""
+        import torch
+
+        chosen = self.val_tiles[:tiles]
+        if not chosen:
+            return
+        values = np.stack([self.val_sampler.read(p, s, None) for p, s in chosen])
+        means = np.clip(values.mean(axis=(0, 2, 3, 4)), 1e-3, 1 - 1e-3)
+        with torch.no_grad():
+            self.model.output_bias().copy_(torch.logit(torch.as_tensor(means, dtype=torch.float32)))
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
         """Weights, optimiser, schedule, history, early-stopping state and random states of a checkpoint."""
