@@ -26,7 +26,8 @@ from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError  # noqa: E402
 from hypothesis import assume, given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-pytestmark = pytest.mark.timeout(120)  # a hang fails the test instead of stalling the suite
+# a hang fails the test instead of stalling the suite: 120 s for the "ci" profile, more for more examples
+pytestmark = pytest.mark.timeout(60 + 5 * hypothesis.settings.default.max_examples)
 
 SHAPE = (6, 7, 8)  # z, y, x
 ORIGINAL = ((np.arange(np.prod(SHAPE)).reshape(SHAPE) % 23) * 3.0 - 1000.0).astype(np.float32)
@@ -246,6 +247,8 @@ shifts = st.tuples(*[st.floats(-3.0, 3.0) for _ in range(3)])
 
 @given(ct_spacing=spacings, native_spacing=spacings, native_angles=angles, ct_angles=angles, shift=shifts,
        ct_rotated=st.booleans())
+@hypothesis.example(ct_spacing=(1.0, 1.0, 1.0), native_spacing=(1.0, 1.0, 1.88), ct_angles=(0.0, 0.0, 0.0),
+                    native_angles=(0.0, 2.2250738585072014e-308, 0.0), shift=(0.0, 0.0, 0.0), ct_rotated=False)
 def test_resampling_preserves_mask_volume_and_dose_integral(ct_spacing, native_spacing, native_angles,
                                                             ct_angles, shift, ct_rotated):
     radius, sigma, peak = 14.0, 8.0, 60.0

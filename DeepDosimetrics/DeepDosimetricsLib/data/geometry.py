@@ -15,6 +15,20 @@ import SimpleITK as sitk
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
+#: direction cosines smaller than this are rounding noise, set to 0
+DIRECTION_EPSILON = 1e-12
+
+
+def snap_direction(direction: Sequence[float]) -> Tuple[float, ...]:
+    """Direction cosines with entries below ``DIRECTION_EPSILON`` set to 0.
+
+    ITK inverts the direction matrix with an SVD that fails on subnormal entries (e.g. 2e-308 written in a
+    header): every point then maps outside the image, and a resampled mask or dose comes out empty
+    without an error (found by the fuzz tests).
+    """
+    return tuple(0.0 if abs(float(v)) < DIRECTION_EPSILON else float(v) for v in direction)
+
+
 @dataclass(frozen=True)
 class Geometry:
     """The sampling grid of a 3D image."""

@@ -21,7 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from DeepDosimetricsLib.data.checks import check_image
-from DeepDosimetricsLib.data.geometry import Geometry
+from DeepDosimetricsLib.data.geometry import Geometry, snap_direction
 from DeepDosimetricsLib.data.headers import check_image_file
 from DeepDosimetricsLib.runtime.errors import InputError
 
@@ -89,6 +89,11 @@ def require_3d(image: sitk.Image, what: str) -> sitk.Image:
             f"{what} has {image.GetNumberOfComponentsPerPixel()} components per voxel (a 4D or vector "
             "image); a 3D scalar volume is expected"
         )
+    direction = image.GetDirection()
+    snapped = snap_direction(direction)
+    if snapped != tuple(direction):  # a shallow copy: the caller's image keeps its header
+        image = sitk.Image(image)
+        image.SetDirection(snapped)
     return image
 
 
@@ -288,7 +293,7 @@ class Patient:
             image = self._ct_source
             if isinstance(image, Path):
                 image = read_image(image, what)
-            require_3d(image, what)
+            image = require_3d(image, what)
             self._warn("ct", check_image(image, what, "ct"))
             if image.GetPixelID() != sitk.sitkInt16:
                 if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
@@ -349,10 +354,10 @@ class Patient:
             image = read_image(source.path, what)
             if image.GetNumberOfComponentsPerPixel() > 1:
                 image = sitk.VectorIndexSelectionCast(image, source.layer)
-            require_3d(image, what)
+            image = require_3d(image, what)
             return sitk.Cast(sitk.Equal(image, source.label), sitk.sitkUInt8)
         image = read_image(source, what) if isinstance(source, Path) else source
-        require_3d(image, what)
+        image = require_3d(image, what)
         nonzero = nonzero_labels(sitk.GetArrayViewFromImage(image))
         if nonzero.size > 1:
             shown = ", ".join(str(v) for v in nonzero[:6]) + (" ..." if nonzero.size > 6 else "")
@@ -432,7 +437,7 @@ class Patient:
         dose = self._dose_source
         if isinstance(dose, Path):
             dose = read_image(dose, what)
-        require_3d(dose, what)
+        dose = require_3d(dose, what)
         self._check_patient_id(dose, what)
         if dose.GetPixelID() != sitk.sitkFloat32:
             dose = sitk.Cast(dose, sitk.sitkFloat32)
@@ -477,7 +482,7 @@ class Patient:
             size=tuple(int(v) for v in reader.GetSize()),
             spacing=tuple(float(v) for v in reader.GetSpacing()),
             origin=tuple(float(v) for v in reader.GetOrigin()),
-            direction=tuple(float(v) for v in reader.GetDirection()),
+            direction=snap_direction(reader.GetDirection()),
         )
 
     def dose(self) -> np.ndarray:
