@@ -270,6 +270,7 @@ class PatientWriter:
             self.record["pseudonymised"] = True
         with open(self.staging_dir / RECORD_FILE, "w", encoding="utf-8") as stream:
             json.dump(self.options.redact.record(self.record), stream, indent=1)
+        self.options.finish()  # the pseudonym's mapping is in the key file before its folder is in place
         replace_folder(self.staging_dir, self.final_dir)
         return self.final_dir
 
