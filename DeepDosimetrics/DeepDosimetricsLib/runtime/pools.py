@@ -333,6 +333,8 @@ def run_tasks(function: Callable, args: Sequence[tuple], spec: Union[PoolSpec, i
     """``[function(*a) for a in args]`` on the pool of ``spec``, in order; ``on_result(index, result)`` is
     called in this process as each one finishes (progress)."""
     results: List[Any] = [None] * len(args)
+    if not args:  # no cluster started for nothing
+        return results
     with open_pool(spec, tasks=len(args)) as pool:
         for index, result in pool.map(function, args):
             results[index] = result
