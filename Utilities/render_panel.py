@@ -1,11 +1,11 @@
-"""Render the module panel (Resources/UI/DeepDosimetrics.ui) offscreen with PySide6, for the README.
+"""Render the extension's module panels (DeepDosimetrics, DeepDosimetricsOutcome) offscreen with PySide6.
 
 Desktop Slicer cannot run on headless machines, so the picture is drawn by plain Qt: the Slicer/CTK widget
 classes are replaced by their Qt base classes (ctkCollapsibleButton -> QGroupBox, ctkPathLineEdit ->
 QLineEdit, qMRMLNodeComboBox -> QComboBox) for the picture only, and the combo boxes and spin boxes show the
 parameter node's choices and defaults, read from the library as the module reads them.
 
-    QT_QPA_PLATFORM=offscreen python Utilities/render_panel.py [OUT.png]
+    QT_QPA_PLATFORM=offscreen python Utilities/render_panel.py     # Resources/Screenshots/<module>-panel.png
 """
 
 from __future__ import annotations
@@ -17,8 +17,20 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-UI_FILE = ROOT / "DeepDosimetrics" / "Resources" / "UI" / "DeepDosimetrics.ui"
-OUT = ROOT / "Resources" / "Screenshots" / "DeepDosimetrics-panel.png"
+MODULES = ("DeepDosimetrics", "DeepDosimetricsOutcome")
+
+
+def module_ui(module: str = "DeepDosimetrics") -> Path:
+    """The module's .ui (``<module>/Resources/UI/<module>.ui``)."""
+    return ROOT / module / "Resources" / "UI" / f"{module}.ui"
+
+
+def picture(module: str = "DeepDosimetrics") -> Path:
+    """Where the README's picture of the module's panel is."""
+    return ROOT / "Resources" / "Screenshots" / f"{module}-panel.png"
+
+
+UI_FILE, OUT = module_ui(), picture()
 #: Slicer/CTK class -> the Qt class drawn in its place
 QT_CLASS = {"ctkCollapsibleButton": "QGroupBox", "ctkPathLineEdit": "QLineEdit", "qMRMLNodeComboBox": "QComboBox",
             "qMRMLWidget": "QWidget", "ctkSliderWidget": "QDoubleSpinBox"}
@@ -68,8 +80,8 @@ def qt_ui_text(ui_file: Path = UI_FILE) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
-def render(out: Path = OUT, width: int = 420) -> Path:
-    """Write the panel picture; returns its path."""
+def render(out: Path = OUT, width: int = 420, module: str = "DeepDosimetrics") -> Path:
+    """Write the picture of the module's panel; returns its path."""
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     import tempfile
 
@@ -89,7 +101,7 @@ def render(out: Path = OUT, width: int = 420) -> Path:
     app = QApplication.instance() or QApplication([])
     with tempfile.TemporaryDirectory() as work:
         path = Path(work) / "panel.ui"
-        path.write_text(qt_ui_text())
+        path.write_text(qt_ui_text(module_ui(module)))
         ui_file = QFile(str(path))
         ui_file.open(QIODevice.ReadOnly)
         loader = QUiLoader()
@@ -136,4 +148,5 @@ def render(out: Path = OUT, width: int = 420) -> Path:
 
 
 if __name__ == "__main__":
-    print(render(Path(sys.argv[1]) if len(sys.argv) > 1 else OUT))
+    for name in MODULES:
+        print(render(picture(name), module=name))

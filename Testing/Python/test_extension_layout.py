@@ -1,5 +1,6 @@
 """The Slicer extension's layout: files a Slicer developer expects, complete CMake lists, .s4ext keys,
-the module UI bound to the parameter node. Needs neither Slicer nor slicer-core."""
+each module's UI bound to its parameter node (both modules: DeepDosimetrics, DeepDosimetricsOutcome).
+Needs neither Slicer nor slicer-core."""
 
 from __future__ import annotations
 
@@ -9,10 +10,15 @@ import struct
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 MODULE = ROOT / "DeepDosimetrics"
 LIB = MODULE / "DeepDosimetricsLib"
-UI_FILE = MODULE / "Resources" / "UI" / "DeepDosimetrics.ui"
+#: the extension's modules, in the order of the top CMakeLists.txt; they share DeepDosimetricsLib
+MODULES = ("DeepDosimetrics", "DeepDosimetricsOutcome")
+#: what every module's Widget inherits (the .ui loading, parameter node and job plumbing)
+PANEL_FILE = LIB / "mrml" / "panel.py"
 
 #: widget class -> parameter types the parameter node wrapper can bind it to
 WIDGET_TYPES = {
@@ -27,12 +33,12 @@ WIDGET_TYPES = {
 }
 
 
-def cmake_list(text: str, variable: str) -> list[str]:
-    """Entries of ``set(VARIABLE ...)`` in a CMake file."""
+def cmake_list(text: str, variable: str, module: str = "DeepDosimetrics") -> list[str]:
+    """Entries of ``set(VARIABLE ...)`` in a module's CMake file."""
     match = re.search(rf"set\(\s*{variable}\s+(.*?)\)", text, re.S)
     assert match, f"set({variable} ...) not found"
     entries = [line.split("#")[0].strip() for line in match.group(1).splitlines()]
-    return [e.replace("${MODULE_NAME}", "DeepDosimetrics") for e in entries if e]
+    return [e.replace("${MODULE_NAME}", module) for e in entries if e]
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -42,9 +48,9 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", header[16:24])
 
 
-def parameter_fields() -> dict[str, str]:
-    """Field name -> annotation text of the @parameterNodeWrapper class in DeepDosimetrics.py."""
-    tree = ast.parse((MODULE / "DeepDosimetrics.py").read_text())
+def parameter_fields(module: str = "DeepDosimetrics") -> dict[str, str]:
+    """Field name -> annotation text of the @parameterNodeWrapper class in <module>.py."""
+    tree = ast.parse((ROOT / module / f"{module}.py").read_text())
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and any(
             getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list
@@ -54,7 +60,7 @@ def parameter_fields() -> dict[str, str]:
                 for item in node.body
                 if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
             }
-    raise AssertionError("no @parameterNodeWrapper class in DeepDosimetrics.py")
+    raise AssertionError(f"no @parameterNodeWrapper class in {module}.py")
 
 
 def test_expected_files_exist():
@@ -67,19 +73,28 @@ def test_expected_files_exist():
         "DeepDosimetrics/Resources/UI/DeepDosimetrics.ui",
         "DeepDosimetrics/Resources/Icons/DeepDosimetrics.png",
         "DeepDosimetrics/DeepDosimetricsLib/__init__.py",
+        "DeepDosimetricsOutcome/CMakeLists.txt",
+        "DeepDosimetricsOutcome/DeepDosimetricsOutcome.py",
+        "DeepDosimetricsOutcome/Resources/UI/DeepDosimetricsOutcome.ui",
+        "DeepDosimetricsOutcome/Resources/Icons/DeepDosimetricsOutcome.png",
         "Resources/Icons/DeepDosimetrics.png",
     ):
         assert (ROOT / relative).is_file(), f"{relative} is missing"
 
 
 def test_icons_are_128_pixel_pngs():
-    for icon in (ROOT / "Resources/Icons/DeepDosimetrics.png", MODULE / "Resources/Icons/DeepDosimetrics.png"):
+    icons = [ROOT / "Resources/Icons/DeepDosimetrics.png"] + [ROOT / m / f"Resources/Icons/{m}.png" for m in MODULES]
+    for icon in icons:
         assert png_size(icon) == (128, 128), icon
 
 
-def test_only_the_module_file_sits_in_the_module_folder():
-    """Every .py directly in a module folder is taken for a Slicer module: helpers live in the Lib."""
-    assert sorted(p.name for p in MODULE.glob("*.py")) == ["DeepDosimetrics.py"]
+@pytest.mark.parametrize("module", MODULES)
+def test_only_the_module_file_sits_in_the_module_folder(module):
+    """Every .py directly in a module folder is taken for a Slicer module: helpers live in the one Lib."""
+    assert sorted(p.name for p in (ROOT / module).glob("*.py")) == [f"{module}.py"]
+    if module != "DeepDosimetrics":
+        assert not list((ROOT / module).rglob("*Lib")), "the extension has one library: DeepDosimetricsLib"
+        assert "from DeepDosimetricsLib" in (ROOT / module / f"{module}.py").read_text()
 
 
 def test_top_cmakelists_describes_the_extension():
@@ -92,6 +107,7 @@ def test_top_cmakelists_describes_the_extension():
         "find_package(Slicer REQUIRED)",
         "include(${Slicer_USE_FILE})",
         "add_subdirectory(DeepDosimetrics)",
+        "add_subdirectory(DeepDosimetricsOutcome)",
         "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
         "include(${Slicer_EXTENSION_CPACK})",
     ]
@@ -126,25 +142,41 @@ def test_module_cmakelists_lists_every_library_file():
     assert not stale, f"listed in MODULE_PYTHON_SCRIPTS but absent: {stale}"
 
 
-def test_module_cmakelists_lists_every_resource():
-    text = (MODULE / "CMakeLists.txt").read_text()
-    resources = cmake_list(text, "MODULE_PYTHON_RESOURCES")
-    expected = {"Resources/Icons/DeepDosimetrics.png", "Resources/UI/DeepDosimetrics.ui"} | {
+def test_outcome_cmakelists_lists_its_files():
+    """The second module lists its own files only; the Lib is installed once, by DeepDosimetrics."""
+    folder = ROOT / "DeepDosimetricsOutcome"
+    text = (folder / "CMakeLists.txt").read_text()
+    assert cmake_list(text, "MODULE_PYTHON_SCRIPTS", folder.name) == [f"{folder.name}.py"]
+    files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert files == {"CMakeLists.txt", f"{folder.name}.py"} | set(cmake_list(text, "MODULE_PYTHON_RESOURCES", folder.name))
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_cmakelists_lists_every_resource(module):
+    folder = ROOT / module
+    text = (folder / "CMakeLists.txt").read_text()
+    resources = cmake_list(text, "MODULE_PYTHON_RESOURCES", module)
+    expected = {f"Resources/Icons/{module}.png", f"Resources/UI/{module}.ui"} | {
         p.relative_to(MODULE).as_posix()
         for p in (LIB / "Resources").rglob("*")
-        if p.is_file() and p.suffix in (".yaml", ".yml", ".json", ".csv", ".txt")
+        if module == "DeepDosimetrics" and p.is_file() and p.suffix in (".yaml", ".yml", ".json", ".csv", ".txt")
     }
     missing = sorted(expected - set(resources))
     assert not missing, f"run Utilities/update_cmake_lists.py (MODULE_PYTHON_RESOURCES lacks {missing})"
-    absent = sorted(r for r in resources if not (MODULE / r).is_file())
+    absent = sorted(r for r in resources if not (folder / r).is_file())
     assert not absent, f"listed in MODULE_PYTHON_RESOURCES but absent: {absent}"
     assert re.search(r"slicerMacroBuildScriptedModule\(.*WITH_GENERIC_TESTS", text, re.S)
     assert re.search(r"if\(BUILD_TESTING\).*slicer_add_python_unittest\(SCRIPT \$\{MODULE_NAME\}\.py\)", text, re.S)
 
 
-def test_ui_parses_and_binds_every_parameter_widget():
-    tree = ET.parse(UI_FILE)
-    fields = parameter_fields()
+def ui_file(module: str) -> Path:
+    return ROOT / module / "Resources" / "UI" / f"{module}.ui"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_ui_parses_and_binds_every_parameter_widget(module):
+    tree = ET.parse(ui_file(module))
+    fields = parameter_fields(module)
     bound = {}
     for widget in tree.iter("widget"):
         for prop in widget.findall("property"):
@@ -161,13 +193,19 @@ def test_ui_parses_and_binds_every_parameter_widget():
     assert sorted(bound) == sorted(fields), f"fields without a widget: {sorted(set(fields) - set(bound))}"
 
 
-def test_ui_has_the_widgets_the_module_uses():
-    names = {w.get("name") for w in ET.parse(UI_FILE).iter("widget")}
-    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE / "DeepDosimetrics.py").read_text()))
+@pytest.mark.parametrize("module", MODULES)
+def test_ui_has_the_widgets_the_module_uses(module):
+    """Widgets named in the module's Widget (``self.ui.x`` or a button name given to ``setupPanel``) and in the
+    panel base it inherits (``mrml/panel.py``) exist in the module's .ui."""
+    names = {w.get("name") for w in ET.parse(ui_file(module)).iter("widget")}
+    source = (ROOT / module / f"{module}.py").read_text()
+    used = set(re.findall(r"self\.ui\.(\w+)", source + PANEL_FILE.read_text()))
+    used |= set(re.findall(r"\(\"(\w+Button)\", self\.\w+\)", source))
+    assert {"progressBar", "logTextEdit", "cancelButton"} <= used
     assert used - names == set(), f"the widget uses widgets absent from the .ui: {sorted(used - names)}"
-    for required in ("progressBar", "logTextEdit", "cancelButton", "trainButton", "encodeButton",
-                     "radiomicsButton", "dvhButton"):
-        assert required in names
+    required = {"DeepDosimetrics": ("trainButton", "encodeButton", "radiomicsButton", "dvhButton"),
+                "DeepDosimetricsOutcome": ("predictButton", "addFeatureTableButton")}[module]
+    assert set(required) <= names
 
 
 def test_screenshots_named_in_cmake_exist():
@@ -197,6 +235,7 @@ def test_extensions_index_json_entry_agrees_with_s4ext():
     assert entry["scm_url"] == keys["scmurl"].strip() and entry["category"] == keys["category"].strip()
 
 
-def test_panel_picture_is_in_the_readme():
-    assert (ROOT / "Resources" / "Screenshots" / "DeepDosimetrics-panel.png").is_file()
-    assert "Resources/Screenshots/DeepDosimetrics-panel.png" in (ROOT / "README.md").read_text()
+@pytest.mark.parametrize("module", MODULES)
+def test_panel_picture_is_in_the_readme(module):
+    assert (ROOT / "Resources" / "Screenshots" / f"{module}-panel.png").is_file()
+    assert f"Resources/Screenshots/{module}-panel.png" in (ROOT / "README.md").read_text()

@@ -1,6 +1,6 @@
-"""The Slicer module's Logic without the Slicer application (slicer-core only): patients from nodes,
-radiomics equal to pyradiomics on the same files, DVH tables and charts, background jobs, the
-module's own Test class."""
+"""The Slicer modules' Logics without the Slicer application (slicer-core only): patients from nodes,
+radiomics equal to pyradiomics on the same files, DVH tables and charts, background jobs, outcome analysis
+(DeepDosimetricsOutcome), and each module's own Test class."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from DeepDosimetricsLib.data.patient import Patient  # noqa: E402
 from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError, InputError  # noqa: E402
 
 MODULE_DIR = Path(__file__).resolve().parents[2] / "DeepDosimetrics"
+OUTCOME_DIR = MODULE_DIR.parent / "DeepDosimetricsOutcome"
 OPENKBP_STRUCTURES = ("PTV70", "Brainstem", "SpinalCord")
 
 
@@ -41,6 +42,18 @@ def module():
         yield DeepDosimetrics
     finally:
         sys.path.remove(str(MODULE_DIR))
+
+
+@pytest.fixture(scope="module")
+def outcome_module():
+    """DeepDosimetricsOutcome.py imported as Slicer would: its folder on sys.path, the Lib beside it."""
+    sys.path.insert(0, str(OUTCOME_DIR))
+    try:
+        import DeepDosimetricsOutcome
+
+        yield DeepDosimetricsOutcome
+    finally:
+        sys.path.remove(str(OUTCOME_DIR))
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +125,15 @@ def assert_table_equals_pyradiomics(table, folder: Path, preset: str, names):
 
 
 # ---------------------------------------------------------------------------------------- import
-def test_module_imports_without_qt(module):
-    assert module.HAS_SLICER_GUI is False
+def test_module_imports_without_qt(module, outcome_module):
+    assert module.HAS_SLICER_GUI is False and outcome_module.HAS_SLICER_GUI is False
     assert module.DeepDosimetricsLogic().lastRadiomicsPath is None
+    from DeepDosimetricsLib.mrml.panel import JobLogic, JobPanel
+
+    for logic, widget in ((module.DeepDosimetricsLogic, module.DeepDosimetricsWidget),
+                          (outcome_module.DeepDosimetricsOutcomeLogic, outcome_module.DeepDosimetricsOutcomeWidget)):
+        assert issubclass(logic, JobLogic) and issubclass(widget, JobPanel)
+    assert not hasattr(module.DeepDosimetricsLogic, "predictOutcome")
 
 
 # ---------------------------------------------------------------------------------------- patients
@@ -353,9 +372,51 @@ def test_job_arguments(module):
     assert logic.encodeArguments("M", "C", "O", True, 0.25, "auto")[-1] == "--reconstruct"
 
 
-# ---------------------------------------------------------------------------------------- module Test
+def test_a_second_job_is_refused_while_one_runs(logic):
+    logic.currentJob = types.SimpleNamespace(running=True)
+    with pytest.raises(DeepDosimetricsError, match="already running"):
+        logic.runJob(["synth"])
+
+
+# ---------------------------------------------------------------------------------------- outcome analysis
+def test_predict_arguments_and_feature_tables(outcome_module):
+    logic = outcome_module.DeepDosimetricsOutcomeLogic
+    arguments = logic.predictArguments("c.csv", "dvh=d.csv deep=/x/features.csv", "out", folds=3, harmonize="site")
+    assert arguments == ["predict", "--clinical", "c.csv", "--outcome", "outcome", "--features", "dvh=d.csv",
+                         "deep=/x/features.csv", "--model", "logistic", "--folds", "3", "--repeats", "10",
+                         "--harmonize", "site", "--out", "out"]
+    survival = logic.predictArguments("c.csv", {"dvh": "d.csv"}, "out", time="months", event="dead")
+    assert survival[3:7] == ["--time", "months", "--event", "dead"] and "--outcome" not in survival
+    parse = outcome_module.parseFeatureTables
+    assert parse({"dvh": "d.csv"}) == parse("dvh=d.csv") == {"dvh": "d.csv"}
+    for bad, message in (("d.csv", "NAME=TABLE"), ("dvh=a.csv dvh=b.csv", "twice"), ("dvh=", "no table"),
+                         ("clinical=c.csv", "feature set name")):
+        with pytest.raises(InputError, match=message):
+            parse(bad)
+
+
+def test_predict_outcome_in_the_background_is_the_predict_command(outcome_module, scene, monkeypatch):
+    logic = outcome_module.DeepDosimetricsOutcomeLogic(scene)
+    started = []
+    monkeypatch.setattr(logic, "runJob", lambda arguments: started.append(arguments) or "job")
+    assert logic.predictOutcome("c.csv", "dvh=d.csv", "out", repeats=2, blocking=False) == "job"
+    assert started == [logic.predictArguments("c.csv", "dvh=d.csv", "out", repeats=2)]
+    with pytest.raises(InputError, match="run the outcome analysis first"):
+        logic.loadPredictionResults("nowhere")
+
+
+# ---------------------------------------------------------------------------------------- module Tests
 def test_the_module_test_class_passes_headless(module, headless):
     case = module.DeepDosimetricsTest()
+    try:
+        case.runTest()
+    finally:
+        slicer.mrmlScene = headless.scene
+
+
+def test_the_outcome_module_test_class_passes_headless(outcome_module, headless):
+    """A simulated cohort with a known signal: predictOutcome (blocking), the summary table and ROC chart."""
+    case = outcome_module.DeepDosimetricsOutcomeTest()
     try:
         case.runTest()
     finally:

@@ -1,4 +1,5 @@
-"""The module panel checked without Slicer: the .ui against the Widget code (handlers, CTK string lists),
+"""The module panels checked without Slicer (both modules: DeepDosimetrics, DeepDosimetricsOutcome, and the
+panel base they share, mrml/panel.py): the .ui against the Widget code (handlers, CTK string lists),
 the panel's defaults against the library's, the requirements list against pyproject.toml and the first-use
 install decision, and the offscreen rendering of the panel picture."""
 
@@ -13,43 +14,67 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-MODULE_FILE = ROOT / "DeepDosimetrics" / "DeepDosimetrics.py"
-UI_FILE = ROOT / "DeepDosimetrics" / "Resources" / "UI" / "DeepDosimetrics.ui"
+#: the extension's modules; each Widget inherits the shared plumbing of mrml/panel.py (JobPanel)
+MODULES = ("DeepDosimetrics", "DeepDosimetricsOutcome")
+PANEL_FILE = ROOT / "DeepDosimetrics" / "DeepDosimetricsLib" / "mrml" / "panel.py"
 
 
-def widget_class(name: str) -> ast.ClassDef:
-    tree = ast.parse(MODULE_FILE.read_text())
+def module_file(module: str) -> Path:
+    return ROOT / module / f"{module}.py"
+
+
+def ui_file(module: str) -> Path:
+    return ROOT / module / "Resources" / "UI" / f"{module}.ui"
+
+
+def class_def(path: Path, name: str) -> ast.ClassDef:
+    tree = ast.parse(path.read_text())
     return next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
 
 
-def test_every_button_is_connected_to_an_existing_handler():
-    buttons = {w.get("name") for w in ET.parse(UI_FILE).iter("widget") if w.get("class") == "QPushButton"}
-    widget = widget_class("DeepDosimetricsWidget")
-    methods = {n.name for n in widget.body if isinstance(n, ast.FunctionDef)}
-    source = ast.unparse(widget)
-    pairs = dict(re.findall(r"\(self\.ui\.(\w+), self\.(\w+)\)", source))
-    pairs.update(re.findall(r"self\.ui\.(\w+)\.connect\('clicked\(bool\)', self\.(\w+)\)", source))
+def widget_class(name: str, module: str = "DeepDosimetrics") -> ast.ClassDef:
+    return class_def(module_file(module), name)
+
+
+def methods(cls: ast.ClassDef) -> set:
+    return {n.name for n in cls.body if isinstance(n, ast.FunctionDef)}
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_button_is_connected_to_an_existing_handler(module):
+    """Buttons are connected by name in ``setupPanel`` ((name, handler) pairs; Cancel by the panel base)."""
+    buttons = {w.get("name") for w in ET.parse(ui_file(module)).iter("widget") if w.get("class") == "QPushButton"}
+    widget, panel = widget_class(f"{module}Widget", module), class_def(PANEL_FILE, "JobPanel")
+    assert [ast.unparse(b) for b in widget.bases] == ["JobPanel"]
+    source = ast.unparse(widget) + ast.unparse(panel)
+    pairs = dict(re.findall(r"\('(\w+Button)', self\.(\w+)\)", source))
+    assert "setupPanel(" in ast.unparse(widget) and pairs.get("cancelButton") == "onCancel"
     assert buttons - set(pairs) == set(), f"buttons without a handler: {sorted(buttons - set(pairs))}"
-    missing = {b: h for b, h in pairs.items() if h not in methods}
+    missing = {b: h for b, h in pairs.items() if h not in methods(widget) | methods(panel)}
     assert not missing, f"handlers absent from the Widget: {missing}"
+    assert "getattr(self.ui, name).connect('clicked(bool)', handler)" in ast.unparse(panel)
 
 
-def test_name_filters_are_one_pattern_per_string():
+@pytest.mark.parametrize("module", MODULES)
+def test_name_filters_are_one_pattern_per_string(module):
     """CTK reads a stringlist: "*.yaml *.yml" in one entry is one pattern that no file name matches."""
-    for widget in ET.parse(UI_FILE).iter("widget"):
+    for widget in ET.parse(ui_file(module)).iter("widget"):
         for prop in widget.findall("property[@name='nameFilters']"):
             patterns = [s.text for s in prop.iter("string")]
             assert patterns and all(" " not in p for p in patterns), (widget.get("name"), patterns)
-    names = {w.get("name"): w for w in ET.parse(UI_FILE).iter("widget")}
-    patterns = [s.text for s in names["radiomicsParameterFileLineEdit"].iter("string") if s.text.startswith("*")]
-    assert patterns == ["*.yaml", "*.yml", "*.json"]
+    names = {w.get("name"): w for w in ET.parse(ui_file(module)).iter("widget")}
+    field, expected = {"DeepDosimetrics": ("radiomicsParameterFileLineEdit", ["*.yaml", "*.yml", "*.json"]),
+                       "DeepDosimetricsOutcome": ("clinicalFileLineEdit", ["*.csv"])}[module]
+    assert [s.text for s in names[field].iter("string") if s.text.startswith("*")] == expected
 
 
 def test_path_fields_can_be_cleared():
-    """Every ctkPathLineEdit is found by class and an emptied one clears its parameter."""
-    source = ast.unparse(widget_class("DeepDosimetricsWidget"))
+    """Every ctkPathLineEdit (of either module: the panel base loads both) is found by class and an emptied
+    one clears its parameter."""
+    source = ast.unparse(class_def(PANEL_FILE, "JobPanel"))
     assert "findChildren(uiWidget, className='ctkPathLineEdit')" in source
     assert "validInputChanged(bool)" in source and "_onPathEdited" in source
+    assert "loadUI(self.resourcePath(f'UI/{self.moduleName}.ui'))" in source
 
 
 def test_panel_defaults_are_the_library_defaults():
@@ -65,6 +90,18 @@ def test_panel_defaults_are_the_library_defaults():
     arguments = build_parser().parse_args(["encode", "--model", "M", "--cohort", "C", "--out", "O"])
     assert arguments.overlap == EncodeSettings().overlap
     assert build_parser().parse_args(["encode", "--model", "M", "--cohort", "C", "--out", "O", "--device", "mps"])
+    node = widget_class("DeepDosimetricsOutcomeParameterNode", "DeepDosimetricsOutcome")
+    fields = {a.target.id: ast.unparse(a) for a in node.body if isinstance(a, ast.AnnAssign)}
+    assert "Choice(MODELS)" in fields["predictModel"] and fields["predictModel"].endswith("DEFAULT_PROTOCOL.model")
+    assert fields["folds"].endswith("DEFAULT_PROTOCOL.folds") and fields["repeats"].endswith("DEFAULT_PROTOCOL.repeats")
+
+
+def test_outcome_analysis_lives_in_its_own_module():
+    """The outcome section moved out of DeepDosimetrics (its .ui and code) into DeepDosimetricsOutcome."""
+    main = module_file("DeepDosimetrics").read_text() + ui_file("DeepDosimetrics").read_text()
+    for name in ("predictOutcome", "predictButton", "clinicalFile", "featureTables", "outcomeCollapsibleButton"):
+        assert name not in main, name
+    assert "outcomeCollapsibleButton" in ui_file("DeepDosimetricsOutcome").read_text()
 
 
 # ------------------------------------------------------------------------------------- requirements
@@ -130,15 +167,17 @@ def test_first_use_declined_or_impossible():
 
 
 # ------------------------------------------------------------------------------------- picture
-def test_panel_renders_offscreen(tmp_path, monkeypatch):
+@pytest.mark.parametrize("module, min_height", [("DeepDosimetrics", 900), ("DeepDosimetricsOutcome", 500)])
+def test_panel_renders_offscreen(tmp_path, monkeypatch, module, min_height):
     pytest.importorskip("PySide6", reason="PySide6 is not installed (pip install PySide6-Essentials)")
     monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")
     sys.path.insert(0, str(ROOT / "Utilities"))
     import render_panel
 
-    out = render_panel.render(tmp_path / "panel.png")
+    assert module in render_panel.MODULES
+    out = render_panel.render(tmp_path / "panel.png", module=module)
     header = out.read_bytes()[:24]
     width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
-    assert header[:8] == b"\x89PNG\r\n\x1a\n" and width >= 400 and height > 1000
-    text = render_panel.qt_ui_text()
+    assert header[:8] == b"\x89PNG\r\n\x1a\n" and width >= 400 and height > min_height
+    text = render_panel.qt_ui_text(render_panel.module_ui(module))
     assert "ctk" not in text and "qMRML" not in text

@@ -17,6 +17,7 @@ first use.
 - :mod:`.snapshots`: PNG snapshots (matplotlib, no Slicer) and the per-patient ``.mrb`` of ``encode --scene``
 - :mod:`.application`: what the module takes from the Slicer application (first-use installation, scene
   saving) and headless stand-ins for the scripted-module API
+- :mod:`.panel`: what the extension's modules share: the scripted-module API, the job Logic and panel bases
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import importlib
 
 MODULES = ("headless", "volumes", "segments", "patients", "display", "slices", "tables", "features", "bundles",
-           "results", "snapshots", "application")
+           "results", "snapshots", "application", "panel")
 
 
 def __getattr__(name: str):
