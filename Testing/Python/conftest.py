@@ -20,7 +20,7 @@ try:
     from hypothesis import HealthCheck, settings
 
     _relaxed = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large]
-    settings.register_profile("ci", max_examples=12, deadline=10_000, derandomize=True,
+    settings.register_profile("ci", max_examples=25, deadline=10_000, derandomize=True,
                               suppress_health_check=_relaxed, print_blob=True)
     settings.register_profile("nightly", max_examples=400, deadline=10_000, suppress_health_check=_relaxed,
                               print_blob=True)
