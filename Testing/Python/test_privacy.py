@@ -169,3 +169,20 @@ def test_clinical_rows_with_source_ids_match_the_folders(tmp_path: Path):
     sitk.WriteImage(sitk.GetImageFromArray(ct), str(folder / "ct.nrrd"))
     pd.DataFrame({"patient": ["Pt 001"], "age": [60]}).to_csv(tmp_path / "cohort" / "clinical.csv", index=False)
     assert list(Cohort.open(tmp_path / "cohort").clinical["patient"]) == ["Pt_001"]
+
+
+def test_openkbp_import_pseudonymised(tmp_path: Path):
+    """The OpenKBP importer names patients by their pseudonyms too (a tiny synthetic sparse-CSV patient)."""
+    folder = tmp_path / "source" / "pt_7"
+    folder.mkdir(parents=True)
+    inside = np.arange(1000, 5000)
+    pd.DataFrame({"data": np.full(inside.size, 1064.0)}, index=inside).to_csv(folder / "ct.csv")
+    pd.DataFrame({"data": np.linspace(1, 60, inside.size)}, index=inside).to_csv(folder / "dose.csv")
+    pd.DataFrame({"data": [np.nan] * 50}, index=inside[:50]).to_csv(folder / "PTV70.csv")
+    (folder / "voxel_dimensions.csv").write_text("3.5\n3.5\n2\n")
+    key, cohort = tmp_path / "key.json", tmp_path / "cohort"
+    assert main(["import", "openkbp", str(tmp_path / "source"), "--out", str(cohort), "--quiet",
+                 "--pseudonymize", str(key)]) == 0
+    (pid,) = [p.name for p in cohort.iterdir() if p.is_dir()]
+    assert pid == Pseudonymizer(key).pseudonym("pt_7")
+    assert leaks(all_bytes(cohort), [], ["pt_7", str(tmp_path / "source")]) == []
