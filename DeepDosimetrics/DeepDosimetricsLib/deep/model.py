@@ -271,8 +271,9 @@ class LossTerms:
 
     - ``dice``: soft Dice loss (1 - 2|AB| / (|A| + |B|), over the batch) on each mask channel: a
       boundary-sensitive term, since a blurred edge costs Dice where it costs little squared error;
-    - ``dose_in_target``: squared dose error inside the target mask (mean over target voxels), so
-      D95/Dmean in the PTV count however small the PTV is in the tile;
+    - ``dose_in_target``: extra weight of the squared dose error on target voxels (normalised by all
+      voxels, like the MSE: normalising by the target's voxels made a tile's few PTV voxels outweigh the
+      rest, and early training raised the dose everywhere);
     - ``gradient``: squared error of the dose's finite differences along z, y and x (the fall-off).
     """
 
@@ -301,7 +302,7 @@ class LossTerms:
             v, t = values[:, index], target[:, index]
             if self.dose_in_target and self.target_channel is not None:
                 inside = target[:, self.target_channel : self.target_channel + 1]
-                error = ((v - t) ** 2 * inside).sum() / (inside.sum() * len(index) + 1.0)
+                error = ((v - t) ** 2 * inside).mean()  # over all voxels: an extra weight on PTV voxels
                 total = total + self.dose_in_target * error
             if self.gradient:
                 error = sum(((v.diff(dim=d) - t.diff(dim=d)) ** 2).mean() for d in (2, 3, 4)) / 3
