@@ -660,7 +660,9 @@ def import_dicom(source, options: ImportOptions, report: Optional[ImportReport] 
         except InputError as error:
             report.skipped(patient_id, str(error), source=source_text)
         except Exception as error:  # a damaged file pydicom or numpy could not handle: skip, say what broke
-            log.debug("patient %s failed", patient_id, exc_info=True)
+            import traceback
+
+            log.debug("patient %s failed: %s", patient_id, options.redact(traceback.format_exc()))
             report.skipped(patient_id, f"error: unexpected {type(error).__name__} while reading "
                            f"{source_text}: {error}", source=source_text)
     options.finish()
