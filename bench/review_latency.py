@@ -1,13 +1,18 @@
 """Review station latency and memory: time to first image, slider-to-image latency, server peak RSS.
 
     python bench/review_latency.py --openkbp ../shared/data/openkbp/train/pt_1     # a 128^3 OpenKBP patient
-    python bench/review_latency.py --phantom 512 512 350                          # a full-size phantom
+    python bench/review_latency.py --phantom 256 256 175                          # a half-size phantom
+    python bench/review_latency.py --phantom-fullsize                             # the 512x512x350 phantom
+    python bench/review_latency.py --phantom 256 256 175 --prepare-only           # synth/train/encode only
 
 Prepares a one-patient cohort (a link to the OpenKBP folder, or `synth`), trains a small model a few steps
 and encodes it with --reconstruct (all under a temporary folder), starts `deepdosimetrics review --model` and
 drives the system Chromium (selenium): page open -> patient selected -> first non-blank slice image; the
-opacity slider and a traversal slider -> the view's image changes. The server's peak RSS is its VmHWM.
-Prints one JSON line.
+opacity slider and a traversal slider -> the view's image changes (each traversal step waits for its own
+message, then for the whole volume decoded in the background before the next step). The server's peak RSS is
+its VmHWM. Besides wall-clock times it records the server's CPU seconds per update (utime + stime): on a
+shared, loaded machine that is the fairer figure (an idle 2-core machine answers in about that time or less,
+the decoder using both cores). The load average is recorded at the start and the end. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -30,6 +35,12 @@ def cli(*arguments: str, env=None) -> None:
                    stdout=subprocess.DEVNULL)
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` and its threads so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def vm_hwm_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -42,9 +53,14 @@ def main() -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--openkbp", type=Path, help="one OpenKBP patient folder (flat NRRD layout)")
     source.add_argument("--phantom", type=int, nargs=3, metavar=("X", "Y", "Z"), help="synthesise one phantom")
+    source.add_argument("--phantom-fullsize", action="store_true", help="the 512x512x350 phantom of the issue")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--prepare-only", action="store_true", help="synth/train/encode into --work, no browser")
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
     args = parser.parse_args()
+    if args.phantom_fullsize:
+        args.phantom = [512, 512, 350]
+    load_start = os.getloadavg()
 
     work = args.work or Path(tempfile.mkdtemp(prefix="review-bench-"))
     cohort, model, enc = work / "cohort", work / "model", work / "enc"
@@ -60,6 +76,9 @@ def main() -> None:
         cli("train", "--cohort", str(cohort), "--out", str(model), "--tile", "32", "--widths", "16", "32", "32",
             "--batch", "4", "--steps", str(args.steps), "--val-fraction", "0", env=env)
         cli("encode", "--model", str(model), "--cohort", str(cohort), "--out", str(enc), "--reconstruct", env=env)
+    if args.prepare_only:
+        print(f"prepared {work}")
+        return
 
     from PIL import Image
     from selenium import webdriver
@@ -103,6 +122,9 @@ def main() -> None:
     def changed(before):
         return lambda: (lambda i: i if i.shape == before.shape and np.abs(i - before).mean() > 0.05 else None)(image())
 
+    def message():
+        return driver.find_element(By.ID, "traversal-message").text
+
     def set_range(element_id, value):
         driver.execute_script("const e=document.getElementById(arguments[0]); e.value=arguments[1];"
                               "e.dispatchEvent(new Event('input',{bubbles:true}))", element_id, str(value))
@@ -118,16 +140,30 @@ def main() -> None:
         time.sleep(2)
         first = image()
         print("first image", first_s, flush=True)
-        opacity_s, second = wait(changed(first)) if set_range("opacity", 1.0) is None else (None, None)
+        cpu0 = cpu_s(server.pid)
+        set_range("opacity", 1.0)
+        opacity_s, second = wait(changed(first))
+        opacity_cpu = cpu_s(server.pid) - cpu0
         print("opacity", opacity_s, flush=True)
-        traversal = []
+        time.sleep(1.0)
+        second = image()
+        traversal, traversal_cpu, whole, messages = [], [], [], []
         before = second
         for value in (1.0, 2.0, 3.0):
+            cpu0 = cpu_s(server.pid)
             set_range("slider-z00", value)
-            seconds, before = wait(changed(before))
+            tag = f"z00 {value:+.1f} SD: decoded"
+            seconds, before = wait(lambda tag=tag, old=before: (
+                lambda i: i if tag in message() and np.abs(i - old).mean() > 0.05 else None)(image()))
             traversal.append(seconds)
-            print("traversal", value, seconds, driver.find_element(By.ID, "traversal-message").text, flush=True)
-        message = driver.find_element(By.ID, "traversal-message").text
+            traversal_cpu.append(cpu_s(server.pid) - cpu0)
+            rest, _ = wait(lambda tag=tag: True if tag in message() and "whole volume in" in message() else None)
+            whole.append(rest and seconds + rest)
+            time.sleep(0.5)
+            before = image()
+            messages.append(message())
+            print("traversal", value, seconds, traversal_cpu[-1], messages[-1], flush=True)
+        message = messages[-1]
     finally:
         driver.quit()
     peak = vm_hwm_mb(server.pid)
@@ -136,8 +172,14 @@ def main() -> None:
     print(json.dumps({"source": str(args.openkbp or args.phantom), "server_ready_s": round(serving_s, 2),
                       "page_s": round(page_s, 2), "patient_to_first_image_s": round(first_s, 2),
                       "opacity_to_image_s": opacity_s and round(opacity_s, 2),
-                      "traversal_to_image_s": [t and round(t, 2) for t in traversal], "traversal_message": message,
-                      "server_peak_rss_mb": round(peak, 1)}))
+                      "opacity_server_cpu_s": round(opacity_cpu, 2),
+                      "traversal_to_image_s": [t and round(t, 2) for t in traversal],
+                      "traversal_server_cpu_s": [round(t, 2) for t in traversal_cpu],
+                      "traversal_whole_volume_s": [t and round(t, 2) for t in whole],
+                      "traversal_messages": messages, "traversal_message": message,
+                      "server_peak_rss_mb": round(peak, 1),
+                      "load_average_start": [round(v, 1) for v in load_start],
+                      "load_average_end": [round(v, 1) for v in os.getloadavg()]}))
 
 
 if __name__ == "__main__":

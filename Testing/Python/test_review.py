@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from DeepDosimetricsLib.review.catalog import Catalog, metrics_table
@@ -175,3 +176,31 @@ def test_gate_on_loopback_refuses_foreign_host_names():
         assert status == 403 and "PATIENT" not in body
     finally:
         stop()
+
+
+def test_traversal_planes_first_equal_the_full_blend_on_the_planes():
+    """The station decodes only the tiles crossing the displayed planes first: their blend on those planes
+    must be what the whole-volume stitcher gives there (edges, overlaps, uncovered air included)."""
+    from DeepDosimetricsLib.deep.tiling import ArraySink, SlabStitcher, TileGrid, gaussian_weights
+    from DeepDosimetricsLib.review.traversal import blend_planes, plane_tiles
+
+    rng = np.random.default_rng(3)
+    shape = (21, 30, 26)
+    grid = TileGrid.create(shape, 8, 0.25)
+    positions = [p for p in grid.positions() if rng.random() > 0.2]  # some tiles skipped, as air
+    values = {p: rng.random((8, 8, 8), dtype=np.float32) for p in positions}
+    sink = ArraySink(shape, 1)
+    stitcher = SlabStitcher(shape, 1, grid.tile, sink, fill=[0.25])
+    for p in positions:
+        stitcher.add(p, values[p][None])
+    stitcher.finish()
+    full = sink.array[0]
+    weights = gaussian_weights(grid.tile)
+    for planes in [(0, 0, 0), (20, 29, 25), (7, 13, None), (None, None, 11), (12, None, None)]:
+        chosen = plane_tiles(positions, grid.tile, planes)
+        assert len(chosen) < len(positions)
+        got = blend_planes(shape, weights, [positions[i] for i in chosen], [values[positions[i]] for i in chosen],
+                           planes, 0.25)
+        assert sorted(got) == [a for a, p in enumerate(planes) if p is not None]
+        for axis, (index, plane) in got.items():
+            np.testing.assert_allclose(plane, np.take(full, index, axis=axis), rtol=1e-5, atol=1e-6)

@@ -72,6 +72,7 @@ def station(tmp_path_factory):
         [sys.executable, "-m", "DeepDosimetricsLib.cli", "review", "--encoding", str(enc), "--cohort", str(cohort),
          "--model", str(model), "--host", HOST, "--port", str(port), "--token", TOKEN, "--threads", "1"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    driver, profile = _browser()  # Chromium starts while the server imports (one browser for the module)
     url = None
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
@@ -80,13 +81,17 @@ def station(tmp_path_factory):
         if lines:
             url = lines[0].split(": ", 1)[1]
             break
-        time.sleep(0.5)
+        time.sleep(0.1)
     if url is None:
         process.kill()
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
         log.seek(0)
         pytest.fail("the review station did not start:\n" + log.read()[-3000:])
     yield {"url": url, "port": port, "root": root, "enc": enc, "before": before,
-           "folders": (cohort, model, enc, cache), "process": process}
+           "folders": (cohort, model, enc, cache), "process": process, "driver": driver}
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
     os.killpg(process.pid, signal.SIGTERM)
     try:
         process.wait(10)
@@ -132,21 +137,22 @@ def _browser(width=1500, height=900):
     return driver, profile
 
 
-def _view_image(driver) -> np.ndarray:
+def _view_image(driver, index: int = 0) -> np.ndarray:
+    """The image of view ``index`` in page order (four-up layout: 0 axial, 1 3D, 2 coronal, 3 sagittal)."""
     from PIL import Image
     from selenium.webdriver.common.by import By
 
-    element = driver.find_elements(By.CSS_SELECTOR, "img.image-display-area")[0]
+    element = driver.find_elements(By.CSS_SELECTOR, "img.image-display-area")[index]
     return np.asarray(Image.open(io.BytesIO(element.screenshot_as_png)).convert("L"), np.float32)
 
 
-def _wait(condition, timeout=40.0, what="condition"):
+def _wait(condition, timeout=60.0, what="condition", poll=0.1):
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = condition()
         if value is not None and value is not False and not (isinstance(value, list) and not value):
             return value
-        time.sleep(0.3)
+        time.sleep(poll)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -157,7 +163,7 @@ def _changed(driver, before: np.ndarray):
     return check
 
 
-def _settled(driver, seconds=1.0, timeout=40.0) -> np.ndarray:
+def _settled(driver, seconds=0.4, timeout=40.0) -> np.ndarray:
     """The view's image once two captures ``seconds`` apart agree (renders of earlier changes have arrived)."""
     previous = _view_image(driver)
     deadline = time.time() + timeout
@@ -181,42 +187,45 @@ def test_review_in_chromium(station):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    driver, profile = _browser()
+    driver = station["driver"]
     shots = os.environ.get("DEEPDOSIMETRICS_REVIEW_SHOTS")
-    try:
-        driver.get(station["url"])
-        select = _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#patient-select option"), what="patient list")
-        patient = select[0].get_attribute("value")
-        Select(driver.find_element(By.ID, "patient-select")).select_by_value(patient)
-        _wait(lambda: driver.find_element(By.ID, "dvh").is_displayed(), what="the patient to load")
-        _wait(lambda: (lambda i: i if i.std() > 5 else None)(_view_image(driver)), what="a non-blank view")
-        first = _settled(driver)
-        assert first.std() > 5, "the slice view is blank"
-        if shots:
-            driver.save_screenshot(str(Path(shots) / "review_station.png"))
+    driver.get(station["url"])
+    select = _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#patient-select option"), what="patient list")
+    patient = select[0].get_attribute("value")
+    Select(driver.find_element(By.ID, "patient-select")).select_by_value(patient)
+    _wait(lambda: driver.find_element(By.ID, "dvh").is_displayed(), what="the patient to load")
+    _wait(lambda: (lambda i: i if i.std() > 5 else None)(_view_image(driver)), what="a non-blank view")
+    first = _settled(driver)
+    assert first.std() > 5, "the slice view is blank"
+    # the 3D view: structure surfaces on a uniform black background, built just after the slice images
+    _wait(lambda: "3D surfaces in" in driver.find_element(By.ID, "surfaces").text, what="the 3D surfaces")
+    threed = _wait(lambda: (lambda i: i if i.std() > 5 and (i > 20).mean() > 0.01 else None)(
+        _view_image(driver, 1)), what="a non-blank 3D view")
+    assert threed.std() > 5, "the 3D view is blank"
+    if shots:
+        driver.save_screenshot(str(Path(shots) / "review_station.png"))
 
-        _set_range(driver, "opacity", 1.0)  # the reconstruction covers the CT
-        _wait(_changed(driver, first), what="the view to change with the opacity slider")
-        second = _settled(driver)
+    _set_range(driver, "opacity", 1.0)  # the reconstruction covers the CT
+    _wait(_changed(driver, first), what="the view to change with the opacity slider")
+    second = _settled(driver)
 
-        Select(driver.find_element(By.ID, "fg-mode")).select_by_value("residual")
-        _wait(_changed(driver, second), what="the view to show the residual")
-        third = _settled(driver)
-        if shots:
-            driver.save_screenshot(str(Path(shots) / "review_station_residual.png"))
+    Select(driver.find_element(By.ID, "fg-mode")).select_by_value("residual")
+    _wait(_changed(driver, second), what="the view to show the residual")
+    third = _settled(driver)
+    if shots:
+        driver.save_screenshot(str(Path(shots) / "review_station_residual.png"))
 
-        _set_range(driver, "slider-z00", 3.0)
-        _wait(lambda: "decoded" in driver.find_element(By.ID, "traversal-message").text, what="the traversal")
-        _wait(_changed(driver, third), what="the view to change with the traversal slider")
+    _set_range(driver, "slider-z00", 3.0)
+    _wait(lambda: "decoded" in driver.find_element(By.ID, "traversal-message").text, what="the traversal")
+    _wait(_changed(driver, third), what="the view to change with the traversal slider")
+    _wait(lambda: "whole volume in" in driver.find_element(By.ID, "traversal-message").text,
+          what="the whole traversed volume (decoded in the background after the displayed planes)")
 
-        driver.find_element(By.ID, "verdict-not-acceptable").click()
-        driver.find_element(By.ID, "comment").send_keys("PTV edge lost, =cmd")
-        driver.find_element(By.ID, "reviewer").send_keys("test reviewer")
-        driver.find_element(By.ID, "save-verdict").click()
-        _wait(lambda: "saved" in driver.find_element(By.ID, "verdict-message").text, what="the verdict to be saved")
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
+    driver.find_element(By.ID, "verdict-not-acceptable").click()
+    driver.find_element(By.ID, "comment").send_keys("PTV edge lost, =cmd")
+    driver.find_element(By.ID, "reviewer").send_keys("test reviewer")
+    driver.find_element(By.ID, "save-verdict").click()
+    _wait(lambda: "saved" in driver.find_element(By.ID, "verdict-message").text, what="the verdict to be saved")
 
     import pandas as pd
 

@@ -1,7 +1,7 @@
 """The review station: a trame application on trame-slicer (Slicer's displayable managers, rendered offscreen).
 
-The page: the patient list (flagged worst first, sortable), three linked slice views (or the original and the
-reconstruction side by side), the foreground controls (reconstruction / residual, opacity), the dose wash,
+The page: the patient list (flagged worst first, sortable), three linked slice views and a 3D view of the
+structures as surfaces (or the original and the reconstruction side by side), the foreground controls (reconstruction / residual, opacity), the dose wash,
 structure outlines, window/level presets, the DVH and metrics of the patient, the outcome-analysis summary,
 the latent traversal sliders (with ``--model``) and the verdict form. Every value the browser sends is checked
 here: patient ids by the catalog, numbers clamped, choices matched against fixed lists.
@@ -9,6 +9,7 @@ here: patient ids by the catalog, numbers clamped, choices matched against fixed
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import sys
@@ -16,7 +17,7 @@ import time
 from typing import Any, Dict, List
 
 from DeepDosimetricsLib.review.catalog import Catalog
-from DeepDosimetricsLib.review.scene import WL_PRESETS, SceneBuilder, set_layers
+from DeepDosimetricsLib.review.scene import WL_PRESETS, SceneBuilder, set_layers, show_surfaces
 from DeepDosimetricsLib.review.security import AccessPolicy, install
 from DeepDosimetricsLib.review.verdicts import VERDICTS, VerdictStore
 from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError
@@ -25,6 +26,9 @@ log = logging.getLogger(__name__)
 FOREGROUND_MODES = ("reconstruction", "residual")
 SORT_KEYS = ("flagged", "psnr", "ptv_dice", "d95_error_gy", "dmean_error_gy", "mae_hu_body", "patient")
 MAIN_LAYOUT, SIDE_LAYOUT = "review", "side by side"
+THREED = "ThreeD"
+#: seconds between the slice images of a new patient and building its structure surfaces for the 3D view
+SURFACE_DELAY_S = 0.2
 SELECT_STYLE = "border:1px solid #888; border-radius:3px; padding:1px 4px; appearance:auto"
 
 
@@ -68,15 +72,22 @@ class ReviewApp:
         self.layouts = LayoutManager(self.slicer.scene, self.slicer.view_manager, self.server)
         axial, coronal, sagittal = (ViewLayoutDefinition.axial_view(), ViewLayoutDefinition.coronal_view(),
                                     ViewLayoutDefinition.sagittal_view())
+        # the 3D view: structure surfaces on a uniform background (a blank view is then recognisable)
+        threed = ViewLayoutDefinition.threed_view(name=THREED, background_color="#000000")
         original = ViewLayoutDefinition.slice_view("Axial", label="Original", color="#8888FF")
-        self.layouts.register_layout(MAIN_LAYOUT, Layout(LayoutDirection.Horizontal, [
-            axial, Layout(LayoutDirection.Vertical, [coronal, sagittal])], flex_sizes=["2", "1"]))
+        # Slicer's "four-up": axial | 3D above, coronal | sagittal below
+        self.layouts.register_layout(MAIN_LAYOUT, Layout(LayoutDirection.Vertical, [
+            Layout(LayoutDirection.Horizontal, [axial, threed]),
+            Layout(LayoutDirection.Horizontal, [coronal, sagittal])]))
         self.layouts.register_layout(SIDE_LAYOUT, Layout(LayoutDirection.Horizontal, [original, axial]),
                                      lazy_initialization=True)
         self.layouts.set_layout(MAIN_LAYOUT)
         self.builder = SceneBuilder(self.slicer.scene, catalog)
         self._dvh_curves: Dict[str, Any] = {}
         self._traversal_node = None
+        self._traversal_request = None
+        self._generation = 0  # bumped by every traversal request and patient change: stale background work stops
+        self._executor = None
         self._setup_crosshair()
         self._init_state()
         self._build_ui()
@@ -113,6 +124,7 @@ class ReviewApp:
             s[name] = 0.0
         s.traversal_message = "" if self.traverser is not None else "start with --model MODEL_DIR for traversal"
         s.traversal_ms = 0
+        s.surfaces = ""
         s.verdict = ""
         s.comment = ""
         s.reviewer = ""
@@ -136,6 +148,10 @@ class ReviewApp:
     # ------------------------------------------------------------------ views
     def slice_views(self):
         return [v for v in self.slicer.view_manager.get_slice_views()
+                if v.get_singleton_tag() in self.slicer.view_manager.get_current_view_ids()]
+
+    def threed_views(self):
+        return [v for v in self.slicer.view_manager.get_threed_views()
                 if v.get_singleton_tag() in self.slicer.view_manager.get_current_view_ids()]
 
     def _view(self, tag: str):
@@ -192,34 +208,112 @@ class ReviewApp:
                 if abs(_number(self.state[name], -3.0, 3.0, 0.0)) > 1e-9}
 
     def _foreground(self):
-        """The foreground node: the file reconstruction/residual, or the traversal result when shifted."""
-        from DeepDosimetricsLib.review.traversal import traversal_node
+        """The foreground node: the file reconstruction/residual, or the traversal result when shifted.
+
+        A traversal decodes the displayed planes first (the views update from them), then the whole volume in
+        the background (:meth:`_complete_traversal`), which replaces the node's voxels if still wanted.
+        """
+        from DeepDosimetricsLib.review.traversal import put_planes, traversal_node
 
         s = self.state
         current = self.builder.current
         mode = s.fg_mode if s.fg_mode in FOREGROUND_MODES else "reconstruction"
         shifts = self._shifts()
         if not shifts or s.channel not in getattr(self.traverser, "labels", []):
-            self._traversal_node = None
+            self._generation += 1  # any background decode is no longer wanted
+            self._traversal_node, self._traversal_request = None, None
             return self.builder.foreground(s.channel, mode)
-        started = time.perf_counter()
-        result = self.traverser.channel(current.patient, shifts, s.channel, residual=(mode == "residual"))
+        residual = mode == "residual"
         key = ("traversal", s.channel, mode)
         reuse = self._traversal_node if current.foreground_key == key else None
-        node = traversal_node(self.slicer.scene, f"{current.patient} {s.channel} traversal", result, reuse)
+        request = (current.patient, self.traverser.key(shifts), s.channel, mode)
+        if reuse is not None and reuse.GetScene() is not None and self._traversal_request == request:
+            return reuse  # e.g. the opacity moved: nothing to decode
+        self._generation += 1  # a background decode of an earlier request is no longer wanted
+        self._traversal_request = request
+        started = time.perf_counter()
+        traverser = self.traverser
+        node = traversal_node(self.slicer.scene, f"{current.patient} {s.channel} traversal",
+                              traverser.patient_shape(current.patient), traverser.geometry,
+                              fill=0.0 if residual else traverser.fill_units(s.channel), existing=reuse)
+        result = traverser.planes(current.patient, shifts, s.channel, self._display_planes(node), residual)
+        put_planes(node, result)
         if reuse is None:
             limit = None
-            if mode == "residual":
+            if residual:
                 import numpy as np
 
-                limit = float(np.percentile(np.abs(result.volume), 99)) or 1.0
+                values = np.concatenate([plane.ravel() for _, plane in result.planes.values()] or [np.zeros(1)])
+                limit = float(np.percentile(np.abs(values), 99)) or 1.0
             self.builder.style_foreground(node, s.channel, mode, limit)
         self.builder.replace_foreground(node, key)
         self._traversal_node = node
         s.traversal_ms = int(round(1000 * (time.perf_counter() - started)))
         text = ", ".join(f"{k} {v:+.1f} SD" for k, v in sorted(shifts.items()))
-        s.traversal_message = f"{text}: decoded in {s.traversal_ms} ms" + (" (kept)" if result.cached else "")
+        if result.full is not None:
+            s.traversal_message = f"{text}: decoded in {s.traversal_ms} ms (kept)"
+        else:
+            s.traversal_message = (f"{text}: decoded in {s.traversal_ms} ms ({result.tiles} tiles of the "
+                                   "displayed planes; whole volume following)")
+            self._complete_traversal(current.patient, shifts, s.channel, residual, node, text)
         return node
+
+    def _display_planes(self, node):
+        """(z, y, x) indices on ``node``'s grid of the planes the slice views show (None where none does)."""
+        import numpy as np
+        import vtk
+
+        ras_to_ijk = vtk.vtkMatrix4x4()
+        node.GetRASToIJKMatrix(ras_to_ijk)
+        matrix = np.array([[ras_to_ijk.GetElement(r, c) for c in range(4)] for r in range(4)])
+        planes = [None, None, None]
+        for view in self.slice_views():
+            slice_to_ras = view.get_view_node().GetSliceToRAS()
+            m = np.array([[slice_to_ras.GetElement(r, c) for c in range(4)] for r in range(4)])
+            normal = matrix[:3, :3] @ m[:3, 2]
+            ijk = matrix @ m[:, 3]
+            axis = int(np.argmax(np.abs(normal)))  # i (x), j (y) or k (z)
+            planes[2 - axis] = int(round(float(ijk[axis])))
+        return tuple(planes)
+
+    def _complete_traversal(self, patient, shifts, channel, residual, node, text) -> None:
+        """Decode the whole volume in a worker thread; put it into ``node`` unless a newer request came."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from DeepDosimetricsLib.review.traversal import Cancelled, put_volume
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (scripts): the planes are what was asked for
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="traversal")
+        generation = self._generation
+
+        def work():
+            return self.traverser.full(patient, shifts, channel, residual,
+                                       cancelled=lambda: generation != self._generation)
+
+        future = loop.run_in_executor(self._executor, work)
+
+        async def finish():
+            try:
+                result = await future
+            except Cancelled:
+                return
+            except Exception:  # noqa: BLE001 - logged; the planes stay on show
+                log.exception("background traversal decode")
+                return
+            if generation != self._generation or self._traversal_node is not node or node.GetScene() is None:
+                return
+            put_volume(node, result.volume)
+            for view in self.slice_views():
+                view.schedule_render()
+            with self.state:
+                self.state.traversal_message = (f"{text}: decoded in {self.state.traversal_ms} ms, whole volume "
+                                                f"in {1000 * result.seconds:.0f} ms more")
+
+        asyncio.ensure_future(finish())
 
     # ------------------------------------------------------------------ actions
     def select_patient(self, patient: Any) -> None:
@@ -235,7 +329,8 @@ class ReviewApp:
             if self.traverser is not None:
                 for name in self.traverser.names:
                     s[name] = 0.0
-            self._traversal_node = None
+            self._traversal_node, self._traversal_request = None, None
+            self._generation += 1
             current = self.builder.load(pid)
             s.structures_all = list(current.structures)
             s.structures_shown = [n for n in current.structures if n.upper().startswith("PTV")][:1] or \
@@ -245,6 +340,7 @@ class ReviewApp:
             self._dvh(pid)
             self.refresh_layers()
             self._centre_views()
+            self._schedule_surfaces(current)
             mine = self.verdicts.latest().get(pid)
             s.verdict = mine["verdict"] if mine else ""
             s.comment = mine["comment"] if mine else ""
@@ -256,6 +352,32 @@ class ReviewApp:
             s.error = f"{pid}: could not be shown ({type(error).__name__})"
         finally:
             s.busy = False
+
+    def _schedule_surfaces(self, current) -> None:
+        """Build the 3D view's structure surfaces just after the slice images of ``current`` went out."""
+        self.state.surfaces = "building 3D surfaces..." if current.segmentation is not None else ""
+
+        def build():
+            if self.builder.current is not current or current.segmentation is None:
+                return
+            started = time.perf_counter()
+            try:
+                show_surfaces(current.segmentation)
+                for view in self.threed_views():
+                    view.reset_focal_point()
+                    view.reset_camera()
+                    view.schedule_render()
+                message = f"3D surfaces in {time.perf_counter() - started:.1f} s"
+            except Exception as error:  # noqa: BLE001 - the slice views stay usable without the 3D view
+                log.exception("3D surfaces of %s", current.patient)
+                message = f"no 3D surfaces ({type(error).__name__})"
+            with self.state:
+                self.state.surfaces = message
+
+        try:
+            asyncio.get_running_loop().call_later(SURFACE_DELAY_S, build)
+        except RuntimeError:  # no event loop (scripts)
+            build()
 
     def _centre_views(self) -> None:
         """Fit the views and put the cursor and the slices through the target's centre."""
@@ -396,6 +518,7 @@ class ReviewApp:
                 v3.VSpacer()
                 html.Span("{{ error }}", id="error", style="color:#ff8a80; margin-right:1em")
                 html.Span("loading...", v_show="busy", style="margin-right:1em")
+                html.Span("{{ surfaces }}", id="surfaces", style="color:#aaa; margin-right:1em")
             with layout.drawer as drawer:
                 drawer.width = 380
                 with html.Div(style="padding:8px; font-size:13px"):

@@ -5,7 +5,8 @@
   kept): window channels as int16 HU, dose and probabilities as float32; the residual in a diverging map
   centred on 0; a traversal result replaces it on the cache grid (see :mod:`.traversal`);
 - the original dose as a colour wash with zero hidden (a further slice layer);
-- structures as one segmentation drawn as outlines (the PTV always visible).
+- structures as one segmentation drawn as outlines in the slice views and as closed surfaces in the 3D view
+  (:func:`show_surfaces`, built once per patient after the slice images; the PTV always visible).
 
 Nodes are made through the MRML layer (``mrml.volumes``, ``mrml.display``, ``mrml.segments``) in the scene
 that trame-slicer's ``SlicerApp`` owns.
@@ -28,6 +29,8 @@ WL_PRESETS = {"soft tissue": (400.0, 40.0), "lung": (1500.0, -600.0), "bone": (1
 #: the slice-composite layer index of the dose wash (0 background, 1 foreground, 2 label, 3.. additional)
 DOSE_LAYER = 3
 TARGET = "PTV"
+#: smoothing of the structure surfaces in the 3D view (Slicer's default 0.5; lower is quicker, blockier)
+SURFACE_SMOOTHING = 0.3
 
 
 def channel_stems(catalog: Catalog) -> Dict[str, str]:
@@ -205,6 +208,23 @@ class SceneBuilder:
             segment_id = segmentation.GetNthSegmentID(index)
             name = segmentation.GetSegment(segment_id).GetName()
             shown.SetSegmentVisibility(segment_id, name in wanted or name.upper().startswith(TARGET))
+
+
+def show_surfaces(segmentation_node: Any, smoothing: float = SURFACE_SMOOTHING) -> None:
+    """Show the structures in the 3D view as closed surfaces (made once from the labelmaps; no volume rendering).
+
+    The slice views keep drawing outlines from the labelmaps; segment visibility (PTV always) applies to both.
+    """
+    if segmentation_node is None:
+        return
+    segmentation = segmentation_node.GetSegmentation()
+    segmentation.SetConversionParameter("Smoothing factor", f"{float(smoothing):g}")
+    segmentation_node.CreateClosedSurfaceRepresentation()
+    shown = segmentation_node.GetDisplayNode()
+    if shown is not None:
+        shown.SetPreferredDisplayRepresentationName3D("Closed surface")
+        shown.SetVisibility3D(True)
+        shown.SetOpacity3D(1.0)
 
 
 def composite_node(scene: Any, slice_view: Any) -> Any:

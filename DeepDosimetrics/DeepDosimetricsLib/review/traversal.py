@@ -3,20 +3,32 @@ and decode it again, fast enough to follow a slider.
 
 Nothing is encoded again: the patient's tile features and positions come from ``ENC_DIR/<id>/tiles.csv`` (the
 encoder's own output), the standard deviation of each feature over every tile of the cohort from
-``ENC_DIR/tiles.csv``. A change decodes the body tiles with the shifted features (``deep.encode.encoder``'s
-``TileModel`` and ``decode_tiles``) and blends them on the cache grid, which MRML places in physical space
-itself, so there is no resampling back to the CT grid. Results are kept per shift vector (a few), so going
-back to a position is immediate, and the patient's original channel (for the residual) is read once.
+``ENC_DIR/tiles.csv``.
+
+Fast by design, in two stages:
+
+1. :meth:`Traverser.planes` decodes only the tiles that cross the three displayed planes (one batched
+   decoder call per 32 tiles, ``torch.inference_mode``, a channels_last_3d network) and blends those planes
+   alone. Every tile that covers a voxel of a plane crosses that plane, so the planes are exactly what the
+   full decode gives there. The views are updated from them at once.
+2. :meth:`Traverser.full` decodes every body tile (in the background, cancellable between batches) for the
+   rest of the volume; the station puts it in place when it is done and still wanted.
+
+Only the channel on show is blended and kept (one (z, y, x) float32 per shift vector, a few of them, within a
+memory budget), and the original's planes for the residual are read from the cache as thin slabs, never the
+whole volume. The result lives on the cache grid, which MRML places in physical space itself: no resampling.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -25,8 +37,13 @@ from DeepDosimetricsLib.runtime.errors import InputError
 
 log = logging.getLogger(__name__)
 SIGMA_RANGE = (-3.0, 3.0)
-#: decoded shift vectors kept per patient (each one volume of C channels on the cache grid)
+#: decoded volumes kept (one channel each), at most this many and at most KEEP_BYTES together
 KEEP = 4
+KEEP_BYTES = 512 << 20
+#: tiles per decoder call
+BATCH = 32
+#: (z index, y index, x index) of the displayed planes on the cache grid; None = that plane is not shown
+Planes = Tuple[Optional[int], Optional[int], Optional[int]]
 
 
 @dataclass
@@ -35,6 +52,17 @@ class TraversalResult:
     geometry: object  # DeepDosimetricsLib.data.geometry.Geometry of the cache grid
     seconds: float
     cached: bool
+
+
+@dataclass
+class PlaneResult:
+    """The three displayed planes of a traversal, in physical units: axis (0 z, 1 y, 2 x) -> (index, 2-D)."""
+
+    planes: Dict[int, Tuple[int, np.ndarray]]
+    geometry: object
+    seconds: float
+    tiles: int  # tiles decoded for the planes (0 when a kept full volume answered)
+    full: Optional[np.ndarray] = None  # the whole volume when it was already decoded
 
 
 def find_cache(catalog, cache_dir: Optional[Union[str, Path]]):
@@ -56,8 +84,83 @@ def find_cache(catalog, cache_dir: Optional[Union[str, Path]]):
     return cache
 
 
+# ---------------------------------------------------------------------------------------------------
+# Planes first: pure functions (tested against the full stitcher)
+# ---------------------------------------------------------------------------------------------------
+def plane_tiles(positions: Sequence[Sequence[int]], tile: Sequence[int], planes: Planes) -> List[int]:
+    """Indices of the tiles (starts ``positions``, size ``tile``) whose window crosses one of ``planes``."""
+    keep = []
+    for index, start in enumerate(positions):
+        for axis, plane in enumerate(planes):
+            if plane is not None and start[axis] <= plane < start[axis] + tile[axis]:
+                keep.append(index)
+                break
+    return keep
+
+
+def blend_planes(shape: Sequence[int], weights: np.ndarray, starts: Sequence[Sequence[int]],
+                 values: Sequence[np.ndarray], planes: Planes, fill: float) -> Dict[int, Tuple[int, np.ndarray]]:
+    """The planes of the Gaussian blend of tiles ``values`` (each (tz, ty, tx), one channel) at ``starts``.
+
+    Equal, on the planes, to what ``SlabStitcher`` gives for the whole volume when ``starts`` holds every tile
+    crossing them. Voxels of a plane no tile covers get ``fill``. Returns axis -> (index, 2-D array).
+    """
+    shape = tuple(int(s) for s in shape)
+    tile = weights.shape
+    sums, totals = {}, {}
+    for axis, plane in enumerate(planes):
+        if plane is not None and 0 <= plane < shape[axis]:
+            rest = tuple(s for a, s in enumerate(shape) if a != axis)
+            sums[axis] = np.zeros(rest, np.float32)
+            totals[axis] = np.zeros(rest, np.float32)
+    for start, value in zip(starts, values):
+        start = tuple(int(s) for s in start)
+        ends = tuple(min(s + t, n) for s, t, n in zip(start, tile, shape))
+        for axis in sums:
+            offset = planes[axis] - start[axis]
+            if not 0 <= offset < ends[axis] - start[axis]:
+                continue
+            crop = [slice(0, e - s) for s, e in zip(start, ends)]
+            crop[axis] = offset
+            target = tuple(slice(s, e) for a, (s, e) in enumerate(zip(start, ends)) if a != axis)
+            w = weights[tuple(crop)]
+            sums[axis][target] += np.asarray(value)[tuple(crop)] * w
+            totals[axis][target] += w
+    out = {}
+    for axis in sums:
+        covered = totals[axis] > 0
+        plane = np.divide(sums[axis], np.where(covered, totals[axis], 1.0))
+        plane[~covered] = fill
+        out[axis] = (int(planes[axis]), plane.astype(np.float32))
+    return out
+
+
+class _ChannelSink:
+    """Keeps one channel of the stitched planes."""
+
+    def __init__(self, shape, channel: int):
+        self.array = np.empty(tuple(shape), np.float32)
+        self.channel = channel
+
+    def __call__(self, z: int, block: np.ndarray) -> None:
+        self.array[z : z + block.shape[1]] = block[self.channel]
+
+
+class Cancelled(Exception):
+    """A background decode that is no longer wanted."""
+
+
+def default_threads() -> int:
+    """Decoder threads: the cores this process may use, at most 4 (more do not help a small decoder)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
 class Traverser:
-    """Decodes one patient at a time with shifted features."""
+    """Decodes one patient at a time with shifted features: the displayed planes first, the volume after."""
 
     def __init__(self, model_dir: Union[str, Path], catalog, cache_dir=None, threads: Optional[int] = None):
         import torch
@@ -66,11 +169,10 @@ class Traverser:
         from DeepDosimetricsLib.deep.encode.encoder import TileModel, feature_names
         from DeepDosimetricsLib.deep.model import load_model
 
-        if threads:
-            torch.set_num_threads(int(threads))
+        torch.set_num_threads(int(threads) if threads else default_threads())
         self.catalog = catalog
         model, config = load_model(model_dir, device="cpu", channels=catalog.channels or None)
-        self.runner = TileModel(model, "cpu")
+        self.runner = TileModel(model, "cpu")  # eval, channels_last_3d on CPU, decodes under inference_mode
         self.specs = parse_channels(list(config.channels))
         self.labels = [s.label for s in self.specs]
         self.names = feature_names(config.features)
@@ -83,12 +185,15 @@ class Traverser:
             raise InputError(f"{tiles} cannot be read ({error})") from None
         self.std = table.std(ddof=0).to_dict()
         self._patient: Optional[str] = None
-        self._results: OrderedDict[Tuple, np.ndarray] = OrderedDict()
+        self._kept: OrderedDict[Tuple, np.ndarray] = OrderedDict()  # (shift key, label) -> (z, y, x) in [0, 1]
+        self._truth_planes: Dict[Tuple, np.ndarray] = {}
         self._truth: Dict[str, np.ndarray] = {}
+        self._lock = threading.RLock()  # the background decode and the event loop share the patient state
 
     # ------------------------------------------------------------------ patient
     def _load_patient(self, patient: str) -> None:
-        from DeepDosimetricsLib.deep.tiling import TileGrid
+        from DeepDosimetricsLib.deep.encode.reconstruction import air_values
+        from DeepDosimetricsLib.deep.tiling import TileGrid, gaussian_weights
 
         if self._patient == patient:
             return
@@ -100,69 +205,207 @@ class Traverser:
         self.positions = [tuple(int(v) for v in row) for row in table[["z", "y", "x"]].to_numpy()]
         self.base = table[self.names].to_numpy(np.float32)
         self.grid = TileGrid.create(self.cp.shape, self.runner.config.tile, self.overlap)
-        from DeepDosimetricsLib.deep.encode.reconstruction import air_values
-
+        self.weights = gaussian_weights(self.grid.tile)
         self.fill = air_values(self.cp, self.specs)
         self._patient = patient
-        self._results.clear()
+        self._kept.clear()
+        self._truth_planes.clear()
         self._truth.clear()
+
+    def patient_shape(self, patient: str) -> Tuple[int, int, int]:
+        """The cache grid's (z, y, x) size of ``patient`` (loaded if needed)."""
+        with self._lock:
+            self._load_patient(patient)
+            return self.shape
+
+    def fill_units(self, label: str) -> float:
+        """``label``'s value outside the body (air) in physical units."""
+        return float(self._units(label, self.fill[self._index(label) : self._index(label) + 1])[0])
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        return tuple(self.cp.shape)
+
+    @property
+    def geometry(self):
+        return self.cp.geometry
 
     @staticmethod
     def key(shifts: Dict[str, float]) -> Tuple:
         return tuple(sorted((k, round(float(v), 3)) for k, v in shifts.items() if abs(float(v)) > 1e-9))
 
-    def decode(self, patient: str, shifts: Dict[str, float]) -> Tuple[np.ndarray, bool]:
-        """(C, z, y, x) float32 in [0, 1] on the cache grid for features shifted by ``shifts`` (name -> SD)."""
-        from DeepDosimetricsLib.deep.encode.encoder import decode_tiles
-        from DeepDosimetricsLib.deep.tiling import ArraySink
-
-        self._load_patient(patient)
-        key = self.key(shifts)
-        if key in self._results:
-            self._results.move_to_end(key)
-            return self._results[key], True
+    def _features(self, key: Tuple) -> np.ndarray:
         features = self.base.copy()
         for name, sigma in key:
             if name not in self.names:
                 raise InputError(f"unknown feature {name}")
             sigma = min(max(sigma, SIGMA_RANGE[0]), SIGMA_RANGE[1])
             features[:, self.names.index(name)] += np.float32(sigma * self.std.get(name, 0.0))
-        sink = ArraySink(self.cp.shape, len(self.specs))
-        decode_tiles(self.runner, self.grid, self.positions, features, sink, self.fill, batch=8)
-        self._results[key] = sink.array
-        while len(self._results) > KEEP:
-            self._results.popitem(last=False)
-        return sink.array, False
+        return features
 
-    def channel(self, patient: str, shifts: Dict[str, float], label: str, residual: bool = False) -> TraversalResult:
-        """One channel of the traversed patient in physical units (minus the original with ``residual``)."""
+    def _index(self, label: str) -> int:
+        if label not in self.labels:
+            raise InputError(f"the model has no channel {label}")
+        return self.labels.index(label)
+
+    def _units(self, label: str, values: np.ndarray) -> np.ndarray:
         from DeepDosimetricsLib.deep.channels import to_units
+
+        return to_units(self.specs[self._index(label)], values, self.cp.prescription_gy)
+
+    # ------------------------------------------------------------------ stage 1: the displayed planes
+    def planes(self, patient: str, shifts: Dict[str, float], label: str, planes: Planes,
+               residual: bool = False) -> PlaneResult:
+        """The displayed planes of ``label`` decoded with ``shifts`` (minus the original with ``residual``)."""
+        start = time.perf_counter()
+        with self._lock:
+            self._load_patient(patient)
+            key, channel = self.key(shifts), self._index(label)
+            shape = self.shape
+            planes = tuple(None if p is None else int(min(max(int(p), 0), shape[a] - 1))
+                           for a, p in enumerate(planes))
+            kept = self._kept.get((key, label))
+            if kept is not None:
+                self._kept.move_to_end((key, label))
+                values = {a: (p, np.take(kept, p, axis=a)) for a, p in enumerate(planes) if p is not None}
+                count = 0
+            else:
+                chosen = plane_tiles(self.positions, self.grid.tile, planes)
+                features = self._features(key)
+                starts, tiles = [], []
+                for group in _chunks(chosen, BATCH):
+                    decoded = self.runner.decode_channels_last(features[group])[..., channel]
+                    starts += [self.positions[i] for i in group]
+                    tiles += list(decoded)
+                values = blend_planes(shape, self.weights, starts, tiles, planes, float(self.fill[channel]))
+                count = len(chosen)
+            result = {}
+            for axis, (index, plane) in values.items():
+                plane = self._units(label, plane)
+                if residual:
+                    plane = plane - self._truth_plane(label, axis, index)
+                result[axis] = (index, np.ascontiguousarray(plane, np.float32))
+            full = None
+            if kept is not None:
+                full = self._units(label, kept)
+                if residual:
+                    full = full - self.truth(label)
+        return PlaneResult(result, self.geometry, time.perf_counter() - start, count, full)
+
+    def _truth_plane(self, label: str, axis: int, index: int) -> np.ndarray:
+        """The original's plane in physical units, read from the cache as one thin slab (kept)."""
+        kept = self._truth_planes.get((label, axis, index))
+        if kept is None:
+            if label in self._truth:
+                kept = np.take(self._truth[label], index, axis=axis)
+            else:
+                start = [0, 0, 0]
+                size = list(self.shape)
+                start[axis], size[axis] = index, 1
+                slab = self.cp.read_tile([self.specs[self._index(label)]], start, size)[0]
+                kept = self._units(label, np.take(slab, 0, axis=axis))
+            if len(self._truth_planes) > 48:
+                self._truth_planes.clear()
+            self._truth_planes[(label, axis, index)] = kept
+        return kept
+
+    def truth(self, label: str) -> np.ndarray:
+        """The original channel in physical units on the cache grid (read once per patient and channel)."""
         from DeepDosimetricsLib.deep.encode.reconstruction import read_channel
 
+        with self._lock:
+            values = self._truth.get(label)
+            if values is None:
+                values = self._truth[label] = self._units(label, read_channel(self.cp, self.specs[self._index(label)]))
+            return values
+
+    # ------------------------------------------------------------------ stage 2: the whole volume
+    def full(self, patient: str, shifts: Dict[str, float], label: str, residual: bool = False,
+             cancelled: Callable[[], bool] = lambda: False) -> TraversalResult:
+        """The whole channel decoded with ``shifts``; raises :class:`Cancelled` when ``cancelled()`` turns true."""
+        from DeepDosimetricsLib.deep.tiling import SlabStitcher
+
         start = time.perf_counter()
-        volumes, cached = self.decode(patient, shifts)
-        index = self.labels.index(label)
-        spec = self.specs[index]
-        values = to_units(spec, volumes[index], self.cp.prescription_gy)
+        with self._lock:
+            self._load_patient(patient)
+            key, channel = self.key(shifts), self._index(label)
+            kept = self._kept.get((key, label))
+            features = self._features(key) if kept is None else None
+            positions, grid, fill, cp = list(self.positions), self.grid, self.fill, self.cp
+        cached = kept is not None
+        if kept is None:
+            sink = _ChannelSink(grid.shape, channel)
+            stitcher = SlabStitcher(grid.shape, len(self.specs), grid.tile, sink, fill=fill)
+            ordered = sorted(range(len(positions)), key=lambda i: positions[i])
+            for group in _chunks(ordered, BATCH):
+                if cancelled():
+                    raise Cancelled()
+                for index, values in zip(group, self.runner.decode_channels_last(features[group])):
+                    stitcher.add_channels_last(positions[index], values)
+            stitcher.finish()
+            kept = sink.array
+            with self._lock:
+                if self._patient != patient or self.cp is not cp:
+                    raise Cancelled()
+                self._keep((key, label), kept)
+        values = self._units(label, kept)
         if residual:
-            truth = self._truth.get(label)
-            if truth is None:
-                truth = self._truth[label] = to_units(spec, read_channel(self.cp, spec), self.cp.prescription_gy)
-            values = values - truth
-        return TraversalResult(np.ascontiguousarray(values, np.float32), self.cp.geometry,
+            values = values - self.truth(label)
+        return TraversalResult(np.ascontiguousarray(values, np.float32), cp.geometry,
                                time.perf_counter() - start, cached)
 
+    def _keep(self, key: Tuple, volume: np.ndarray) -> None:
+        self._kept[key] = volume
+        self._kept.move_to_end(key)
+        while len(self._kept) > 1 and (len(self._kept) > KEEP
+                                       or sum(v.nbytes for v in self._kept.values()) > KEEP_BYTES):
+            self._kept.popitem(last=False)
 
-def traversal_node(scene, name: str, result: TraversalResult, existing=None):
-    """Put a traversal result into a volume node (reused when given) on the cache grid's geometry."""
-    import slicer
+    def channel(self, patient: str, shifts: Dict[str, float], label: str, residual: bool = False) -> TraversalResult:
+        """One channel of the traversed patient in physical units, whole (scripts; the station uses planes)."""
+        return self.full(patient, shifts, label, residual)
 
+
+def _chunks(items: Sequence[int], size: int):
+    items = list(items)
+    for first in range(0, len(items), size):
+        yield items[first : first + size]
+
+
+def traversal_node(scene, name: str, shape: Sequence[int], geometry, fill: float = 0.0, existing=None):
+    """A float32 volume node on the cache grid for traversal results (``existing`` reused when still there)."""
     from DeepDosimetricsLib.mrml import volumes
 
-    if existing is None or existing.GetScene() is None:
-        return volumes.image_to_volume(result.geometry.image_from_array(result.volume), name, scene=scene)
-    slicer.util.updateVolumeFromArray(existing, result.volume)
-    return existing
+    if existing is not None and existing.GetScene() is not None:
+        return existing
+    volume = np.full(tuple(shape), np.float32(fill), np.float32)
+    return volumes.image_to_volume(geometry.image_from_array(volume), name, scene=scene)
+
+
+def put_planes(node, result: PlaneResult) -> None:
+    """Write the planes (or the whole volume) of a result into the node's voxels in place."""
+    import slicer
+
+    array = slicer.util.arrayFromVolume(node)
+    if result.full is not None and result.full.shape == array.shape:
+        array[...] = result.full
+    else:
+        for axis, (index, plane) in result.planes.items():
+            if axis == 0:
+                array[index] = plane
+            elif axis == 1:
+                array[:, index] = plane
+            else:
+                array[:, :, index] = plane
+    slicer.util.arrayFromVolumeModified(node)
+
+
+def put_volume(node, volume: np.ndarray) -> None:
+    import slicer
+
+    array = slicer.util.arrayFromVolume(node)
+    array[...] = volume
+    slicer.util.arrayFromVolumeModified(node)
 
 
 def sigma_names(count: int) -> Sequence[str]:
