@@ -137,9 +137,14 @@ def main() -> None:
         patient = driver.find_elements(By.CSS_SELECTOR, "#patient-select option")[0].get_attribute("value")
         Select(driver.find_element(By.ID, "patient-select")).select_by_value(patient)
         first_s, first = wait(lambda: (lambda i: i if i.std() > 5 else None)(image()))
+        print("first image", first_s, flush=True)
+        surfaces_s, _ = wait(lambda: True if "3D surfaces in" in driver.find_element(By.ID, "surfaces").text
+                             else None, timeout=600.0)
+        surfaces_s = surfaces_s and first_s + surfaces_s
+        surfaces = driver.find_element(By.ID, "surfaces").text
+        print("3D surfaces", surfaces_s, surfaces, flush=True)
         time.sleep(2)
         first = image()
-        print("first image", first_s, flush=True)
         cpu0 = cpu_s(server.pid)
         set_range("opacity", 1.0)
         opacity_s, second = wait(changed(first))
@@ -171,6 +176,7 @@ def main() -> None:
     server.wait(20)
     print(json.dumps({"source": str(args.openkbp or args.phantom), "server_ready_s": round(serving_s, 2),
                       "page_s": round(page_s, 2), "patient_to_first_image_s": round(first_s, 2),
+                      "patient_to_3d_surfaces_s": surfaces_s and round(surfaces_s, 2), "surfaces": surfaces,
                       "opacity_to_image_s": opacity_s and round(opacity_s, 2),
                       "opacity_server_cpu_s": round(opacity_cpu, 2),
                       "traversal_to_image_s": [t and round(t, 2) for t in traversal],

@@ -29,6 +29,8 @@ MAIN_LAYOUT, SIDE_LAYOUT = "review", "side by side"
 THREED = "ThreeD"
 #: seconds between the slice images of a new patient and building its structure surfaces for the 3D view
 SURFACE_DELAY_S = 0.2
+#: seconds between a traversal's planes and the start of its whole-volume decode in the background
+BACKGROUND_DELAY_S = 0.3
 SELECT_STYLE = "border:1px solid #888; border-radius:3px; padding:1px 4px; appearance:auto"
 
 
@@ -67,8 +69,11 @@ class ReviewApp:
         self.server.enable_module(trame_slicer_module)
         install(self.server, policy)
         self.slicer = SlicerApp()
+        # interactive quality = still quality (90): trame-rca then renders and encodes each update once, not
+        # an interactive frame followed by a still one (two software-GL renders per view per change)
         register_rca_factories(self.slicer.view_manager, self.server, slice_view_ui_f=_no_view_ui,
-                               three_d_view_ui_f=_no_view_ui, target_fps=10.0, blur_fps=5.0)
+                               three_d_view_ui_f=_no_view_ui, target_fps=10.0, blur_fps=5.0,
+                               interactive_quality=90)
         self.layouts = LayoutManager(self.slicer.scene, self.slicer.view_manager, self.server)
         axial, coronal, sagittal = (ViewLayoutDefinition.axial_view(), ViewLayoutDefinition.coronal_view(),
                                     ViewLayoutDefinition.sagittal_view())
@@ -294,11 +299,12 @@ class ReviewApp:
             return self.traverser.full(patient, shifts, channel, residual,
                                        cancelled=lambda: generation != self._generation)
 
-        future = loop.run_in_executor(self._executor, work)
-
         async def finish():
+            await asyncio.sleep(BACKGROUND_DELAY_S)  # the planes' frames go out first
+            if generation != self._generation:
+                return
             try:
-                result = await future
+                result = await loop.run_in_executor(self._executor, work)
             except Cancelled:
                 return
             except Exception:  # noqa: BLE001 - logged; the planes stay on show

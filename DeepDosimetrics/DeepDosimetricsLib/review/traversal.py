@@ -42,6 +42,8 @@ KEEP = 4
 KEEP_BYTES = 512 << 20
 #: tiles per decoder call
 BATCH = 32
+#: decoded plane tiles (the shown channel) kept for the whole-volume decode that follows, at most this much
+TILE_BYTES = 256 << 20
 #: (z index, y index, x index) of the displayed planes on the cache grid; None = that plane is not shown
 Planes = Tuple[Optional[int], Optional[int], Optional[int]]
 
@@ -188,6 +190,7 @@ class Traverser:
         self._kept: OrderedDict[Tuple, np.ndarray] = OrderedDict()  # (shift key, label) -> (z, y, x) in [0, 1]
         self._truth_planes: Dict[Tuple, np.ndarray] = {}
         self._truth: Dict[str, np.ndarray] = {}
+        self._tiles: Tuple[Tuple, Dict[int, np.ndarray]] = ((), {})  # (shift key, label), tile index -> values
         self._lock = threading.RLock()  # the background decode and the event loop share the patient state
 
     # ------------------------------------------------------------------ patient
@@ -209,6 +212,7 @@ class Traverser:
         self.fill = air_values(self.cp, self.specs)
         self._patient = patient
         self._kept.clear()
+        self._tiles = ((), {})
         self._truth_planes.clear()
         self._truth.clear()
 
@@ -271,14 +275,19 @@ class Traverser:
                 count = 0
             else:
                 chosen = plane_tiles(self.positions, self.grid.tile, planes)
+                known = self._tiles[1] if self._tiles[0] == (key, label) else {}
+                wanted = [i for i in chosen if i not in known]
                 features = self._features(key)
-                starts, tiles = [], []
-                for group in _chunks(chosen, BATCH):
+                for group in _chunks(wanted, BATCH):
                     decoded = self.runner.decode_channels_last(features[group])[..., channel]
-                    starts += [self.positions[i] for i in group]
-                    tiles += list(decoded)
-                values = blend_planes(shape, self.weights, starts, tiles, planes, float(self.fill[channel]))
-                count = len(chosen)
+                    for index, values in zip(group, decoded):
+                        known[index] = np.ascontiguousarray(values)
+                values = blend_planes(shape, self.weights, [self.positions[i] for i in chosen],
+                                      [known[i] for i in chosen], planes, float(self.fill[channel]))
+                # kept for the whole-volume decode that follows (these tiles are not decoded twice)
+                room = max(0, TILE_BYTES // max(1, self.weights.nbytes))
+                self._tiles = ((key, label), dict(list(known.items())[:room]))
+                count = len(wanted)
             result = {}
             for axis, (index, plane) in values.items():
                 plane = self._units(label, plane)
@@ -332,16 +341,21 @@ class Traverser:
             kept = self._kept.get((key, label))
             features = self._features(key) if kept is None else None
             positions, grid, fill, cp = list(self.positions), self.grid, self.fill, self.cp
+            known = dict(self._tiles[1]) if self._tiles[0] == (key, label) else {}
         cached = kept is not None
         if kept is None:
-            sink = _ChannelSink(grid.shape, channel)
-            stitcher = SlabStitcher(grid.shape, len(self.specs), grid.tile, sink, fill=fill)
+            sink = _ChannelSink(grid.shape, 0)
+            stitcher = SlabStitcher(grid.shape, 1, grid.tile, sink, fill=fill[channel : channel + 1])
             ordered = sorted(range(len(positions)), key=lambda i: positions[i])
-            for group in _chunks(ordered, BATCH):
+            for group in _chunks(ordered, BATCH // 4):  # small groups: a newer request stops this one soon
                 if cancelled():
                     raise Cancelled()
-                for index, values in zip(group, self.runner.decode_channels_last(features[group])):
-                    stitcher.add_channels_last(positions[index], values)
+                missing = [i for i in group if i not in known]
+                if missing:
+                    for index, values in zip(missing, self.runner.decode_channels_last(features[missing])):
+                        known[index] = values[..., channel]
+                for index in group:
+                    stitcher.add_channels_last(positions[index], known.pop(index)[..., None])
             stitcher.finish()
             kept = sink.array
             with self._lock:
