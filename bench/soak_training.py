@@ -10,9 +10,14 @@ Encode (``--encode-kills M``): the same with ``deepdosimetrics encode --resume -
 cohort; the final tables (features, tiles, metrics) and every patient's files must equal the reference's,
 with no ``.partial-*`` folder left.
 
-A kill moment is, for one attempt in five, uniform from the process start to the time the reference took to
-reach its first step or patient (imports, cache check, checkpoint loading); otherwise uniform within two
-checkpoint intervals after the attempt's first progress line (mid-step, mid-checkpoint write, mid-patient).
+Kill moments, by attempt: one in five uniform from the process start to the time the reference took to
+reach its first step or patient (imports, cache check, checkpoint loading); for training one in five just
+after the progress line of a checkpoint step (while the checkpoint is written), the others after a random
+number (1 to 2 checkpoint intervals) of steps plus a random fraction of a step; for encode a random moment
+within 1.5 patients after the attempt's first patient starts (mostly mid-patient).
+
+Both runs use a snapshot of the library at the checked-out commit (``git archive HEAD``), so edits made to
+the working tree meanwhile cannot make the reference and the soaked run differ.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/soak_training.py --kills 20 --encode-kills 20 [--seed 0]
 
@@ -42,6 +47,29 @@ TRAIN_OPTIONS = ["--tile", "16", "--batch", "2", "--features", "4", "--widths", 
                  "--seed", "3", "--threads", "1", "--lr", "0.002", "--schedule", "cosine", "--patience", "0"]
 
 
+#: the library the runs use: [path]; snapshot_library replaces it with a copy of the committed code
+LIBRARY = [str(REPO / "DeepDosimetrics")]
+
+
+def snapshot_library(folder: Path) -> str:
+    """Copy the library at HEAD into ``folder`` and use it here and in every run; returns the commit (or
+    "working tree" when this is not a git checkout)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        archive = subprocess.run(["git", "archive", "HEAD", "DeepDosimetrics/DeepDosimetricsLib"], cwd=REPO,
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        shutil.copytree(REPO / "DeepDosimetrics" / "DeepDosimetricsLib", folder / "DeepDosimetrics" / "DeepDosimetricsLib",
+                        dirs_exist_ok=True)
+        commit = "working tree"
+    LIBRARY[0] = str(folder / "DeepDosimetrics")
+    sys.path.insert(0, LIBRARY[0])
+    return commit
+
+
 def cli(*arguments: str) -> list[str]:
     return [sys.executable, "-m", "DeepDosimetricsLib.cli", *arguments]
 
@@ -50,10 +78,11 @@ class Attempt:
     """One run of a command, with the time of its first progress line."""
 
     def __init__(self, command: list[str]) -> None:
-        environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "DeepDosimetrics")}
+        environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": LIBRARY[0]}
         self.started = time.monotonic()
         self.first_progress = threading.Event()
         self.progress_lines = 0
+        self.last_done = -1  # the "done" field of the last progress line
         self.process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         text=True)
         self.stderr: list[str] = []
@@ -63,6 +92,10 @@ class Attempt:
     def _read_stdout(self) -> None:
         for line in self.process.stdout:
             if line.startswith("@progress "):
+                try:
+                    self.last_done = int(json.loads(line[len("@progress "):]).get("done") or 0)
+                except (ValueError, TypeError):
+                    pass
                 self.progress_lines += 1
                 self.first_progress.set()
 
@@ -82,30 +115,46 @@ def run_to_end(command: list[str]) -> tuple[float, float]:
     return first, time.monotonic() - attempt.started
 
 
-def soak(command: list[str], kills: int, startup_s: float, window_s: float, rng: random.Random) -> dict:
-    """Run ``command`` (which resumes) until ``kills`` SIGKILLs have landed, then once more to the end."""
+def soak(command: list[str], kills: int, startup_s: float, unit_s: float, rng: random.Random,
+         checkpoint_every: int = 0) -> dict:
+    """Run ``command`` (which resumes) until ``kills`` SIGKILLs have landed, then once more to the end.
+
+    ``unit_s``: the reference's time per step (training, ``checkpoint_every`` > 0) or per patient (encode).
+    """
     landed, attempts, moments = 0, 0, []
     while landed < kills:
         attempts += 1
         attempt = Attempt(command)
-        if rng.random() < 0.2:
-            delay, phase = rng.uniform(0.0, startup_s), "start-up"
-            deadline = attempt.started + delay
+        if attempts % 5 == 0:
+            phase = "start-up"
+            deadline = attempt.started + rng.uniform(0.0, startup_s)
         else:
+            if checkpoint_every and attempts % 5 == 1:
+                phase = "checkpoint write"
+                ready = lambda a: a.last_done > 0 and a.last_done % checkpoint_every == 0  # noqa: E731
+                delay = rng.uniform(0.0, 0.05)
+            elif checkpoint_every:
+                phase, lines = "mid-step", rng.randint(1, 2 * checkpoint_every)
+                ready = lambda a, lines=lines: a.progress_lines >= lines  # noqa: E731
+                delay = rng.uniform(0.0, unit_s)
+            else:
+                phase = "mid-patient"
+                ready = lambda a: a.progress_lines >= 1  # noqa: E731
+                delay = rng.uniform(0.0, 1.5 * unit_s)
             limit = time.monotonic() + 600
-            while not attempt.first_progress.wait(0.02) and attempt.process.poll() is None:
+            while not ready(attempt) and attempt.process.poll() is None:
                 if time.monotonic() > limit:
-                    raise SystemExit("no progress line in 600 s:\n" + "".join(attempt.stderr)[-4000:])
-            delay, phase = rng.uniform(0.0, window_s), "running"
+                    raise SystemExit("no progress in 600 s:\n" + "".join(attempt.stderr)[-4000:])
+                time.sleep(0.002)
             deadline = time.monotonic() + delay
         while time.monotonic() < deadline and attempt.process.poll() is None:
-            time.sleep(0.005)
+            time.sleep(0.002)
         if attempt.process.poll() is None:
             attempt.process.send_signal(signal.SIGKILL)
             attempt.wait()
             landed += 1
             moments.append({"phase": phase, "after_s": round(time.monotonic() - attempt.started, 2),
-                            "progress_lines": attempt.progress_lines})
+                            "last_progress": attempt.last_done})
         elif attempt.wait() != 0:
             raise SystemExit("a resumed run failed:\n" + "".join(attempt.stderr)[-4000:])
         else:
@@ -114,7 +163,10 @@ def soak(command: list[str], kills: int, startup_s: float, window_s: float, rng:
     final = Attempt(command)
     if final.wait() != 0:
         raise SystemExit("the final resume failed:\n" + "".join(final.stderr)[-4000:])
-    return {"kills": landed, "attempts": attempts, "moments": moments}
+    phases = {}
+    for moment in moments:
+        phases[moment["phase"]] = phases.get(moment["phase"], 0) + 1
+    return {"kills": landed, "attempts": attempts, "kills_by_phase": phases, "moments": moments}
 
 
 def same_training(reference: Path, soaked: Path) -> dict:
@@ -157,16 +209,17 @@ def main() -> None:
     parser.add_argument("--encode-kills", type=int, default=20, help="SIGKILLs of the encode run (0: none)")
     parser.add_argument("--steps", type=int, default=120, help="training steps (default 120)")
     parser.add_argument("--checkpoint-every", type=int, default=4, help="steps between checkpoints (default 4)")
-    parser.add_argument("--patients", type=int, default=8, help="phantom patients (default 8)")
+    parser.add_argument("--patients", type=int, default=10, help="phantom patients (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     parser.add_argument("--keep", default=None, metavar="DIR", help="work in DIR (kept) instead of a temporary one")
     args = parser.parse_args()
     rng = random.Random(args.seed)
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="soak-"))
+    work.mkdir(parents=True, exist_ok=True)
+    commit = snapshot_library(work / "src")
     from DeepDosimetricsLib.data.phantom import synthesize_cohort
     from DeepDosimetricsLib.deep.cache.build import ensure_cache
 
-    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="soak-"))
-    work.mkdir(parents=True, exist_ok=True)
     cohort = synthesize_cohort(work / "cohort", patients=args.patients, shape=(48, 48, 32), seed=0, quiet=True)
     ensure_cache(cohort, cache_dir=work / "cache")
     results = {}
@@ -181,7 +234,7 @@ def main() -> None:
             first, total = run_to_end(cli(*train, "--out", str(work / "train-reference")))
             step_s = max(0.01, (total - first) / args.steps)
             soaked = soak(cli(*train, "--out", str(work / "train-soaked"), "--resume"), args.kills, first,
-                          2 * args.checkpoint_every * step_s, rng)
+                          step_s, rng, checkpoint_every=args.checkpoint_every)
             results["train"] = {**soaked, **same_training(work / "train-reference", work / "train-soaked"),
                                 "checkpoint_every": args.checkpoint_every, "reference_s": round(total, 1),
                                 "seconds": round(time.perf_counter() - started, 1)}
@@ -197,14 +250,15 @@ def main() -> None:
             first, total = run_to_end(cli(*encode, "--out", str(work / "encode-reference")))
             per_patient = max(0.05, (total - first) / args.patients)
             soaked = soak(cli(*encode, "--out", str(work / "encode-soaked"), "--resume"), args.encode_kills,
-                          first, 2 * per_patient, rng)
+                          first, per_patient, rng)
             results["encode"] = {**soaked, **same_encoding(work / "encode-reference", work / "encode-soaked"),
                                  "reference_s": round(total, 1), "seconds": round(time.perf_counter() - started, 1)}
             print(json.dumps(results["encode"]), flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps({name: {k: v for k, v in r.items() if k != "moments"} for name, r in results.items()}))
+    print(json.dumps({"commit": commit, **{name: {k: v for k, v in r.items() if k != "moments"}
+                                           for name, r in results.items()}}))
 
 
 if __name__ == "__main__":
