@@ -82,7 +82,7 @@ def main(argv=None) -> int:
                *PREDICT_ARGS, "--jobs", str(args.jobs), "--quiet"]
     run_step("outcome analysis (does imaging add to the clinical variables?)", [*predict, "--out", str(analysis)])
     run_step("outcome analysis with ComBat harmonisation by scanner site",
-             [*predict, "--harmonize", "site", "--out", str(analysis_combat)])
+             [*predict, "--harmonize", "site", "--harmonize-sets", "radiomics,deep", "--out", str(analysis_combat)])
     print(f"\nDemo done in {time.perf_counter() - start:.0f} s. Outputs:")
     for label, path in [
         ("phantom cohort", cohort),

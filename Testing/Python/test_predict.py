@@ -150,12 +150,21 @@ def test_predict_with_harmonize_keeps_the_signal(tmp_path):
     paths = _write_tables(tmp_path, clinical, {"rad": features})
     result = predict_outcome(PredictSettings(
         clinical=str(tmp_path / "clinical.csv"), outcome="outcome", features=paths, out=str(tmp_path / "o"),
-        covariates=[], base="rad", harmonize="site", folds=3, repeats=2, bootstrap=200, report=False,
+        covariates=[], base="rad", harmonize="site", harmonize_sets=["rad"], folds=3, repeats=2, bootstrap=200,
+        report=False,
     ))
     auc = result.summary.set_index(["feature_set", "metric"]).loc[("rad", "auc"), "estimate"]
     assert auc > 0.75
     cohort = pd.read_csv(tmp_path / "o" / "cohort.csv")
     assert {"site = s1", "site = s2"} <= set(cohort["what"])
+    trace = [w for w in cohort["what"] if w.startswith("table rad: mean F")]
+    before, after = (float(v) for v in trace[0].rsplit(":", 1)[1].split("/"))
+    assert before > 50 and after < 2, trace
+    with pytest.raises(InputError, match="--harmonize-sets: no feature table named dvh"):
+        predict_outcome(PredictSettings(
+            clinical=str(tmp_path / "clinical.csv"), outcome="outcome", features=paths, out=str(tmp_path / "o"),
+            harmonize="site", harmonize_sets=["dvh"],
+        ))
 
 
 # ------------------------------------------------------------------------------------------ survival
@@ -357,3 +366,27 @@ def test_phantom_scanner_site_changes_the_ct_only():
     assert sited.parameters["clinical"]["tumour_site"] == plain.parameters["clinical"]["site"]
     if site != "site_A":
         assert not np.array_equal(plain.ct, sited.ct)
+
+
+@pytest.mark.slow
+def test_dvh_beats_clinical_on_the_phantom_cohort(tmp_path):
+    """The phantoms' outcome is a logistic model of the organ-at-risk mean dose and the PTV volume
+    (cohort.json): the DVH set must predict better than the clinical variables (noise) and its most often
+    selected features must come from those structures."""
+    from DeepDosimetricsLib.data.phantom import synthesize_cohort
+    from DeepDosimetricsLib.features.dosimetrics import cohort_dvh
+
+    cohort = synthesize_cohort(tmp_path / "cohort", patients=48, shape=(32, 32, 24), seed=1, sites=2,
+                               outcome_scale=3.0)
+    model = json.loads((cohort / "cohort.json").read_text())["outcome_model"]
+    assert model["per_gy_organ_mean_dose"] == pytest.approx(0.45)
+    cohort_dvh(cohort, quiet=True).metrics.to_csv(tmp_path / "dvh.csv", index=False)
+    result = predict_outcome(PredictSettings(
+        clinical=str(cohort / "clinical.csv"), outcome="outcome", features={"dvh": str(tmp_path / "dvh.csv")},
+        out=str(tmp_path / "out"), folds=3, repeats=2, bootstrap=300, report=False,
+    ))
+    auc = result.summary[result.summary.metric == "auc"].set_index("feature_set")["estimate"]
+    assert auc["dvh"] > auc["clinical"] + 0.1 and auc["dvh"] > 0.7, auc.to_dict()
+    selected = pd.read_csv(tmp_path / "out" / "selected_features.csv")
+    top = selected[selected.feature_set == "dvh"].head(3)["feature"].str.split("/").str[0].str.removeprefix("dvh:")
+    assert set(top) & {"Heart", "Rectum", "PTV"}, list(top)

@@ -46,6 +46,7 @@ class PredictSettings:
     structures: Optional[List[str]] = None  # keep these structures' features
     select: Optional[str] = None  # regular expression on feature names
     harmonize: Optional[str] = None  # clinical column of the batch (site/scanner) for ComBat
+    harmonize_sets: Optional[List[str]] = None  # feature tables ComBat adjusts (default: every table)
     model: str = "logistic"  # logistic | elasticnet | forest
     folds: int = 5
     repeats: int = 10
@@ -106,7 +107,7 @@ def build_sets(clinical, tables, ids, base: Optional[str]):
     return sets, base
 
 
-def _set_data(name, parts, clinical, tables_by_name, ids):
+def _set_data(name, parts, clinical, tables_by_name, ids, harmonized=None):
     """The SetData of one set over the patients ``ids`` (None and a reason when it cannot be fitted)."""
     import pandas as pd
 
@@ -127,7 +128,8 @@ def _set_data(name, parts, clinical, tables_by_name, ids):
         else:
             frame = tables_by_name[part].frame.loc[ids]
             numeric_frames.append(frame.rename(columns=lambda c, p=part: f"{p}:{c}"))
-            image_flags.append(np.ones(frame.shape[1], dtype=bool))
+            adjust = harmonized is None or part in harmonized
+            image_flags.append(np.full(frame.shape[1], adjust, dtype=bool))
     numeric = pd.concat(numeric_frames, axis=1) if numeric_frames else pd.DataFrame(index=ids)
     values = numeric.to_numpy(dtype=float)
     informative = 0
@@ -212,10 +214,17 @@ def predict_outcome(settings: PredictSettings) -> PredictResult:
         batch = np.asarray([str(clinical.batch.loc[i]) for i in ids])
 
     tables_by_name = {t.name: t for t in tables}
+    harmonized = settings.harmonize_sets
+    unknown = [name for name in harmonized or [] if name not in tables_by_name]
+    if unknown:
+        raise InputError(f"--harmonize-sets: no feature table named {', '.join(unknown)} "
+                         f"(tables: {', '.join(tables_by_name)})")
+    if harmonized and not settings.harmonize:
+        raise InputError("--harmonize-sets needs --harmonize COLUMN (the site/scanner column)")
     set_specs, base = build_sets(clinical, tables, ids, settings.base)
     datasets, reasons = [], {}
     for name, parts in set_specs:
-        data, reason = _set_data(name, parts, clinical, tables_by_name, ids)
+        data, reason = _set_data(name, parts, clinical, tables_by_name, ids, harmonized)
         datasets.append(data)
         reasons[name] = reason
     runnable = [d for d in datasets if not reasons[d.name]]
@@ -271,6 +280,7 @@ def predict_outcome(settings: PredictSettings) -> PredictResult:
         values, numbers = np.unique(batch, return_counts=True)
         cohort_rows += [{"what": f"{settings.harmonize} = {v}", "count": int(c), "patients": ""}
                         for v, c in zip(values, numbers)]
+        cohort_rows += _site_trace(tables, ids, batch, settings.harmonize, harmonized)
     cohort = pd.DataFrame(cohort_rows, columns=["what", "count", "patients"])
 
     out = Path(settings.out)
@@ -302,6 +312,31 @@ def predict_outcome(settings: PredictSettings) -> PredictResult:
     paths["predict.json"] = write_json_atomic(out / "predict.json", record)
     return PredictResult(out=out, summary=summary, comparison=comparison, counts=record["cohort"],
                          paths=paths, elapsed_s=elapsed)
+
+
+def _site_trace(tables, ids, batch, column: str, harmonized) -> List[dict]:
+    """Descriptive (not used by the models): how strongly each harmonised table shows the site, as the mean
+    ANOVA F of its features across sites, before and after a ComBat fitted on all analysed patients."""
+    from DeepDosimetricsLib.analysis.harmonize import ComBat, batch_association
+
+    rows = []
+    for table in tables:
+        if harmonized is not None and table.name not in harmonized:
+            continue
+        values = table.frame.loc[ids].to_numpy(dtype=float)
+        values = np.where(np.isfinite(values), values, np.nanmedian(values, axis=0))
+        keep = np.isfinite(values).all(axis=0) & (np.nanvar(values, axis=0) > 0)
+        if not keep.any():
+            continue
+        try:
+            before = batch_association(values[:, keep], batch)
+            after = batch_association(ComBat().fit_transform(values[:, keep], batch), batch)
+        except (ValueError, np.linalg.LinAlgError):
+            continue
+        rows.append({"what": f"table {table.name}: mean F of the features across {column}, before / after "
+                     f"ComBat on all patients (descriptive): {before:.2f} / {after:.2f}", "count": 0,
+                     "patients": ""})
+    return rows
 
 
 def _prediction_table(results, ids, target_frame, kind):

@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--harmonize", default=None, metavar="COLUMN",
                         help="ComBat harmonisation of the image features by this clinical column (site/scanner), "
                         "fitted inside each training fold")
+    parser.add_argument("--harmonize-sets", default=None, metavar="A,B",
+                        help="feature tables ComBat adjusts (default: every table; e.g. radiomics,deep, not dvh)")
     parser.add_argument("--model", default="logistic", choices=["logistic", "elasticnet", "forest"],
                         help="logistic (L2; Cox ridge for time-to-event), elasticnet, forest (default logistic)")
     parser.add_argument("--folds", type=int, default=5, help="outer folds (default 5)")
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     settings = PredictSettings(
         clinical=args.clinical, features=features, out=args.out, outcome=args.outcome, time=args.time,
         event=args.event, covariates=split(args.covariates), base=args.base, structures=split(args.structures),
-        select=args.select, harmonize=args.harmonize, model=args.model, folds=args.folds, repeats=args.repeats,
+        select=args.select, harmonize=args.harmonize, harmonize_sets=split(args.harmonize_sets), model=args.model, folds=args.folds, repeats=args.repeats,
         inner_folds=args.inner_folds, seed=args.seed, jobs=args.jobs, bootstrap=args.bootstrap,
         report=not args.no_report, quiet=args.quiet,
     )
