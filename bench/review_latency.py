@@ -82,6 +82,7 @@ def main() -> None:
 
     from PIL import Image
     from selenium import webdriver
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
@@ -107,8 +108,11 @@ def main() -> None:
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
 
     def image():
-        element = driver.find_elements(By.CSS_SELECTOR, "img.image-display-area")[0]
-        return np.asarray(Image.open(io.BytesIO(element.screenshot_as_png)).convert("L"), np.float32)
+        try:  # while the layout settles an image may have no height yet: a blank answer, asked again
+            element = driver.find_elements(By.CSS_SELECTOR, "img.image-display-area")[0]
+            return np.asarray(Image.open(io.BytesIO(element.screenshot_as_png)).convert("L"), np.float32)
+        except (IndexError, WebDriverException):
+            return np.zeros((1, 1), np.float32)
 
     def wait(check, timeout=120.0):
         start = time.perf_counter()
@@ -135,8 +139,11 @@ def main() -> None:
         wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#patient-select option") or None)
         page_s = time.perf_counter() - opened
         patient = driver.find_elements(By.CSS_SELECTOR, "#patient-select option")[0].get_attribute("value")
+        time.sleep(1.0)
+        empty = image()  # the views before a patient is chosen (annotations only)
         Select(driver.find_element(By.ID, "patient-select")).select_by_value(patient)
-        first_s, first = wait(lambda: (lambda i: i if i.std() > 5 else None)(image()))
+        first_s, first = wait(lambda: (lambda i: i if i.std() > 5 and i.shape == empty.shape
+                                       and np.abs(i - empty).mean() > 1.0 else None)(image()))
         print("first image", first_s, flush=True)
         surfaces_s, _ = wait(lambda: True if "3D surfaces in" in driver.find_element(By.ID, "surfaces").text
                              else None, timeout=600.0)

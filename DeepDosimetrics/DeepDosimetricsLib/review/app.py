@@ -343,7 +343,7 @@ class ReviewApp:
                 list(current.structures[:3])
             self.builder.set_structures_visible(s.structures_shown)
             self._metrics(pid)
-            self._dvh(pid)
+            s.dvh_png = ""
             self.refresh_layers()
             self._centre_views()
             self._schedule_surfaces(current)
@@ -360,11 +360,15 @@ class ReviewApp:
             s.busy = False
 
     def _schedule_surfaces(self, current) -> None:
-        """Build the 3D view's structure surfaces just after the slice images of ``current`` went out."""
+        """The DVH, then the 3D view's structure surfaces, just after the slice images of ``current`` went out."""
         self.state.surfaces = "building 3D surfaces..." if current.segmentation is not None else ""
 
         def build():
-            if self.builder.current is not current or current.segmentation is None:
+            if self.builder.current is not current:
+                return
+            with self.state:
+                self._dvh(current.patient)
+            if current.segmentation is None:
                 return
             started = time.perf_counter()
             try:

@@ -24,12 +24,13 @@ def patient_curves(patient, recon_dose_path, structures: Optional[Sequence[str]]
     original = patient.dose()
     recon = None
     if recon_dose_path is not None:
-        recon = sitk.GetArrayViewFromImage(sitk.ReadImage(str(recon_dose_path), sitk.sitkFloat32))
+        recon = sitk.GetArrayFromImage(sitk.ReadImage(str(recon_dose_path), sitk.sitkFloat32))  # one copy
         if recon.shape != original.shape:
             recon = None
-        else:  # a poorly trained model may decode anything: bound the axis by the original's range
+        else:  # a poorly trained model may decode anything: bound the axis by the original's range (in place)
             ceiling = float(np.nanmax(original)) * 2.0 + 1.0 if original.size else 1.0
-            recon = np.clip(np.nan_to_num(np.asarray(recon, np.float32), nan=0.0), 0.0, ceiling)
+            np.nan_to_num(recon, copy=False, nan=0.0)
+            np.clip(recon, 0.0, ceiling, out=recon)
     curves: Dict[str, Dict[str, Curve]] = {}
     for name in structures if structures is not None else patient.structure_names:
         try:

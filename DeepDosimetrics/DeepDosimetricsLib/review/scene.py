@@ -15,8 +15,9 @@ that trame-slicer's ``SlicerApp`` owns.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 
@@ -49,6 +50,32 @@ def _read_image(path, pixel: str):
     elif image.GetPixelID() != sitk.sitkFloat32:
         image = sitk.Cast(image, sitk.sitkFloat32)
     return image
+
+
+class _LazyMasks(Mapping):
+    """structure name -> mask, each read when asked (a structure that cannot be read is left out)."""
+
+    def __init__(self, patient: Any, names: List[str], label: str):
+        self.patient, self.names, self.label = patient, list(names), label
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.patient.structure(name)
+
+    def items(self):
+        for name in self.names:
+            try:
+                mask = self.patient.structure(name)
+            except Exception as error:  # noqa: BLE001 - a bad structure is left out, not fatal
+                log.warning("patient %s: structure %s left out (%s)", self.label, name, error)
+                continue
+            yield name, mask
+            del mask
 
 
 @dataclass
@@ -94,14 +121,9 @@ class SceneBuilder:
         names = list(p.structure_names)
         segmentation = None
         if names:
-            masks = {}
-            for name in names:
-                try:
-                    masks[name] = p.structure(name)
-                except Exception as error:  # noqa: BLE001 - a bad structure is left out, not fatal
-                    log.warning("patient %s: structure %s left out (%s)", files.patient, name, error)
+            # one mask in memory at a time (8 masks of a 512x512x350 CT held together would be 730 MB more)
+            masks = _LazyMasks(p, names, files.patient)
             segmentation = segments.add_segmentation(masks, ct, name=f"{files.patient} structures", scene=self.scene)
-            del masks
             shown = segmentation.GetDisplayNode()
             shown.SetVisibility2DFill(False)
             shown.SetVisibility2DOutline(True)

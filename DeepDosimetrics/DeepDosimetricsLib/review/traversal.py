@@ -39,11 +39,11 @@ log = logging.getLogger(__name__)
 SIGMA_RANGE = (-3.0, 3.0)
 #: decoded volumes kept (one channel each), at most this many and at most KEEP_BYTES together
 KEEP = 4
-KEEP_BYTES = 512 << 20
+KEEP_BYTES = 256 << 20
 #: tiles per decoder call
 BATCH = 32
 #: decoded plane tiles (the shown channel) kept for the whole-volume decode that follows, at most this much
-TILE_BYTES = 256 << 20
+TILE_BYTES = 128 << 20
 #: (z index, y index, x index) of the displayed planes on the cache grid; None = that plane is not shown
 Planes = Tuple[Optional[int], Optional[int], Optional[int]]
 
@@ -369,9 +369,11 @@ class Traverser:
                                time.perf_counter() - start, cached)
 
     def _keep(self, key: Tuple, volume: np.ndarray) -> None:
+        if volume.nbytes > KEEP_BYTES // 2:  # a large volume: the node on show is its only copy
+            return
         self._kept[key] = volume
         self._kept.move_to_end(key)
-        while len(self._kept) > 1 and (len(self._kept) > KEEP
+        while self._kept and (len(self._kept) > KEEP
                                        or sum(v.nbytes for v in self._kept.values()) > KEEP_BYTES):
             self._kept.popitem(last=False)
 
