@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     endpoint.add_argument("--time", metavar="COLUMN", help="time-to-event: follow-up time column")
     endpoint.add_argument("--event", metavar="COLUMN", help="time-to-event: event column (1 event, 0 censored)")
     parser.add_argument("--covariates", metavar="A,B", default=None,
-                        help="clinical columns of the 'clinical' set (default: every other column)")
+                        help="clinical columns of the 'clinical' set (default: every other column; \"\" for none)")
     parser.add_argument("--features", nargs="+", default=[], metavar="NAME=TABLE.csv",
                         help="named feature tables: long (radiomics, dvh, encode features.csv) or wide")
     parser.add_argument("--base", default=None, metavar="clinical|NAME",
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = PredictSettings(
         clinical=args.clinical, features=features, out=args.out, outcome=args.outcome, time=args.time,
-        event=args.event, covariates=split(args.covariates), base=args.base, structures=split(args.structures),
+        event=args.event, covariates=[] if args.covariates == "" else split(args.covariates), base=args.base, structures=split(args.structures),
         select=args.select, harmonize=args.harmonize, harmonize_sets=split(args.harmonize_sets), model=args.model, folds=args.folds, repeats=args.repeats,
         inner_folds=args.inner_folds, seed=args.seed, jobs=args.jobs, bootstrap=args.bootstrap,
         report=not args.no_report, quiet=args.quiet,
