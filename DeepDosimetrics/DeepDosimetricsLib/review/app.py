@@ -28,7 +28,7 @@ SORT_KEYS = ("flagged", "psnr", "ptv_dice", "d95_error_gy", "dmean_error_gy", "m
 MAIN_LAYOUT, SIDE_LAYOUT = "review", "side by side"
 THREED = "ThreeD"
 #: seconds between the slice images of a new patient and building its structure surfaces for the 3D view
-SURFACE_DELAY_S = 0.2
+SURFACE_DELAY_S = 1.0
 #: seconds between a traversal's planes and the start of its whole-volume decode in the background
 BACKGROUND_DELAY_S = 0.3
 SELECT_STYLE = "border:1px solid #888; border-radius:3px; padding:1px 4px; appearance:auto"
