@@ -14,7 +14,7 @@ Kill moments, by attempt: one in five uniform from the process start to the time
 reach its first step or patient (imports, cache check, checkpoint loading); for training one in five just
 after the progress line of a checkpoint step (while the checkpoint is written), the others after a random
 number (1 to 2 checkpoint intervals) of steps plus a random fraction of a step; for encode a random moment
-within 1.5 patients after the attempt's first patient starts (mostly mid-patient).
+within 0.8 patient times after the attempt's first (or, one time in three, second) patient starts.
 
 Both runs use a snapshot of the library at the checked-out commit (``git archive HEAD``), so edits made to
 the working tree meanwhile cannot make the reference and the soaked run differ.
@@ -83,6 +83,7 @@ class Attempt:
         self.first_progress = threading.Event()
         self.progress_lines = 0
         self.last_done = -1  # the "done" field of the last progress line
+        self.last_line = self.started  # when it came
         self.process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         text=True)
         self.stderr: list[str] = []
@@ -97,6 +98,7 @@ class Attempt:
                 except (ValueError, TypeError):
                     pass
                 self.progress_lines += 1
+                self.last_line = time.monotonic()
                 self.first_progress.set()
 
     def wait(self) -> int:
@@ -105,14 +107,14 @@ class Attempt:
         return code
 
 
-def run_to_end(command: list[str]) -> tuple[float, float]:
-    """Run a command uninterrupted: (seconds to its first progress line, seconds in all)."""
+def run_to_end(command: list[str]) -> tuple[float, float, float]:
+    """Run a command uninterrupted: seconds to its first progress line, to its last one, and in all."""
     attempt = Attempt(command)
     attempt.first_progress.wait(timeout=600)
     first = time.monotonic() - attempt.started
     if attempt.wait() != 0:
         raise SystemExit("reference run failed:\n" + "".join(attempt.stderr)[-4000:])
-    return first, time.monotonic() - attempt.started
+    return first, attempt.last_line - attempt.started, time.monotonic() - attempt.started
 
 
 def soak(command: list[str], kills: int, startup_s: float, unit_s: float, rng: random.Random,
@@ -137,10 +139,10 @@ def soak(command: list[str], kills: int, startup_s: float, unit_s: float, rng: r
                 phase, lines = "mid-step", rng.randint(1, 2 * checkpoint_every)
                 ready = lambda a, lines=lines: a.progress_lines >= lines  # noqa: E731
                 delay = rng.uniform(0.0, unit_s)
-            else:
-                phase = "mid-patient"
-                ready = lambda a: a.progress_lines >= 1  # noqa: E731
-                delay = rng.uniform(0.0, 1.5 * unit_s)
+            else:  # one attempt in three finishes a patient first
+                phase, lines = "mid-patient", 1 + int(rng.random() < 0.35)
+                ready = lambda a, lines=lines: a.progress_lines >= lines  # noqa: E731
+                delay = rng.uniform(0.0, 0.8 * unit_s)
             limit = time.monotonic() + 600
             while not ready(attempt) and attempt.process.poll() is None:
                 if time.monotonic() > limit:
@@ -184,8 +186,9 @@ def same_training(reference: Path, soaked: Path) -> dict:
     history_a = pd.read_csv(reference / "loss_history.csv")
     history_b = pd.read_csv(soaked / "loss_history.csv")
     history = history_a[columns].equals(history_b[columns])
+    left = sorted(p.name for p in soaked.glob(".*.tmp*"))  # atomic-write temporaries of killed runs
     return {"weights_identical": bool(weights), "loss_history_identical": bool(history),
-            "steps": int(history_a["step"].iloc[-1])}
+            "steps": int(history_a["step"].iloc[-1]), "temporaries_left": left}
 
 
 def same_encoding(reference: Path, soaked: Path) -> dict:
@@ -231,8 +234,8 @@ def main() -> None:
                      "--steps", str(args.steps),
                      "--checkpoint-every", str(args.checkpoint_every), "--quiet", *TRAIN_OPTIONS]
             started = time.perf_counter()
-            first, total = run_to_end(cli(*train, "--out", str(work / "train-reference")))
-            step_s = max(0.01, (total - first) / args.steps)
+            first, last, total = run_to_end(cli(*train, "--out", str(work / "train-reference")))
+            step_s = max(0.01, (last - first) / max(1, args.steps - 1))
             soaked = soak(cli(*train, "--out", str(work / "train-soaked"), "--resume"), args.kills, first,
                           step_s, rng, checkpoint_every=args.checkpoint_every)
             results["train"] = {**soaked, **same_training(work / "train-reference", work / "train-soaked"),
@@ -247,8 +250,8 @@ def main() -> None:
             encode = ["encode", "--model", str(model), "--cohort", str(cohort), "--cache", str(work / "cache"),
                       "--device", "cpu", "--reconstruct", "--quiet"]
             started = time.perf_counter()
-            first, total = run_to_end(cli(*encode, "--out", str(work / "encode-reference")))
-            per_patient = max(0.05, (total - first) / args.patients)
+            first, last, total = run_to_end(cli(*encode, "--out", str(work / "encode-reference")))
+            per_patient = max(0.05, (last - first) / args.patients)  # the last line comes after the last patient
             soaked = soak(cli(*encode, "--out", str(work / "encode-soaked"), "--resume"), args.encode_kills,
                           first, per_patient, rng)
             results["encode"] = {**soaked, **same_encoding(work / "encode-reference", work / "encode-soaked"),

@@ -104,7 +104,7 @@ def test_two_cache_builds_at_once_give_one_correct_cache(small, tmp_path):
     runs = _finish([_cli("cache", "--cohort", str(small / "cohort"), "--cache", str(cache), "--quiet")
                     for _ in range(2)])
     assert [code for code, _, _ in runs] == [0, 0], [err[-2000:] for _, _, err in runs]
-    assert not list(cache.glob(".tmp-*"))
+    assert not list(cache.glob(".tmp/*/*"))  # no half-built patient left
     arrays = sorted((small / "cache").glob("*/*.npy"))
     assert arrays
     for array in arrays:
@@ -141,3 +141,16 @@ def test_encode_and_train_refuse_a_folder_another_job_holds(small, tmp_path, cap
         assert main(["train", "--cohort", str(small / "cohort"), "--out", str(tmp_path / "model"), "--steps",
                      "1", "--quiet"]) == 2
         assert "is in use by another job (train, pid" in capsys.readouterr().err
+
+
+def test_the_job_lock_removes_what_atomic_writes_of_a_killed_job_left(tmp_path):
+    from DeepDosimetricsLib.runtime.atomic import atomic_path
+
+    with atomic_path(tmp_path / "features.csv") as temporary:  # the name a write killed midway leaves
+        stale = temporary.name
+        temporary.write_text("complete")
+    (tmp_path / stale).write_text("half")
+    (tmp_path / "notes.tmp").write_text("not a temporary of ours")
+    with job_lock(tmp_path, "encode"):
+        assert not (tmp_path / stale).exists()
+    assert (tmp_path / "notes.tmp").is_file() and (tmp_path / "features.csv").read_text() == "complete"

@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -161,12 +162,39 @@ def _try_lock(handle) -> bool:
         return True
 
 
+@contextlib.contextmanager
 def job_lock(folder: PathLike, job: str, timeout: float = 0.0,
-             what: str = "wait for it to finish or choose another folder") -> contextlib.AbstractContextManager:
+             what: str = "wait for it to finish or choose another folder") -> Iterator[Path]:
     """The lock of a folder one job owns (``<folder>/.deepdosimetrics.lock``; the folder is created).
-    By default a second job is refused at once with :class:`FolderLocked`."""
+    By default a second job is refused at once with :class:`FolderLocked`.
+
+    Once the lock is held, the temporary files that atomic writes of a killed earlier job left in the
+    folder (``.<name>.<random>.tmp``, see runtime/atomic.py) are removed: no other job can be writing them.
+    """
     folder = ensure_folder(folder, "folder")
-    return file_lock(folder / JOB_LOCK, job, timeout=timeout, what=what)
+    with file_lock(folder / JOB_LOCK, job, timeout=timeout, what=what) as path:
+        remove_stale_temporaries(folder)
+        yield path
+
+
+#: the name of an atomic write's temporary file (tempfile.mkstemp in runtime/atomic.atomic_path)
+_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp[^/]*$")
+
+
+def remove_stale_temporaries(folder: PathLike) -> int:
+    """Remove the atomic-write temporaries directly in ``folder`` (call it only while holding the folder's
+    job lock); returns how many were removed."""
+    removed = 0
+    for path in Path(folder).glob(".*.tmp*"):
+        if _TEMPORARY.match(path.name) and path.is_file() and not path.is_symlink():
+            try:
+                path.unlink()
+                removed += 1
+            except OSError:
+                pass
+    if removed:
+        log.info("removed %d temporary file(s) an interrupted job left in %s", removed, folder)
+    return removed
 
 
 def patient_lock(folder: PathLike, patient_id: str, job: str = "cache",

@@ -43,6 +43,9 @@ from DeepDosimetricsLib.runtime.pools import PoolSpec, as_pool, run_tasks
 
 log = logging.getLogger(__name__)
 
+#: where patients are built before being renamed into place (one sub-folder per patient)
+TEMPORARY_FOLDER = ".tmp"
+
 #: voxels resampled per slab (bounds the temporary output image of sitk.Resample)
 SLAB_VOXELS = 4_000_000
 
@@ -317,14 +320,19 @@ def _build_one(
     with patient_lock(cache_dir, patient_id, job="cache"):
         if patient_is_complete(final, config):  # another job built it meanwhile
             return patient_id, None
-        temporary = Path(cache_dir) / f".tmp-{patient_id}-{socket.gethostname()}-{os.getpid()}"
-        shutil.rmtree(temporary, ignore_errors=True)
+        # <cache>/.tmp/<patient>/<host>-<pid>: what a killed build of this patient left is removed here
+        # (its lock is ours, so nobody is writing there)
+        temporaries = Path(cache_dir) / TEMPORARY_FOLDER / patient_id
+        shutil.rmtree(temporaries, ignore_errors=True)
+        temporary = temporaries / f"{socket.gethostname()}-{os.getpid()}"
+        temporaries.mkdir(parents=True, exist_ok=True)
         try:
             patient = Patient.from_folder(Path(cohort_dir) / patient_id)
             build_patient(patient, temporary, config, prescription_gy)
             if final.exists():
                 shutil.rmtree(final)
             os.rename(temporary, final)
+            shutil.rmtree(temporaries, ignore_errors=True)
             return patient_id, None
         except DeepDosimetricsError as error:
             shutil.rmtree(temporary, ignore_errors=True)
