@@ -178,9 +178,9 @@ def main() -> None:
         message = messages[-1]
     finally:
         driver.quit()
-    peak = vm_hwm_mb(server.pid)
-    server.terminate()
-    server.wait(20)
+        peak = vm_hwm_mb(server.pid)
+        server.terminate()  # also when a step failed: no server left behind
+        server.wait(20)
     print(json.dumps({"source": str(args.openkbp or args.phantom), "server_ready_s": round(serving_s, 2),
                       "page_s": round(page_s, 2), "patient_to_first_image_s": round(first_s, 2),
                       "patient_to_3d_surfaces_s": surfaces_s and round(surfaces_s, 2), "surfaces": surfaces,
