@@ -78,7 +78,7 @@ def test_selecting_features_before_the_split_fails_the_leakage_check():
 # ------------------------------------------------------------------------------------------ signal
 def test_known_signal_approaches_the_oracle_and_the_increment_is_positive(tmp_path):
     rng = np.random.default_rng(3)
-    n, p = 120, 500
+    n, p = 120, 300
     signal = rng.normal(size=n)
     probability = 1 / (1 + np.exp(-2.0 * signal))
     y = (rng.uniform(size=n) < probability).astype(int)
