@@ -352,7 +352,7 @@ class DeepDosimetricsTest(ScriptedLoadableModuleTest):
 
     def test_DeepDosimetrics_phantom(self):
         from DeepDosimetricsLib.data.patient import Patient
-        from DeepDosimetricsLib.data.phantom import PhantomConfig, synthesize_patient
+        from DeepDosimetricsLib.data.phantoms import PhantomConfig, synthesize_patient
 
         self.delayDisplay("Loading a phantom patient (the library's generator)")
         folder = synthesize_patient(self._workdir, 0, PhantomConfig(shape=(32, 32, 24)))

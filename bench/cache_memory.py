@@ -91,13 +91,13 @@ def child_synth(cohort: Path, shape) -> dict:
     """Generate the phantom cohort (the library's phantom module, else ``simple_phantom``)."""
     started = time.perf_counter()
     try:
-        from DeepDosimetricsLib.data.phantom import synthesize_cohort
+        from DeepDosimetricsLib.data.phantoms import synthesize_cohort
     except ImportError:
         simple_phantom(cohort, shape)
         generator = "bench simple_phantom"
     else:
         synthesize_cohort(cohort, patients=1, shape=tuple(shape), seed=0, quiet=True)
-        generator = "DeepDosimetricsLib.data.phantom"
+        generator = "DeepDosimetricsLib.data.phantoms"
     return {"seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(), "generator": generator}
 
 

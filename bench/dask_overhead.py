@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     import pandas as pd
-    from DeepDosimetricsLib.data.phantom import synthesize_cohort
+    from DeepDosimetricsLib.data.phantoms import synthesize_cohort
     from DeepDosimetricsLib.features.dosimetrics import cohort_dvh
     from DeepDosimetricsLib.features.radiomics import cohort_radiomics
     from DeepDosimetricsLib.runtime.pools import PoolSpec

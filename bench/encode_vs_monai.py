@@ -57,7 +57,7 @@ def prepare(args) -> dict:
     """Phantom patient, its uncropped cache, the untrained model; body fraction."""
     import numpy as np
     import torch
-    from DeepDosimetricsLib.data.phantom import synthesize_cohort
+    from DeepDosimetricsLib.data.phantoms import synthesize_cohort
     from DeepDosimetricsLib.deep.cache.build import ensure_cache
     from DeepDosimetricsLib.deep.cache.store import CacheConfig
     from DeepDosimetricsLib.deep.channels import parse_channels

@@ -27,7 +27,7 @@ from benchlib import peak_rss_mb  # noqa: E402
 
 def child(index: int, shape, seed: int, out: Path) -> dict:
     """Generate and write one patient in this process; returns its figures."""
-    from DeepDosimetricsLib.data.phantom import PhantomConfig, generate_patient
+    from DeepDosimetricsLib.data.phantoms import PhantomConfig, generate_patient
 
     import_rss = peak_rss_mb()
     started = time.perf_counter()

@@ -220,7 +220,7 @@ def main() -> None:
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="soak-"))
     work.mkdir(parents=True, exist_ok=True)
     commit = snapshot_library(work / "src")
-    from DeepDosimetricsLib.data.phantom import synthesize_cohort
+    from DeepDosimetricsLib.data.phantoms import synthesize_cohort
     from DeepDosimetricsLib.deep.cache.build import ensure_cache
 
     cohort = synthesize_cohort(work / "cohort", patients=args.patients, shape=(48, 48, 32), seed=0, quiet=True)

@@ -29,7 +29,7 @@ def worker(args: argparse.Namespace) -> None:
     cohort, cache, model = folder / "cohort", folder / "cache", folder / "model"
     start = time.perf_counter()
     if args.worker == "synth":
-        from DeepDosimetricsLib.data.phantom import synthesize_cohort
+        from DeepDosimetricsLib.data.phantoms import synthesize_cohort
 
         if not cohort.is_dir() or not any(cohort.iterdir()):
             synthesize_cohort(cohort, patients=1, shape=tuple(args.shape), seed=0, quiet=True)

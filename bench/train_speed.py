@@ -126,7 +126,7 @@ def main(argv=None) -> int:
         print(f"cuda peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
     if not args.no_sampler:
-        from DeepDosimetricsLib.data.phantom import synthesize_cohort
+        from DeepDosimetricsLib.data.phantoms import synthesize_cohort
         from DeepDosimetricsLib.deep.cache.build import ensure_cache
         from DeepDosimetricsLib.deep.cache.store import CacheConfig
         from DeepDosimetricsLib.deep.train.sampling import SamplingConfig, TileSampler

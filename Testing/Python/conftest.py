@@ -55,7 +55,7 @@ def openkbp_train(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def phantom_cohort(tmp_path_factory) -> Path:
     """A small deterministic phantom cohort (4 patients, 48x48x32), generated once per session."""
-    from DeepDosimetricsLib.data.phantom import synthesize_cohort
+    from DeepDosimetricsLib.data.phantoms import synthesize_cohort
 
     out = tmp_path_factory.mktemp("phantoms") / "cohort"
     return Path(synthesize_cohort(out, patients=4, shape=(48, 48, 32), seed=0, quiet=True))

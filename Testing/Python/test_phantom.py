@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from DeepDosimetricsLib.cli import main
-from DeepDosimetricsLib.data.phantom import (
+from DeepDosimetricsLib.data.phantoms import (
     OUTCOME_MODEL,
     PELVIS_STRUCTURES,
     THORAX_STRUCTURES,

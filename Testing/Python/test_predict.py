@@ -353,7 +353,7 @@ def test_parallel_folds_give_the_same_predictions():
 
 # ------------------------------------------------------------------------------------------ phantoms
 def test_phantom_scanner_site_changes_the_ct_only():
-    from DeepDosimetricsLib.data.phantom import SCANNER_SITES, PhantomConfig, generate_patient
+    from DeepDosimetricsLib.data.phantoms import SCANNER_SITES, PhantomConfig, generate_patient
 
     plain = generate_patient(1, PhantomConfig(shape=(32, 32, 24)))
     sited = generate_patient(1, PhantomConfig(shape=(32, 32, 24), sites=3))
@@ -373,7 +373,7 @@ def test_dvh_beats_clinical_on_the_phantom_cohort(tmp_path):
     """The phantoms' outcome is a logistic model of the organ-at-risk mean dose and the PTV volume
     (cohort.json): the DVH set must predict better than the clinical variables (noise) and its most often
     selected features must come from those structures."""
-    from DeepDosimetricsLib.data.phantom import synthesize_cohort
+    from DeepDosimetricsLib.data.phantoms import synthesize_cohort
     from DeepDosimetricsLib.features.dosimetrics import cohort_dvh
 
     cohort = synthesize_cohort(tmp_path / "cohort", patients=48, shape=(32, 32, 24), seed=1, sites=2,

@@ -211,7 +211,7 @@ def test_patient_radiomics_equals_bare_pyradiomics_on_ct_and_dose(synthetic_coho
 
 def test_phantom_patient_equals_bare_pyradiomics(tmp_path):
     phantom = pytest.importorskip(
-        "DeepDosimetricsLib.data.phantom", reason="phantom.py is not in this checkout yet"
+        "DeepDosimetricsLib.data.phantoms", reason="phantoms/ is not in this checkout yet"
     )
     cohort = Cohort.open(
         phantom.synthesize_cohort(tmp_path / "phantoms", patients=1, shape=(48, 48, 32), seed=0)

@@ -1,4 +1,4 @@
-"""`deepdosimetrics synth`: write the deterministic phantom cohort (see DeepDosimetricsLib.data.phantom)."""
+"""`deepdosimetrics synth`: write the deterministic phantom cohort (see DeepDosimetricsLib.data.phantoms)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Generate the cohort; patients already written with the same settings are kept."""
-    from DeepDosimetricsLib.data.phantom import synthesize_cohort
+    from DeepDosimetricsLib.data.phantoms import synthesize_cohort
 
     out = synthesize_cohort(
         args.out,
