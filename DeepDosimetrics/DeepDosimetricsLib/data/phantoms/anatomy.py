@@ -1,10 +1,6 @@
-"""Deterministic CT-like phantom cohort: CT, structures, a multi-beam dose and clinical data.
+"""The anatomy of a phantom patient: analytic shapes painted slice by slice (HU and structure masks).
 
-The embedded default data set of DeepDosimetrics (``deepdosimetrics synth``). Every patient is drawn
-from its own random stream, ``SeedSequence([seed, index])``, so patient ``i`` is the same whatever the
-cohort size, and the same seed gives identical files.
-
-Anatomy (analytic shapes, painted slice by slice so a 512x512x350 patient stays well under 2 GB):
+Anatomy (painted slice by slice so a 512x512x350 patient stays well under 2 GB):
   * variant by index: ``index % 3 == 2`` is a pelvis, the others thoraxes; pelvises alternate one leg
     (indices 2, 8, 14, ...: a high above-knee amputee, like the group's prototype case) and two legs
     (indices 5, 11, ...). A cohort of >= 4 patients therefore holds a one-legged patient, >= 6 both.
@@ -16,81 +12,28 @@ Anatomy (analytic shapes, painted slice by slice so a 512x512x350 patient stays 
     lumbar spine, sacrum, iliac wings, pubis, ischium, femoral heads, necks and shafts, bladder,
     rectum with gas, bowel gas; prostate-like PTV (prostate + margin) between bladder and rectum.
   * HU: air -1000, lung about -850, fat about -100, muscle/soft tissue/blood 40-55, urine 10,
-    cancellous bone 200-300, cortical bone 700-1200; an in-plane point-spread blur (sigma 0.45 mm), Gaussian
-    noise (sigma 10-20 HU per patient), rounded to int16 and clipped to [-1024, 3071].
+    cancellous bone 200-300, cortical bone 700-1200 (before the scanner's blur and noise, see ``scanner``).
 
-Geometry: the in-plane field of view is 400 mm whatever the shape (``spacing = 400 / size``; 0.78 mm at
-512) and the scan is 320 mm long (``320 / slices``: 5 mm at 64 slices, 0.91 mm at 350), so the anatomy is
-the same in millimetres at every default shape. The body size is fitted per patient so that the body
-fills 40-50% of the voxels (one-legged: 38-46%), as in real chest CTs. An explicit ``spacing`` keeps the
-anatomy in millimetres in-plane (it may then be cut by a small field of view) and stretches the 320-mm
-template along z to the scan length. Origin: x centred on 0, y shifted by a table offset, z at a
-couch position; identity direction (LPS).
+Coordinates: in-plane mm centred on the field of view (``FIELD_OF_VIEW_MM``); z in template mm, 0..320
+spanning the scan whatever its length. The body size is fitted per patient (``fit_body_scale``) so that
+the body fills 40-50% of a default field of view (one-legged: 38-46%), as in real chest CTs.
 
-Dose: 5-7 coplanar beams, equally spaced from a random start angle, all aimed at the PTV centre and
-shaped to the PTV's beam's-eye-view projection plus 7 mm (multi-leaf-collimator-like), computed on a
-coarse grid (5 mm by default): primary fluence attenuated as exp(-mu * radiological depth) through the
-density (from HU) with a build-up term and the inverse-square law (SAD 1000 mm), a smoothed field
-edge (penumbra sigma 3.5 mm) and a small scatter blur; each beam is weighted to give the same dose at
-the isocentre. The sum is resampled linearly onto the CT grid, set to zero outside the body and scaled
-so that the mean PTV dose equals the prescription (thorax 60 Gy in 30 fractions, pelvis 70 Gy in 35).
-
-Files (canonical cohort layout): ``phantom_NNN/ct.nrrd`` (int16 HU), ``dose.nrrd`` (float32 Gy, CT
-grid), ``structures/<Name>.nrrd`` (uint8 0/1; thorax: Body, Lung_L, Lung_R, Heart, Esophagus,
-SpinalCord, Bones, PTV; pelvis: Body, Bladder, Rectum, Femur_L, Femur_R, Bones, PTV; the pelvis has no
-spinal cord: the cord ends above the scanned region), ``phantom.json`` (all generating parameters, plan,
-dose metrics, clinical row). The root holds ``clinical.csv`` and ``cohort.json`` (configuration and the
-outcome model). NRRDs are gzip-compressed; patient folders appear atomically (written under a hidden
-temporary name, then renamed); a rerun skips patients already generated with the same settings and
-removes generated patients beyond the requested number.
-
-Outcome model (binary ``outcome`` in clinical.csv, drawn per patient from its own stream)::
-
-    organ   = Heart (thorax) or Rectum (pelvis)
-    logit   = -0.2 + 0.15 / Gy * (mean organ dose - reference dose of the organ)
-                   + 0.012 / cc * (PTV volume - 100 cc)
-    p       = 1 / (1 + exp(-logit));  outcome = 1 if uniform(0, 1) < p
-    reference dose: Heart 3 Gy, Rectum 20 Gy  (see ``OutcomeModel``; written to cohort.json)
-
-Clinical columns: patient, age (years), sex (M/F; pelvis patients are male), smoking
-(never/former/current), ecog (0-2), site (lung_left, lung_right, mediastinum, prostate), outcome (0/1).
-Only ``outcome`` depends on dose and PTV volume; the other variables are noise.
-
-Scanner sites (``sites=N``, ``synth --sites N``; default 0 keeps the files of generator version 1): each
-patient is assigned at random, from its own fifth random stream, to one of the first N of
-``SCANNER_SITES`` (site_A native; site_B +40 HU, +15 HU noise, slices 2x thicker; site_C -35 HU, +30 HU
-noise, 1.5x; site_D +20 HU, +8 HU noise, 3x). The site's effect is applied to the finished CT only, so
-dose, structures and outcome are those of the same patient without sites. clinical.csv then has
-``site`` (the scanner site) and ``tumour_site`` (the PTV site), and cohort.json lists the sites.
+Drawing order (each from the patient's anatomy stream): ``draw_anatomy``, the body-size fit,
+``place_heart`` (thorax), ``place_ptv``, ``finish_pelvis`` (pelvis).
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
-import os
-import shutil
-import tempfile
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, replace
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from DeepDosimetricsLib.runtime.errors import InputError
+from DeepDosimetricsLib.data.phantoms.outcome import OUTCOME_MODEL
 
-GENERATOR_VERSION = 1
-DEFAULT_SHAPE: Tuple[int, int, int] = (96, 96, 64)
 FIELD_OF_VIEW_MM = 400.0
-SCAN_LENGTH_MM = 320.0
 TEMPLATE_LENGTH_MM = 320.0  # anatomy is described on a 320-mm z template spanning the scan
-MIN_SHAPE: Tuple[int, int, int] = (24, 24, 12)
-HU_MIN, HU_MAX = -1024, 3071
-PATIENT_PREFIX = "phantom_"
-APERTURE_MARGIN_MM = 7.0
-POINT_SPREAD_MM = 0.45  # sigma of the in-plane blur (scanner point-spread)
 
 THORAX_STRUCTURES = ("Body", "Lung_L", "Lung_R", "Heart", "Esophagus", "SpinalCord", "Bones", "PTV")
 PELVIS_STRUCTURES = ("Body", "Bladder", "Rectum", "Femur_L", "Femur_R", "Bones", "PTV")
@@ -109,165 +52,6 @@ HU_DISC = 80.0
 HU_GAS = -850.0
 HU_CANCELLOUS = 250.0
 HU_CORTICAL = 1000.0
-
-
-# --------------------------------------------------------------------------------------------------
-# configuration and models
-
-
-@dataclass(frozen=True)
-class PhantomConfig:
-    """What a phantom cohort is generated from (the number of patients is not part of it)."""
-
-    shape: Tuple[int, int, int] = DEFAULT_SHAPE
-    spacing: Optional[Tuple[float, float, float]] = None  # None: 400-mm field of view, 320-mm scan
-    seed: int = 0
-    dose_grid_mm: float = 5.0
-    #: scanner sites (0: none, the cohort of generator version 1 byte for byte); see SCANNER_SITES
-    sites: int = 0
-    #: multiplies the dose and volume coefficients of the outcome model (1: those of OUTCOME_MODEL)
-    outcome_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        try:
-            shape = tuple(int(v) for v in self.shape)
-        except (TypeError, ValueError) as error:
-            raise InputError(f"phantom shape must be three integers X Y Z, got {self.shape!r}") from error
-        if len(shape) != 3 or any(v < m for v, m in zip(shape, MIN_SHAPE)):
-            raise InputError(
-                f"phantom shape must be three integers X Y Z of at least {MIN_SHAPE}, got {self.shape!r}"
-            )
-        object.__setattr__(self, "shape", shape)
-        if self.spacing is not None:
-            try:
-                spacing = tuple(float(v) for v in self.spacing)
-            except (TypeError, ValueError) as error:
-                raise InputError(f"phantom spacing must be three numbers, got {self.spacing!r}") from error
-            if len(spacing) != 3 or not all(math.isfinite(v) and v > 0 for v in spacing):
-                raise InputError(f"phantom spacing must be three positive millimetres, got {self.spacing!r}")
-            object.__setattr__(self, "spacing", spacing)
-        if int(self.seed) != self.seed or self.seed < 0:
-            raise InputError(f"phantom seed must be a non-negative integer, got {self.seed!r}")
-        object.__setattr__(self, "seed", int(self.seed))
-        if not (self.dose_grid_mm > 0):
-            raise InputError(f"dose grid spacing must be positive, got {self.dose_grid_mm!r}")
-        if int(self.sites) != self.sites or not 0 <= self.sites <= len(SCANNER_SITES):
-            raise InputError(f"phantom sites must be an integer from 0 to {len(SCANNER_SITES)}, got {self.sites!r}")
-        object.__setattr__(self, "sites", int(self.sites))
-        if not (math.isfinite(self.outcome_scale) and self.outcome_scale >= 0):
-            raise InputError(f"phantom outcome scale must be a number >= 0, got {self.outcome_scale!r}")
-        object.__setattr__(self, "outcome_scale", float(self.outcome_scale))
-
-    @property
-    def grid_spacing(self) -> Tuple[float, float, float]:
-        """The CT voxel spacing (x, y, z) in mm: the given one or the default for the shape."""
-        if self.spacing is not None:
-            return self.spacing
-        nx, ny, nz = self.shape
-        return (FIELD_OF_VIEW_MM / nx, FIELD_OF_VIEW_MM / ny, SCAN_LENGTH_MM / nz)
-
-    def seed_sequence(self, index: int) -> np.random.SeedSequence:
-        """The random stream of patient ``index`` (independent of the cohort size)."""
-        return np.random.SeedSequence([self.seed, int(index)])
-
-    def settings(self) -> dict:
-        """The settings that decide a patient's files (used to skip patients already done)."""
-        return {
-            "version": GENERATOR_VERSION,
-            "seed": self.seed,
-            "shape": list(self.shape),
-            "spacing": [float(v) for v in self.grid_spacing],
-            "dose_grid_mm": float(self.dose_grid_mm),
-            **({"sites": self.sites} if self.sites else {}),
-            **({"outcome_scale": self.outcome_scale} if self.outcome_scale != 1.0 else {}),
-        }
-
-    def outcome_model(self) -> OutcomeModel:
-        """The outcome model of this cohort (OUTCOME_MODEL with its coefficients times outcome_scale)."""
-        if self.outcome_scale == 1.0:
-            return OUTCOME_MODEL
-        return replace(
-            OUTCOME_MODEL,
-            per_gy_organ_mean_dose=OUTCOME_MODEL.per_gy_organ_mean_dose * self.outcome_scale,
-            per_cc_ptv_volume=OUTCOME_MODEL.per_cc_ptv_volume * self.outcome_scale,
-        )
-
-
-@dataclass(frozen=True)
-class OutcomeModel:
-    """Logistic model of the binary outcome: mean dose to an organ at risk and PTV volume."""
-
-    intercept: float = -0.2
-    per_gy_organ_mean_dose: float = 0.15
-    per_cc_ptv_volume: float = 0.012
-    reference_ptv_cc: float = 100.0
-    reference_dose_gy: Dict[str, float] = field(default_factory=lambda: {"Heart": 3.0, "Rectum": 20.0})
-    organ_by_variant: Dict[str, str] = field(default_factory=lambda: {"thorax": "Heart", "pelvis": "Rectum"})
-
-    def logit(self, organ: str, organ_mean_dose_gy: float, ptv_volume_cc: float) -> float:
-        """The log-odds of outcome = 1."""
-        return (
-            self.intercept
-            + self.per_gy_organ_mean_dose * (organ_mean_dose_gy - self.reference_dose_gy[organ])
-            + self.per_cc_ptv_volume * (ptv_volume_cc - self.reference_ptv_cc)
-        )
-
-    def describe(self) -> dict:
-        """The model as written to cohort.json."""
-        return {
-            "formula": "logit = intercept + per_gy_organ_mean_dose * (organ mean dose [Gy] - reference_dose_gy"
-            "[organ]) + per_cc_ptv_volume * (PTV volume [cc] - reference_ptv_cc); p = 1/(1+exp(-logit)); "
-            "outcome = 1 if uniform(0,1) < p (per-patient random stream)",
-            **asdict(self),
-        }
-
-
-OUTCOME_MODEL = OutcomeModel()
-
-
-@dataclass(frozen=True)
-class ScannerSite:
-    """A hospital/scanner of the cohort: how its CTs differ (never the anatomy, dose or outcome).
-
-    hu_offset: added to every voxel (calibration drift); extra_noise_hu: sigma of added Gaussian noise;
-    slice_thickness: reconstructed slice thickness as a multiple of the slice spacing (a Gaussian slice
-    profile along z; 1 = native).
-    """
-
-    name: str
-    hu_offset: float
-    extra_noise_hu: float
-    slice_thickness: float
-
-
-#: the sites of ``synth --sites N`` are the first N rows
-SCANNER_SITES = (
-    ScannerSite("site_A", 0.0, 0.0, 1.0),
-    ScannerSite("site_B", 40.0, 15.0, 2.0),
-    ScannerSite("site_C", -35.0, 30.0, 1.5),
-    ScannerSite("site_D", 20.0, 8.0, 3.0),
-)
-
-
-def _apply_scanner(ct: np.ndarray, site: ScannerSite, rng: np.random.Generator) -> np.ndarray:
-    """The CT as the site's scanner would give it: slice profile along z, HU offset, extra noise."""
-    from scipy import ndimage
-
-    if site.hu_offset == 0 and site.extra_noise_hu == 0 and site.slice_thickness <= 1:
-        return ct
-    hu = ct.astype(np.float32)
-    if site.slice_thickness > 1:  # FWHM of the slice profile from 1 to `slice_thickness` slices
-        sigma = math.sqrt(site.slice_thickness**2 - 1.0) / 2.3548
-        hu = ndimage.gaussian_filter1d(hu, sigma, axis=0, mode="nearest")
-    hu += np.float32(site.hu_offset)
-    if site.extra_noise_hu:
-        hu += rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(site.extra_noise_hu)
-    return np.clip(np.rint(hu), HU_MIN, HU_MAX).astype(np.int16)
-
-
-def patient_id(index: int) -> str:
-    """The folder name of patient ``index``."""
-    return f"{PATIENT_PREFIX}{index:03d}"
 
 
 def patient_variant(index: int) -> Tuple[str, Optional[int]]:
@@ -315,7 +99,8 @@ def _smoothstep(value: float) -> float:
     return value * value * (3.0 - 2.0 * value)
 
 
-def _uniform(rng: np.random.Generator, low: float, high: float) -> float:
+def rounded_uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    """A uniform draw from [low, high) rounded to 3 decimals (stable text in phantom.json)."""
     return round(float(rng.uniform(low, high)), 3)
 
 
@@ -711,53 +496,53 @@ class PelvisAnatomy(Anatomy):
         return hu, masks
 
 
-def _draw_anatomy(index: int, rng: np.random.Generator) -> Anatomy:
+def draw_anatomy(index: int, rng: np.random.Generator) -> Anatomy:
     """The anatomy parameters of patient ``index`` (before the body-size fit)."""
     variant, legs = patient_variant(index)
     common = dict(
         variant=variant,
-        power=_uniform(rng, 2.2, 2.7) if variant == "thorax" else _uniform(rng, 2.1, 2.5),
+        power=rounded_uniform(rng, 2.2, 2.7) if variant == "thorax" else rounded_uniform(rng, 2.1, 2.5),
         scale=1.0,
-        y_center=_uniform(rng, -8.0, 8.0),
-        fat_mm=_uniform(rng, 8.0, 26.0) if variant == "thorax" else _uniform(rng, 12.0, 32.0),
-        wall_mm=_uniform(rng, 12.0, 17.0),
+        y_center=rounded_uniform(rng, -8.0, 8.0),
+        fat_mm=rounded_uniform(rng, 8.0, 26.0) if variant == "thorax" else rounded_uniform(rng, 12.0, 32.0),
+        wall_mm=rounded_uniform(rng, 12.0, 17.0),
         wobble=(
-            _uniform(rng, 0.02, 0.05),
-            _uniform(rng, 0.0, 2 * math.pi),
-            _uniform(rng, 0.02, 0.04),
-            _uniform(rng, 0.0, 2 * math.pi),
+            rounded_uniform(rng, 0.02, 0.05),
+            rounded_uniform(rng, 0.0, 2 * math.pi),
+            rounded_uniform(rng, 0.02, 0.04),
+            rounded_uniform(rng, 0.0, 2 * math.pi),
         ),
-        disc_phase=_uniform(rng, 0.0, 26.0),
-        noise_hu=_uniform(rng, 10.0, 20.0),
+        disc_phase=rounded_uniform(rng, 0.0, 26.0),
+        noise_hu=rounded_uniform(rng, 10.0, 20.0),
     )
     lobes = (
-        _uniform(rng, 0.0, 0.1),
-        _uniform(rng, 0.0, 2 * math.pi),
-        _uniform(rng, 0.0, 0.08),
-        _uniform(rng, 0.0, 2 * math.pi),
+        rounded_uniform(rng, 0.0, 0.1),
+        rounded_uniform(rng, 0.0, 2 * math.pi),
+        rounded_uniform(rng, 0.0, 0.08),
+        rounded_uniform(rng, 0.0, 2 * math.pi),
     )
     if variant == "thorax":
-        width, depth = _uniform(rng, 148.0, 168.0), _uniform(rng, 118.0, 138.0)
-        base_l = _uniform(rng, 20.0, 40.0)
+        width, depth = rounded_uniform(rng, 148.0, 168.0), rounded_uniform(rng, 118.0, 138.0)
+        base_l = rounded_uniform(rng, 20.0, 40.0)
         anatomy = ThoraxAnatomy(
             width_mm=width,
             depth_mm=depth,
             ptv=Ptv("pending", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 5.0, lobes),
-            lung_base=(base_l, round(base_l + _uniform(rng, 5.0, 15.0), 3)),
-            lung_apex=_uniform(rng, 310.0, 345.0),
-            dome_mm=_uniform(rng, 30.0, 42.0),
-            heart_radii=(_uniform(rng, 55.0, 66.0), _uniform(rng, 42.0, 52.0), _uniform(rng, 48.0, 58.0)),
-            heart_angle=_uniform(rng, -40.0, -20.0),
-            carina_z=_uniform(rng, 205.0, 235.0),
-            rib_phase=_uniform(rng, 0.0, 26.0),
-            lung_hu=_uniform(rng, -870.0, -825.0),
+            lung_base=(base_l, round(base_l + rounded_uniform(rng, 5.0, 15.0), 3)),
+            lung_apex=rounded_uniform(rng, 310.0, 345.0),
+            dome_mm=rounded_uniform(rng, 30.0, 42.0),
+            heart_radii=(rounded_uniform(rng, 55.0, 66.0), rounded_uniform(rng, 42.0, 52.0), rounded_uniform(rng, 48.0, 58.0)),
+            heart_angle=rounded_uniform(rng, -40.0, -20.0),
+            carina_z=rounded_uniform(rng, 205.0, 235.0),
+            rib_phase=rounded_uniform(rng, 0.0, 26.0),
+            lung_hu=rounded_uniform(rng, -870.0, -825.0),
             **common,
         )
         return anatomy
-    width, depth = _uniform(rng, 155.0, 172.0), _uniform(rng, 118.0, 136.0)
-    split_z = _uniform(rng, 45.0, 65.0)
-    hip_z = round(split_z + _uniform(rng, 65.0, 80.0), 3)
-    bladder_scale = _uniform(rng, 0.75, 1.2)
+    width, depth = rounded_uniform(rng, 155.0, 172.0), rounded_uniform(rng, 118.0, 136.0)
+    split_z = rounded_uniform(rng, 45.0, 65.0)
+    hip_z = round(split_z + rounded_uniform(rng, 65.0, 80.0), 3)
+    bladder_scale = rounded_uniform(rng, 0.75, 1.2)
     bladder_radii = (
         round(42.0 * bladder_scale, 3),
         round(32.0 * bladder_scale, 3),
@@ -767,10 +552,10 @@ def _draw_anatomy(index: int, rng: np.random.Generator) -> Anatomy:
     for _ in range(int(rng.integers(3, 8))):
         gas.append(
             (
-                _uniform(rng, -90.0, 90.0),
-                _uniform(rng, -60.0, 20.0),
-                _uniform(rng, hip_z + 80.0, 315.0),
-                _uniform(rng, 6.0, 14.0),
+                rounded_uniform(rng, -90.0, 90.0),
+                rounded_uniform(rng, -60.0, 20.0),
+                rounded_uniform(rng, hip_z + 80.0, 315.0),
+                rounded_uniform(rng, 6.0, 14.0),
             )
         )
     return PelvisAnatomy(
@@ -780,49 +565,49 @@ def _draw_anatomy(index: int, rng: np.random.Generator) -> Anatomy:
         legs=int(legs),
         amputated_side=(("L", "R")[int(rng.integers(0, 2))] if legs == 1 else None),
         split_z=split_z,
-        stump_z=round(split_z - _uniform(rng, 15.0, 35.0), 3),
-        thigh_radii=(_uniform(rng, 76.0, 90.0), _uniform(rng, 80.0, 95.0)),
+        stump_z=round(split_z - rounded_uniform(rng, 15.0, 35.0), 3),
+        thigh_radii=(rounded_uniform(rng, 76.0, 90.0), rounded_uniform(rng, 80.0, 95.0)),
         hip_z=hip_z,
         bladder_radii=bladder_radii,
-        rectum_radius=_uniform(rng, 14.0, 18.0),
+        rectum_radius=rounded_uniform(rng, 14.0, 18.0),
         gas_bubbles=tuple(gas),
         **common,
     )
 
 
-def _place_heart(anatomy: ThoraxAnatomy, rng: np.random.Generator) -> ThoraxAnatomy:
+def place_heart(anatomy: ThoraxAnatomy, rng: np.random.Generator) -> ThoraxAnatomy:
     """The heart of a (size-fitted) thorax: on the left dome, against the anterior chest wall."""
     rx, ry, rz = anatomy.heart_radii
     hz = round(anatomy.lung_base[0] + anatomy.dome_mm + 0.55 * rz, 3)
     _, b_c, _ = anatomy.cavity(hz)
     center = (
-        _uniform(rng, 15.0, 30.0),
-        round(anatomy.y_center - b_c + 0.9 * ry + _uniform(rng, 0.0, 6.0), 3),
+        rounded_uniform(rng, 15.0, 30.0),
+        round(anatomy.y_center - b_c + 0.9 * ry + rounded_uniform(rng, 0.0, 6.0), 3),
         hz,
     )
     return replace(anatomy, heart_center=center)
 
 
-def _place_ptv(anatomy: Anatomy, rng: np.random.Generator) -> Ptv:
+def place_ptv(anatomy: Anatomy, rng: np.random.Generator) -> Ptv:
     """The PTV of a (size-fitted) anatomy: in a lung or the mediastinum, or prostate-like."""
     lobes = anatomy.ptv.lobes
     if isinstance(anatomy, ThoraxAnatomy):
         site = ("lung_left", "lung_right", "mediastinum")[int(rng.choice(3, p=[0.4, 0.4, 0.2]))]
         if site == "mediastinum":
-            radii = tuple(_uniform(rng, 16.0, 28.0) for _ in range(3))
-            za = _uniform(
+            radii = tuple(rounded_uniform(rng, 16.0, 28.0) for _ in range(3))
+            za = rounded_uniform(
                 rng, anatomy.heart_center[2] + 0.6 * anatomy.heart_radii[2], anatomy.carina_z + 10.0
             )
             _, body_y = anatomy.spine_positions(za)
-            center = (_uniform(rng, -5.0, 15.0), round(body_y - 45.0 - radii[1] * 0.4, 3), za)
+            center = (rounded_uniform(rng, -5.0, 15.0), round(body_y - 45.0 - radii[1] * 0.4, 3), za)
             return Ptv(site, center, radii, 5.0, lobes)
         side = "L" if site == "lung_left" else "R"
         base = anatomy.lung_base[0 if side == "L" else 1]
         heart_top = anatomy.heart_center[2] + 0.8 * anatomy.heart_radii[2]
         if rng.random() < 0.6:  # at the level of the heart (lower lobes), else above it
-            za = _uniform(rng, base + anatomy.dome_mm + 10.0, heart_top)
+            za = rounded_uniform(rng, base + anatomy.dome_mm + 10.0, heart_top)
         else:
-            za = _uniform(rng, heart_top, anatomy.lung_apex - 80.0)
+            za = rounded_uniform(rng, heart_top, anatomy.lung_apex - 80.0)
         cx, cy, ax, ay = anatomy.lung_ellipse(za, side)
         limit = 0.5 * min(ax, ay)
         mean_radius = min(float(rng.uniform(14.0, 34.0)), limit)
@@ -837,28 +622,28 @@ def _place_ptv(anatomy: Anatomy, rng: np.random.Generator) -> Ptv:
         )
         return Ptv(site, center, radii, 5.0, lobes)
     assert isinstance(anatomy, PelvisAnatomy)
-    prostate = (_uniform(rng, 17.0, 24.0), _uniform(rng, 14.0, 20.0), _uniform(rng, 16.0, 24.0))
-    za = round(anatomy.hip_z - _uniform(rng, 5.0, 20.0), 3)
-    cy = _uniform(rng, -25.0, -10.0) + anatomy.y_center
+    prostate = (rounded_uniform(rng, 17.0, 24.0), rounded_uniform(rng, 14.0, 20.0), rounded_uniform(rng, 16.0, 24.0))
+    za = round(anatomy.hip_z - rounded_uniform(rng, 5.0, 20.0), 3)
+    cy = rounded_uniform(rng, -25.0, -10.0) + anatomy.y_center
     margin = 7.0
     radii = tuple(round(r + margin, 3) for r in prostate)
-    return Ptv("prostate", (_uniform(rng, -4.0, 4.0), cy, za), radii, margin, lobes)
+    return Ptv("prostate", (rounded_uniform(rng, -4.0, 4.0), cy, za), radii, margin, lobes)
 
 
-def _finish_pelvis(anatomy: PelvisAnatomy, rng: np.random.Generator) -> PelvisAnatomy:
+def finish_pelvis(anatomy: PelvisAnatomy, rng: np.random.Generator) -> PelvisAnatomy:
     """Bladder above and rectum behind the prostate, once the PTV is placed."""
     px, py, pz = anatomy.ptv.center
     _, pry, prz = anatomy.ptv.radii
     bz = anatomy.bladder_radii[2]
     bladder_center = (round(px, 3), round(py - 6.0, 3), round(pz + prz - anatomy.ptv.margin_mm + bz - 4.0, 3))
     rectum_center = (
-        round(px + _uniform(rng, -4.0, 4.0), 3),
+        round(px + rounded_uniform(rng, -4.0, 4.0), 3),
         round(py + pry - anatomy.ptv.margin_mm + anatomy.rectum_radius + 1.0, 3),
     )
     return replace(anatomy, bladder_center=bladder_center, rectum_center=rectum_center)
 
 
-def _fit_body_scale(anatomy: Anatomy, target: float, max_half_extent: float) -> float:
+def fit_body_scale(anatomy: Anatomy, target: float, max_half_extent: float) -> float:
     """The scale at which the body fills ``target`` of a default field of view (kept inside it)."""
     n = 160
     coords = (np.arange(n, dtype=np.float32) - (n - 1) / 2.0) * (FIELD_OF_VIEW_MM / n)
@@ -880,587 +665,3 @@ def _fit_body_scale(anatomy: Anatomy, target: float, max_half_extent: float) -> 
         scale *= math.sqrt(target / max(fraction, 1e-6))
         scale = min(scale, (trial.scale * max_half_extent) / max(extent, 1.0))
     return round(scale, 4)
-
-
-# --------------------------------------------------------------------------------------------------
-# grids, painting and dose
-
-
-@dataclass(frozen=True)
-class Grid:
-    """A sampling grid (ITK order sizes) with field-of-view-centred in-plane axes and template z."""
-
-    size: Tuple[int, int, int]
-    spacing: Tuple[float, float, float]
-    origin: Tuple[float, float, float]  # LPS mm of voxel (0, 0, 0)
-    table_shift: float  # world y of the field-of-view centre
-
-    def axes(self) -> Tuple[np.ndarray, np.ndarray]:
-        """(x as (1, X), y as (Y, 1)) field-of-view-centred mm, float32."""
-        x = self.origin[0] + np.arange(self.size[0]) * self.spacing[0]
-        y = self.origin[1] - self.table_shift + np.arange(self.size[1]) * self.spacing[1]
-        return x.astype(np.float32)[None, :], y.astype(np.float32)[:, None]
-
-    def template_z(self, scan_start: float, scan_length: float) -> np.ndarray:
-        """Template z (mm) of each slice centre."""
-        z = self.origin[2] + np.arange(self.size[2]) * self.spacing[2]
-        return (z - scan_start) / scan_length * TEMPLATE_LENGTH_MM
-
-
-def _ct_grid(config: PhantomConfig, rng: np.random.Generator) -> Tuple[Grid, float, float]:
-    """The CT grid of a patient, the scan start z (world, slab edge) and the scan length (mm)."""
-    (nx, ny, nz), (sx, sy, sz) = config.shape, config.grid_spacing
-    table_shift = _uniform(rng, -40.0, 40.0)
-    couch = _uniform(rng, -450.0, -150.0)
-    origin = (round(-(nx - 1) / 2.0 * sx, 4), round(-(ny - 1) / 2.0 * sy + table_shift, 4), round(couch, 4))
-    grid = Grid((nx, ny, nz), (sx, sy, sz), origin, table_shift)
-    return grid, couch - sz / 2.0, nz * sz
-
-
-def _coarse_grid(ct: Grid, scan_start: float, scan_length: float, step: float) -> Grid:
-    """A grid of about ``step`` mm covering the same box as the CT grid (for the dose)."""
-    size, spacing = [], []
-    for n, s in zip(ct.size[:2], ct.spacing[:2]):
-        extent = n * s
-        m = max(int(math.ceil(extent / max(step, s))), 2)
-        size.append(m)
-        spacing.append(extent / m)
-    m = max(int(math.ceil(scan_length / max(step, ct.spacing[2]))), 2)
-    size.append(m)
-    spacing.append(scan_length / m)
-    origin = (
-        ct.origin[0] - ct.spacing[0] / 2.0 + spacing[0] / 2.0,
-        ct.origin[1] - ct.spacing[1] / 2.0 + spacing[1] / 2.0,
-        scan_start + spacing[2] / 2.0,
-    )
-    return Grid(tuple(size), tuple(spacing), origin, ct.table_shift)
-
-
-def _beam_dose(density, ptv, grid: Grid, iso_xy, angle_deg: float) -> np.ndarray:
-    """The dose of one beam on the coarse grid (z, y, x), 1 at the isocentre."""
-    from scipy import ndimage
-
-    nz = density.shape[0]
-    x, y = grid.axes()
-    h = min(grid.spacing[0], grid.spacing[1])
-    half = math.hypot(x.max() - x.min(), float(y.max() - y.min())) / 2.0 + math.hypot(*iso_xy) + 2 * h
-    n = int(math.ceil(2 * half / h)) + 1
-    frame = -half + np.arange(n) * h
-    theta = math.radians(angle_deg)
-    d = (-math.sin(theta), math.cos(theta))  # from the source towards the isocentre (IEC gantry, LPS)
-    lat = (math.cos(theta), math.sin(theta))
-    uu, vv = np.meshgrid(frame, frame, indexing="ij")
-    px = iso_xy[0] + uu * d[0] + vv * lat[0]
-    py = iso_xy[1] + uu * d[1] + vv * lat[1]
-    ix = (px - float(x[0, 0])) / grid.spacing[0]
-    iy = (py - float(y[0, 0])) / grid.spacing[1]
-    coords = np.empty((3, nz, n, n), np.float32)
-    coords[0] = np.arange(nz, dtype=np.float32)[:, None, None]
-    coords[1] = iy[None]
-    coords[2] = ix[None]
-    rho = ndimage.map_coordinates(density, coords, order=1, mode="constant", cval=0.0)
-    target = ndimage.map_coordinates(ptv, coords, order=1, mode="constant", cval=0.0)
-    del coords
-    aperture = target.max(axis=1) > 0.3  # (z, v): beam's-eye-view projection
-    if not aperture.any():
-        return np.zeros_like(density)
-    outside = ndimage.distance_transform_edt(~aperture, sampling=(grid.spacing[2], h))
-    aperture = ndimage.gaussian_filter(
-        (outside <= APERTURE_MARGIN_MM).astype(np.float32), sigma=(3.5 / grid.spacing[2], 3.5 / h)
-    )
-    depth = np.cumsum(rho, axis=1) * h - 0.5 * rho * h
-    sad = 1000.0
-    inverse_square = (sad / (sad + frame)) ** 2
-    dose = (
-        aperture[:, None, :]
-        * np.exp(-0.0048 * depth)
-        * (1.0 - np.exp(-depth / 6.0))
-        * inverse_square[None, :, None]
-    )
-    dose = dose.astype(np.float32)
-    # back to the patient grid
-    rel_x, rel_y = x - iso_xy[0], y - iso_xy[1]
-    u = (rel_x * d[0] + rel_y * d[1] + half) / h
-    v = (rel_x * lat[0] + rel_y * lat[1] + half) / h
-    back = np.empty((3,) + density.shape, np.float32)
-    back[0] = np.arange(nz, dtype=np.float32)[:, None, None]
-    back[1] = u[None]
-    back[2] = v[None]
-    patient = ndimage.map_coordinates(dose, back, order=1, mode="constant", cval=0.0)
-    return patient
-
-
-def _plan(anatomy: Anatomy, rng: np.random.Generator) -> dict:
-    """Beam arrangement and prescription."""
-    n_beams = int(rng.integers(5, 8))
-    start = float(rng.uniform(0.0, 360.0 / n_beams))
-    angles = [round((start + i * 360.0 / n_beams) % 360.0, 2) for i in range(n_beams)]
-    thorax = anatomy.variant == "thorax"
-    return {
-        "prescription_gy": 60.0 if thorax else 70.0,
-        "fractions": 30 if thorax else 35,
-        "normalisation": "mean PTV dose = prescription",
-        "beam_angles_deg": angles,
-        "isocentre": "PTV centre",
-        "beam_model": {
-            "mu_per_mm": 0.0048,
-            "buildup_mm": 6.0,
-            "sad_mm": 1000.0,
-            "aperture_margin_mm": APERTURE_MARGIN_MM,
-            "penumbra_sigma_mm": 3.5,
-            "scatter_sigma_mm": 4.0,
-        },
-    }
-
-
-def _coarse_dose(
-    anatomy: Anatomy, plan: dict, grid: Grid, scan_start: float, scan_length: float
-) -> np.ndarray:
-    """The unnormalised dose on the coarse grid (z, y, x)."""
-    from scipy import ndimage
-
-    x, y = grid.axes()
-    nz = grid.size[2]
-    shape = (nz, grid.size[1], grid.size[0])
-    density = np.zeros(shape, np.float32)
-    ptv = np.zeros(shape, np.float32)
-    for k, za in enumerate(grid.template_z(scan_start, scan_length)):
-        hu, masks = anatomy.paint(x, y, float(za))
-        density[k] = np.where(masks["Body"], np.clip(1.0 + hu / 1000.0, 0.0, 2.5), 0.0)
-        if masks["PTV"] is not None:
-            ptv[k] = masks["PTV"]
-    iso = (anatomy.ptv.center[0], anatomy.ptv.center[1])
-    total = np.zeros(shape, np.float32)
-    for angle in plan["beam_angles_deg"]:
-        beam = _beam_dose(density, ptv, grid, iso, angle)
-        inside = beam[ptv > 0.5]
-        if inside.size and inside.mean() > 0:
-            total += beam / inside.mean()
-    sigma = plan["beam_model"]["scatter_sigma_mm"]
-    return ndimage.gaussian_filter(total, sigma=[sigma / s for s in grid.spacing[::-1]]).astype(np.float32)
-
-
-def _image(array: np.ndarray, grid: Grid):
-    import SimpleITK as sitk
-
-    image = sitk.GetImageFromArray(array)
-    image.SetSpacing(tuple(float(v) for v in grid.spacing))
-    image.SetOrigin(tuple(float(v) for v in grid.origin))
-    return image
-
-
-# --------------------------------------------------------------------------------------------------
-# one patient
-
-
-@dataclass
-class PhantomPatient:
-    """One generated patient in memory: arrays (z, y, x) on the CT grid and its parameters."""
-
-    id: str
-    spacing: Tuple[float, float, float]
-    origin: Tuple[float, float, float]
-    ct: np.ndarray  # int16 HU
-    dose: np.ndarray  # float32 Gy
-    structures: Dict[str, np.ndarray]  # uint8 0/1
-    parameters: dict
-
-    def image(self, array: np.ndarray):
-        """A SimpleITK image of ``array`` with this patient's CT geometry."""
-        import SimpleITK as sitk
-
-        image = sitk.GetImageFromArray(array)
-        image.SetSpacing(self.spacing)
-        image.SetOrigin(self.origin)
-        image.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
-        return image
-
-    def write(self, folder: Union[str, Path]) -> Path:
-        """Write the canonical layout into ``folder`` (created; files replaced)."""
-        import SimpleITK as sitk
-
-        folder = Path(folder)
-        (folder / "structures").mkdir(parents=True, exist_ok=True)
-        sitk.WriteImage(self.image(self.ct), str(folder / "ct.nrrd"), True)
-        sitk.WriteImage(self.image(self.dose), str(folder / "dose.nrrd"), True)
-        for name, mask in self.structures.items():
-            sitk.WriteImage(self.image(mask), str(folder / "structures" / f"{name}.nrrd"), True)
-        _write_text(folder / "phantom.json", json.dumps(self.parameters, indent=2) + "\n")
-        return folder
-
-
-def _rounded(value):
-    """JSON-friendly copy with floats rounded (stable text)."""
-    if isinstance(value, dict):
-        return {str(k): _rounded(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_rounded(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return round(float(value), 4)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
-def _clinical_row(index: int, variant: str, site: str, rng: np.random.Generator) -> dict:
-    """The clinical variables of a patient (outcome is added from the model)."""
-    pelvis = variant == "pelvis"
-    age = int(np.clip(round(rng.normal(68.0 if pelvis else 65.0, 9.0)), 38, 90))
-    sex = "M" if pelvis else ("M", "F")[int(rng.integers(0, 2))]
-    smoking = ("never", "former", "current")[
-        int(rng.choice(3, p=[0.4, 0.4, 0.2] if pelvis else [0.15, 0.5, 0.35]))
-    ]
-    ecog = int(rng.choice(3, p=[0.45, 0.45, 0.10]))
-    return {
-        "patient": patient_id(index),
-        "age": age,
-        "sex": sex,
-        "smoking": smoking,
-        "ecog": ecog,
-        "site": site,
-    }
-
-
-def generate_patient(index: int, config: PhantomConfig = PhantomConfig()) -> PhantomPatient:
-    """Generate patient ``index`` of the cohort defined by ``config`` in memory."""
-    from scipy import ndimage
-
-    if index < 0:
-        raise InputError(f"phantom patient index must be >= 0, got {index}")
-    streams = config.seed_sequence(index).spawn(5)  # children 0-3 are those of generator version 1
-    rng_anatomy, rng_noise, rng_clinical, rng_outcome, rng_site = (np.random.default_rng(s) for s in streams)
-    anatomy = _draw_anatomy(index, rng_anatomy)
-    one_leg = isinstance(anatomy, PelvisAnatomy) and anatomy.legs == 1
-    target = _uniform(rng_anatomy, 0.38, 0.46) if one_leg else _uniform(rng_anatomy, 0.40, 0.50)
-    anatomy = replace(anatomy, scale=_fit_body_scale(anatomy, target, 0.47 * FIELD_OF_VIEW_MM))
-    if isinstance(anatomy, ThoraxAnatomy):
-        anatomy = _place_heart(anatomy, rng_anatomy)
-    anatomy.ptv = _place_ptv(anatomy, rng_anatomy)
-    if isinstance(anatomy, PelvisAnatomy):
-        anatomy = _finish_pelvis(anatomy, rng_anatomy)
-    plan = _plan(anatomy, rng_anatomy)
-    grid, scan_start, scan_length = _ct_grid(config, rng_anatomy)
-
-    # CT and structures, slice by slice
-    nx, ny, nz = grid.size
-    x, y = grid.axes()
-    names = anatomy.structure_names()
-    structures = {name: np.zeros((nz, ny, nx), np.uint8) for name in names}
-    ct = np.empty((nz, ny, nx), np.int16)
-    sigma_blur = [min(POINT_SPREAD_MM / s, 0.6) for s in grid.spacing[1::-1]]  # (y, x) pixels
-    for k, za in enumerate(grid.template_z(scan_start, scan_length)):
-        hu, masks = anatomy.paint(x, y, float(za))
-        body = masks["Body"]
-        for name in names:
-            mask = masks.get(name)
-            if mask is not None:
-                structures[name][k] = mask & body
-        hu = ndimage.gaussian_filter(hu, sigma_blur, mode="nearest")
-        hu += rng_noise.standard_normal(hu.shape, dtype=np.float32) * np.float32(anatomy.noise_hu)
-        ct[k] = np.clip(np.rint(hu), HU_MIN, HU_MAX).astype(np.int16)
-    scanner = None
-    if config.sites:  # after the anatomy and on the CT only: dose, structures and outcome do not change
-        scanner = SCANNER_SITES[int(rng_site.integers(config.sites))]
-        ct = _apply_scanner(ct, scanner, rng_site)
-    empty = [name for name in names if not structures[name].any()]
-    for name in empty:
-        del structures[name]
-    if "PTV" not in structures:
-        raise InputError(
-            f"phantom {patient_id(index)}: the PTV vanishes on a {config.shape} grid with spacing "
-            f"{config.grid_spacing}; use a finer grid"
-        )
-
-    # dose: coarse grid, resampled linearly onto the CT grid, zero outside the body, mean PTV = Rx
-    import SimpleITK as sitk
-
-    coarse = _coarse_grid(grid, scan_start, scan_length, config.dose_grid_mm)
-    coarse_dose = _coarse_dose(anatomy, plan, coarse, scan_start, scan_length)
-    reference = sitk.Image(nx, ny, nz, sitk.sitkFloat32)
-    reference.SetSpacing(grid.spacing)
-    reference.SetOrigin(grid.origin)
-    resampled = sitk.Resample(
-        _image(coarse_dose, coarse), reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32
-    )
-    del reference
-    dose = sitk.GetArrayFromImage(resampled)
-    del resampled
-    dose *= structures["Body"]
-    ptv = structures["PTV"].astype(bool)
-    ptv_mean = float(dose[ptv].mean())
-    if not ptv_mean > 0:
-        raise InputError(f"phantom {patient_id(index)}: the beams miss the PTV on this grid")
-    dose *= np.float32(plan["prescription_gy"] / ptv_mean)
-
-    voxel_cc = float(np.prod(grid.spacing)) / 1000.0
-    metrics = {}
-    for name, mask in structures.items():
-        values = dose[mask.astype(bool)]
-        metrics[name] = {
-            "volume_cc": values.size * voxel_cc,
-            "mean_gy": float(values.mean()),
-            "max_gy": float(values.max()),
-        }
-    ptv_values = dose[ptv]
-    metrics["PTV"].update(
-        {"D95_gy": float(np.percentile(ptv_values, 5)), "D2_gy": float(np.percentile(ptv_values, 98))}
-    )
-    body_fraction = float(structures["Body"].mean())
-
-    organ = anatomy.organ_at_risk()
-    organ_dose = metrics[organ]["mean_gy"] if organ in metrics else 0.0
-    ptv_cc = metrics["PTV"]["volume_cc"]
-    logit = config.outcome_model().logit(organ, organ_dose, ptv_cc)
-    probability = 1.0 / (1.0 + math.exp(-logit))
-    outcome = int(rng_outcome.random() < probability)
-    clinical = _clinical_row(index, anatomy.variant, anatomy.ptv.site, rng_clinical)
-    if scanner is not None:  # `site` is the scanner site; the PTV's site is then `tumour_site`
-        clinical["tumour_site"] = clinical.pop("site")
-        clinical["site"] = scanner.name
-    clinical["outcome"] = outcome
-
-    def world(center):
-        return [
-            center[0],
-            center[1] + grid.table_shift,
-            scan_start + center[2] / TEMPLATE_LENGTH_MM * scan_length,
-        ]
-
-    z_scale = scan_length / TEMPLATE_LENGTH_MM
-    ptv_radii_mm = [anatomy.ptv.radii[0], anatomy.ptv.radii[1], anatomy.ptv.radii[2] * z_scale]
-    anatomy_dict = asdict(anatomy)
-    parameters = _rounded(
-        {
-            "generator": {
-                "name": "DeepDosimetrics phantom",
-                **config.settings(),
-                "index": index,
-                "seed_sequence_entropy": [config.seed, index],
-            },
-            "patient": patient_id(index),
-            "variant": anatomy.variant,
-            "legs": getattr(anatomy, "legs", 2),
-            "amputated_side": {"L": "left", "R": "right", None: None}[
-                getattr(anatomy, "amputated_side", None)
-            ],
-            "geometry": {
-                "size": list(grid.size),
-                "spacing": list(grid.spacing),
-                "origin": list(grid.origin),
-                "direction": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
-                "scan_start_z_mm": scan_start,
-                "scan_length_mm": scan_length,
-                "template_z_scale": z_scale,
-            },
-            "body": {"target_fraction": target, "fraction": body_fraction, "scale": anatomy.scale},
-            "ptv": {
-                "site": anatomy.ptv.site,
-                "center_mm": world(anatomy.ptv.center),
-                "radii_mm": ptv_radii_mm,
-                "margin_mm": anatomy.ptv.margin_mm,
-                "volume_cc": ptv_cc,
-            },
-            "plan": plan,
-            "dose_grid": {"size": list(coarse.size), "spacing": list(coarse.spacing)},
-            "noise_hu": anatomy.noise_hu,
-            **({"scanner": asdict(scanner)} if scanner is not None else {}),
-            "structures": list(structures),
-            "dose_metrics": metrics,
-            "clinical": clinical,
-            "outcome_model": {
-                "organ": organ,
-                "organ_mean_dose_gy": organ_dose,
-                "ptv_volume_cc": ptv_cc,
-                "logit": logit,
-                "probability": probability,
-                "outcome": outcome,
-            },
-            "anatomy_template": {
-                "note": "in-plane mm centred on the field of view (world y = y + table shift); z in template "
-                "mm (0..320 spans the scan)",
-                "table_shift_mm": grid.table_shift,
-                **anatomy_dict,
-            },
-        }
-    )
-    return PhantomPatient(
-        id=patient_id(index),
-        spacing=tuple(float(v) for v in grid.spacing),
-        origin=tuple(float(v) for v in grid.origin),
-        ct=ct,
-        dose=dose,
-        structures=structures,
-        parameters=parameters,
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# files
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write a text file atomically."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _is_done(folder: Path, config: PhantomConfig, index: int) -> bool:
-    """Whether ``folder`` already holds patient ``index`` generated with the same settings."""
-    try:
-        parameters = json.loads((folder / "phantom.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    expected = _rounded(
-        {
-            "name": "DeepDosimetrics phantom",
-            **config.settings(),
-            "index": index,
-            "seed_sequence_entropy": [config.seed, index],
-        }
-    )
-    if parameters.get("generator") != expected:
-        return False
-    names = parameters.get("structures", [])
-    files = [folder / "ct.nrrd", folder / "dose.nrrd"] + [folder / "structures" / f"{n}.nrrd" for n in names]
-    return all(path.is_file() for path in files)
-
-
-def synthesize_patient(
-    out_dir: Union[str, Path], index: int, config: PhantomConfig = PhantomConfig()
-) -> Path:
-    """Write patient ``index`` into ``out_dir/phantom_NNN`` (atomically; skipped when already there)."""
-    out_dir = Path(out_dir)
-    folder = out_dir / patient_id(index)
-    if _is_done(folder, config, index):
-        return folder
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(f"cannot create the phantom cohort folder {out_dir}: {error}") from error
-    patient = generate_patient(index, config)
-    tmp = out_dir / f".{patient.id}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        patient.write(tmp)
-        del patient
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=out_dir))
-            os.replace(folder, old / folder.name)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
-
-
-def _remove_surplus_patients(out_dir: Path, patients: int) -> None:
-    """Remove phantom patients beyond ``patients`` left by an earlier, larger run (only our own folders)."""
-    for folder in sorted(out_dir.glob(f"{PATIENT_PREFIX}[0-9][0-9][0-9]*")):
-        suffix = folder.name[len(PATIENT_PREFIX) :]
-        if not (folder.is_dir() and suffix.isdigit() and int(suffix) >= patients):
-            continue
-        try:
-            generator = json.loads((folder / "phantom.json").read_text(encoding="utf-8")).get("generator", {})
-        except (OSError, ValueError):
-            continue
-        if generator.get("name") == "DeepDosimetrics phantom":
-            shutil.rmtree(folder)
-
-
-CLINICAL_COLUMNS = ("patient", "age", "sex", "smoking", "ecog", "site", "outcome")
-#: with scanner sites: ``site`` is the scanner's, the PTV site moves to ``tumour_site``
-CLINICAL_COLUMNS_SITES = ("patient", "age", "sex", "smoking", "ecog", "tumour_site", "site", "outcome")
-
-
-def synthesize_cohort(
-    out_dir: Union[str, Path],
-    patients: int = 6,
-    shape: Sequence[int] = DEFAULT_SHAPE,
-    spacing: Optional[Sequence[float]] = None,
-    seed: int = 0,
-    quiet: bool = True,
-    sites: int = 0,
-    outcome_scale: float = 1.0,
-) -> Path:
-    """Write a phantom cohort of ``patients`` patients into ``out_dir``; returns ``out_dir``.
-
-    ``sites`` > 0 assigns each patient at random (its own stream) to one of the first ``sites`` scanner
-    sites of ``SCANNER_SITES``: a ``site`` column in clinical.csv and the site's CT effect (HU offset, noise,
-    slice thickness), which changes no dose, structure or outcome. ``outcome_scale`` multiplies the dose and
-    volume coefficients of the outcome model (a stronger, easier-to-find signal for analysis demos).
-    """
-    from DeepDosimetricsLib.runtime.progress import progress_bar
-
-    if int(patients) != patients or patients < 1:
-        raise InputError(f"the number of phantom patients must be a positive integer, got {patients!r}")
-    config = PhantomConfig(
-        shape=tuple(shape), spacing=None if spacing is None else tuple(spacing), seed=seed, sites=sites,
-        outcome_scale=outcome_scale,
-    )
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"phantom output {out_dir} exists and is not a folder")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(f"cannot create the phantom cohort folder {out_dir}: {error}") from error
-    for pattern in (f".{PATIENT_PREFIX}*.tmp-*", f".{PATIENT_PREFIX}*.old-*"):
-        for stale in out_dir.glob(pattern):  # left by an interrupted run
-            shutil.rmtree(stale, ignore_errors=True)
-    rows = []
-    for index in progress_bar(range(int(patients)), total=int(patients), desc="synth", quiet=quiet):
-        folder = synthesize_patient(out_dir, index, config)
-        parameters = json.loads((folder / "phantom.json").read_text(encoding="utf-8"))
-        rows.append(parameters["clinical"])
-    _remove_surplus_patients(out_dir, int(patients))
-    buffer = io.StringIO()
-    columns = CLINICAL_COLUMNS_SITES if config.sites else CLINICAL_COLUMNS
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({key: row[key] for key in columns})
-    _write_text(out_dir / "clinical.csv", buffer.getvalue())
-    cohort = {
-        "generator": {"name": "DeepDosimetrics phantom", **config.settings()},
-        "patients": [row["patient"] for row in rows],
-        "layout": "one folder per patient: ct.nrrd (int16 HU), dose.nrrd (float32 Gy), structures/<Name>.nrrd "
-        "(uint8 0/1), phantom.json (generating parameters); clinical.csv at the root",
-        "variants": "index % 3 == 2: pelvis (one leg for indices 2, 8, 14, ..., two legs for 5, 11, ...); "
-        "otherwise thorax",
-        "clinical_columns": {
-            "patient": "patient folder name",
-            "age": "years at treatment",
-            "sex": "M or F (pelvis patients are male)",
-            "smoking": "never, former or current",
-            "ecog": "ECOG performance status 0-2",
-            "site": "PTV site: lung_left, lung_right, mediastinum or prostate",
-            "outcome": "binary toxicity-like outcome drawn from outcome_model",
-        },
-        "outcome_model": config.outcome_model().describe(),
-    }
-    if config.sites:
-        cohort["clinical_columns"]["tumour_site"] = cohort["clinical_columns"].pop("site")
-        cohort["clinical_columns"]["site"] = (
-            "scanner site (scanner_sites): changes the CT only, not the dose, structures or outcome"
-        )
-        cohort["clinical_columns"]["outcome"] = cohort["clinical_columns"].pop("outcome")
-        cohort["scanner_sites"] = [asdict(site) for site in SCANNER_SITES[: config.sites]]
-    _write_text(out_dir / "cohort.json", json.dumps(_rounded(cohort), indent=2) + "\n")
-    return out_dir
-
-
-__all__ = [
-    "PhantomConfig",
-    "PhantomPatient",
-    "OutcomeModel",
-    "OUTCOME_MODEL",
-    "SCANNER_SITES",
-    "ScannerSite",
-    "generate_patient",
-    "synthesize_patient",
-    "synthesize_cohort",
-    "patient_id",
-    "patient_variant",
-]
