@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pandas as pd
 
-
 #: the training recipe the reference was made with (the defaults before issue 13 changed them)
 LEGACY_RECIPE = Path(__file__).parent / "data" / "train-legacy.yaml"
 
