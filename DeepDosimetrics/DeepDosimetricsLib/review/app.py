@@ -44,6 +44,17 @@ def _number(value: Any, low: float, high: float, default: float) -> float:
     return min(max(number, low), high)
 
 
+def release_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc ``malloc_trim``; elsewhere nothing): the
+    volumes of a patient or a traversal freed in pieces would otherwise stay in the server's RSS."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _no_view_ui(*_args, **_kwargs) -> None:
     """No per-view gutter: the page's own controls drive the views."""
 
@@ -313,11 +324,14 @@ class ReviewApp:
             if generation != self._generation or self._traversal_node is not node or node.GetScene() is None:
                 return
             put_volume(node, result.volume)
+            seconds = result.seconds
+            del result
+            release_memory()
             for view in self.slice_views():
                 view.schedule_render()
             with self.state:
                 self.state.traversal_message = (f"{text}: decoded in {self.state.traversal_ms} ms, whole volume "
-                                                f"in {1000 * result.seconds:.0f} ms more")
+                                                f"in {1000 * seconds:.0f} ms more")
 
         asyncio.ensure_future(finish())
 
@@ -338,6 +352,7 @@ class ReviewApp:
             self._traversal_node, self._traversal_request = None, None
             self._generation += 1
             current = self.builder.load(pid)
+            release_memory()
             s.structures_all = list(current.structures)
             s.structures_shown = [n for n in current.structures if n.upper().startswith("PTV")][:1] or \
                 list(current.structures[:3])
@@ -361,18 +376,18 @@ class ReviewApp:
 
     def _schedule_surfaces(self, current) -> None:
         """The DVH, then the 3D view's structure surfaces, just after the slice images of ``current`` went out."""
-        self.state.surfaces = "building 3D surfaces..." if current.segmentation is not None else ""
+        self.state.surfaces = "building 3D surfaces..." if current.surfaces is not None else ""
 
         def build():
             if self.builder.current is not current:
                 return
             with self.state:
                 self._dvh(current.patient)
-            if current.segmentation is None:
+            if current.surfaces is None:
                 return
             started = time.perf_counter()
             try:
-                show_surfaces(current.segmentation)
+                show_surfaces(current.surfaces)
                 for view in self.threed_views():
                     view.reset_focal_point()
                     view.reset_camera()
@@ -381,6 +396,7 @@ class ReviewApp:
             except Exception as error:  # noqa: BLE001 - the slice views stay usable without the 3D view
                 log.exception("3D surfaces of %s", current.patient)
                 message = f"no 3D surfaces ({type(error).__name__})"
+            release_memory()
             with self.state:
                 self.state.surfaces = message
 
@@ -396,16 +412,8 @@ class ReviewApp:
         current = self.builder.current
         for view in self.slice_views():
             view.fit_view_to_content()
-        try:
-            p = self.catalog.patient(current.patient)
-            name = next((n for n in current.structures if n.upper().startswith("PTV")), None)
-            mask = p.structure(name) if name else None
-            if mask is None or not mask.any():
-                return
-            from DeepDosimetricsLib.mrml.volumes import mask_center_ras
-
-            ras = mask_center_ras(mask, current.ct)
-        except (DeepDosimetricsError, StopIteration, ValueError):
+        ras = current.target_ras  # found while the PTV's mask was read into the scene
+        if ras is None:
             return
         if self._crosshair is not None:
             self._crosshair.SetCrosshairRAS(*[float(v) for v in ras])
@@ -433,15 +441,16 @@ class ReviewApp:
                                  else "")
 
     def _dvh(self, pid: str) -> None:
-        from DeepDosimetricsLib.review.dvh import dvh_png, patient_curves
+        """The DVH from the scene's own nodes (dose, structure labelmaps) and the reconstructed dose file."""
+        from DeepDosimetricsLib.review.dvh import dvh_png, scene_curves
+        from DeepDosimetricsLib.review.scene import channel_stems
 
         files = self.catalog.files(pid)
         stem = next((c for c in self.catalog.channels if c.startswith("dose")), None)
-        from DeepDosimetricsLib.review.scene import channel_stems
-
         path = files.recon_volume(channel_stems(self.catalog)[stem]) if stem else None
+        current = self.builder.current
         try:
-            self._dvh_curves = patient_curves(self.catalog.patient(pid), path)
+            self._dvh_curves = scene_curves(current, path) if current is not None else {}
         except DeepDosimetricsError as error:
             self._dvh_curves = {}
             self.state.error = f"DVH: {error}"

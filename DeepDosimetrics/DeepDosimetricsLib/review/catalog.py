@@ -6,6 +6,7 @@ encoding and the cohort share, so no request can name a file or a folder.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -143,8 +144,9 @@ class Catalog:
                             self.encoding_dir / pid / "tiles.csv")
 
     def patient(self, patient: object):
-        """The cohort's :class:`Patient` of a checked id."""
-        return self.cohort[self.check_id(patient)]
+        """The cohort's :class:`Patient` of a checked id, as a fresh shallow copy: the images it reads (a
+        512x512x350 CT is 180 MB) go with the copy, not kept by the cohort for the server's lifetime."""
+        return copy.copy(self.cohort[self.check_id(patient)])
 
     # ------------------------------------------------------------------ tables
     def patient_rows(self, sort_by: str = "flagged") -> List[dict]:

@@ -46,6 +46,44 @@ def patient_curves(patient, recon_dose_path, structures: Optional[Sequence[str]]
     return curves
 
 
+def scene_curves(current, recon_dose_path, bin_width_gy: float = 0.5) -> Dict[str, Dict[str, Curve]]:
+    """Like :func:`patient_curves`, from the patient's nodes in the scene (``review.scene.PatientScene``):
+    the dose node's voxels and each structure's labelmap box, no volume read again but the reconstructed
+    dose (read once, looked at box by box)."""
+    import slicer
+
+    from DeepDosimetricsLib.features.dosimetrics import cumulative_dvh
+    from DeepDosimetricsLib.review.scene import VolumeFile, segment_masks
+
+    if current.dose is None or current.segmentation is None:
+        return {}
+    dose = slicer.util.arrayFromVolume(current.dose)  # the node's voxels (its non-zero box), no copy
+    offset = current.dose_offset
+    recon = ceiling = None
+    if recon_dose_path is not None:
+        recon = VolumeFile(recon_dose_path)  # read box by box
+        if recon.shape != tuple(reversed(current.ct.GetImageData().GetDimensions())):
+            recon = None
+        else:  # a poorly trained model may decode anything: bound the axis by the original's range
+            ceiling = float(np.nanmax(dose)) * 2.0 + 1.0 if dose.size else 1.0
+    curves: Dict[str, Dict[str, Curve]] = {}
+    for name, box, mask in segment_masks(current.segmentation):
+        if not mask.any():
+            continue
+        original = np.zeros(mask.shape, np.float32)  # the dose is 0 outside its box
+        inner = tuple(slice(max(b.start, o), min(b.stop, o + n)) for b, o, n in zip(box, offset, dose.shape))
+        if all(s.stop > s.start for s in inner):
+            original[tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(inner, box))] = \
+                dose[tuple(slice(s.start - o, s.stop - o) for s, o in zip(inner, offset))]
+        entry = {"original": cumulative_dvh(original, mask, bin_width_gy)}
+        if recon is not None:
+            values = np.nan_to_num(recon.read(box), copy=False)
+            np.clip(values, 0.0, ceiling, out=values)
+            entry["reconstruction"] = cumulative_dvh(values, mask, bin_width_gy)
+        curves[name] = entry
+    return curves
+
+
 def dvh_png(curves: Dict[str, Dict[str, Curve]], shown: List[str], title: str = "") -> str:
     """A data URL (PNG) of the curves of ``shown``: solid original, dashed reconstruction."""
     import matplotlib

@@ -15,9 +15,8 @@ that trame-slicer's ``SlicerApp`` owns.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -41,41 +40,227 @@ def channel_stems(catalog: Catalog) -> Dict[str, str]:
     return {label: channel_stem(label) for label in catalog.channels}
 
 
-def _read_image(path, pixel: str):
+#: volumes above this many voxels get their 3D surfaces from a labelmap downsampled by 2 on each axis
+SURFACE_DOWNSAMPLE_VOXELS = 24_000_000
+#: voxels sampled (at most) for the residual's colour range
+RANGE_SAMPLE = 2_000_000
+
+
+def bounding_box(array: np.ndarray, outside: float = 0) -> Optional[Tuple[slice, slice, slice]]:
+    """(z, y, x) slices of the smallest box holding every voxel of ``array`` that differs from ``outside``."""
+    inside = array != outside
+    boxes = []
+    for axis in range(3):
+        hit = np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != axis)))
+        if hit.size == 0:
+            return None
+        boxes.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(boxes)
+
+
+_NRRD_TYPES = {"float": "f4", "double": "f8", "short": "i2", "signed short": "i2", "int16": "i2", "short int": "i2",
+               "unsigned char": "u1", "uchar": "u1", "uint8": "u1", "int": "i4", "signed int": "i4", "int32": "i4"}
+
+
+class VolumeFile:
+    """A 3D image file read a few slices at a time: an uncompressed (raw) NRRD straight from the file, any
+    other file read whole once. Values come as float32 (z, y, x) blocks; nothing of the whole volume is kept
+    for a raw NRRD (the reconstructions ``encode`` writes are raw NRRD unless --compress)."""
+
+    def __init__(self, path):
+        import SimpleITK as sitk
+
+        self.path = str(path)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(self.path)
+        reader.ReadImageInformation()
+        self.spacing, self.origin = reader.GetSpacing(), reader.GetOrigin()
+        self.direction = reader.GetDirection()
+        size = reader.GetSize()
+        self.shape = (int(size[2]), int(size[1]), int(size[0]))
+        self._raw = self._raw_layout()
+        self._view = None
+        if self._raw is None:  # compressed or another format: read once, as float32
+            self._image = sitk.ReadImage(self.path, sitk.sitkFloat32)
+            self._view = sitk.GetArrayViewFromImage(self._image)
+
+    def _raw_layout(self):
+        try:
+            with open(self.path, "rb") as handle:
+                head = handle.read(1 << 16)
+        except OSError:
+            return None
+        end = head.find(b"\n\n")
+        if not head.startswith(b"NRRD") or end < 0:
+            return None
+        fields = {}
+        for line in head[:end].decode("latin-1").splitlines()[1:]:
+            if line.startswith("#") or ":" not in line:
+                continue
+            key, value = line.split(":", 1)
+            fields[key.strip().lower()] = value.lstrip("=").strip()
+        code = _NRRD_TYPES.get(fields.get("type", "").lower())
+        sizes = [int(v) for v in fields.get("sizes", "").split()] if fields.get("sizes") else []
+        if (fields.get("encoding", "").lower() != "raw" or code is None or "data file" in fields
+                or "datafile" in fields or len(sizes) != 3 or tuple(reversed(sizes)) != self.shape):
+            return None
+        order = ">" if fields.get("endian", "little").lower() == "big" else "<"
+        return end + 2, np.dtype(order + code)
+
+    def block(self, z0: int, z1: int) -> np.ndarray:
+        """Slices z0..z1-1 as float32 (z, y, x)."""
+        if self._raw is None:
+            return np.asarray(self._view[z0:z1], np.float32)
+        offset, dtype = self._raw
+        plane = self.shape[1] * self.shape[2]
+        values = np.fromfile(self.path, dtype, count=(z1 - z0) * plane, offset=offset + z0 * plane * dtype.itemsize)
+        return values.reshape(z1 - z0, self.shape[1], self.shape[2]).astype(np.float32, copy=False)
+
+    def blocks(self, box=None, voxels: int = 4 << 20):
+        """(z0, block) over the (z, y, x) ``box`` (default the whole volume), block cropped to the box."""
+        box = box or tuple(slice(0, n) for n in self.shape)
+        step = max(1, voxels // max(1, self.shape[1] * self.shape[2]))
+        for z in range(box[0].start, box[0].stop, step):
+            yield z, self.block(z, min(z + step, box[0].stop))[:, box[1], box[2]]
+
+    def read(self, box) -> np.ndarray:
+        """The (z, y, x) ``box`` as float32."""
+        out = np.empty(tuple(b.stop - b.start for b in box), np.float32)
+        for z, block in self.blocks(box):
+            out[z - box[0].start : z - box[0].start + block.shape[0]] = block
+        return out
+
+    def nonzero_box(self):
+        """The box of voxels not 0 (None when all are)."""
+        found = [None, None, None]
+        for z, block in self.blocks():
+            inside = block != 0
+            hits = [np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+            if hits[0].size == 0:
+                continue
+            spans = [(z + hits[0][0], z + hits[0][-1] + 1)] + [(h[0], h[-1] + 1) for h in hits[1:]]
+            found = [span if old is None else (min(old[0], span[0]), max(old[1], span[1]))
+                     for old, span in zip(found, spans)]
+        return None if found[0] is None else tuple(slice(int(a), int(b)) for a, b in found)
+
+
+def load_compact(path, channel: str, mode: str, name: str, scene: Any) -> Any:
+    """A reconstruction or residual file as a volume node, as compact as the cache keeps the channel.
+
+    Window channels: int16 HU (the reconstruction and the residual). Mask probabilities: uint8 x255 (their
+    residual float32). Dose and the other residuals: float32 in the box of non-zero voxels (zero is hidden
+    or white there). Filled a few slices at a time: no float copy of the whole volume.
+    """
+    import SimpleITK as sitk
+    import slicer
+    import vtk
+
+    from DeepDosimetricsLib.mrml import volumes
+
+    source = VolumeFile(path)
+    if channel.startswith("window"):
+        dtype, scale, box = np.int16, 1.0, None
+    elif channel.startswith("mask") and mode != "residual":
+        dtype, scale, box = np.uint8, 255.0, None
+    else:
+        dtype, scale = np.float32, 1.0
+        box = source.nonzero_box() or (slice(0, 1),) * 3
+    box = box or tuple(slice(0, n) for n in source.shape)
+    seed = sitk.Image(1, 1, 1, sitk.sitkFloat32)
+    seed.SetSpacing(source.spacing)
+    seed.SetDirection(source.direction)
+    seed.SetOrigin(source.origin)
+    seed.SetOrigin(seed.TransformContinuousIndexToPhysicalPoint([float(b.start) for b in reversed(box)]))
+    node = volumes.image_to_volume(seed, name, scene=scene)
+    image = node.GetImageData()
+    image.SetDimensions(*(b.stop - b.start for b in reversed(box)))
+    image.AllocateScalars({np.int16: vtk.VTK_SHORT, np.uint8: vtk.VTK_UNSIGNED_CHAR}.get(dtype, vtk.VTK_FLOAT), 1)
+    target = slicer.util.arrayFromVolume(node)
+    for z, block in source.blocks(box):
+        rows = slice(z - box[0].start, z - box[0].start + block.shape[0])
+        if dtype is np.float32:
+            target[rows] = np.nan_to_num(block)
+        else:
+            target[rows] = _convert(block, dtype, scale)
+    slicer.util.arrayFromVolumeModified(node)
+    return node
+
+
+def _convert(values: np.ndarray, dtype, scale: float = 1.0) -> np.ndarray:
+    """``values * scale`` rounded into the integer ``dtype`` (clipped to its range, NaN as 0)."""
+    info = np.iinfo(dtype)
+    block = np.nan_to_num(np.asarray(values, np.float32) * np.float32(scale))
+    np.clip(block, info.min, info.max, out=block)
+    return np.rint(block, out=block).astype(dtype)
+
+
+def _array_view(image) -> np.ndarray:
     import SimpleITK as sitk
 
-    image = sitk.ReadImage(str(path))
-    if pixel == "int16":
-        image = sitk.Cast(sitk.Round(sitk.Clamp(image, sitk.sitkFloat32, -32768, 32767)), sitk.sitkInt16)
-    elif image.GetPixelID() != sitk.sitkFloat32:
-        image = sitk.Cast(image, sitk.sitkFloat32)
-    return image
+    return sitk.GetArrayViewFromImage(image)
 
 
-class _LazyMasks(Mapping):
-    """structure name -> mask, each read when asked (a structure that cannot be read is left out)."""
+def crop_image(image, box):
+    """The (z, y, x) box of a SimpleITK image as a new image with its own origin (a copy of the box only)."""
+    import SimpleITK as sitk
 
-    def __init__(self, patient: Any, names: List[str], label: str):
-        self.patient, self.names, self.label = patient, list(names), label
+    index = [int(box[2].start), int(box[1].start), int(box[0].start)]
+    size = [int(box[2].stop - box[2].start), int(box[1].stop - box[1].start), int(box[0].stop - box[0].start)]
+    return sitk.RegionOfInterest(image, size, index)
 
-    def __len__(self) -> int:
-        return len(self.names)
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names)
+def sample_limit(array: np.ndarray) -> float:
+    """The 99th percentile of |array| from a strided sample (no full-size copy), for a residual's colours."""
+    step = max(1, int(round((array.size / RANGE_SAMPLE) ** (1.0 / 3.0))))
+    values = np.abs(np.asarray(array[::step, ::step, ::step], np.float32))
+    limit = float(np.percentile(values, 99)) if values.size else 1.0
+    return limit or float(values.max() if values.size else 0.0) or 1.0
 
-    def __getitem__(self, name: str) -> np.ndarray:
-        return self.patient.structure(name)
 
-    def items(self):
-        for name in self.names:
-            try:
-                mask = self.patient.structure(name)
-            except Exception as error:  # noqa: BLE001 - a bad structure is left out, not fatal
-                log.warning("patient %s: structure %s left out (%s)", self.label, name, error)
-                continue
-            yield name, mask
-            del mask
+def oriented_labelmap(mask: np.ndarray, box, ijk_to_ras, step: int = 1):
+    """A uint8 ``vtkOrientedImageData`` holding ``mask[box]`` (every ``step``-th voxel) at its place on the
+    reference grid (``ijk_to_ras`` a vtkMatrix4x4): the labelmap holds the structure's box, not the volume."""
+    import slicer
+    import vtk
+    from vtk.util import numpy_support
+
+    starts = [(b.start // step) * step for b in box]
+    crop = np.ascontiguousarray(mask[tuple(slice(s, b.stop, step) for s, b in zip(starts, box))], np.uint8)
+    first = [s // step for s in starts]
+    oriented = slicer.vtkOrientedImageData()
+    oriented.SetExtent(first[2], first[2] + crop.shape[2] - 1, first[1], first[1] + crop.shape[1] - 1,
+                       first[0], first[0] + crop.shape[0] - 1)
+    oriented.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(oriented.GetPointData().GetScalars()).reshape(crop.shape)[...] = crop
+    matrix = vtk.vtkMatrix4x4()
+    matrix.DeepCopy(ijk_to_ras)
+    if step != 1:
+        for row in range(3):
+            for column in range(3):
+                matrix.SetElement(row, column, matrix.GetElement(row, column) * step)
+    oriented.SetImageToWorldMatrix(matrix)
+    return oriented
+
+
+def segment_masks(segmentation_node: Any) -> Iterator[Tuple[str, Tuple[slice, slice, slice], np.ndarray]]:
+    """(name, (z, y, x) box on the reference grid, bool mask of the box) of each segment of the node."""
+    import slicer
+    from vtk.util import numpy_support
+
+    segmentation = segmentation_node.GetSegmentation()
+    binary = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(index)
+        labelmap = segment.GetRepresentation(binary)
+        if labelmap is None:
+            continue
+        x0, x1, y0, y1, z0, z1 = labelmap.GetExtent()
+        if x1 < x0 or y1 < y0 or z1 < z0:
+            continue
+        shape = (z1 - z0 + 1, y1 - y0 + 1, x1 - x0 + 1)
+        values = numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars()).reshape(shape)
+        yield (segment.GetName(), (slice(z0, z1 + 1), slice(y0, y1 + 1), slice(x0, x1 + 1)),
+               values == segment.GetLabelValue())
 
 
 @dataclass
@@ -91,6 +276,12 @@ class PatientScene:
     foreground: Optional[Any] = None
     foreground_key: tuple = ()
     nodes: List[Any] = field(default_factory=list)
+    #: (z, y, x) index of the dose node's first voxel on the CT grid (the dose node holds its non-zero box)
+    dose_offset: Tuple[int, int, int] = (0, 0, 0)
+    #: the segmentation the 3D view draws (the structures downsampled for a large CT, else ``segmentation``)
+    surfaces: Optional[Any] = None
+    #: RAS centre of the target (PTV), found while its mask was read
+    target_ras: Optional[Tuple[float, float, float]] = None
 
 
 class SceneBuilder:
@@ -104,33 +295,82 @@ class SceneBuilder:
 
     # ------------------------------------------------------------------ patients
     def load(self, patient: object) -> PatientScene:
-        """Replace the patient on show (id checked by the catalog)."""
-        from DeepDosimetricsLib.mrml import display, segments, volumes
+        """Replace the patient on show (id checked by the catalog).
+
+        Each volume lives once, in its node: the CT (int16), the dose (float32, its non-zero box only) and
+        the structures (one labelmap per structure, each its own bounding box). The patient object that read
+        them is dropped afterwards (it would keep a CT copy); masks are read one at a time.
+        """
+        import vtk
+
+        from DeepDosimetricsLib.mrml import display, volumes
+        from DeepDosimetricsLib.mrml.display import STRUCTURE_COLORS
 
         files = self.catalog.files(patient)
         self.clear()
-        p = self.catalog.patient(files.patient)
+        p = self.catalog.patient(files.patient)  # a fresh object: its CT copy goes with it
         ct = volumes.image_to_volume(p.ct_image(), f"{files.patient} CT", scene=self.scene)
         display.set_ct_display(ct, *WL_PRESETS[self.preset])
         nodes = [ct]
-        dose = None
+        dose, offset = None, (0, 0, 0)
         if p.has_dose:
-            dose = volumes.image_to_volume(p.dose_image(), f"{files.patient} dose", scene=self.scene, dose=True)
+            image = p.dose_image()
+            box = bounding_box(_array_view(image)) or (slice(0, 1),) * 3
+            offset = tuple(b.start for b in box)
+            dose = volumes.image_to_volume(crop_image(image, box), f"{files.patient} dose", scene=self.scene,
+                                           dose=True)
+            del image
             display.set_dose_display(dose)
             nodes.append(dose)
         names = list(p.structure_names)
-        segmentation = None
+        segmentation = surfaces = target = None
         if names:
-            # one mask in memory at a time (8 masks of a 512x512x350 CT held together would be 730 MB more)
-            masks = _LazyMasks(p, names, files.patient)
-            segmentation = segments.add_segmentation(masks, ct, name=f"{files.patient} structures", scene=self.scene)
+            ijk_to_ras = vtk.vtkMatrix4x4()
+            ct.GetIJKToRASMatrix(ijk_to_ras)
+            step = 2 if int(np.prod(ct.GetImageData().GetDimensions())) > SURFACE_DOWNSAMPLE_VOXELS else 1
+            segmentation = self._segmentation(f"{files.patient} structures", ct)
+            nodes.append(segmentation)
+            if step > 1:  # the 3D view's surfaces from a labelmap 8 times smaller (built later, quicker)
+                surfaces = self._segmentation(f"{files.patient} surfaces", ct)
+                nodes.append(surfaces)
+            kept = []
+            for index, name in enumerate(names):
+                try:
+                    mask = p.structure(name)
+                except Exception as error:  # noqa: BLE001 - a bad structure is left out, not fatal
+                    log.warning("patient %s: structure %s left out (%s)", files.patient, name, error)
+                    continue
+                box = bounding_box(mask)
+                if box is None:
+                    continue
+                color = STRUCTURE_COLORS[index % len(STRUCTURE_COLORS)]
+                segmentation.AddSegmentFromBinaryLabelmapRepresentation(
+                    oriented_labelmap(mask, box, ijk_to_ras), name, color)
+                if surfaces is not None:
+                    surfaces.AddSegmentFromBinaryLabelmapRepresentation(
+                        oriented_labelmap(mask, box, ijk_to_ras, step), name, color)
+                if target is None and name.upper().startswith(TARGET):
+                    target = volumes.mask_center_ras(mask, ct)
+                kept.append(name)
+                del mask
+            names = kept
             shown = segmentation.GetDisplayNode()
             shown.SetVisibility2DFill(False)
             shown.SetVisibility2DOutline(True)
             shown.SetSliceIntersectionThickness(2)
-            nodes.append(segmentation)
-        self.current = PatientScene(files.patient, files, ct, dose, segmentation, names, nodes=nodes)
+            if surfaces is not None:
+                shown.SetVisibility3D(False)
+                surfaces.GetDisplayNode().SetVisibility2D(False)
+        del p
+        self.current = PatientScene(files.patient, files, ct, dose, segmentation, names, nodes=nodes,
+                                    dose_offset=offset, surfaces=surfaces or segmentation, target_ras=target)
         return self.current
+
+    def _segmentation(self, name: str, reference: Any) -> Any:
+        node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        node.CreateDefaultDisplayNodes()
+        node.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+        return node
 
     def clear(self) -> None:
         """Remove the nodes of the patient on show."""
@@ -152,7 +392,6 @@ class SceneBuilder:
     # ------------------------------------------------------------------ foreground
     def foreground(self, channel: str, mode: str) -> Optional[Any]:
         """The node of ``channel``'s reconstruction (``mode`` "reconstruction") or residual, loaded once."""
-        from DeepDosimetricsLib.mrml import volumes
 
         current = self._require()
         key = ("file", channel, mode)
@@ -164,10 +403,13 @@ class SceneBuilder:
         current.foreground, current.foreground_key = None, ()
         if path is None:
             return None
-        pixel = "int16" if channel.startswith("window") else "float32"
-        node = volumes.image_to_volume(_read_image(path, pixel), f"{current.patient} {channel} {mode}",
-                                       scene=self.scene)
-        self.style_foreground(node, channel, mode)
+        node = load_compact(path, channel, mode, f"{current.patient} {channel} {mode}", self.scene)
+        limit = None
+        if mode == "residual":
+            import slicer
+
+            limit = sample_limit(slicer.util.arrayFromVolume(node))
+        self.style_foreground(node, channel, mode, limit)
         current.foreground, current.foreground_key = node, key
         return node
 
@@ -181,8 +423,9 @@ class SceneBuilder:
         elif channel.startswith("dose"):
             maximum = self._dose_max()
             display.set_dose_display(node, maximum=maximum)
-        else:  # a probability in [0, 1]: the dose map, nothing below 0.05
-            display.set_dose_display(node, maximum=1.0, hide_below=0.05)
+        else:  # a probability in [0, 1] (x255 in a uint8 file volume): the dose map, nothing below 0.05
+            scale = 255.0 if node.GetImageData().GetScalarType() == 3 else 1.0  # VTK_UNSIGNED_CHAR
+            display.set_dose_display(node, maximum=scale, hide_below=0.05 * scale)
 
     def replace_foreground(self, node: Any, key: tuple) -> None:
         """Show a node made elsewhere (a traversal result) as the foreground, dropping the previous one."""
@@ -219,17 +462,18 @@ class SceneBuilder:
             display.set_ct_display(self.current.foreground, *WL_PRESETS[preset])
 
     def set_structures_visible(self, names: List[str]) -> None:
-        """Show the outlines of ``names``; the PTV (the target) is always shown."""
+        """Show the outlines (and surfaces) of ``names``; the PTV (the target) is always shown."""
         current = self.current
         if current is None or current.segmentation is None:
             return
-        segmentation = current.segmentation.GetSegmentation()
-        shown = current.segmentation.GetDisplayNode()
         wanted = set(names)
-        for index in range(segmentation.GetNumberOfSegments()):
-            segment_id = segmentation.GetNthSegmentID(index)
-            name = segmentation.GetSegment(segment_id).GetName()
-            shown.SetSegmentVisibility(segment_id, name in wanted or name.upper().startswith(TARGET))
+        for node in {current.segmentation, current.surfaces} - {None}:
+            segmentation = node.GetSegmentation()
+            shown = node.GetDisplayNode()
+            for index in range(segmentation.GetNumberOfSegments()):
+                segment_id = segmentation.GetNthSegmentID(index)
+                name = segmentation.GetSegment(segment_id).GetName()
+                shown.SetSegmentVisibility(segment_id, name in wanted or name.upper().startswith(TARGET))
 
 
 def show_surfaces(segmentation_node: Any, smoothing: float = SURFACE_SMOOTHING) -> None:

@@ -40,8 +40,8 @@ SIGMA_RANGE = (-3.0, 3.0)
 #: decoded volumes kept (one channel each), at most this many and at most KEEP_BYTES together
 KEEP = 4
 KEEP_BYTES = 256 << 20
-#: tiles per decoder call
-BATCH = 32
+#: tiles per decoder call (8: the decoder's activations for a batch stay near 50 MB; 32 needed ~200 MB)
+BATCH = 8
 #: decoded plane tiles (the shown channel) kept for the whole-volume decode that follows, at most this much
 TILE_BYTES = 128 << 20
 #: (z index, y index, x index) of the displayed planes on the cache grid; None = that plane is not shown
@@ -347,7 +347,7 @@ class Traverser:
             sink = _ChannelSink(grid.shape, 0)
             stitcher = SlabStitcher(grid.shape, 1, grid.tile, sink, fill=fill[channel : channel + 1])
             ordered = sorted(range(len(positions)), key=lambda i: positions[i])
-            for group in _chunks(ordered, BATCH // 4):  # small groups: a newer request stops this one soon
+            for group in _chunks(ordered, BATCH):  # small groups: a newer request stops this one soon
                 if cancelled():
                     raise Cancelled()
                 missing = [i for i in group if i not in known]
@@ -362,11 +362,33 @@ class Traverser:
                 if self._patient != patient or self.cp is not cp:
                     raise Cancelled()
                 self._keep((key, label), kept)
-        values = self._units(label, kept)
+        with self._lock:
+            own = not any(v is kept for v in self._kept.values())  # not kept: converted in place, no copy
+        values = kept if own else np.array(kept, np.float32)
+        self._units_into(label, values)
         if residual:
-            values = values - self.truth(label)
-        return TraversalResult(np.ascontiguousarray(values, np.float32), cp.geometry,
-                               time.perf_counter() - start, cached)
+            self._subtract_truth(label, values)
+        return TraversalResult(values, cp.geometry, time.perf_counter() - start, cached)
+
+    def _units_into(self, label: str, values: np.ndarray) -> None:
+        """``values`` (z, y, x) float32 in [0, 1] to physical units in place, a few slices at a time."""
+        step = max(1, (8 << 20) // max(1, values[0].size))
+        for z in range(0, values.shape[0], step):
+            values[z : z + step] = self._units(label, values[z : z + step])
+
+    def _subtract_truth(self, label: str, values: np.ndarray) -> None:
+        """``values -= original`` in place; the original is kept for the patient only when small."""
+        from DeepDosimetricsLib.deep.encode.reconstruction import read_channel
+
+        with self._lock:
+            truth = self._truth.get(label)
+        if truth is None:
+            truth = read_channel(self.cp, self.specs[self._index(label)])
+            self._units_into(label, truth)
+            if truth.nbytes <= KEEP_BYTES // 2:
+                with self._lock:
+                    self._truth[label] = truth
+        values -= truth
 
     def _keep(self, key: Tuple, volume: np.ndarray) -> None:
         if volume.nbytes > KEEP_BYTES // 2:  # a large volume: the node on show is its only copy
@@ -390,12 +412,26 @@ def _chunks(items: Sequence[int], size: int):
 
 def traversal_node(scene, name: str, shape: Sequence[int], geometry, fill: float = 0.0, existing=None):
     """A float32 volume node on the cache grid for traversal results (``existing`` reused when still there)."""
+    import SimpleITK as sitk
+    import slicer
+    import vtk
+
     from DeepDosimetricsLib.mrml import volumes
 
     if existing is not None and existing.GetScene() is not None:
         return existing
-    volume = np.full(tuple(shape), np.float32(fill), np.float32)
-    return volumes.image_to_volume(geometry.image_from_array(volume), name, scene=scene)
+    # the geometry from a one-voxel image, the voxels allocated once in the node (no sitk or numpy copy)
+    seed = sitk.Image(1, 1, 1, sitk.sitkFloat32)
+    seed.SetSpacing(tuple(geometry.spacing))
+    seed.SetOrigin(tuple(geometry.origin))
+    seed.SetDirection(tuple(geometry.direction))
+    node = volumes.image_to_volume(seed, name, scene=scene)
+    image = node.GetImageData()
+    image.SetDimensions(*(int(v) for v in reversed(tuple(shape))))
+    image.AllocateScalars(vtk.VTK_FLOAT, 1)
+    slicer.util.arrayFromVolume(node)[...] = np.float32(fill)
+    slicer.util.arrayFromVolumeModified(node)
+    return node
 
 
 def put_planes(node, result: PlaneResult) -> None:
