@@ -27,7 +27,7 @@ print(f"torch {torch.__version__}; CUDA {torch.cuda.is_available()} ({gpu}); "
       f"bf16 {torch.cuda.is_available() and torch.cuda.is_bf16_supported()}")
 EOF
 missing=$("$PY" - <<'EOF'
-import importlib
+import importlib.util
 names = {"numpy": "numpy", "scipy": "scipy", "pandas": "pandas", "yaml": "PyYAML", "skimage": "scikit-image",
          "matplotlib": "matplotlib", "tqdm": "tqdm", "psutil": "psutil", "threadpoolctl": "threadpoolctl",
          "SimpleITK": "SimpleITK"}
@@ -46,11 +46,13 @@ fi
 # 1. throughput ---------------------------------------------------------------------------------------
 timeout 150 "$PY" bench/train_speed.py --channels default --tile 32 --batch 64 --widths 16 32 32 --recipe \
   --cuda-only --compile --no-sampler --steps 10 --warmup 3 >"$LOGS/speed_t32.log" 2>&1
-note "== speed, tile 32, batch 64, widths 16 32 32, default recipe (rc $?)"
+rc=$?
+note "== speed, tile 32, batch 64, widths 16 32 32, default recipe (rc $rc)"
 grep -E "^ *cuda|peak" "$LOGS/speed_t32.log" | tee -a "$SUMMARY"
 timeout 100 "$PY" bench/train_speed.py --channels default --tile 64 --batch 16 --recipe \
   --cuda-only --no-sampler --steps 8 --warmup 2 >"$LOGS/speed_t64.log" 2>&1
-note "== speed, tile 64, batch 16, widths 16 32 64 64, default recipe (rc $?)"
+rc=$?
+note "== speed, tile 64, batch 16, widths 16 32 64 64, default recipe (rc $rc)"
 grep -E "^ *cuda|peak" "$LOGS/speed_t64.log" | tee -a "$SUMMARY"
 
 # 2. fidelity on CUDA ---------------------------------------------------------------------------------
@@ -69,8 +71,10 @@ else
     flag=(); [ "$compiled" = on ] && flag=(--compile)
     timeout 170 "$PY" bench/fidelity_openkbp.py --train "$DATA" --budget-minutes 1 --device cuda --batch 64 \
       --tile 32 --features 10 --encode-batch 64 --pca-tiles 1024 --cache "$LOGS/cache" \
-      --workdir "$LOGS/fidelity-$compiled" --fresh "${EXTRA[@]}" "${flag[@]}" >"$LOGS/fidelity_$compiled.log" 2>&1
-    note "== fidelity on $(basename "$(dirname "$DATA")")/$(basename "$DATA"), 1-min budget, bf16, compile $compiled (rc $?)"
+      --workdir "$LOGS/fidelity-$compiled" --fresh "${EXTRA[@]}" ${flag[@]+"${flag[@]}"} >"$LOGS/fidelity_$compiled.log" 2>&1
+    rc=$?
+    note "== fidelity on $DATA, 1-min budget, bf16, compile $compiled (rc $rc)"
+    [ $rc -ne 0 ] && tail -3 "$LOGS/fidelity_$compiled.log" | tee -a "$SUMMARY"
     grep -E "^training:|^psnr_margin" "$LOGS/fidelity_$compiled.log" | tee -a "$SUMMARY"
   done
 fi
