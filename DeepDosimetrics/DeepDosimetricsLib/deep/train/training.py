@@ -291,7 +291,7 @@ def write_loss_curve(path: Path, history: list[dict[str, Any]]) -> None:
             axes.set_yscale("log")
         axes.legend()
     axes.set_xlabel("step")
-    axes.set_ylabel("loss (weighted MSE)")
+    axes.set_ylabel("loss (weighted MSE + fidelity terms)")
     axes.set_title("DeepDosimetrics tile autoencoder")
     axes.grid(alpha=0.3)
     figure.tight_layout()
