@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -17,13 +18,13 @@ def mps_available() -> bool:
     return bool(backend is not None and backend.is_available())
 
 
-def resolve_device(name: Optional[str] = DEFAULT_DEVICE, local_rank: int = 0, world_size: int = 1):
+def resolve_device(name: Optional[str] = DEFAULT_DEVICE, local_rank: Optional[int] = None):
     """A ``torch.device`` for auto|cpu|cuda|cuda:N|mps.
 
     Args:
         name: ``auto`` picks CUDA, then MPS, then the CPU.
-        local_rank: under torchrun, plain ``cuda`` becomes ``cuda:<local_rank mod GPUs>``.
-        world_size: number of processes of the job (1 outside torchrun).
+        local_rank: plain ``cuda`` becomes ``cuda:<local_rank mod GPUs>``; default: torchrun's ``LOCAL_RANK``
+            (0 outside torchrun).
 
     Raises:
         InputError: unknown name, or a device this machine does not have.
@@ -42,8 +43,9 @@ def resolve_device(name: Optional[str] = DEFAULT_DEVICE, local_rank: int = 0, wo
         if not torch.cuda.is_available():
             raise InputError(f"--device {name}: no CUDA device is available (torch.cuda.is_available() is False);"
                              " use --device cpu")
-        if device.index is None and world_size > 1:
-            device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
+        if device.index is None:  # an explicit index: torch.cuda.set_device and DDP need one
+            rank = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
+            device = torch.device(f"cuda:{rank % torch.cuda.device_count()}")
     elif device.type == "mps" and not mps_available():
         raise InputError(f"--device {name}: Apple MPS is not available")
     elif device.type not in ("cpu", "cuda", "mps"):

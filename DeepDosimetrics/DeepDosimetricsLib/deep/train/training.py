@@ -420,7 +420,7 @@ class Trainer:
         """Resume state, device, data (samplers, validation tiles), model/optimiser/schedule, output folder."""
         checkpoint = self._read_checkpoint()
         config, ctx = self.config, self.ctx
-        self.device = resolve_device(config.device, local_rank=ctx.local_rank, world_size=ctx.world_size)
+        self.device = resolve_device(config.device, local_rank=ctx.local_rank)
         ctx.set_device(self.device)
         _set_threads(config.threads, ctx, self.device)
         from DeepDosimetricsLib.deep.channels import channel_labels, parse_channels
