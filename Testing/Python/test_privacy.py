@@ -3,9 +3,11 @@ file-system-safe patient id mapping shared by folders and clinical.csv (item 8).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -171,18 +173,106 @@ def test_clinical_rows_with_source_ids_match_the_folders(tmp_path: Path):
     assert list(Cohort.open(tmp_path / "cohort").clinical["patient"]) == ["Pt_001"]
 
 
-def test_openkbp_import_pseudonymised(tmp_path: Path):
-    """The OpenKBP importer names patients by their pseudonyms too (a tiny synthetic sparse-CSV patient)."""
-    folder = tmp_path / "source" / "pt_7"
+def _openkbp_patient(folder: Path) -> None:
+    """A tiny synthetic OpenKBP sparse-CSV patient."""
     folder.mkdir(parents=True)
     inside = np.arange(1000, 5000)
     pd.DataFrame({"data": np.full(inside.size, 1064.0)}, index=inside).to_csv(folder / "ct.csv")
     pd.DataFrame({"data": np.linspace(1, 60, inside.size)}, index=inside).to_csv(folder / "dose.csv")
     pd.DataFrame({"data": [np.nan] * 50}, index=inside[:50]).to_csv(folder / "PTV70.csv")
     (folder / "voxel_dimensions.csv").write_text("3.5\n3.5\n2\n")
+
+
+def test_openkbp_import_pseudonymised(tmp_path: Path):
+    """The OpenKBP importer names patients by their pseudonyms too (a tiny synthetic sparse-CSV patient)."""
+    _openkbp_patient(tmp_path / "source" / "pt_7")
     key, cohort = tmp_path / "key.json", tmp_path / "cohort"
     assert main(["import", "openkbp", str(tmp_path / "source"), "--out", str(cohort), "--quiet",
                  "--pseudonymize", str(key)]) == 0
     (pid,) = [p.name for p in cohort.iterdir() if p.is_dir()]
     assert pid == Pseudonymizer(key).pseudonym("pt_7")
     assert leaks(all_bytes(cohort), [], ["pt_7", str(tmp_path / "source")]) == []
+
+
+def _tree(folder: Path) -> dict:
+    """Every entry under a cohort: relative path -> bytes (a link: its target and the bytes it leads to)."""
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        relative = str(path.relative_to(folder))
+        if path.is_symlink():
+            found[relative] = ("link", os.readlink(path), path.read_bytes())
+        elif path.is_file():
+            found[relative] = path.read_bytes()
+    return found
+
+
+def _sources(root: Path) -> dict:
+    """A source per importer, each with 2-3 patients (the folder one also a patient without a CT)."""
+    folder = _folder_source(root / "folder")
+    (folder / "Pt 004").mkdir()
+    (folder / "Pt 004" / "notes.txt").write_text("no image here")
+    write_patient(root / "dicom" / "a", frame="1.9.1")
+    write_patient(root / "dicom" / "b", frame="1.9.2")  # same PatientID, another frame: a second patient
+    for name in ("pt_1", "pt_2"):
+        _openkbp_patient(root / "openkbp" / name)
+    return {"folder": folder, "dicom": root / "dicom", "openkbp": root / "openkbp"}
+
+
+@pytest.mark.parametrize("kind", ["folder", "dicom", "openkbp"])
+def test_parallel_import_equals_one_process(kind: str, tmp_path: Path):
+    """`import --jobs 2` and `--scheduler local:2` write the cohort (every file, byte for byte), the report
+    and the key file of `--jobs 1`; only the importing process holds the key and writes the key file."""
+    source = _sources(tmp_path / "source")[kind]
+    Pseudonymizer(tmp_path / "key.json")  # one key for every run, so the pseudonyms can be compared
+    runs = {"jobs1": ["--jobs", "1"], "jobs2": ["--jobs", "2"]}
+    if kind != "openkbp" and importlib.util.find_spec("distributed") is not None:  # (openkbp: slow grids)
+        runs["local2"] = ["--scheduler", "local:2"]
+    trees, keys, codes = {}, {}, {}
+    for name, options in runs.items():
+        key = tmp_path / "keys" / name / "key.json"
+        key.parent.mkdir(parents=True)
+        shutil.copy2(tmp_path / "key.json", key)
+        cohort = tmp_path / name
+        codes[name] = main(["import", kind, str(source), "--out", str(cohort), "--quiet",
+                            "--pseudonymize", str(key), *options])
+        trees[name], keys[name] = _tree(cohort), key.read_bytes()
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    expected = trees.pop("jobs1")
+    patients = sorted({p.split("/")[0] for p in expected if p.startswith("anon-")})
+    assert len(patients) >= 2 and "import_report.csv" in expected
+    assert leaks({Path(k): v if isinstance(v, bytes) else v[2] for k, v in expected.items()}, [],
+                 SECRETS + [str(source)]) == []
+    for name, tree in trees.items():
+        assert sorted(tree) == sorted(expected), name
+        assert [p for p in tree if tree[p] != expected[p]] == [], name
+        assert keys[name] == keys["jobs1"] and codes[name] == codes["jobs1"], name
+    mapping = json.loads(keys["jobs1"])["pseudonyms"]  # (dicom: <pseudonym>_1, _2 for two frames)
+    assert all(any(p == name or p.startswith(name + "_") for name in mapping) for p in patients)
+
+
+def test_imports_sharing_a_key_file_keep_each_others_pseudonyms(tmp_path: Path):
+    """Two imports with one key file: each save merges the mapping on disk (under the key file's lock)."""
+    key = tmp_path / "key.json"
+    first, second = Pseudonymizer(key), Pseudonymizer(key)  # both loaded before either saved
+    a, b = first.pseudonym("patient A"), second.pseudonym("patient B")
+    first.save()
+    second.save()
+    assert json.loads(key.read_text())["pseudonyms"] == {a: "patient A", b: "patient B"}
+    assert Pseudonymizer(key).mapping == {a: "patient A", b: "patient B"}
+
+
+def test_worker_options_carry_no_key(tmp_path: Path):
+    """What a patient task receives (pickled for a worker) holds no pseudonym key; the ids it needs were
+    named by the importing process, and its redactor removes the same identifiers."""
+    import pickle
+
+    from DeepDosimetricsLib.data.importers import ImportOptions
+
+    options = ImportOptions(out=tmp_path / "cohort", pseudonymize=tmp_path / "key.json")
+    pid = options.patient_id(PATIENT_ID, "Rossi_Mariagrazia")
+    options.redact.add(NAME)
+    secret = json.loads((tmp_path / "key.json").read_text())["key"]
+    for worker in (options.for_worker(), pickle.loads(pickle.dumps(options))):
+        assert worker.pseudonymizer is None and worker.pseudonymised
+        assert secret.encode() not in pickle.dumps(worker)
+        assert worker.redact(f"/x/{PATIENT_ID}/Rossi Mariagrazia") == f"/x/{pid}/[removed]"

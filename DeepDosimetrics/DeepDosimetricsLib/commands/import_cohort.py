@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from DeepDosimetricsLib.commands import add_pool_arguments, pool_from_args
+
 HELP = "import a cohort (folder exports, OpenKBP CSVs or DICOM-RT) into the canonical layout"
 
 FOLDER_EPILOG = """\
@@ -34,6 +36,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         "secret key and the only mapping back to the ids live in KEYFILE (created, mode 0600, "
                         "when absent; keep it outside the cohort and private). The same KEYFILE gives the same "
                         "pseudonyms in later imports")
+    add_pool_arguments(parser, "patients")  # this process alone names them and writes the key file and report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
     options = ImportOptions(out=args.out, overwrite=args.overwrite, link=getattr(args, "link", "symlink"),
                             synonyms=load_synonyms(args.synonyms), quiet=args.quiet,
-                            pseudonymize=getattr(args, "pseudonymize", None))
+                            pseudonymize=getattr(args, "pseudonymize", None), pool=pool_from_args(args))
     if args.import_kind == "folder":
         from DeepDosimetricsLib.data.importers.folder import (
             DEFAULT_CT_PATTERNS,

@@ -22,8 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from DeepDosimetricsLib.data.importers.layout import ImportOptions, PatientWriter, existing_patient
-from DeepDosimetricsLib.data.importers.report import ImportReport
+from DeepDosimetricsLib.data.importers.layout import (
+    ImportOptions,
+    PatientWriter,
+    existing_patient,
+    import_patients,
+)
+from DeepDosimetricsLib.data.importers.report import OK, SKIPPED, ImportReport, PatientImportStatus
 from DeepDosimetricsLib.runtime.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -157,9 +162,10 @@ def patient_folders(source: Path, unreadable: Optional[list] = None) -> list[Pat
 
 def import_folder(source, options: ImportOptions, patterns: Optional[FolderPatterns] = None,
                   report: Optional[ImportReport] = None) -> ImportReport:
-    """Import every patient sub-folder of ``source`` into ``options.out``; returns the report."""
-    from DeepDosimetricsLib.runtime.progress import progress_bar
+    """Import every patient sub-folder of ``source`` into ``options.out``; returns the report.
 
+    Every folder is named (pseudonym or safe id) before any is imported; the patients then run one per
+    task on ``options.pool`` (layout.import_patients) and their rows come back in folder order."""
     source = Path(source)
     patterns = patterns or FolderPatterns()
     report = report or ImportReport("folder")
@@ -180,8 +186,26 @@ def import_folder(source, options: ImportOptions, patterns: Optional[FolderPatte
     report.redact = options.redact
     for path, problem in unreadable:
         report.skipped(options.patient_id(path.name, path.name), problem, source=str(path))
-    for folder in progress_bar(folders, desc="import folder", quiet=options.quiet):
-        _import_patient(folder, options, patterns, report)
+    seen = {entry.patient for entry in report.entries}
+    rows: list = []  # per folder: a report row now, or the index of its import task
+    tasks: list = []
+    for folder in folders:
+        patient_id = options.patient_id(folder.name, folder.name)
+        if patient_id in seen:
+            rows.append(PatientImportStatus(f"{patient_id} ({options.redact(folder.name)})", SKIPPED,
+                                            f"another source folder already gives the patient id {patient_id}",
+                                            str(folder)))
+            continue
+        seen.add(patient_id)
+        existing = existing_patient(options, patient_id, str(folder))
+        if existing is not None:
+            rows.append(existing)
+            continue
+        rows.append(len(tasks))
+        tasks.append((folder, patient_id, patterns))
+    imported = import_patients(_import_patient, tasks, options, "import folder")
+    for row in rows:
+        report.add(imported[row] if isinstance(row, int) else row)
     clinical = source / CLINICAL_FILE
     if clinical.is_file() and (options.overwrite or not (options.out / CLINICAL_FILE).exists()):
         import_clinical(clinical, options, report)
@@ -189,21 +213,12 @@ def import_folder(source, options: ImportOptions, patterns: Optional[FolderPatte
     return report
 
 
-def _import_patient(folder: Path, options: ImportOptions, patterns: FolderPatterns,
-                    report: ImportReport) -> None:
-    patient_id = options.patient_id(folder.name, folder.name)
-    if any(entry.patient == patient_id for entry in report.entries):
-        report.skipped(f"{patient_id} ({options.redact(folder.name)})", f"another source folder already gives the patient id "
-                       f"{patient_id}", source=str(folder))
-        return
-    existing = existing_patient(options, patient_id, str(folder))
-    if existing is not None:
-        report.add(existing)
-        return
+def _import_patient(folder: Path, patient_id: str, patterns: FolderPatterns,
+                    options: ImportOptions) -> PatientImportStatus:
+    """One patient folder (a pool task; ``options`` are a worker's): its report row."""
     files = find_patient_files(folder, patterns)
     if files.problem:
-        report.skipped(patient_id, files.problem, source=str(folder))
-        return
+        return PatientImportStatus(patient_id, SKIPPED, files.problem, str(folder))
     try:
         with PatientWriter(options, patient_id, str(folder), "folder") as writer:
             writer.place_ct(files.ct)
@@ -217,10 +232,9 @@ def _import_patient(folder: Path, options: ImportOptions, patterns: FolderPatter
                 writer.place_extra(path, path.name)
             writer.commit()
     except InputError as error:
-        report.skipped(patient_id, str(error), source=str(folder))
-        return
-    report.ok(patient_id, "; ".join(writer.record["notes"]), source=str(folder),
-              structures=writer.structure_count, has_dose=files.dose is not None)
+        return PatientImportStatus(patient_id, SKIPPED, str(error), str(folder))
+    return PatientImportStatus(patient_id, OK, "; ".join(writer.record["notes"]), str(folder),
+                               writer.structure_count, files.dose is not None)
 
 
 def import_clinical(path: Path, options: ImportOptions, report: ImportReport) -> Path:

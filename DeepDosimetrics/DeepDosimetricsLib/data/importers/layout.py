@@ -5,10 +5,20 @@
 (source, original structure names, notes). A patient is written into a hidden staging folder and moved
 into place at the end, so an interrupted import never leaves a half patient under its final name; a
 patient folder holding ``import.json`` counts as imported and is kept unless ``overwrite`` is set.
+
+Parallel imports (``ImportOptions.pool``: ``--jobs N`` or ``--scheduler``, runtime/pools.py) keep the
+state of an import in the importing process: it names every patient first (pseudonyms computed with the
+key, which never leaves it; identifiers to redact collected from the DICOM headers it scanned), saves the
+key file, then :func:`import_patients` sends one patient per task. A worker gets a copy of the options
+without the pseudonym key (:meth:`ImportOptions.for_worker`), writes only its patient's folder, and
+returns a :class:`PatientResult`: the report row and the identifiers it learnt. The importing process
+merges those in patient order and alone writes the key file and ``import_report.csv``, so the outputs
+are those of ``--jobs 1`` byte for byte (the in-process path runs the same tasks).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -16,7 +26,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -27,6 +37,7 @@ from DeepDosimetricsLib.data.pseudonym import Pseudonymizer, Redactor, identifyi
 from DeepDosimetricsLib.data.synonyms import SynonymMap, load_synonyms, safe_name
 from DeepDosimetricsLib.runtime.atomic import replace_folder
 from DeepDosimetricsLib.runtime.errors import InputError
+from DeepDosimetricsLib.runtime.pools import PoolSpec, open_pool
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +62,8 @@ class ImportOptions:
     pseudonymize: Optional[Union[str, os.PathLike]] = None
     #: identifying strings met while importing, removed from every text written (see data/pseudonym.py)
     redact: Redactor = field(default_factory=Redactor)
+    #: how patients are spread (``--jobs``/``--scheduler``); None: in this process
+    pool: Optional[PoolSpec] = None
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -59,6 +72,7 @@ class ImportOptions:
         if self.synonyms is None:
             self.synonyms = load_synonyms()
         self.pseudonymizer = Pseudonymizer(self.pseudonymize) if self.pseudonymize else None
+        self._pseudonyms = self.pseudonymizer is not None
         if self.pseudonymizer is not None:
             key = Path(self.pseudonymize).resolve()
             if key.is_relative_to(self.out.resolve()):
@@ -67,7 +81,20 @@ class ImportOptions:
 
     @property
     def pseudonymised(self) -> bool:
-        return self.pseudonymizer is not None
+        return self._pseudonyms
+
+    def for_worker(self) -> ImportOptions:
+        """The options a patient task gets: no pseudonym key (ids are named before the tasks start), no
+        pool, and its own copy of the redactor (what it learns comes back in its PatientResult)."""
+        worker = copy.copy(self)
+        worker.pseudonymizer, worker.pool, worker.quiet = None, None, True
+        worker.redact = self.redact.copy()
+        return worker
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["pseudonymizer"] = None  # the secret key never travels to a worker
+        return state
 
     def patient_id(self, original: object, source_name: Optional[str] = None) -> str:
         """The cohort's id of a patient: its pseudonym, or the file-system safe form of its id.
@@ -75,8 +102,10 @@ class ImportOptions:
         With pseudonyms, the original id (and ``source_name``, e.g. its folder name) is redacted from
         every text the import writes.
         """
-        if self.pseudonymizer is None:
+        if not self.pseudonymised:
             return safe_patient_id(original)
+        if self.pseudonymizer is None:
+            raise InputError("pseudonyms are named by the importing process, not by a worker")
         pseudonym = self.pseudonymizer.pseudonym(original)
         for text in (original, safe_patient_id(original), source_name):
             if text:
@@ -85,7 +114,7 @@ class ImportOptions:
 
     def hide_source(self, source: Union[str, os.PathLike]) -> None:
         """With pseudonyms, the source folder's path is written as ``SRC``."""
-        if self.pseudonymizer is not None:
+        if self.pseudonymised:
             self.redact.add(str(Path(source).resolve()), "SRC")
             self.redact.add(str(source), "SRC")
 
@@ -93,6 +122,48 @@ class ImportOptions:
         """Save the pseudonym mapping into the key file (after an import)."""
         if self.pseudonymizer is not None:
             self.pseudonymizer.save()
+
+
+@dataclass
+class PatientResult:
+    """What a patient task returns to the importing process: its report row (texts not yet redacted)
+    and the (value, replacement) pairs it added to its redactor."""
+
+    entry: Any  # PatientImportStatus
+    redact: list = field(default_factory=list)
+
+
+def _patient_task(function: Callable, task: tuple, options: ImportOptions) -> PatientResult:
+    """A pool task: ``function(*task, options)`` on a fresh copy of the worker options (so a task run in
+    this process learns exactly what it would learn in a worker)."""
+    options = options.for_worker()
+    known = len(options.redact.added)
+    entry = function(*task, options)
+    return PatientResult(entry, options.redact.added[known:])
+
+
+def import_patients(function: Callable, tasks: Sequence[tuple], options: ImportOptions,
+                    desc: str) -> List[Any]:
+    """Run ``function(*task, worker_options) -> PatientImportStatus`` for every task on the pool of
+    ``options.pool`` (one patient per task); returns the rows in task order, after adding what the tasks
+    learnt to ``options.redact``. The pseudonym key file is saved first, so no patient folder is ever in
+    place without its pseudonym in the key file."""
+    from DeepDosimetricsLib.runtime.progress import progress_bar
+
+    options.finish()
+    results: List[Optional[PatientResult]] = [None] * len(tasks)
+    if tasks:
+        worker = options.for_worker()
+        with open_pool(options.pool, tasks=len(tasks)) as pool:
+            finished = pool.map(_patient_task, [(function, tuple(task), worker) for task in tasks])
+            bar = progress_bar(None, total=len(tasks), desc=desc, quiet=options.quiet)
+            for index, result in finished:  # submitted before the bar's thread starts (forked workers)
+                results[index] = result
+                bar.update(1)
+            bar.close()
+    for result in results:
+        options.redact.extend(result.redact)
+    return [result.entry for result in results]
 
 
 def patient_state(cohort_dir: Path, patient_id: str) -> str:
@@ -270,7 +341,8 @@ class PatientWriter:
             self.record["pseudonymised"] = True
         with open(self.staging_dir / RECORD_FILE, "w", encoding="utf-8") as stream:
             json.dump(self.options.redact.record(self.record), stream, indent=1)
-        self.options.finish()  # the pseudonym's mapping is in the key file before its folder is in place
+        if self.options.pseudonymizer is not None:  # (a worker's options have none: saved before it ran)
+            self.options.finish()  # the pseudonym's mapping is in the key file before its folder is in place
         replace_folder(self.staging_dir, self.final_dir)
         return self.final_dir
 

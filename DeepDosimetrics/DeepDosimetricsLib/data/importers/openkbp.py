@@ -19,7 +19,12 @@ from typing import Optional
 
 import numpy as np
 
-from DeepDosimetricsLib.data.importers.layout import ImportOptions, PatientWriter, existing_patient
+from DeepDosimetricsLib.data.importers.layout import (
+    ImportOptions,
+    PatientWriter,
+    existing_patient,
+    import_patients,
+)
 from DeepDosimetricsLib.data.importers.report import ImportReport
 from DeepDosimetricsLib.runtime.errors import InputError
 
@@ -90,8 +95,6 @@ def openkbp_patient_folders(source: Path) -> list[Path]:
 
 def import_openkbp(source, options: ImportOptions, report: Optional[ImportReport] = None) -> ImportReport:
     """Import every OpenKBP patient folder of ``source`` into ``options.out``; returns the report."""
-    from DeepDosimetricsLib.runtime.progress import progress_bar
-
     source = Path(source)
     report = report or ImportReport("openkbp")
     if not source.is_dir():
@@ -102,20 +105,31 @@ def import_openkbp(source, options: ImportOptions, report: Optional[ImportReport
     options.out.mkdir(parents=True, exist_ok=True)
     options.hide_source(source)
     report.redact = options.redact
-    for folder in progress_bar(folders, desc="import openkbp", quiet=options.quiet):
+    rows: list = []  # per folder: a report row now, or the index of its import task
+    tasks: list = []
+    for folder in folders:  # every patient is named before any is imported (see layout.import_patients)
         patient_id = options.patient_id(folder.name, folder.name)
         existing = existing_patient(options, patient_id, str(folder))
         if existing is not None:
-            report.add(existing)
-            continue
-        try:
-            entry = _import_patient(folder, patient_id, options)
-        except InputError as error:
-            report.skipped(patient_id, str(error), source=str(folder))
-            continue
-        report.add(entry)
+            rows.append(existing)
+        else:
+            rows.append(len(tasks))
+            tasks.append((folder, patient_id))
+    imported = import_patients(_import_task, tasks, options, "import openkbp")
+    for row in rows:
+        report.add(imported[row] if isinstance(row, int) else row)
     options.finish()
     return report
+
+
+def _import_task(folder: Path, patient_id: str, options: ImportOptions):
+    """One patient folder (a pool task; ``options`` are a worker's): its report row."""
+    from DeepDosimetricsLib.data.importers.report import SKIPPED, PatientImportStatus
+
+    try:
+        return _import_patient(folder, patient_id, options)
+    except InputError as error:
+        return PatientImportStatus(patient_id, SKIPPED, str(error), str(folder))
 
 
 def _import_patient(folder: Path, patient_id: str, options: ImportOptions):
