@@ -166,11 +166,12 @@ def main() -> None:
             set_range("slider-z00", value)
             tag = f"z00 {value:+.1f} SD: decoded"
             seconds, before = wait(lambda tag=tag, old=before: (
-                lambda i: i if tag in message() and np.abs(i - old).mean() > 0.05 else None)(image()))
+                lambda i: i if tag in message() and np.abs(i - old).mean() > 0.05 else None)(image()), timeout=600.0)
             traversal.append(seconds)
             traversal_cpu.append(cpu_s(server.pid) - cpu0)
-            rest, _ = wait(lambda tag=tag: True if tag in message() and "whole volume in" in message() else None)
-            whole.append(rest and seconds + rest)
+            rest, _ = wait(lambda tag=tag: True if tag in message() and "whole volume in" in message() else None,
+                           timeout=600.0)
+            whole.append(rest and seconds and seconds + rest)
             time.sleep(0.5)
             before = image()
             messages.append(message())

@@ -194,6 +194,21 @@ def _convert(values: np.ndarray, dtype, scale: float = 1.0) -> np.ndarray:
     return np.rint(block, out=block).astype(dtype)
 
 
+def _ijk_to_ras(image) -> Any:
+    """The IJK -> RAS matrix (vtkMatrix4x4) of a SimpleITK image (LPS): what its volume node will have."""
+    import vtk
+
+    flip = np.diag([-1.0, -1.0, 1.0])
+    rotation = flip @ np.array(image.GetDirection(), float).reshape(3, 3) @ np.diag(image.GetSpacing())
+    origin = flip @ np.array(image.GetOrigin(), float)
+    matrix = vtk.vtkMatrix4x4()
+    for row in range(3):
+        for column in range(3):
+            matrix.SetElement(row, column, float(rotation[row, column]))
+        matrix.SetElement(row, 3, float(origin[row]))
+    return matrix
+
+
 def _array_view(image) -> np.ndarray:
     import SimpleITK as sitk
 
@@ -301,17 +316,15 @@ class SceneBuilder:
         the structures (one labelmap per structure, each its own bounding box). The patient object that read
         them is dropped afterwards (it would keep a CT copy); masks are read one at a time.
         """
-        import vtk
-
         from DeepDosimetricsLib.mrml import display, volumes
         from DeepDosimetricsLib.mrml.display import STRUCTURE_COLORS
 
         files = self.catalog.files(patient)
         self.clear()
         p = self.catalog.patient(files.patient)  # a fresh object: its CT copy goes with it
-        ct = volumes.image_to_volume(p.ct_image(), f"{files.patient} CT", scene=self.scene)
-        display.set_ct_display(ct, *WL_PRESETS[self.preset])
-        nodes = [ct]
+        reference = p.ct_image()  # the grid of the dose and the structures (kept by ``p`` while they load)
+        ijk_to_ras = _ijk_to_ras(reference)
+        nodes = []
         dose, offset = None, (0, 0, 0)
         if p.has_dose:
             image = p.dose_image()
@@ -325,13 +338,11 @@ class SceneBuilder:
         names = list(p.structure_names)
         segmentation = surfaces = target = None
         if names:
-            ijk_to_ras = vtk.vtkMatrix4x4()
-            ct.GetIJKToRASMatrix(ijk_to_ras)
-            step = 2 if int(np.prod(ct.GetImageData().GetDimensions())) > SURFACE_DOWNSAMPLE_VOXELS else 1
-            segmentation = self._segmentation(f"{files.patient} structures", ct)
+            step = 2 if int(np.prod(reference.GetSize())) > SURFACE_DOWNSAMPLE_VOXELS else 1
+            segmentation = self._segmentation(f"{files.patient} structures")
             nodes.append(segmentation)
             if step > 1:  # the 3D view's surfaces from a labelmap 8 times smaller (built later, quicker)
-                surfaces = self._segmentation(f"{files.patient} surfaces", ct)
+                surfaces = self._segmentation(f"{files.patient} surfaces")
                 nodes.append(surfaces)
             kept = []
             for index, name in enumerate(names):
@@ -350,7 +361,9 @@ class SceneBuilder:
                     surfaces.AddSegmentFromBinaryLabelmapRepresentation(
                         oriented_labelmap(mask, box, ijk_to_ras, step), name, color)
                 if target is None and name.upper().startswith(TARGET):
-                    target = volumes.mask_center_ras(mask, ct)
+                    k, j, i = np.argwhere(mask > 0).mean(axis=0)
+                    target = tuple(float(v) for v in (np.array([[ijk_to_ras.GetElement(r, c) for c in range(4)]
+                                                                 for r in range(3)]) @ [i, j, k, 1.0]))
                 kept.append(name)
                 del mask
             names = kept
@@ -361,15 +374,21 @@ class SceneBuilder:
             if surfaces is not None:
                 shown.SetVisibility3D(False)
                 surfaces.GetDisplayNode().SetVisibility2D(False)
+        # the CT node last: the two CT copies (the patient's and the node's) meet when nothing else is read
         del p
+        ct = volumes.image_to_volume(reference, f"{files.patient} CT", scene=self.scene)
+        del reference
+        display.set_ct_display(ct, *WL_PRESETS[self.preset])
+        nodes.insert(0, ct)
+        for node in {segmentation, surfaces} - {None}:
+            node.SetReferenceImageGeometryParameterFromVolumeNode(ct)
         self.current = PatientScene(files.patient, files, ct, dose, segmentation, names, nodes=nodes,
                                     dose_offset=offset, surfaces=surfaces or segmentation, target_ras=target)
         return self.current
 
-    def _segmentation(self, name: str, reference: Any) -> Any:
+    def _segmentation(self, name: str) -> Any:
         node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
         node.CreateDefaultDisplayNodes()
-        node.SetReferenceImageGeometryParameterFromVolumeNode(reference)
         return node
 
     def clear(self) -> None:
