@@ -1,15 +1,17 @@
-"""One patient's volumes as MRML nodes in the review station's scene, kept compact.
+"""One patient's volumes as MRML nodes in the review station's scene, each held once and compact.
 
 - the CT (int16 HU) in the background, with window/level presets;
 - the foreground: the reconstruction or the residual of one channel, loaded when asked (only the one shown is
-  kept): window channels as int16 HU, dose and probabilities as float32; the residual in a diverging map
-  centred on 0; a traversal result replaces it on the cache grid (see :mod:`.traversal`);
-- the original dose as a colour wash with zero hidden (a further slice layer);
-- structures as one segmentation drawn as outlines in the slice views and as closed surfaces in the 3D view
-  (:func:`show_surfaces`, built once per patient after the slice images; the PTV always visible).
+  kept), read a few slices at a time: window channels int16 HU, probabilities uint8 x255, dose and the other
+  residuals float32 in their non-zero box; the residual in a diverging map centred on 0; a traversal result
+  replaces it on the cache grid (see :mod:`.traversal`);
+- the original dose as a colour wash with zero hidden (a further slice layer), holding its non-zero box;
+- structures as one segmentation drawn as outlines in the slice views, each labelmap its structure's bounding
+  box, and as closed surfaces in the 3D view (:func:`show_surfaces`, built once per patient after the slice
+  images, from a 2x-downsampled copy for a large CT; the PTV always visible).
 
-Nodes are made through the MRML layer (``mrml.volumes``, ``mrml.display``, ``mrml.segments``) in the scene
-that trame-slicer's ``SlicerApp`` owns.
+Nodes are made through the MRML layer (``mrml.volumes``, ``mrml.display``) in the scene that trame-slicer's
+``SlicerApp`` owns; the patient object that read the files is dropped after loading (no CT copy kept).
 """
 
 from __future__ import annotations
