@@ -195,8 +195,9 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------- data
-def _prepare_patients(cache: Any, specs: list, config: TrainConfig, cohort_dir: Path) -> list:
-    """Patients of the cache that provide every channel (or InputError naming those that do not)."""
+def _prepare_patients(cache: Any, specs: list, config: TrainConfig, cohort_dir: Path) -> tuple[list, dict[str, str]]:
+    """Patients of the cache that provide every channel (or InputError naming those that do not), and the
+    patients left out for lacking a channel with ``skip_incomplete`` (id -> reason)."""
     if len(cache) == 0:
         failed = getattr(cache, "failed", {}) or {}
         detail = "; ".join(f"{pid}: {why}" for pid, why in list(failed.items())[:5])
@@ -232,7 +233,7 @@ def _prepare_patients(cache: Any, specs: list, config: TrainConfig, cohort_dir: 
     if small:
         log.warning("tile %d is larger than the cropped volume of %d patient(s) in some axis (padded with "
                     "air): %s", tile, len(small), ", ".join(small[:5]) + (" ..." if len(small) > 5 else ""))
-    return usable
+    return usable, missing
 
 
 def _open_cache(cohort_dir: Path, cache_dir: Optional[Path], ctx: DistributedContext, quiet: bool):
@@ -468,7 +469,9 @@ class Trainer:
         )
 
         config = self.config
-        patients = _prepare_patients(cache, self.specs, config, self.cohort_dir)
+        patients, self.skipped_patients = _prepare_patients(cache, self.specs, config, self.cohort_dir)
+        # patients the cache refused (unreadable, failing the value checks): trained without, reported
+        self.refused_patients = {str(k): str(v) for k, v in (getattr(cache, "failed", None) or {}).items()}
         self.train_ids, self.val_ids = split_patients([p.id for p in patients], config.val_fraction, config.seed)
         by_id = {p.id: p for p in patients}
         sampling = SamplingConfig(
@@ -732,6 +735,7 @@ class Trainer:
             "best_step": self.best_step, "train_patients": self.train_ids, "val_patients": self.val_ids,
             "world_size": self.ctx.world_size, "device": str(self.device), "bf16": self.use_bf16,
             "train_config": self.config.to_dict(), "cohort": str(self.cohort_dir),
+            "refused_patients": self.refused_patients, "skipped_patients": self.skipped_patients,
         }
 
     def _write_history(self, final: bool = False) -> None:
