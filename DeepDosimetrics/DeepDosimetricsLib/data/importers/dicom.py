@@ -33,11 +33,11 @@ from DeepDosimetricsLib.data.headers import check_geometry_values, check_memory
 from DeepDosimetricsLib.data.ids import safe_patient_id
 from DeepDosimetricsLib.data.importers.layout import (
     ImportOptions,
+    PatientTask,
     PatientWriter,
-    existing_patient,
-    import_patients,
+    import_each,
 )
-from DeepDosimetricsLib.data.importers.report import OK, SKIPPED, ImportReport, PatientImportStatus
+from DeepDosimetricsLib.data.importers.report import OK, ImportReport, PatientImportStatus
 from DeepDosimetricsLib.runtime.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -652,18 +652,9 @@ def import_dicom(source, options: ImportOptions, report: Optional[ImportReport] 
     for path, reason in orphans:
         report.skipped(str(path.parent.relative_to(source)) if path.parent != source else path.name,
                        reason, source=str(path))
-    rows: list = []  # per group: a report row now, or the index of its import task
-    tasks: list = []
-    for patient_id, group in groups.items():
-        existing = existing_patient(options, patient_id, _group_source(group))
-        if existing is not None:
-            rows.append(existing)
-        else:
-            rows.append(len(tasks))
-            tasks.append((patient_id, group))
-    imported = import_patients(_import_task, tasks, options, "import dicom")
-    for row in rows:
-        report.add(imported[row] if isinstance(row, int) else row)
+    tasks = [PatientTask(patient_id, _group_source(group), (patient_id, group))
+             for patient_id, group in groups.items()]
+    import_each(_import_task, tasks, options, report, "import dicom")
     options.finish()
     return report
 
@@ -673,20 +664,11 @@ def _group_source(group: DicomGroup) -> str:
 
 
 def _import_task(patient_id: str, group: DicomGroup, options: ImportOptions) -> PatientImportStatus:
-    """One patient/frame-of-reference group (a pool task; ``options`` are a worker's): its report row.
+    """One patient/frame-of-reference group (a pool task; ``options`` are a worker's): its report row
+    (a failure skips the patient: layout.import_each).
 
     The identifiers of the group's own headers are added to the worker's redactor first, so a worker
     never depends on the importing process to know what to remove from its patient's texts."""
     for item in group.files:
         options.redact.add_dataset(item.header)
-    source_text = _group_source(group)
-    try:
-        return import_group(patient_id, group, options)
-    except InputError as error:
-        return PatientImportStatus(patient_id, SKIPPED, str(error), source_text)
-    except Exception as error:  # a damaged file pydicom or numpy could not handle: skip, say what broke
-        import traceback
-
-        log.debug("patient %s failed: %s", patient_id, options.redact(traceback.format_exc()))
-        return PatientImportStatus(patient_id, SKIPPED, f"error: unexpected {type(error).__name__} while "
-                                   f"reading {source_text}: {error}", source_text)
+    return import_group(patient_id, group, options)

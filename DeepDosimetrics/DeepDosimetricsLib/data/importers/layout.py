@@ -133,21 +133,72 @@ class PatientResult:
     redact: list = field(default_factory=list)
 
 
-def _patient_task(function: Callable, task: tuple, options: ImportOptions) -> PatientResult:
-    """A pool task: ``function(*task, options)`` on a fresh copy of the worker options (so a task run in
-    this process learns exactly what it would learn in a worker)."""
+@dataclass
+class PatientTask:
+    """One patient to import: ``function(*arguments, worker_options)`` gives its report row; ``source``
+    names where it comes from (in the report, and in the row of a patient already in the cohort)."""
+
+    patient_id: str
+    source: str
+    arguments: tuple
+
+
+def import_each(function: Callable, items: Sequence[Any], options: ImportOptions, report: Any,
+                desc: str) -> Any:
+    """The per-patient loop every importer shares; returns ``report`` with one row per item, in order.
+
+    ``items`` are :class:`PatientTask` or report rows the importer decided itself (a patient skipped
+    before its import, e.g. an unreadable folder). A patient already in the cohort keeps its folder and
+    gets the row of :func:`existing_patient` (unless ``options.overwrite``); the others run on the pool of
+    ``options.pool`` (:func:`import_patients`). Every patient is named (pseudonym or safe id) before any
+    is imported, by the importer that built ``items``.
+    """
+    rows: list = []  # per item: a report row now, or the index of its import task
+    tasks: List[PatientTask] = []
+    for item in items:
+        if not isinstance(item, PatientTask):
+            rows.append(item)
+            continue
+        existing = existing_patient(options, item.patient_id, item.source)
+        if existing is not None:
+            rows.append(existing)
+        else:
+            rows.append(len(tasks))
+            tasks.append(item)
+    imported = import_patients(function, tasks, options, desc)
+    for row in rows:
+        report.add(imported[row] if isinstance(row, int) else row)
+    return report
+
+
+def _patient_task(function: Callable, task: PatientTask, options: ImportOptions) -> PatientResult:
+    """A pool task: ``function(*task.arguments, options)`` on a fresh copy of the worker options (so a
+    task run in this process learns exactly what it would learn in a worker). An InputError skips the
+    patient with its message; any other failure (a damaged file a reader could not handle) too, naming
+    its type, so one patient never stops an import."""
+    from DeepDosimetricsLib.data.importers.report import SKIPPED, PatientImportStatus
+
     options = options.for_worker()
     known = len(options.redact.added)
-    entry = function(*task, options)
+    try:
+        entry = function(*task.arguments, options)
+    except InputError as error:
+        entry = PatientImportStatus(task.patient_id, SKIPPED, str(error), task.source)
+    except Exception as error:  # reported in the patient's row, with its type
+        import traceback
+
+        log.debug("patient %s failed: %s", task.patient_id, options.redact(traceback.format_exc()))
+        entry = PatientImportStatus(task.patient_id, SKIPPED, f"error: unexpected {type(error).__name__} "
+                                    f"while reading {task.source}: {error}", task.source)
     return PatientResult(entry, options.redact.added[known:])
 
 
-def import_patients(function: Callable, tasks: Sequence[tuple], options: ImportOptions,
+def import_patients(function: Callable, tasks: Sequence[PatientTask], options: ImportOptions,
                     desc: str) -> List[Any]:
-    """Run ``function(*task, worker_options) -> PatientImportStatus`` for every task on the pool of
-    ``options.pool`` (one patient per task); returns the rows in task order, after adding what the tasks
-    learnt to ``options.redact``. The pseudonym key file is saved first, so no patient folder is ever in
-    place without its pseudonym in the key file."""
+    """Run ``function(*task.arguments, worker_options) -> PatientImportStatus`` for every task on the
+    pool of ``options.pool`` (one patient per task); returns the rows in task order, after adding what
+    the tasks learnt to ``options.redact``. The pseudonym key file is saved first, so no patient folder
+    is ever in place without its pseudonym in the key file."""
     from DeepDosimetricsLib.runtime.progress import progress_bar
 
     options.finish()
@@ -155,7 +206,7 @@ def import_patients(function: Callable, tasks: Sequence[tuple], options: ImportO
     if tasks:
         worker = options.for_worker()
         with open_pool(options.pool, tasks=len(tasks)) as pool:
-            finished = pool.map(_patient_task, [(function, tuple(task), worker) for task in tasks])
+            finished = pool.map(_patient_task, [(function, task, worker) for task in tasks])
             bar = progress_bar(None, total=len(tasks), desc=desc, quiet=options.quiet)
             for index, result in finished:  # submitted before the bar's thread starts (forked workers)
                 results[index] = result
