@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,18 @@ from DeepDosimetricsLib.data.importers import ImportOptions, import_dicom, impor
 from DeepDosimetricsLib.data.importers.layout import read_record
 from DeepDosimetricsLib.data.importers.report import REPORT_FILE, read_report
 from DeepDosimetricsLib.runtime.errors import InputError
+from dicomrt import (
+    COLUMN_SPACING,
+    COLUMNS,
+    ORIGIN_X,
+    ORIGIN_Y,
+    ROW_SPACING,
+    ROWS,
+    square,
+    write_ct_series,
+    write_rtdose,
+    write_rtstruct,
+)
 
 OPENKBP_PATIENTS = ["pt_1", "pt_2", "pt_3"]
 
@@ -316,127 +327,25 @@ def test_dicom_breast_dvh_through_the_cohort(breast_cohort: Path, tmp_path: Path
     assert metrics.loc["Heart", "Dmean_Gy"] < metrics.loc["Tumor_Bed", "Dmean_Gy"]
 
 
-# synthetic DICOM series built with pydicom ------------------------------------------------------------
-ROWS, COLUMNS = 20, 24
-ROW_SPACING, COLUMN_SPACING = 0.8, 0.7  # PixelSpacing = (between rows, between columns)
-ORIGIN_X, ORIGIN_Y = -10.0, -20.0
-
-
-def _dataset(path: Path, modality: str, sop_class: str, bare: bool = False, **attributes):
-    """Write a DICOM file; ``bare``: no preamble nor file meta, implicit VR (as old exports)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset = Dataset()
-    dataset.file_meta = meta
-    dataset.SOPClassUID = sop_class
-    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    dataset.Modality = modality
-    for key, value in attributes.items():
-        setattr(dataset, key, value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if bare:
-        del dataset.file_meta
-        dataset.save_as(str(path), implicit_vr=True, little_endian=True)
-    else:
-        dataset.save_as(str(path), enforce_file_format=True)
-
-
-def write_ct_series(folder: Path, patient: str, frame: str, z_positions, shift_y_per_slice: float = 0.0,
-                    shuffle_seed: int = 0, study: str = "1.2.3.4", bare: bool = False) -> str:
-    """CT slices with raw = 1000 + 10*slice + column (HU = raw - 1024), slice 2 with slope 0.5."""
-    from pydicom.uid import CTImageStorage, generate_uid
-
-    series = generate_uid()
-    order = list(range(len(z_positions)))
-    random.Random(shuffle_seed).shuffle(order)  # file names do not follow the positions
-    for file_index, slice_index in enumerate(order):
-        hu = (1000 + 10 * slice_index + np.arange(COLUMNS))[None, :].repeat(ROWS, 0) - 1024
-        slope, intercept = (0.5, -1024.0) if slice_index == 2 else (1.0, -1024.0)
-        raw = ((hu + 1024) / slope).astype(np.uint16)
-        name = f"IM{file_index:03d}" if bare else f"img{file_index:03d}.dcm"
-        _dataset(folder / name, "CT", CTImageStorage, bare=bare,
-                 PatientID=patient, StudyInstanceUID=study, SeriesInstanceUID=series,
-                 FrameOfReferenceUID=frame,
-                 ImagePositionPatient=[ORIGIN_X, ORIGIN_Y + shift_y_per_slice * slice_index,
-                                       float(z_positions[slice_index])],
-                 ImageOrientationPatient=[1, 0, 0, 0, 1, 0], PixelSpacing=[ROW_SPACING, COLUMN_SPACING],
-                 Rows=ROWS, Columns=COLUMNS, SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME2",
-                 BitsAllocated=16, BitsStored=16, HighBit=15, PixelRepresentation=0,
-                 RescaleSlope=slope, RescaleIntercept=intercept, PixelData=raw.tobytes())
-    return series
-
-
-def _square(i0, i1, j0, j1, z):
-    """A closed contour (LPS mm) around the voxel centres i0..i1 (columns), j0..j1 (rows)."""
-    corners = [(i0 - 0.5, j0 - 0.5), (i1 + 0.5, j0 - 0.5), (i1 + 0.5, j1 + 0.5), (i0 - 0.5, j1 + 0.5)]
-    return [value for i, j in corners
-            for value in (ORIGIN_X + i * COLUMN_SPACING, ORIGIN_Y + j * ROW_SPACING, z)]
-
-
-def write_rtstruct(path: Path, patient: str, frame: str, rois: dict):
-    """rois: name -> list of flat ContourData lists."""
-    from pydicom.dataset import Dataset
-    from pydicom.uid import RTStructureSetStorage
-
-    frame_item = Dataset()
-    frame_item.FrameOfReferenceUID = frame
-    roi_items, contour_items = [], []
-    for number, (name, contours) in enumerate(rois.items(), start=1):
-        roi = Dataset()
-        roi.ROINumber, roi.ROIName, roi.ReferencedFrameOfReferenceUID = number, name, frame
-        roi_items.append(roi)
-        item = Dataset()
-        item.ReferencedROINumber = number
-        item.ContourSequence = []
-        for data in contours:
-            contour = Dataset()
-            contour.ContourGeometricType = "CLOSED_PLANAR"
-            contour.NumberOfContourPoints = len(data) // 3
-            contour.ContourData = data
-            item.ContourSequence.append(contour)
-        contour_items.append(item)
-    _dataset(path, "RTSTRUCT", RTStructureSetStorage, PatientID=patient, StudyInstanceUID="1.2.3.4",
-             ReferencedFrameOfReferenceSequence=[frame_item], StructureSetROISequence=roi_items,
-             ROIContourSequence=contour_items)
-
-
-def write_rtdose(path: Path, patient: str, frame: str, gy: np.ndarray, scaling: float, z0: float):
-    from pydicom.uid import RTDoseStorage
-
-    raw = np.rint(gy / scaling).astype(np.uint32)
-    _dataset(path, "RTDOSE", RTDoseStorage, PatientID=patient, StudyInstanceUID="1.2.3.4",
-             FrameOfReferenceUID=frame, ImagePositionPatient=[ORIGIN_X, ORIGIN_Y, z0],
-             ImageOrientationPatient=[1, 0, 0, 0, 1, 0], PixelSpacing=[2.0, 2.0],
-             Rows=gy.shape[1], Columns=gy.shape[2], NumberOfFrames=gy.shape[0],
-             GridFrameOffsetVector=[5.0 * k for k in range(gy.shape[0])], DoseGridScaling=scaling,
-             DoseUnits="GY", DoseSummationType="PLAN", SamplesPerPixel=1,
-             PhotometricInterpretation="MONOCHROME2", BitsAllocated=32, BitsStored=32, HighBit=31,
-             PixelRepresentation=0, PixelData=raw.tobytes())
-
-
+# synthetic DICOM series built with pydicom (dicomrt.py) -------------------------------------------
 @pytest.fixture(scope="module")
 def dicom_tree(tmp_path_factory) -> Path:
     """Several patients and studies in one tree, with good and bad series."""
     root = tmp_path_factory.mktemp("dicom") / "tree"
     steps = [0.0, 2.5, 5.0, 7.5, 10.0, 12.5]
     write_ct_series(root / "good" / "ct", "GOOD", "1.9.1", steps[::-1])  # positions given descending
-    outer, hole = _square(4, 13, 3, 12, 2.5), _square(7, 9, 6, 8, 2.5)
+    outer, hole = square(4, 13, 3, 12, 2.5), square(7, 9, 6, 8, 2.5)
     write_rtstruct(root / "good" / "rs.dcm", "GOOD", "1.9.1", {
-        "Lt Lung": [outer, hole, _square(4, 13, 3, 12, 5.0)],
-        "cuore": [_square(0, 1, 0, 1, 6.3)],  # between the slices at 5.0 and 7.5: nearer 7.5
-        "External": [_square(0, 23, 0, 19, z) for z in steps],
+        "Lt Lung": [outer, hole, square(4, 13, 3, 12, 5.0)],
+        "cuore": [square(0, 1, 0, 1, 6.3)],  # between the slices at 5.0 and 7.5: nearer 7.5
+        "External": [square(0, 23, 0, 19, z) for z in steps],
     })
     gy = np.arange(3 * 4 * 5, dtype=np.float64).reshape(3, 4, 5) * 0.5
     write_rtdose(root / "good" / "rd.dcm", "GOOD", "1.9.1", gy, 1e-3, 0.0)
     write_ct_series(root / "gap", "GAP", "1.9.2", [0, 3, 6, 12, 15])
     write_ct_series(root / "tilt", "TILT", "1.9.3", [0, 2, 4, 6], shift_y_per_slice=1.0)
     write_ct_series(root / "uneven", "UNEVEN", "1.9.4", [0, 2, 5, 7.5, 9])
-    write_rtstruct(root / "lost" / "rs.dcm", "LOST", "1.9.99", {"PTV": [_square(1, 2, 1, 2, 0)]})
+    write_rtstruct(root / "lost" / "rs.dcm", "LOST", "1.9.99", {"PTV": [square(1, 2, 1, 2, 0)]})
     write_ct_series(root / "broken", "BROKEN", "1.9.5", [0, 2, 4])
     (root / "broken" / "img999.dcm").write_bytes(b"\x00" * 200)  # a damaged file among its slices
     for index, frame in enumerate(["1.9.6", "1.9.7"]):  # one patient, two studies
