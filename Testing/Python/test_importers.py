@@ -430,6 +430,57 @@ def test_dicom_cli_writes_the_report(dicom_tree: Path, tmp_path: Path, capsys):
     assert main(["import", "dicom", str(tmp_path / "nothing"), "--out", str(out)]) == 2
 
 
+def test_dicom_degenerate_contours_are_reported_and_left_out(tmp_path: Path, capsys):
+    """A contour of fewer than 3 points or of zero area is reported by structure and contour index (a
+    warning; exit 0) and left out: the structure is made of its valid contours, as if they were alone."""
+    steps = [0.0, 2.5, 5.0, 7.5]
+    valid = [square(4, 13, 3, 12, 2.5), square(6, 10, 5, 9, 5.0)]
+    two_points = square(4, 13, 3, 12, 0.0)[:6]
+    collinear = [ORIGIN_X, ORIGIN_Y, 7.5, ORIGIN_X + 3, ORIGIN_Y + 2, 7.5, ORIGIN_X + 6, ORIGIN_Y + 4, 7.5]
+    for patient, rois in (("CLEAN", {"PTV": valid}),
+                          ("DEFECTS", {"PTV": [valid[0], two_points, collinear, valid[1]], "Wire": [two_points]})):
+        write_ct_series(tmp_path / "src" / patient, patient, f"1.9.{len(patient)}", steps)
+        write_rtstruct(tmp_path / "src" / patient / "rs.dcm", patient, f"1.9.{len(patient)}", rois)
+    out = tmp_path / "cohort"
+    assert main(["import", "dicom", str(tmp_path / "src"), "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 patient(s) ok, 0 skipped, 1 imported with warnings" in printed
+    expected = ("structure 'PTV' (ROI 1, rs.dcm): contour 2 has 2 points (fewer than 3), contour 3 has zero area "
+                "(its 3 points lie on one line) of 4: left out (the structure is made of its 2 other contour(s))")
+    assert f"warning DEFECTS: {expected}" in printed
+    assert "warning DEFECTS: structure 'Wire' (ROI 2, rs.dcm): contour 1 has 2 points (fewer than 3) of 1: left " \
+           "out (no valid contour is left: not written)" in printed
+    record = read_record(out / "DEFECTS")
+    assert record["warnings"][0] == expected and f"warning: {expected}" in record["notes"]
+    assert f"warning: {expected}" in rows_by_patient(out)["DEFECTS"]["reason"]
+    assert "warnings" not in read_record(out / "CLEAN") and "warnings" not in rows_by_patient(out)["CLEAN"]
+    assert sorted(record["structures"]) == ["PTV"]  # the wire has nothing left
+    ptv, clean = (sitk.GetArrayFromImage(read(out / patient / "structures" / "PTV.nrrd"))
+                  for patient in ("DEFECTS", "CLEAN"))
+    assert ptv.sum() == 100 + 25 and np.array_equal(ptv, clean)
+
+
+def test_dicom_series_with_a_duplicate_sop_instance_uid_is_refused(tmp_path: Path, capsys):
+    """Two slices at different positions sharing one SOPInstanceUID (a series merged by hand): the series is
+    refused naming both files (the import of that patient is skipped, exit 1); other patients import."""
+    import pydicom
+
+    write_ct_series(tmp_path / "src" / "ok", "OK", "1.9.1", [0.0, 2.5, 5.0])
+    write_ct_series(tmp_path / "src" / "merged" / "a", "MERGED", "1.9.2", [0.0, 2.5, 5.0])
+    extra = pydicom.dcmread(tmp_path / "src" / "merged" / "a" / "img001.dcm")  # its UID, another position
+    extra.ImagePositionPatient = [ORIGIN_X, ORIGIN_Y, 7.5]
+    (tmp_path / "src" / "merged" / "b").mkdir()
+    extra.save_as(tmp_path / "src" / "merged" / "b" / "img001.dcm")
+    out = tmp_path / "cohort"
+    assert main(["import", "dicom", str(tmp_path / "src"), "--out", str(out), "--quiet"]) == 1
+    reason = rows_by_patient(out)["MERGED"]["reason"]
+    z = float(pydicom.dcmread(tmp_path / "src" / "merged" / "a" / "img001.dcm").ImagePositionPatient[2])
+    assert f"a/img001.dcm and b/img001.dcm share one SOPInstanceUID (at positions (-10, -20, {z:g}) mm and " \
+           "(-10, -20, 7.5) mm); PS3.3 forbids it" in reason
+    assert "the series is refused" in reason and "skipped MERGED: " in capsys.readouterr().out
+    assert not (out / "MERGED").exists() and rows_by_patient(out)["OK"]["status"] == "ok"
+
+
 def test_fill_polygons_matches_skimage():
     from DeepDosimetricsLib.data.importers.dicom import fill_polygons
     from skimage.draw import polygon

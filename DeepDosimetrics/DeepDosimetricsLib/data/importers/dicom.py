@@ -7,15 +7,18 @@ cohort patient per frame (``<PatientID>_1``, ``<PatientID>_2``...).
 
 * CT: the series with most slices; slices sorted by ImagePositionPatient along the slice normal,
   RescaleSlope/RescaleIntercept applied, HU rounded to int16 and clipped below at -1024. Gantry tilt,
-  unequal slice spacing, missing or duplicate slices and mixed orientations skip the patient with the
-  reason.
+  unequal slice spacing, missing or duplicate slices, mixed orientations and two files sharing one
+  SOPInstanceUID (PS3.3 forbids it; nothing tells which file is what the UID names) skip the patient with
+  the reason.
 * RTDOSE: pixel values x DoseGridScaling in Gy on its own grid (frame positions from
   GridFrameOffsetVector along the slice normal); a PLAN dose is preferred, BEAM doses on one grid are summed.
 * RTSTRUCT: each closed planar contour is mapped from patient coordinates (LPS mm) into the index space of
   the CT grid (or of the dose grid when there is no CT volume, e.g. a single CT slice) and filled
   (voxel centres inside, as ``skimage.draw.polygon``; a vectorised even-odd scanline, much faster on
   contours of many points); contours of one plane are combined by XOR so holes stay empty. Each grid slice takes the nearest contour plane within half a slice (or half the contour
-  spacing when contours are sparser than slices).
+  spacing when contours are sparser than slices). A contour of fewer than 3 points or of zero area (points
+  repeated or on one line) is left out with a warning naming the structure and the contour's index in its
+  ContourSequence (from 1); the structure is made of its other contours (not written when none is left).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from DeepDosimetricsLib.data.importers.layout import (
     PatientWriter,
     import_each,
 )
-from DeepDosimetricsLib.data.importers.report import OK, ImportReport, PatientImportStatus
+from DeepDosimetricsLib.data.importers.report import ImportReport, PatientImportStatus
 from DeepDosimetricsLib.runtime.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -307,10 +310,44 @@ def check_slice_positions(along: np.ndarray, what: str) -> float:
     raise InputError(f"{what}: inconsistent slice spacing ({', '.join(f'{s:.3g}' for s in np.unique(steps.round(3))[:6])} mm)")
 
 
+def check_unique_instances(slices: list[DicomFile], what: str) -> None:
+    """Refuse a series in which two files share one SOPInstanceUID, naming the two files.
+
+    PS3.3 gives every instance its own UID; two slices with one UID (series merged by hand, a file copied
+    under another name) mean that one of them is not the instance its UID names, and nothing in the files
+    tells which: the series is refused rather than a slice guessed away."""
+    common = Path(os.path.commonpath([str(s.path.parent) for s in slices])) if slices else Path()
+    first: dict[str, DicomFile] = {}
+    for item in slices:
+        uid = str(item.header.get("SOPInstanceUID", "") or "").strip()
+        if not uid:
+            continue
+        if uid not in first:
+            first[uid] = item
+            continue
+        other = first[uid]
+        where = [_position_text(s, what) for s in (other, item)]
+        positions = ("at the same position " + where[0] if where[0] == where[1]
+                     else f"at positions {where[0]} and {where[1]}")
+        raise InputError(
+            f"{what}: {other.path.relative_to(common)} and {item.path.relative_to(common)} share one "
+            f"SOPInstanceUID ({positions}); PS3.3 forbids it (series merged by hand?): one of them is not "
+            "the instance its UID names, so the series is refused; remove the wrong file"
+        )
+
+
+def _position_text(item: DicomFile, what: str) -> str:
+    try:
+        return "(" + ", ".join(f"{v:g}" for v in numbers(item.header, "ImagePositionPatient", 3, what)) + ") mm"
+    except InputError:
+        return "(unknown)"
+
+
 def ct_volume(slices: list[DicomFile], what: str):
     """A CT series as an int16 HU SimpleITK image; InputError with the reason when it is not a volume."""
     import SimpleITK as sitk
 
+    check_unique_instances(slices, what)
     headers = [s.header for s in slices]
     if any(integer(s.header, "NumberOfFrames", f"{what}: {s.path.name}", 1) > 1 for s in slices):
         raise InputError(f"{what}: multi-frame (enhanced) CT is not supported")
@@ -535,6 +572,8 @@ def structure_masks(item: DicomFile, grid, writer: PatientWriter) -> None:
         raise InputError(f"{item.path}: unreadable StructureSetROISequence ({type(error).__name__}: {error})") \
             from None
     contours_by_roi: dict[int, list[np.ndarray]] = {number: [] for number in names}
+    defects: dict[int, list[str]] = defaultdict(list)
+    counts: dict[int, int] = defaultdict(int)
     skipped_types: set[str] = set()
     for roi in header.get("ROIContourSequence", []):
         try:
@@ -542,7 +581,8 @@ def structure_masks(item: DicomFile, grid, writer: PatientWriter) -> None:
         except Exception as error:
             raise InputError(f"{item.path}: a ROIContourSequence item has no valid ReferencedROINumber "
                              f"({type(error).__name__}: {error})") from None
-        for contour in roi.get("ContourSequence", []):
+        for index, contour in enumerate(roi.get("ContourSequence", []), start=counts[number] + 1):
+            counts[number] = index
             kind = str(contour.get("ContourGeometricType", "CLOSED_PLANAR")).upper()
             if kind != "CLOSED_PLANAR":
                 skipped_types.add(kind)
@@ -554,14 +594,23 @@ def structure_masks(item: DicomFile, grid, writer: PatientWriter) -> None:
                                  f"({type(error).__name__}: {error})") from None
             if not np.all(np.isfinite(points)):
                 raise InputError(f"{item.path}: ROI {number} has non-finite ContourData coordinates")
-            if len(points) >= 3:
-                contours_by_roi.setdefault(number, []).append(points)
+            defect = contour_defect(points)
+            if defect:
+                defects[number].append(f"contour {index} {defect}")
+                continue
+            contours_by_roi.setdefault(number, []).append(points)
     if skipped_types:
         writer.note(f"{item.path.name}: {', '.join(sorted(skipped_types))} contours ignored (not areas)")
     for number, contours in contours_by_roi.items():
         name = names.get(number, f"ROI_{number}")
+        if defects[number]:
+            kept = (f"the structure is made of its {len(contours)} other contour(s)" if contours
+                    else "no valid contour is left: not written")
+            writer.warn(f"structure '{name}' (ROI {number}, {item.path.name}): {', '.join(defects[number])} "
+                        f"of {counts[number]}: left out ({kept})")
         if not contours:
-            writer.note(f"structure '{name}' has no contours: not written")
+            if not defects[number]:
+                writer.note(f"structure '{name}' has no contours: not written")
             continue
         mask, notes = rasterise_contours(contours, grid)
         for text in notes:
@@ -569,6 +618,22 @@ def structure_masks(item: DicomFile, grid, writer: PatientWriter) -> None:
         image = sitk.GetImageFromArray(mask)
         image.CopyInformation(grid)
         writer.write_structure(name, image, f"{item.path} ROI {number}")
+
+
+#: a contour whose points lie within this distance (mm, RMS) of one line encloses no area
+ZERO_WIDTH_MM = 1e-3
+
+
+def contour_defect(points: np.ndarray) -> str:
+    """Why a CLOSED_PLANAR contour ((N, 3) LPS mm) is no polygon ("" when it is one): fewer than 3
+    points, or zero area (its points repeated or on one line, within ``ZERO_WIDTH_MM``). A self-crossing
+    contour whose lobes cancel in the signed area still encloses voxels and is kept."""
+    if len(points) < 3:
+        return f"has {len(points)} point{'s' if len(points) != 1 else ''} (fewer than 3)"
+    spread = np.linalg.svd(points - points.mean(axis=0), compute_uv=False)
+    if spread[1] / np.sqrt(len(points)) < ZERO_WIDTH_MM:
+        return f"has zero area (its {len(points)} points lie on one line)"
+    return ""
 
 
 # ------------------------------------------------------------------------------------------------ import
@@ -630,8 +695,7 @@ def import_group(patient_id: str, group: DicomGroup, options: ImportOptions) -> 
         for item in structure_sets:
             structure_masks(item, grid, writer)
         writer.commit()
-    return PatientImportStatus(patient_id, OK, "; ".join(writer.record["notes"]), source,
-                               writer.structure_count, dose is not None)
+    return writer.status(dose is not None)
 
 
 def import_dicom(source, options: ImportOptions, report: Optional[ImportReport] = None) -> ImportReport:

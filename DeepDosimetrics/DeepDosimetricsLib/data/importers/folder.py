@@ -28,7 +28,7 @@ from DeepDosimetricsLib.data.importers.layout import (
     PatientWriter,
     import_each,
 )
-from DeepDosimetricsLib.data.importers.report import OK, SKIPPED, ImportReport, PatientImportStatus
+from DeepDosimetricsLib.data.importers.report import SKIPPED, ImportReport, PatientImportStatus
 from DeepDosimetricsLib.runtime.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -222,8 +222,7 @@ def _import_patient(folder: Path, patient_id: str, patterns: FolderPatterns,
         for path in files.extras:
             writer.place_extra(path, path.name)
         writer.commit()
-    return PatientImportStatus(patient_id, OK, "; ".join(writer.record["notes"]), str(folder),
-                               writer.structure_count, files.dose is not None)
+    return writer.status(files.dose is not None)
 
 
 def import_clinical(path: Path, options: ImportOptions, report: ImportReport) -> Path:

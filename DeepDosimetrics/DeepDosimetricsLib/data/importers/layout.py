@@ -306,11 +306,25 @@ class PatientWriter:
         """A remark kept in import.json and shown in the report (e.g. 'no dose')."""
         self.record["notes"].append(text)
 
+    def warn(self, text: str) -> None:
+        """Something wrong in the source that the import worked around (a defective contour left out, an
+        unusual value): a note ``warning: ...``, listed under ``warnings`` in import.json and printed by
+        the import's summary; the patient is imported (exit code 0)."""
+        self.record.setdefault("warnings", []).append(text)
+        self.note(f"warning: {text}")
+
+    def status(self, has_dose: bool):
+        """The report row of this patient, imported (after ``commit``)."""
+        from DeepDosimetricsLib.data.importers.report import OK, PatientImportStatus
+
+        return PatientImportStatus(self.patient_id, OK, "; ".join(self.record["notes"]), self.record["source"],
+                                   self.structure_count, has_dose, warnings=list(self.record.get("warnings", [])))
+
     # --- images written from memory -------------------------------------------------------------
     def check(self, image, kind: str, what: str) -> None:
-        """The value checks of data/checks.py (InputError skips the patient; warnings become notes)."""
+        """The value checks of data/checks.py (InputError skips the patient; warnings are warned)."""
         for text in check_image(image, what, kind):
-            self.note(text)
+            self.warn(text)
 
     def write_ct(self, image, source: str = "") -> None:
         self.check(image, "ct", f"CT ({source})" if source else "CT")

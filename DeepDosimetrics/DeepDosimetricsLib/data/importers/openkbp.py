@@ -117,8 +117,6 @@ def import_openkbp(source, options: ImportOptions, report: Optional[ImportReport
 def _import_patient(folder: Path, patient_id: str, options: ImportOptions):
     """One patient folder (a pool task; ``options`` are a worker's): its report row (an InputError skips
     the patient: layout.import_each)."""
-    from DeepDosimetricsLib.data.importers.report import OK, PatientImportStatus
-
     if not (folder / "ct.csv").is_file():
         raise InputError(f"no CT found ({folder / 'ct.csv'} is missing)")
     if not (folder / "voxel_dimensions.csv").is_file():
@@ -147,5 +145,4 @@ def _import_patient(folder: Path, patient_id: str, options: ImportOptions):
                 writer.write_extra(_image(to_zyx(read_sparse_csv(path, np.uint8)), spacing), file_name,
                                    str(path))
         writer.commit()
-    return PatientImportStatus(patient_id, OK, "; ".join(writer.record["notes"]), str(folder),
-                               writer.structure_count, has_dose)
+    return writer.status(has_dose)
