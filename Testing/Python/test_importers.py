@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import SimpleITK as sitk
 from DeepDosimetricsLib.cli import main
@@ -24,6 +26,7 @@ from dicomrt import (
     ROWS,
     square,
     write_ct_series,
+    write_image_slice,
     write_rtdose,
     write_rtstruct,
 )
@@ -479,6 +482,54 @@ def test_dicom_series_with_a_duplicate_sop_instance_uid_is_refused(tmp_path: Pat
            "(-10, -20, 7.5) mm); PS3.3 forbids it" in reason
     assert "the series is refused" in reason and "skipped MERGED: " in capsys.readouterr().out
     assert not (out / "MERGED").exists() and rows_by_patient(out)["OK"]["status"] == "ok"
+
+
+def test_mr_images_are_imported_as_mr_and_checked_as_mr(tmp_path: Path, capsys):
+    """An MR series (values 0-3100, no voxel below 0: an un-rescaled CT to the HU check) with its RTSTRUCT is
+    imported with its DICOM Modality in import.json and its own values; the same values in a CT series are
+    refused as before; an MR alone in its frame of reference is no patient. The folder importer takes the
+    modality from --modality. Radiomics then measures the MR patients; the cache (HU channels) refuses them."""
+    from pydicom.uid import generate_uid
+
+    steps = [0.0, 2.5, 5.0]
+    values = [np.rint(np.linspace(0, 3000, ROWS * COLUMNS)).reshape(ROWS, COLUMNS) + 50 * k for k in range(3)]
+    for patient, modality, frame in (("MRPLAN", "MR", "1.9.1"), ("RAWCT", "CT", "1.9.2"), ("MRONLY", "MR", "1.9.3")):
+        series = generate_uid()
+        for k, z in enumerate(steps):
+            write_image_slice(tmp_path / "dicom" / patient / f"im{k}.dcm", patient, series, frame,
+                              [ORIGIN_X, ORIGIN_Y, z], values[k], [ROW_SPACING, COLUMN_SPACING], intercept=0.0,
+                              modality=modality)
+        if patient != "MRONLY":
+            write_rtstruct(tmp_path / "dicom" / patient / "rs.dcm", patient, frame,
+                           {"GTV": [square(4, 13, 3, 12, z) for z in steps]})
+    out = tmp_path / "cohort"
+    assert main(["import", "dicom", str(tmp_path / "dicom"), "--out", str(out), "--quiet"]) == 1
+    report = rows_by_patient(out)
+    assert sorted(report) == ["MRPLAN", "RAWCT"] and report["MRPLAN"]["status"] == "ok"
+    assert "looks un-rescaled: no voxel below 0" in report["RAWCT"]["reason"]
+    record = read_record(out / "MRPLAN")
+    assert record["ct"]["modality"] == "MR" and "ImageSeriesInstanceUID" in record["dicom"]
+    image = read(out / "MRPLAN" / "ct.nrrd")
+    assert image.GetPixelID() == sitk.sitkFloat32
+    assert np.array_equal(sitk.GetArrayFromImage(image), np.asarray(values, dtype=np.float32))
+
+    folder = tmp_path / "folder" / "brain1"  # pyradiomics' brain1 MR: no modality in its header
+    folder.mkdir(parents=True)
+    data = Path(__file__).resolve().parent / "data" / "pyradiomics"
+    shutil.copy(data / "brain1_image.nrrd", folder / "ct.nrrd")
+    shutil.copy(data / "brain1_label.nrrd", folder / "Tumor.nrrd")
+    assert main(["import", "folder", str(folder.parent), "--out", str(tmp_path / "refused"), "--quiet"]) == 1
+    assert "looks un-rescaled" in rows_by_patient(tmp_path / "refused")["brain1"]["reason"]
+    assert main(["import", "folder", str(folder.parent), "--out", str(out), "--quiet", "--modality", "MR"]) == 0
+    assert read_record(out / "brain1")["ct"]["modality"] == "MR" and (out / "brain1" / "ct.nrrd").is_symlink()
+    capsys.readouterr()
+    table = tmp_path / "features.csv"
+    assert main(["radiomics", "--cohort", str(out), "--quiet", "--out", str(table)]) == 0  # auto: import.json
+    measured = pd.read_csv(table, keep_default_na=False)
+    assert set(measured["patient"]) == {"MRPLAN", "brain1"} and (measured["reason"] == "").all()
+    assert main(["cache", "--cohort", str(out), "--cache", str(tmp_path / "cache"), "--quiet"]) == 1
+    printed = capsys.readouterr().out
+    assert "patient brain1: its image is MR, not a CT" in printed and "patient MRPLAN: its image is MR" in printed
 
 
 def test_fill_polygons_matches_skimage():

@@ -60,3 +60,32 @@ def pool_from_args(args):
     from DeepDosimetricsLib.runtime.pools import PoolSpec
 
     return PoolSpec(jobs=args.jobs, scheduler=getattr(args, "scheduler", None))
+
+
+def add_modality_argument(parser, what: str = "the patients' images") -> None:
+    """--modality auto|CT|MR|PT|OT: the modality of images whose data do not say it (data/modality.py)."""
+    import argparse
+
+    from DeepDosimetricsLib.data.modality import (
+        AUTO,
+        DEFAULT_MODALITY,
+        MODALITY_CHOICES,
+        parse_modality_option,
+    )
+    from DeepDosimetricsLib.runtime.errors import InputError
+
+    def modality(text: str) -> str:
+        try:
+            return parse_modality_option(text)
+        except InputError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parser.add_argument(
+        "--modality",
+        type=modality,
+        default=AUTO,
+        metavar="|".join(MODALITY_CHOICES),
+        help=f"modality of {what} where their data do not say it (import.json, a Modality header key): "
+        "CT (HU checks), MR, PT (PET) or OT (no scale: only NaN/infinite values refused); a patient whose "
+        f"data say otherwise is refused; default %(default)s (what the data say, else {DEFAULT_MODALITY})",
+    )

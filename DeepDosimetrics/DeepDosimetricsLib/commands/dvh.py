@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from DeepDosimetricsLib.commands import add_structure_table_arguments, pool_from_args
+from DeepDosimetricsLib.commands import add_modality_argument, add_structure_table_arguments, pool_from_args
 
 HELP = "dose-volume metrics per structure (volume, Dmean/min/max, D98/95/50/2, V5..V70) of a cohort to CSV"
 
@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cohort", required=True, metavar="DIR", help="cohort folder (one sub-folder per patient)"
     )
     add_structure_table_arguments(parser, "metrics")
+    add_modality_argument(parser, "the images the dose lies on")
     parser.add_argument(
         "--dvh-curves",
         default=None,
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     pool = pool_from_args(args)
     if not args.bin_width > 0:
         raise InputError(f"--bin-width must be positive, got {args.bin_width}")
-    cohort = Cohort.open(args.cohort)
+    cohort = Cohort.open(args.cohort, modality=args.modality)
     result = cohort_dvh(
         cohort,
         structures=parse_structure_list(args.structures),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from DeepDosimetricsLib.commands import add_pool_arguments, pool_from_args
+from DeepDosimetricsLib.commands import add_modality_argument, add_pool_arguments, pool_from_args
 
 HELP = "import a cohort (folder exports, OpenKBP CSVs or DICOM-RT) into the canonical layout"
 
@@ -59,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     linking.add_argument("--hardlink", dest="link", action="store_const", const="hardlink",
                          help="hard-link files (same file system) instead of symlinking them")
     folder.set_defaults(link="symlink")
+    add_modality_argument(folder, "the images in the CT's place")
     _common(kinds.add_parser("openkbp", help="the OpenKBP challenge's sparse CSVs (pt_N/ct.csv, ...)",
                              description="Import OpenKBP sparse CSV patients."))
     _common(kinds.add_parser("dicom", help="DICOM-RT: CT series, RTSTRUCT, RTDOSE (any folder tree)",
@@ -74,11 +75,13 @@ def _patterns(values, defaults: list[str]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     """Import, write COHORT/import_report.csv, print the summary; 1 when some patients were skipped."""
     from DeepDosimetricsLib.data.importers import ImportOptions
+    from DeepDosimetricsLib.data.modality import AUTO
     from DeepDosimetricsLib.data.synonyms import load_synonyms
 
     options = ImportOptions(out=args.out, overwrite=args.overwrite, link=getattr(args, "link", "symlink"),
                             synonyms=load_synonyms(args.synonyms), quiet=args.quiet,
-                            pseudonymize=getattr(args, "pseudonymize", None), pool=pool_from_args(args))
+                            pseudonymize=getattr(args, "pseudonymize", None), pool=pool_from_args(args),
+                            modality=getattr(args, "modality", AUTO))
     if args.import_kind == "folder":
         from DeepDosimetricsLib.data.importers.folder import (
             DEFAULT_CT_PATTERNS,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from DeepDosimetricsLib.commands import add_structure_table_arguments, pool_from_args
+from DeepDosimetricsLib.commands import add_modality_argument, add_structure_table_arguments, pool_from_args
 
 HELP = "radiomics features per structure (CT or dose) of a cohort, through pyradiomics, to a CSV table"
 
@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="ct",
         help="image the features describe: the CT (HU) or the dose on the CT grid (Gy); default ct",
     )
+    add_modality_argument(parser, "the images (--image ct: the patient's image, an MR or PET in its place)")
     settings = parser.add_mutually_exclusive_group()
     settings.add_argument(
         "--preset",
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     pool = pool_from_args(args)
     params = resolve_parameters(args.params or args.preset or DEFAULT_PRESET, image=args.image)
-    cohort = Cohort.open(args.cohort)
+    cohort = Cohort.open(args.cohort, modality=args.modality)
     table = cohort_radiomics(
         cohort,
         image=args.image,

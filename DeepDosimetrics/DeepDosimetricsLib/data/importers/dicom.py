@@ -10,6 +10,11 @@ cohort patient per frame (``<PatientID>_1``, ``<PatientID>_2``...).
   unequal slice spacing, missing or duplicate slices, mixed orientations and two files sharing one
   SOPInstanceUID (PS3.3 forbids it; nothing tells which file is what the UID names) skip the patient with
   the reason.
+* MR or PET (PT) series, when a group has no CT series (and has an RTSTRUCT or RTDOSE: an MR or PET alone
+  in its frame of reference is a diagnostic scan, not imported): the image in the CT's place (``ct.nrrd``),
+  RescaleSlope/RescaleIntercept applied, float32, its DICOM Modality recorded in ``import.json``
+  (``ct.modality``), so its values are checked as an MR's or a PET's, not as HU (data/checks.py); the
+  same geometry checks as a CT. PET values are kept as stored (their Units noted; no SUV conversion).
 * RTDOSE: pixel values x DoseGridScaling in Gy on its own grid (frame positions from
   GridFrameOffsetVector along the slice normal); a PLAN dose is preferred, BEAM doses on one grid are summed.
 * RTSTRUCT: each closed planar contour is mapped from patient coordinates (LPS mm) into the index space of
@@ -46,6 +51,9 @@ from DeepDosimetricsLib.runtime.errors import InputError
 log = logging.getLogger(__name__)
 
 HU_MIN = -1024
+#: image series the importer reads, the planning CT first: an MR or PET series is the image of a group
+#: without a CT series
+IMAGE_MODALITIES = ("CT", "MR", "PT")
 #: slices whose spacing differs from the median by more than this (mm, or fraction) are reported
 SPACING_TOLERANCE_MM = 0.01
 SPACING_TOLERANCE_FRACTION = 0.02
@@ -58,7 +66,7 @@ HEADER_TAGS = [
     "Modality", "PatientID", "FrameOfReferenceUID", "StudyInstanceUID", "SeriesInstanceUID",
     "SOPInstanceUID", "SOPClassUID", "StudyDate", "StudyTime", "ImagePositionPatient",
     "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns", "NumberOfFrames", "GantryDetectorTilt",
-    "DoseSummationType", "DoseUnits", "InstanceCreationDate", "InstanceCreationTime",
+    "DoseSummationType", "DoseUnits", "InstanceCreationDate", "InstanceCreationTime", "Units",
     "ReferencedFrameOfReferenceSequence", "StructureSetROISequence",
     # read only to remove them from every text the import writes (data/pseudonym.py), never written
     "PatientName", "PatientBirthDate", "AccessionNumber", "InstitutionName",
@@ -166,12 +174,18 @@ def group_files(files: list[DicomFile], unreadable: list[tuple[Path, str]], name
     ``name_of`` maps a DICOM PatientID to the cohort's id (file-system safe, or a pseudonym)."""
     groups: dict[tuple[str, str], DicomGroup] = {}
     for item in files:
-        if item.modality not in ("CT", "RTSTRUCT", "RTDOSE"):
+        if item.modality not in IMAGE_MODALITIES + ("RTSTRUCT", "RTDOSE"):
             continue
         key = (item.patient_id, item.frame_of_reference)
         groups.setdefault(key, DicomGroup(*key)).files.append(item)
     by_patient: dict[str, list[DicomGroup]] = defaultdict(list)
     for group in groups.values():
+        if not any(item.modality in ("CT", "RTSTRUCT", "RTDOSE") for item in group.files):
+            # an MR or PET series alone in its frame of reference is no planning image (a diagnostic scan
+            # beside a CT plan): not a patient of the cohort, as before such series were read
+            log.info("an %s series without CT, RTSTRUCT or RTDOSE in its frame of reference is not imported",
+                     "/".join(sorted({item.modality for item in group.files})))
+            continue
         by_patient[group.patient_id].append(group)
     named: dict[str, DicomGroup] = {}
     for patient_id, patient_groups in sorted(by_patient.items()):
@@ -343,14 +357,15 @@ def _position_text(item: DicomFile, what: str) -> str:
         return "(unknown)"
 
 
-def ct_volume(slices: list[DicomFile], what: str):
-    """A CT series as an int16 HU SimpleITK image; InputError with the reason when it is not a volume."""
+def ct_volume(slices: list[DicomFile], what: str, modality: str = "CT"):
+    """A CT series as an int16 HU SimpleITK image (another modality: float32, rescaled values); InputError
+    with the reason when it is not a volume."""
     import SimpleITK as sitk
 
     check_unique_instances(slices, what)
     headers = [s.header for s in slices]
     if any(integer(s.header, "NumberOfFrames", f"{what}: {s.path.name}", 1) > 1 for s in slices):
-        raise InputError(f"{what}: multi-frame (enhanced) CT is not supported")
+        raise InputError(f"{what}: multi-frame (enhanced) {modality} is not supported")
     for attribute in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
         missing = [s.path.name for s in slices if attribute not in s.header]
         if missing:
@@ -373,7 +388,9 @@ def ct_volume(slices: list[DicomFile], what: str):
     (rows, columns), = shapes
     pixel_spacing = list(next(iter(spacings)))
     check_geometry_values(what, (columns, rows, len(slices)), (pixel_spacing[1], pixel_spacing[0], 1.0), (0, 0, 0))
-    check_memory(float(rows) * columns * len(slices), 2 + 8.0 / len(slices), what, (columns, rows, len(slices)))
+    dtype = np.int16 if modality == "CT" else np.float32
+    check_memory(float(rows) * columns * len(slices), np.dtype(dtype).itemsize + 8.0 / len(slices), what,
+                 (columns, rows, len(slices)))
     positions = np.asarray([numbers(s.header, "ImagePositionPatient", 3, f"{what}: {s.path.name}") for s in slices])
     along = positions @ normal
     order = np.argsort(along, kind="stable")
@@ -383,7 +400,7 @@ def ct_volume(slices: list[DicomFile], what: str):
         raise InputError(f"{what}: gantry tilt (slice positions drift {np.abs(drift).max():.2f} mm off the "
                          "slice normal; not supported: resample the series to a regular grid first)")
     step = check_slice_positions(along, what)
-    volume = np.empty((len(slices), rows, columns), dtype=np.int16)
+    volume = np.empty((len(slices), rows, columns), dtype=dtype)
     for index, slice_index in enumerate(order):
         path = slices[slice_index].path
         dataset, pixels = _read_full(path)
@@ -394,8 +411,11 @@ def ct_volume(slices: list[DicomFile], what: str):
         if pixels.shape != (rows, columns):
             raise InputError(f"{what}: {path.name} holds pixels of shape {pixels.shape}, not Rows x Columns "
                              f"{(rows, columns)}")
-        hu = np.rint(pixels.astype(np.float64) * slope + intercept)
-        volume[index] = np.clip(hu, HU_MIN, np.iinfo(np.int16).max)
+        values = pixels.astype(np.float64) * slope + intercept
+        if modality == "CT":
+            volume[index] = np.clip(np.rint(values), HU_MIN, np.iinfo(np.int16).max)
+        else:
+            volume[index] = values
     image = sitk.GetImageFromArray(volume)
     image.SetSpacing((pixel_spacing[1], pixel_spacing[0], step))
     image.SetOrigin(tuple(positions[0].tolist()))
@@ -641,12 +661,13 @@ def import_group(patient_id: str, group: DicomGroup, options: ImportOptions) -> 
     """Import one patient/frame-of-reference group; InputError with the skip reason."""
     if group.problems:
         raise InputError(group.problems[0])
-    cts, structure_sets, doses = (group.of_modality(m) for m in ("CT", "RTSTRUCT", "RTDOSE"))
-    if not cts and not doses:
+    images, structure_sets, doses = ([f for f in group.files if f.modality in IMAGE_MODALITIES],
+                                     group.of_modality("RTSTRUCT"), group.of_modality("RTDOSE"))
+    if not images and not doses:
         if structure_sets:
             raise InputError(f"RTSTRUCT frame of reference {group.frame_of_reference or '(none)'} matches "
                              f"no image ({structure_sets[0].path})")
-        raise InputError("no CT found")
+        raise InputError("no CT found (nor an MR or PET series)")
     source = os.path.commonpath([str(f.path.parent) for f in group.files])
     with PatientWriter(options, patient_id, source, "dicom") as writer:
         if options.pseudonymised:  # no PatientID and no UID that leads back to the archive
@@ -656,21 +677,28 @@ def import_group(patient_id: str, group: DicomGroup, options: ImportOptions) -> 
                 "PatientID": group.patient_id, "FrameOfReferenceUID": group.frame_of_reference,
                 "StudyInstanceUID": sorted({str(f.header.get("StudyInstanceUID", "")) for f in group.files}),
             }
-        series: dict[str, list[DicomFile]] = defaultdict(list)
-        for item in cts:
-            series[str(item.header.get("SeriesInstanceUID", ""))].append(item)
+        series: dict[tuple[str, str], list[DicomFile]] = defaultdict(list)
+        for item in images:
+            series[(item.modality, str(item.header.get("SeriesInstanceUID", "")))].append(item)
         ct = None
-        if series:
-            uid, slices = max(series.items(), key=lambda entry: len(entry[1]))
+        if series:  # the CT first (the planning image), then the series with most slices
+            (modality, uid), slices = max(series.items(), key=lambda entry: (entry[0][0] == "CT", len(entry[1])))
             if len(series) > 1:
-                writer.note(f"{len(series)} CT series: used {uid} ({len(slices)} slices)")
+                kinds = sorted({kind for kind, _ in series})
+                writer.note(f"{len(series)} {'/'.join(kinds)} series: used the {modality} series {uid} "
+                            f"({len(slices)} slices)")
             if not options.pseudonymised:
-                writer.record["dicom"]["CTSeriesInstanceUID"] = uid
+                writer.record["dicom"]["CTSeriesInstanceUID" if modality == "CT" else "ImageSeriesInstanceUID"] = uid
+            if modality == "PT":
+                units = sorted({str(s.header.get("Units", "") or "unknown") for s in slices})
+                writer.note(f"PET values in {', '.join(units)} as stored (rescaled; no SUV conversion)")
             if len(slices) >= 2:
-                ct = ct_volume(slices, f"CT series {uid} of patient {group.patient_id}")
-                writer.write_ct(ct, f"{len(slices)} CT slices in {Path(os.path.commonpath([str(s.path) for s in slices]))}")
+                ct = ct_volume(slices, f"{modality} series {uid} of patient {group.patient_id}", modality)
+                writer.write_ct(ct, f"{len(slices)} {modality} slices in "
+                                f"{Path(os.path.commonpath([str(s.path) for s in slices]))}", modality)
             else:
-                writer.note(f"only {len(slices)} CT slice: no CT volume; structures on the RTDOSE grid")
+                writer.note(f"only {len(slices)} {modality} slice: no {modality} volume; structures on the "
+                            "RTDOSE grid")
         dose = None
         if doses:
             notes: list[str] = []

@@ -1,8 +1,9 @@
 """Writing one patient into the canonical cohort layout, atomically.
 
-``COHORT/<patient>/ct.nrrd`` (int16 HU), optional ``dose.nrrd`` (float32 Gy),
+``COHORT/<patient>/ct.nrrd`` (int16 HU; an MR, PET or other image in its place keeps its own values, its
+modality recorded as ``ct.modality`` in ``import.json``), optional ``dose.nrrd`` (float32 Gy),
 ``structures/<Name>.nrrd`` (uint8 0/1, names normalised through the synonym map) and ``import.json``
-(source, original structure names, notes). A patient is written into a hidden staging folder and moved
+(source, original structure names, notes, warnings). A patient is written into a hidden staging folder and moved
 into place at the end, so an interrupted import never leaves a half patient under its final name; a
 patient folder holding ``import.json`` counts as imported and is kept unless ``overwrite`` is set.
 
@@ -33,6 +34,7 @@ import numpy as np
 from DeepDosimetricsLib.data.checks import check_image
 from DeepDosimetricsLib.data.headers import check_image_file
 from DeepDosimetricsLib.data.ids import safe_patient_id
+from DeepDosimetricsLib.data.modality import AUTO, CT, image_modality, parse_modality_option, resolve_modality
 from DeepDosimetricsLib.data.pseudonym import Pseudonymizer, Redactor, identifying_keys
 from DeepDosimetricsLib.data.synonyms import SynonymMap, load_synonyms, safe_name
 from DeepDosimetricsLib.runtime.atomic import replace_folder
@@ -64,9 +66,12 @@ class ImportOptions:
     redact: Redactor = field(default_factory=Redactor)
     #: how patients are spread (``--jobs``/``--scheduler``); None: in this process
     pool: Optional[PoolSpec] = None
+    #: folder importer: the images' modality where their headers do not say it (``auto``: CT)
+    modality: str = AUTO
 
     def __post_init__(self):
         self.out = Path(self.out)
+        self.modality = parse_modality_option(self.modality)
         if self.link not in LINK_MODES:
             raise InputError(f"unknown link mode '{self.link}'; use one of {', '.join(LINK_MODES)}")
         if self.synonyms is None:
@@ -326,10 +331,12 @@ class PatientWriter:
         for text in check_image(image, what, kind):
             self.warn(text)
 
-    def write_ct(self, image, source: str = "") -> None:
-        self.check(image, "ct", f"CT ({source})" if source else "CT")
-        self._write(as_ct(image), CT_FILE)
-        self.record["ct"] = {"file": CT_FILE, "source": source}
+    def write_ct(self, image, source: str = "", modality: str = CT) -> None:
+        """Write the image: a CT as int16 HU; another modality (MR, PT...) with its own values."""
+        name = "CT" if modality == CT else f"image ({modality})"
+        self.check(image, modality, f"{name} ({source})" if source else name)
+        self._write(as_ct(image) if modality == CT else image, CT_FILE)
+        self.record["ct"] = {"file": CT_FILE, "source": source, "modality": modality}
 
     def write_dose(self, image, source: str = "") -> None:
         import SimpleITK as sitk
@@ -353,11 +360,17 @@ class PatientWriter:
 
     # --- files placed by link or copy -----------------------------------------------------------
     def place_ct(self, path: Path) -> None:
-        """Link/copy a conforming CT NRRD, or convert it to int16 HU."""
+        """Link/copy a conforming CT NRRD, or convert it to int16 HU; an image of another modality (its
+        header's, else ``options.modality``) is linked or copied with its own values."""
         import SimpleITK as sitk
 
-        self._place(path, CT_FILE, sitk.sitkInt16, as_ct, "ct")
-        self.record["ct"] = {"file": CT_FILE, "source": str(path)}
+        modality, _ = resolve_modality(image_modality(_read_information(path)), f"header ({path.name})",
+                                       self.options.modality, f"image {path}")
+        if modality == CT:
+            self._place(path, CT_FILE, sitk.sitkInt16, as_ct, CT)
+        else:
+            self._place(path, CT_FILE, None, lambda image: image, modality)
+        self.record["ct"] = {"file": CT_FILE, "source": str(path), "modality": modality}
 
     def place_dose(self, path: Path) -> None:
         """Link/copy a conforming float32 dose NRRD, or convert it."""
@@ -443,13 +456,15 @@ class PatientWriter:
         target.parent.mkdir(parents=True, exist_ok=True)
         sitk.WriteImage(image, str(target), True)
 
-    def _place(self, path: Path, relative: str, pixel_id: int, convert, kind: str) -> None:
+    def _place(self, path: Path, relative: str, pixel_id: Optional[int], convert, kind: str) -> None:
         reader = _read_information(path)
         if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
             raise InputError(f"{path} is not a 3D scalar image")
         image = _read(path)  # the values are checked before the file is linked
-        self.check(image, kind, f"{'CT' if kind == 'ct' else kind} ({path})")
-        if reader.GetPixelID() == pixel_id and _linkable(path) and not self._private_keys(reader):
+        name = "dose" if kind == "dose" else "CT" if kind == CT else f"image ({kind})"
+        self.check(image, kind, f"{name} ({path})")
+        conforming = pixel_id is None or reader.GetPixelID() == pixel_id  # None: any pixel type
+        if conforming and _linkable(path) and not self._private_keys(reader):
             self._link(path, relative)
         else:
             self._write(convert(image), relative)
