@@ -62,10 +62,10 @@ def write_image_slice(path: Path, patient: str, series: str, frame: str, positio
                       values: np.ndarray, pixel_spacing: Sequence[float], slope: float = 1.0,
                       intercept: float = -1024.0, modality: str = "CT", bare: bool = False, **attributes) -> None:
     """One axial image slice holding ``values`` (stored as uint16 (values - intercept) / slope)."""
-    from pydicom.uid import CTImageStorage, MRImageStorage
+    from pydicom.uid import CTImageStorage, MRImageStorage, PositronEmissionTomographyImageStorage
 
     raw = np.rint((np.asarray(values, dtype=np.float64) - intercept) / slope).astype(np.uint16)
-    sop_class = MRImageStorage if modality == "MR" else CTImageStorage
+    sop_class = {"MR": MRImageStorage, "PT": PositronEmissionTomographyImageStorage}.get(modality, CTImageStorage)
     write_dataset(path, modality, sop_class, bare=bare, **{"PatientID": patient, **attributes}, SeriesInstanceUID=series,
                   FrameOfReferenceUID=frame, ImagePositionPatient=[float(v) for v in position],
                   ImageOrientationPatient=[1, 0, 0, 0, 1, 0], PixelSpacing=list(pixel_spacing),

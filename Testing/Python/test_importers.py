@@ -484,28 +484,36 @@ def test_dicom_series_with_a_duplicate_sop_instance_uid_is_refused(tmp_path: Pat
     assert not (out / "MERGED").exists() and rows_by_patient(out)["OK"]["status"] == "ok"
 
 
-def test_mr_images_are_imported_as_mr_and_checked_as_mr(tmp_path: Path, capsys):
+def test_mr_and_pet_images_are_imported_and_checked_as_their_modality(tmp_path: Path, capsys):
     """An MR series (values 0-3100, no voxel below 0: an un-rescaled CT to the HU check) with its RTSTRUCT is
     imported with its DICOM Modality in import.json and its own values; the same values in a CT series are
-    refused as before; an MR alone in its frame of reference is no patient. The folder importer takes the
+    refused as before; a PET series keeps its rescaled Bq/ml (a negative voxel: a warning); an MR alone in
+    its frame of reference is no patient. The folder importer takes the
     modality from --modality. Radiomics then measures the MR patients; the cache (HU channels) refuses them."""
     from pydicom.uid import generate_uid
 
     steps = [0.0, 2.5, 5.0]
     values = [np.rint(np.linspace(0, 3000, ROWS * COLUMNS)).reshape(ROWS, COLUMNS) + 50 * k for k in range(3)]
-    for patient, modality, frame in (("MRPLAN", "MR", "1.9.1"), ("RAWCT", "CT", "1.9.2"), ("MRONLY", "MR", "1.9.3")):
+    for patient, modality, frame in (("MRPLAN", "MR", "1.9.1"), ("RAWCT", "CT", "1.9.2"), ("MRONLY", "MR", "1.9.3"),
+                                     ("PETPLAN", "PT", "1.9.4")):
         series = generate_uid()
+        pet = modality == "PT"  # in Bq/ml, stored with RescaleSlope 0.25 and RescaleIntercept -1
         for k, z in enumerate(steps):
             write_image_slice(tmp_path / "dicom" / patient / f"im{k}.dcm", patient, series, frame,
-                              [ORIGIN_X, ORIGIN_Y, z], values[k], [ROW_SPACING, COLUMN_SPACING], intercept=0.0,
-                              modality=modality)
+                              [ORIGIN_X, ORIGIN_Y, z], values[k] / 4 - 1 if pet else values[k],
+                              [ROW_SPACING, COLUMN_SPACING], slope=0.25 if pet else 1.0, intercept=-1.0 if pet else 0.0,
+                              modality=modality, **({"Units": "BQML"} if pet else {}))
         if patient != "MRONLY":
             write_rtstruct(tmp_path / "dicom" / patient / "rs.dcm", patient, frame,
                            {"GTV": [square(4, 13, 3, 12, z) for z in steps]})
     out = tmp_path / "cohort"
     assert main(["import", "dicom", str(tmp_path / "dicom"), "--out", str(out), "--quiet"]) == 1
     report = rows_by_patient(out)
-    assert sorted(report) == ["MRPLAN", "RAWCT"] and report["MRPLAN"]["status"] == "ok"
+    assert sorted(report) == ["MRPLAN", "PETPLAN", "RAWCT"] and report["MRPLAN"]["status"] == "ok"
+    pet = read_record(out / "PETPLAN")
+    assert pet["ct"]["modality"] == "PT" and "PET values in BQML as stored" in report["PETPLAN"]["reason"]
+    assert "warning: image (PT) (3 PT slices in" in report["PETPLAN"]["reason"]  # one voxel at -1 Bq/ml
+    assert np.allclose(sitk.GetArrayFromImage(read(out / "PETPLAN" / "ct.nrrd")), np.asarray(values) / 4 - 1)
     assert "looks un-rescaled: no voxel below 0" in report["RAWCT"]["reason"]
     record = read_record(out / "MRPLAN")
     assert record["ct"]["modality"] == "MR" and "ImageSeriesInstanceUID" in record["dicom"]
@@ -526,10 +534,12 @@ def test_mr_images_are_imported_as_mr_and_checked_as_mr(tmp_path: Path, capsys):
     table = tmp_path / "features.csv"
     assert main(["radiomics", "--cohort", str(out), "--quiet", "--out", str(table)]) == 0  # auto: import.json
     measured = pd.read_csv(table, keep_default_na=False)
-    assert set(measured["patient"]) == {"MRPLAN", "brain1"} and (measured["reason"] == "").all()
+    assert set(measured["patient"]) == {"MRPLAN", "PETPLAN", "brain1"}
+    assert measured[measured["patient"] != "PETPLAN"]["reason"].eq("").all()
+    assert measured[measured["patient"] == "PETPLAN"]["reason"].str.startswith("warning: ").all()
     assert main(["cache", "--cohort", str(out), "--cache", str(tmp_path / "cache"), "--quiet"]) == 1
     printed = capsys.readouterr().out
-    assert "patient brain1: its image is MR, not a CT" in printed and "patient MRPLAN: its image is MR" in printed
+    assert "patient brain1: its image is MR, not a CT" in printed and "patient PETPLAN: its image is PT" in printed
 
 
 def test_fill_polygons_matches_skimage():
