@@ -247,9 +247,10 @@ class TileSampler:
             return np.ascontiguousarray(tile, dtype=np.float32)
         return augment(tile, self.window_channels, self.config, rng)
 
-    def batch(self, step: int) -> np.ndarray:
-        """The (B, C, t, t, t) float32 batch of a training step on this rank (deterministic)."""
-        rng = np.random.default_rng([self.seed, self.rank, int(step)])
+    def batch(self, step: int, stream: int = 0) -> np.ndarray:
+        """The (B, C, t, t, t) float32 batch of a training step on this rank (deterministic); another
+        ``stream`` draws other tiles from the same distribution (e.g. those the PCA start is fitted on)."""
+        rng = np.random.default_rng([self.seed, self.rank, int(step)] + ([int(stream)] if stream else []))
         tiles = []
         for _ in range(self.config.batch):
             patient = int(rng.integers(len(self.sources)))

@@ -79,6 +79,8 @@ class TrainConfig:
     residual: bool = False  # residual blocks for the extra convolutions of each level
     decoder_convs: Optional[int] = None  # extra convolutions per decoder level (None: convs_per_level)
     init_output_bias: bool = False  # start each output channel at its mean over validation tiles
+    pca_start: bool = False  # residual around PCA: a frozen PCA path fitted on training tiles, convolutions from zero
+    pca_tiles: int = 1024  # training tiles the PCA start is fitted on
     # loss
     channel_weights: dict[str, float] = field(default_factory=dict)  # label -> weight (default 1)
     mask_bce_weight: float = 0.0  # extra binary cross-entropy on mask channels
@@ -113,7 +115,7 @@ class TrainConfig:
             raise InputError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
             raise InputError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        for name in ("tile", "batch", "steps_per_epoch", "checkpoint_every", "log_every", "features"):
+        for name in ("tile", "batch", "steps_per_epoch", "checkpoint_every", "log_every", "features", "pca_tiles"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.steps is not None and self.steps < 1 or self.epochs is not None and self.epochs < 1:
@@ -314,6 +316,7 @@ def _model_config(config: TrainConfig, labels: list[str]):
         gradient_checkpointing=config.gradient_checkpointing,
         residual=config.residual,
         decoder_convs=config.decoder_convs,
+        pca_start=config.pca_start,
     )
 
 
@@ -513,13 +516,29 @@ class Trainer:
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.total_steps = config.total_steps
         self.scheduler = _make_scheduler(self.optimizer, config, self.total_steps)
+        self.pca_summary: Optional[dict[str, Any]] = None
         if checkpoint is not None:
             self._restore(checkpoint)
+        elif config.pca_start:
+            self._fit_pca_start()
         elif config.init_output_bias:
             self._init_output_bias()
         self.ddp_model = self.ctx.wrap(model, device)
         if config.compile:
             self.ddp_model = torch.compile(self.ddp_model)
+
+    def _fit_pca_start(self) -> None:
+        """Fit the PCA path on training tiles (rank 0; DistributedDataParallel copies it to the other ranks)."""
+        if not self.ctx.is_main:
+            return
+        from DeepDosimetricsLib.deep.train.pca import fit_pca, sampler_batches
+
+        started = time.perf_counter()
+        basis = fit_pca(sampler_batches(self.sampler, self.config.pca_tiles), self.config.features,
+                        seed=self.config.seed, progress=log.info)
+        self.model.set_pca_basis(basis.mean, basis.axes, basis.variances)
+        self.pca_summary = {"tiles": basis.tiles, "variance_kept": float(basis.variances.sum() / basis.total_variance),
+                            "seconds": round(time.perf_counter() - started, 1)}
 
     def _init_output_bias(self, tiles: int = 16) -> None:
         """Output biases at the logit of each channel's mean over the first validation tiles, so that the
@@ -577,6 +596,12 @@ class Trainer:
         from DeepDosimetricsLib.deep.train.sampling import make_loader
         from DeepDosimetricsLib.runtime.progress import progress_bar
 
+        if self.config.pca_start and self.step_count == 0 and not self.history:
+            # the PCA start is the first candidate for the best model: no run ends below it on validation
+            row = {"step": 0, "epoch": 0.0, "train_loss": None, "val_loss": None, "lr": 0.0, "voxels_per_s": None,
+                   "elapsed_s": 0.0}
+            self._validate_into(row)
+            self.history.append(row)
         self.window_loss, self.window_steps, self.window_start = 0.0, 0, time.perf_counter()
         self.run_start = time.perf_counter() - (self.history[-1]["elapsed_s"] if self.history else 0.0)
         self.bar = progress_bar(range(self.step_count, self.total_steps), total=self.total_steps, desc="train",
@@ -736,6 +761,7 @@ class Trainer:
             "world_size": self.ctx.world_size, "device": str(self.device), "bf16": self.use_bf16,
             "train_config": self.config.to_dict(), "cohort": str(self.cohort_dir),
             "refused_patients": self.refused_patients, "skipped_patients": self.skipped_patients,
+            **({"pca_start": self.pca_summary} if self.pca_summary else {}),
         }
 
     def _write_history(self, final: bool = False) -> None:
