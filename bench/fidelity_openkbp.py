@@ -123,6 +123,8 @@ def main(argv=None) -> int:
     parser.add_argument("--widths", type=int, nargs="+", default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    parser.add_argument("--sampler", choices=("auto", "device", "host"), default=None,
+                        help="where training tiles are cut (default: the recipe's)")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--cache", type=Path, default=None, help="cache of --train (default under --workdir/..)")
     parser.add_argument("--test-cache", type=Path, default=None)
@@ -178,7 +180,8 @@ def main(argv=None) -> int:
     overrides = dict(channels=args.channels, tile=args.tile, features=args.features, batch=args.batch,
                      widths=args.widths, budget_minutes=args.budget_minutes, steps=10**7, device=args.device,
                      seed=args.seed, skip_incomplete=True, patience=0, log_every=50, pca_start=args.pca_start,
-                     val_fraction=args.val_fraction, val_tiles=args.val_tiles)
+                     val_fraction=args.val_fraction, val_tiles=args.val_tiles,
+                     sampler=args.sampler)
     if args.compile:
         overrides["compile"] = True
     config = make_config(args.config, **overrides)

@@ -46,9 +46,11 @@ HISTORY_CSV = "loss_history.csv"
 LOSS_CURVE_PNG = "loss_curve.png"
 CONFIG_YAML = "train-config.yaml"
 #: options a resumed run takes from the new call rather than from the checkpoint
-RUNTIME_OPTIONS = ("steps", "epochs", "device", "num_workers", "threads", "checkpoint_every", "log_every", "patience",
+RUNTIME_OPTIONS = ("steps", "epochs", "device", "num_workers", "sampler", "threads", "checkpoint_every", "log_every", "patience",
                    "budget_minutes", "compile")
 SCHEDULES = ("cosine", "warmup_cosine", "plateau", "constant")
+#: where training tiles are cut: auto (on a GPU whose memory holds the cache, else on the host), device, host
+SAMPLERS = ("auto", "device", "host")
 
 
 @dataclass
@@ -67,7 +69,8 @@ class TrainConfig:
     edge_share: float = 0.0  # share of tiles centred on the target's surface (taken from ptv_share)
     flips: bool = True
     jitter: float = 0.02
-    num_workers: int = 0
+    num_workers: Optional[int] = None  # DataLoader processes (None: 0 on the CPU, cores - 1 up to 4 feeding a GPU)
+    sampler: str = "auto"  # one of SAMPLERS: tiles cut on the device from a resident cache, or read on the host
     threads: Optional[int] = None  # torch CPU threads per process (None: torch's default; DDP on CPU: cores / local ranks)
     # model
     features: int = 10
@@ -111,6 +114,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.widths = [int(w) for w in self.widths]
         self.channel_weights = {str(k): float(v) for k, v in (self.channel_weights or {}).items()}
+        if self.sampler not in SAMPLERS:
+            raise InputError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise InputError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.schedule not in SCHEDULES:
             raise InputError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
@@ -488,6 +495,7 @@ class Trainer:
                                indexes=[indexes[i] for i in ids])
 
         self.sampler = sampler(self.train_ids, rank=self.ctx.rank)
+        self.resident = self._resident_sampler()
         if self.val_ids:
             self.val_sampler = sampler(self.val_ids)
             self.val_tiles = self.val_sampler.fixed_tiles(config.val_tiles)
@@ -495,6 +503,27 @@ class Trainer:
             log.warning("only %d patient(s): validation uses fixed tiles of the training patients", len(patients))
             self.val_sampler = sampler(self.train_ids)
             self.val_tiles = self.val_sampler.fixed_tiles(config.val_tiles, stream=2)
+
+    def _resident_sampler(self):
+        """A ResidentTileSampler on the device when asked, or (auto) when the cache fits a GPU's memory; else None."""
+        from DeepDosimetricsLib.deep.train.resident import ResidentTileSampler, fits_on_device
+
+        choice = self.config.sampler
+        if choice == "host" or (choice == "auto" and not fits_on_device(self.sampler, self.device)):
+            return None
+        return ResidentTileSampler(self.sampler, self.device)
+
+    @property
+    def sampler_kind(self) -> str:
+        return "host" if self.resident is None else "device"
+
+    def _loader_workers(self) -> int:
+        """DataLoader processes for host sampling: as configured, or (None) 0 on a CPU and up to 4 feeding a GPU."""
+        if self.config.num_workers is not None:
+            return int(self.config.num_workers)
+        if self.device.type == "cpu":
+            return 0
+        return max(0, min(4, (os.cpu_count() or 1) - 1))
 
     def _setup_model(self, checkpoint: Optional[dict[str, Any]]) -> None:
         """Model (seeded), optimiser and schedule on the device; restored from ``checkpoint`` when resuming."""
@@ -607,9 +636,11 @@ class Trainer:
         self.bar = progress_bar(range(self.step_count, self.total_steps), total=self.total_steps, desc="train",
                                 quiet=self.quiet or not self.ctx.is_main)
         self.bar.update(self.step_count)
-        loader = make_loader(self.sampler, self.step_count, self.total_steps, self.config.num_workers)
         self.model.train()
-        return loader
+        if self.resident is not None:
+            return (self.resident.batch(step) for step in range(self.step_count, self.total_steps))
+        return make_loader(self.sampler, self.step_count, self.total_steps, self._loader_workers(),
+                           pin_memory=self.device.type == "cuda")
 
     def _to_device(self, batch):
         batch = batch.to(self.device, non_blocking=True)
@@ -760,7 +791,7 @@ class Trainer:
             "best_step": self.best_step, "train_patients": self.train_ids, "val_patients": self.val_ids,
             "world_size": self.ctx.world_size, "device": str(self.device), "bf16": self.use_bf16,
             "train_config": self.config.to_dict(), "cohort": str(self.cohort_dir),
-            "refused_patients": self.refused_patients, "skipped_patients": self.skipped_patients,
+            "sampler": self.sampler_kind, "refused_patients": self.refused_patients, "skipped_patients": self.skipped_patients,
             **({"pca_start": self.pca_summary} if self.pca_summary else {}),
         }
 
