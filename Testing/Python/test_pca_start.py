@@ -131,3 +131,17 @@ def test_clipped_outputs_still_learn_and_the_basis_must_fit():
         model.set_pca_basis(mean[:-1], axes, np.ones(2))
     with pytest.raises(InputError, match="no PCA path"):
         TileAutoencoder(ModelConfig(channels=CHANNELS, tile=8, features=2, widths=[4])).set_pca_basis(mean, axes, [1, 1])
+
+
+def test_outputs_far_outside_the_range_give_finite_logits():
+    config = ModelConfig(channels=CHANNELS, tile=8, features=2, widths=[4], groups=2, pca_start=True)
+    model = TileAutoencoder(config)
+    d = config.tile_values
+    axes = orthonormal(np.random.default_rng(1).standard_normal((d, 2)))
+    for level in (3.7, -41.3, 1e6):  # values rounding just past 1 - eps made the logit NaN
+        model.set_pca_basis(np.full(d, level, np.float32), axes, np.ones(2, np.float32))
+        logits, _ = model(torch.rand(2, 3, 8, 8, 8))
+        assert torch.isfinite(logits).all()
+        ((torch.sigmoid(logits) - 0.5) ** 2).mean().backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        model.zero_grad()

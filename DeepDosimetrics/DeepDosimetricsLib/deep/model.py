@@ -179,6 +179,21 @@ class _Level(nn.Sequential):
 PCA_OUTPUT_EPS = 1e-6
 
 
+class _StraightThroughClip(torch.autograd.Function):
+    """clamp(x, low, high) forward, the identity backward: a value pushed outside the range keeps learning.
+
+    (The ``x + (clamp(x) - x).detach()`` idiom is not exact in float32: far outside the range it rounds
+    to just beyond ``high``, whose logit is NaN.)"""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, low: float, high: float) -> torch.Tensor:
+        return values.clamp(low, high)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None, None
+
+
 class TileAutoencoder(nn.Module):
     """Conv encoder -> K features -> conv decoder, with no path around the K-feature bottleneck
     (with ``pca_start``, a linear PCA path beside the convolutions, through the same K features)."""
@@ -271,7 +286,7 @@ class TileAutoencoder(nn.Module):
             linear = torch.addmm(self.pca_mean, z.float() * self.pca_scale, self.pca_axes.T).view(out.shape)
             values = linear + out.float() * self.output_gain.view(1, -1, 1, 1, 1)
             # clip to (0, 1) with the gradient passed straight through, then the logit (its sigmoid is the value)
-            clipped = values + (values.clamp(PCA_OUTPUT_EPS, 1 - PCA_OUTPUT_EPS) - values).detach()
+            clipped = _StraightThroughClip.apply(values, PCA_OUTPUT_EPS, 1 - PCA_OUTPUT_EPS)
             return torch.log(clipped) - torch.log1p(-clipped)
 
     def output_bias(self) -> torch.Tensor:
@@ -417,10 +432,13 @@ def save_model(
 
 
 def read_model_json(model_dir: Union[str, Path]) -> dict[str, Any]:
-    """The parsed model.json of a model folder (InputError when absent or foreign)."""
-    path = Path(model_dir) / MODEL_JSON
+    """The parsed model.json of a model folder or shipped model (InputError when absent or foreign)."""
+    from DeepDosimetricsLib.deep.shipped import resolve_model, shipped_names_hint
+
+    path = resolve_model(model_dir) / MODEL_JSON
     if not path.is_file():
-        raise InputError(f"{model_dir}: not a DeepDosimetrics model folder (no {MODEL_JSON})")
+        hint = "" if Path(model_dir).exists() else shipped_names_hint()
+        raise InputError(f"{model_dir}: not a DeepDosimetrics model folder (no {MODEL_JSON}){hint}")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -449,16 +467,47 @@ def load_state_dict_file(path: Union[str, Path], device: Union[str, torch.device
         ) from error
 
 
+def file_sha256(path: Union[str, Path]) -> str:
+    """Hex SHA-256 of a file (read in 1 MB blocks)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_weights_digest(model_dir: Union[str, Path], meta: dict[str, Any]) -> None:
+    """InputError when model.json records a ``weights_sha256`` (shipped models do) that the weights do not have."""
+    expected = meta.get("weights_sha256")
+    if not expected:
+        return
+    path = Path(model_dir) / meta.get("weights", MODEL_WEIGHTS)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    if file_sha256(path) != str(expected).lower():
+        raise InputError(f"{path}: its SHA-256 differs from the one {MODEL_JSON} records (a damaged or replaced "
+                         "weights file); reinstall the model")
+
+
 def load_model(
     model_dir: Union[str, Path],
     device: Union[str, torch.device] = "cpu",
     channels: Optional[Sequence[str]] = None,
 ) -> tuple[TileAutoencoder, ModelConfig]:
-    """Load a saved model (eval mode) and its config; with ``channels``, refuse a channel mismatch."""
+    """Load a saved model (eval mode) and its config; with ``channels``, refuse a channel mismatch.
+
+    ``model_dir`` is a model folder or the name of a shipped model (``deep.shipped.resolve_model``).
+    """
+    from DeepDosimetricsLib.deep.shipped import resolve_model
+
+    model_dir = resolve_model(model_dir)
     meta = read_model_json(model_dir)
     config = ModelConfig.from_dict(dict(meta.get("config") or {}))
     if channels is not None:
         check_channels(config, channels)
+    check_weights_digest(model_dir, meta)
     state = load_state_dict_file(Path(model_dir) / meta.get("weights", MODEL_WEIGHTS), device="cpu")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(f"{model_dir}/{MODEL_WEIGHTS}: not a state dict of tensors")
