@@ -24,7 +24,11 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's options."""
-    parser.add_argument("--model", required=True, metavar="MODEL_DIR", help="model folder (model.json + model.pt)")
+    from DeepDosimetricsLib.deep.shipped import shipped_models
+
+    parser.add_argument("--model", required=True, metavar="MODEL",
+                        help="model folder (model.json + model.pt), or the name of a shipped pre-trained model "
+                        f"({', '.join(shipped_models()) or 'none installed'}; see its MODEL_CARD.md)")
     parser.add_argument("--cohort", required=True, metavar="DIR", help="cohort folder (one sub-folder per patient)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--cache", metavar="DIR", default=None,
