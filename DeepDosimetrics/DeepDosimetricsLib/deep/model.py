@@ -180,17 +180,24 @@ PCA_OUTPUT_EPS = 1e-6
 
 
 class _StraightThroughClip(torch.autograd.Function):
-    """clamp(x, low, high) forward, the identity backward: a value pushed outside the range keeps learning.
+    """clamp(x, low, high) forward; backward, the gradient of a clipped value passes only where descending it
+    moves the value back into the range (so an output stuck outside still learns, and no loss term can push
+    a clipped value further out unseen, which made the raw values drift without bound).
 
-    (The ``x + (clamp(x) - x).detach()`` idiom is not exact in float32: far outside the range it rounds
-    to just beyond ``high``, whose logit is NaN.)"""
+    (The ``x + (clamp(x) - x).detach()`` idiom is not exact in float32 either: far outside the range it
+    rounds to just beyond ``high``, whose logit is NaN.)"""
 
     @staticmethod
     def forward(ctx, values: torch.Tensor, low: float, high: float) -> torch.Tensor:
+        ctx.save_for_backward(values < low, values > high)
         return values.clamp(low, high)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        below, above = ctx.saved_tensors
+        # gradient descent moves a value by -grad: below the range only grad < 0 helps, above only grad > 0
+        grad = torch.where(below, grad.clamp(max=0), grad)
+        grad = torch.where(above, grad.clamp(min=0), grad)
         return grad, None, None
 
 
