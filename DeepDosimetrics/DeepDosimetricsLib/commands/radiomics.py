@@ -4,28 +4,34 @@ from __future__ import annotations
 
 import argparse
 
-from DeepDosimetricsLib.commands import add_structure_table_arguments, pool_from_args
+from DeepDosimetricsLib.commands import (
+    add_common_arguments,
+    add_structure_table_arguments,
+    describe_command,
+    pool_from_args,
+)
 
 HELP = "radiomics features per structure (CT or dose) of a cohort, through pyradiomics, to a CSV table"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's options."""
-    parser.epilog = (
-        "A structure that cannot be measured (empty, outside the image, too small for pyradiomics, "
-        "patient without dose (--image dose), "
-        "structure missing for that patient) gets one row with a 'reason' and is listed on stderr; the "
-        "command still exits 0. Exit code 1: some patients or structures failed (unreadable files; their "
-        "rows say 'error: ...'), the others are in the table. Exit code 2: bad input, nothing computed."
+    from DeepDosimetricsLib.features.radiomics import DEFAULT_IMAGE, IMAGE_KINDS
+
+    describe_command(
+        parser,
+        ok="every structure was measured, or has a row with the 'reason' the data give (empty, outside the "
+        "image, too small for pyradiomics, patient without dose (--image dose), structure missing for that "
+        "patient), also listed on stderr",
+        partial="some patients or structures failed (unreadable files, values failing the checks: their rows "
+        "say 'error: ...')",
     )
-    parser.add_argument(
-        "--cohort", required=True, metavar="DIR", help="cohort folder (one sub-folder per patient)"
-    )
+    add_common_arguments(parser, cohort=True, quiet=False)
     parser.add_argument(
         "--image",
-        choices=("ct", "dose"),
-        default="ct",
-        help="image the features describe: the CT (HU) or the dose on the CT grid (Gy); default ct",
+        choices=IMAGE_KINDS,
+        default=DEFAULT_IMAGE,
+        help="image the features describe: the CT (HU) or the dose on the CT grid (Gy); default %(default)s",
     )
     settings = parser.add_mutually_exclusive_group()
     settings.add_argument(
@@ -43,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a pyradiomics parameter file (.yaml or .json), used as it is",
     )
     add_structure_table_arguments(parser, "features")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_common_arguments(parser)
     parser.add_argument("--out", required=True, metavar="FILE.csv", help="output CSV (written atomically)")
 
 
