@@ -69,6 +69,18 @@ def report_left_out(patients: Mapping[str, str], why: str) -> None:
             print(f"  {pid}: {reason}")
 
 
+def describe_structure_table(parser, reasons: str) -> None:
+    """describe_command for a per-structure cohort table (radiomics, dvh): ``reasons`` are the reason rows the
+    data give (exit 0), rows of failed patients or structures say ``error: ...`` (exit 1)."""
+    describe_command(
+        parser,
+        ok=f"every structure was measured, or has a row with the 'reason' the data give ({reasons}), also "
+        "listed on stderr",
+        partial="some patients or structures failed (unreadable files, values failing the checks: their rows "
+        "say 'error: ...')",
+    )
+
+
 def add_structure_table_arguments(parser, what: str) -> None:
     """--structures, --jobs and --wide: the options every per-structure cohort table shares."""
     parser.add_argument(

@@ -7,7 +7,7 @@ import argparse
 from DeepDosimetricsLib.commands import (
     add_common_arguments,
     add_structure_table_arguments,
-    describe_command,
+    describe_structure_table,
     pool_from_args,
 )
 
@@ -18,13 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's options."""
     from DeepDosimetricsLib.features.dosimetrics import DEFAULT_BIN_WIDTH_GY
 
-    describe_command(
-        parser,
-        ok="every structure was measured, or has a row with the 'reason' the data give (empty, outside the "
-        "image, patient without dose, structure missing for that patient), also listed on stderr",
-        partial="some patients or structures failed (unreadable files, values failing the checks: their rows "
-        "say 'error: ...')",
-    )
+    describe_structure_table(parser, "empty, outside the image, patient without dose, structure missing for "
+                             "that patient")
     add_common_arguments(parser, cohort=True, quiet=False)
     add_structure_table_arguments(parser, "metrics")
     parser.add_argument(

@@ -7,7 +7,7 @@ import argparse
 from DeepDosimetricsLib.commands import (
     add_common_arguments,
     add_structure_table_arguments,
-    describe_command,
+    describe_structure_table,
     pool_from_args,
 )
 
@@ -18,14 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's options."""
     from DeepDosimetricsLib.features.radiomics import DEFAULT_IMAGE, IMAGE_KINDS
 
-    describe_command(
-        parser,
-        ok="every structure was measured, or has a row with the 'reason' the data give (empty, outside the "
-        "image, too small for pyradiomics, patient without dose (--image dose), structure missing for that "
-        "patient), also listed on stderr",
-        partial="some patients or structures failed (unreadable files, values failing the checks: their rows "
-        "say 'error: ...')",
-    )
+    describe_structure_table(parser, "empty, outside the image, too small for pyradiomics, patient without dose "
+                             "(--image dose), structure missing for that patient")
     add_common_arguments(parser, cohort=True, quiet=False)
     parser.add_argument(
         "--image",
