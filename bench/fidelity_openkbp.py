@@ -18,6 +18,7 @@ Outputs under ``--workdir`` (default bench/results/fidelity-t<T>-k<K>): model/, 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -59,21 +60,6 @@ class PcaRunner:
 
     def decode_channels_last(self, codes: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(np.moveaxis(self.decode(codes), 1, -1))
-
-
-def fit_pca(tiles: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean (D,) and the top-k principal axes (D, k) of tiles (N, D), via the N x N Gram matrix."""
-    import torch
-
-    x = torch.from_numpy(tiles)
-    mean = x.mean(dim=0)
-    x -= mean
-    gram = (x @ x.T).double()
-    values, vectors = torch.linalg.eigh(gram)
-    order = torch.argsort(values, descending=True)[:k]
-    values, vectors = values[order].clamp_min(1e-12), vectors[:, order]
-    axes = (x.T @ vectors.float()) / values.sqrt().float()
-    return mean.numpy(), axes.numpy()
 
 
 def usable_patients(cache, specs) -> list:
@@ -129,10 +115,16 @@ def main(argv=None) -> int:
     parser.add_argument("--features", type=int, default=10)
     parser.add_argument("--channels", default="default")
     parser.add_argument("--config", type=Path, default=None, help="training recipe (default: the library's)")
+    parser.add_argument("--pca-start", action=argparse.BooleanOptionalAction, default=None,
+                        help="train the residual autoencoder that starts at PCA (default: the recipe's)")
+    parser.add_argument("--val-fraction", type=float, default=None, help="training's validation share (default: the recipe's)")
+    parser.add_argument("--val-tiles", type=int, default=None, help="fixed validation tiles (default: the recipe's)")
     parser.add_argument("--batch", type=int, default=None, help="training batch (default: the recipe's)")
     parser.add_argument("--widths", type=int, nargs="+", default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    parser.add_argument("--sampler", choices=("auto", "device", "host"), default=None,
+                        help="where training tiles are cut (default: the recipe's)")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--cache", type=Path, default=None, help="cache of --train (default under --workdir/..)")
     parser.add_argument("--test-cache", type=Path, default=None)
@@ -153,6 +145,7 @@ def main(argv=None) -> int:
     from DeepDosimetricsLib.deep.cache.store import CacheConfig
     from DeepDosimetricsLib.deep.channels import channel_labels, parse_channels
     from DeepDosimetricsLib.deep.encode.job import EncodeSettings, encode_cohort
+    from DeepDosimetricsLib.deep.train.pca import fit_pca
     from DeepDosimetricsLib.deep.train.sampling import SamplingConfig, TileSampler, split_patients
     from DeepDosimetricsLib.deep.train.training import make_config, train
 
@@ -186,7 +179,9 @@ def main(argv=None) -> int:
     by_id = {p.id: p for p in usable}
     overrides = dict(channels=args.channels, tile=args.tile, features=args.features, batch=args.batch,
                      widths=args.widths, budget_minutes=args.budget_minutes, steps=10**7, device=args.device,
-                     seed=args.seed, skip_incomplete=True, patience=0, log_every=50)
+                     seed=args.seed, skip_incomplete=True, patience=0, log_every=50, pca_start=args.pca_start,
+                     val_fraction=args.val_fraction, val_tiles=args.val_tiles,
+                     sampler=args.sampler)
     if args.compile:
         overrides["compile"] = True
     config = make_config(args.config, **overrides)
@@ -217,9 +212,10 @@ def main(argv=None) -> int:
                               flips=config.flips, jitter=config.jitter)
     sampler = TileSampler([by_id[i] for i in train_ids], specs, sampling, seed=args.seed)
     tiles_train = np.concatenate([sampler.batch(s) for s in range(-(-args.pca_tiles // 32))])[: args.pca_tiles]
-    mean, axes = fit_pca(tiles_train.reshape(len(tiles_train), -1).astype(np.float32), args.features)
+    # the library's PCA, with more subspace iterations than training's start
+    basis = fit_pca(functools.partial(iter, [tiles_train]), args.features, seed=args.seed, iterations=8)
+    runner = PcaRunner(basis.mean, basis.axes, args.tile, labels)
     del tiles_train
-    runner = PcaRunner(mean, axes, args.tile, labels)
     pca = pd.DataFrame(pca_metrics(runner, test_cache, encoded.done, specs, args.overlap, args.encode_batch))
     print(f"PCA: fit on {args.pca_tiles} training tiles and reconstructed in {time.perf_counter() - t0:.0f} s",
           flush=True)

@@ -30,13 +30,17 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's options."""
+    from DeepDosimetricsLib.deep.shipped import shipped_models
+
     describe_command(
         parser,
         ok="every patient was encoded",
         partial="patients were left out (refused by the cache, lacking a channel the model needs, failed): "
         "listed in OUT/summary.json and OUT/skipped.csv",
     )
-    parser.add_argument("--model", required=True, metavar="MODEL_DIR", help="model folder (model.json + model.pt)")
+    parser.add_argument("--model", required=True, metavar="MODEL",
+                        help="model folder (model.json + model.pt), or the name of a shipped pre-trained model "
+                        f"({', '.join(shipped_models()) or 'none installed'}; see its MODEL_CARD.md)")
     add_common_arguments(parser, cohort=True, cache=True, quiet=False)
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--patients", metavar="IDS", default=None,

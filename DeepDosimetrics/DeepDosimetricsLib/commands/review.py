@@ -22,8 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoding", required=True, metavar="ENC_DIR",
                         help="output folder of `deepdosimetrics encode --reconstruct`")
     parser.add_argument("--cohort", required=True, metavar="COHORT", help="the cohort that was encoded")
-    parser.add_argument("--model", default=None, metavar="MODEL_DIR",
-                        help="the model that encoded it: enables the latent traversal sliders")
+    parser.add_argument("--model", default=None, metavar="MODEL",
+                        help="the model that encoded it (a folder or a shipped model's name): enables the latent "
+                        "traversal sliders")
     parser.add_argument("--cache", default=None, metavar="DIR",
                         help="the preprocessing cache the encoding used (default: the cohort's default cache)")
     parser.add_argument("--predict", default=None, metavar="PREDICT_DIR",

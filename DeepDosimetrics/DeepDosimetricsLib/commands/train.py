@@ -70,6 +70,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"early stopping after N validations without improvement (0: off; default {default('patience')})")
     parser.add_argument("--workers", type=int, default=None, metavar="N", dest="num_workers",
                         help=f"DataLoader processes reading tiles (default {default('num_workers')}; 0: in the training process)")
+    from DeepDosimetricsLib.deep.train.training import SAMPLERS
+
+    parser.add_argument("--sampler", choices=SAMPLERS, default=None,
+                        help=f"where tiles are cut (default {default('sampler')}): device = on the GPU from the cache "
+                        "held in its memory; host = read by the CPU (DataLoader workers); auto = device when it fits")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="CPU threads per process (default: torch's; under torchrun on CPU: cores / processes)")
     parser.add_argument("--skip-incomplete", action="store_true", default=None,
@@ -88,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         channels=args.channels, tile=args.tile, batch=args.batch, features=args.features, widths=args.widths,
         steps=args.steps, epochs=args.epochs, lr=args.lr, schedule=args.schedule, device=args.device,
         checkpoint_every=args.checkpoint_every, val_fraction=args.val_fraction, patience=args.patience,
-        num_workers=args.num_workers, threads=args.threads, skip_incomplete=args.skip_incomplete, seed=args.seed,
+        num_workers=args.num_workers, sampler=args.sampler, threads=args.threads, skip_incomplete=args.skip_incomplete, seed=args.seed,
     )
     import contextlib
     import os

@@ -186,7 +186,7 @@ def encode_cohort(
     patients. A patient that lacks a channel the model needs (e.g. no dose) is skipped with its reason.
 
     Args:
-        model_dir: a trained model folder (``model.json`` + ``model.pt``).
+        model_dir: a trained model folder (``model.json`` + ``model.pt``), or a shipped model's name.
         cohort_dir: the cohort folder (one sub-folder per patient).
         out_dir: the output folder; per patient ``features.csv`` (one row per structure, features z00...),
             ``tiles.csv`` (one row per tile: position in voxels and mm, features), with ``reconstruct``
@@ -210,6 +210,7 @@ def encode_cohort(
     from DeepDosimetricsLib.deep.cache.store import COHORT_MANIFEST, CacheConfig, open_cache
     from DeepDosimetricsLib.deep.channels import parse_channels
     from DeepDosimetricsLib.deep.model import load_model, read_model_json
+    from DeepDosimetricsLib.deep.shipped import resolve_model
     from DeepDosimetricsLib.runtime.errors import InputError
 
     settings = settings or EncodeSettings()
@@ -223,6 +224,7 @@ def encode_cohort(
     if (settings.snapshots or settings.scene) and patient_hook is None:
         raise InputError("snapshots and scenes need a patient_hook that writes them "
                          "(DeepDosimetricsLib.commands.encode.scene_outputs)")
+    model_dir = resolve_model(model_dir)  # a shipped model's name stands for its folder
     read_model_json(model_dir)  # a clear error for a folder that is not a model, before the cache work
     ranks = DistributedContext.from_environment()
     device = resolve_device(settings.device)
