@@ -6,8 +6,6 @@ scripted-module API with headless stand-ins, the job Logic and panel bases) in `
 analysis is the second module of the extension, ``DeepDosimetricsOutcome``.
 """
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -22,8 +20,8 @@ from DeepDosimetricsLib.mrml.panel import (  # Slicer's classes, or their stand-
     Choice,
     JobLogic,
     JobPanel,
+    ModuleTest,
     ScriptedLoadableModule,
-    ScriptedLoadableModuleTest,
     WithinRange,
     is_set,
     parameterNodeWrapper,
@@ -327,35 +325,16 @@ class DeepDosimetricsWidget(JobPanel):
 #
 # DeepDosimetricsTest
 #
-class DeepDosimetricsTest(ScriptedLoadableModuleTest):
-    """Runs a small phantom patient through the Logic (in Slicer: Reload and Test; headless: pytest)."""
-
-    def setUp(self):
-        """A clean scene (Slicer's own, or a new headless one) and a work folder."""
-        inApplication = mrml.headless.in_slicer_application()
-        if inApplication:
-            slicer.mrmlScene.Clear()
-        self._headless = None if inApplication else mrml.headless.create_headless_scene()
-        self._workdir = Path(tempfile.mkdtemp(prefix="DeepDosimetricsTest-"))
-
-    def tearDown(self):
-        if getattr(self, "_headless", None) is not None:
-            mrml.headless.close_headless_scene(self._headless)
-        shutil.rmtree(getattr(self, "_workdir", ""), ignore_errors=True)
-
-    def runTest(self):
-        self.setUp()
-        try:
-            self.test_DeepDosimetrics_phantom()
-        finally:
-            self.tearDown()
+class DeepDosimetricsTest(ModuleTest):
+    """Runs a small phantom patient through the Logic (in Slicer: Reload and Test; headless: pytest). Each
+    test gets a clean scene and ``self.workdir`` (``mrml.panel.ModuleTest``)."""
 
     def test_DeepDosimetrics_phantom(self):
         from DeepDosimetricsLib.data.patient import Patient
         from DeepDosimetricsLib.data.phantoms import PhantomConfig, synthesize_patient
 
         self.delayDisplay("Loading a phantom patient (the library's generator)")
-        folder = synthesize_patient(self._workdir, 0, PhantomConfig(shape=(32, 32, 24)))
+        folder = synthesize_patient(self.workdir, 0, PhantomConfig(shape=(32, 32, 24)))
         expected = Patient.from_folder(folder)
         logic = DeepDosimetricsLogic()
         nodes = logic.loadPatientFolder(folder)
@@ -380,6 +359,6 @@ class DeepDosimetricsTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("Overlay and snapshots")
         logic.showReconstruction(nodes.ct, None, None, nodes.dose, nodes.segmentation)
-        written = logic.saveSnapshots(self._workdir / "snap", nodes.ct, nodes.dose)
+        written = logic.saveSnapshots(self.workdir / "snap", nodes.ct, nodes.dose)
         self.assertEqual(sorted(written), ["axial", "coronal", "sagittal"])
         self.delayDisplay("Test passed")

@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 PRESET_FOLDER = resource_path("radiomics")
 DEFAULT_PRESET = "firstorder"
 IMAGE_KINDS = ("ct", "dose")
+DEFAULT_IMAGE = "ct"
 PARAMETER_SUFFIXES = (".yaml", ".yml", ".json")
 #: a dose bin width above this many Gy leaves a structure with only a few grey levels
 DOSE_BIN_WIDTH_WARNING_GY = 5.0
