@@ -13,6 +13,7 @@ import slicer
 from DeepDosimetricsLib import mrml
 from DeepDosimetricsLib.deep.channels import CHANNEL_SETS
 from DeepDosimetricsLib.deep.encode.settings import DEFAULT_OVERLAP
+from DeepDosimetricsLib.deep.shipped import shipped_models
 from DeepDosimetricsLib.deep.train.training import TrainConfig
 from DeepDosimetricsLib.features.radiomics import DEFAULT_PRESET, preset_names
 from DeepDosimetricsLib.mrml.panel import (  # Slicer's classes, or their stand-ins on slicer-core
@@ -69,6 +70,10 @@ class DeepDosimetrics(ScriptedLoadableModule):
 #
 # Parameter node
 #
+#: the "Shipped encoder" choice that means: the model in the model folder
+MODEL_FOLDER_CHOICE = "model folder"
+
+
 @parameterNodeWrapper
 class DeepDosimetricsParameterNode:
     """Module state saved with the scene; each field is bound to the widget whose dynamic property
@@ -85,6 +90,7 @@ class DeepDosimetricsParameterNode:
     # deep features
     cohortFolder: Path
     modelFolder: Path
+    pretrainedModel: Annotated[str, Choice((MODEL_FOLDER_CHOICE, *shipped_models()))] = MODEL_FOLDER_CHOICE
     outputFolder: Path
     channels: Annotated[str, Choice(tuple(CHANNEL_SETS))] = "default"
     device: Annotated[str, Choice(DEVICES)] = DEFAULT_DEVICE
@@ -197,6 +203,11 @@ class DeepDosimetricsLogic(JobLogic):
 
     # ------------------------------------------------------------------ review station
     @staticmethod
+    def encoderFor(pretrainedModel, modelFolder):
+        """The model to encode or review with: a shipped model's name when one is chosen, else the model folder."""
+        return pretrainedModel if pretrainedModel in shipped_models() else modelFolder
+
+    @staticmethod
     def reviewArguments(encodingFolder, cohortFolder, modelFolder=None):
         """Command-line arguments of ``deepdosimetrics review`` (local only: 127.0.0.1)."""
         return cli_arguments("review", encoding=encodingFolder, cohort=cohortFolder,
@@ -253,11 +264,12 @@ class DeepDosimetricsWidget(JobPanel):
         p, busy = self._parameterNode, self.busy
         hasCt, hasSeg, hasDose = bool(p and p.ctVolume), bool(p and p.segmentation), bool(p and p.doseVolume)
         cohort, model, out = (bool(p and is_set(getattr(p, f))) for f in ("cohortFolder", "modelFolder", "outputFolder"))
+        encoder = model or bool(p and p.pretrainedModel in shipped_models())
         self.ui.radiomicsButton.enabled = hasSeg and (hasDose if p and p.radiomicsOnDose else hasCt)
         self.ui.dvhButton.enabled = hasSeg and hasDose
         self.ui.trainButton.enabled = not busy and cohort and model
-        self.ui.encodeButton.enabled = not busy and cohort and model and out
-        self.ui.encodeSceneButton.enabled = not busy and hasCt and model
+        self.ui.encodeButton.enabled = not busy and cohort and encoder and out
+        self.ui.encodeSceneButton.enabled = not busy and hasCt and encoder
         self.ui.reviewButton.enabled = cohort and out
 
     # ------------------------------------------------------------------ actions
@@ -298,13 +310,15 @@ class DeepDosimetricsWidget(JobPanel):
 
     def onEncode(self) -> None:
         p = self._parameterNode
-        self.startCommand(lambda: self.logic.encodeArguments(p.modelFolder, p.cohortFolder, p.outputFolder,
+        encoder = self.logic.encoderFor(p.pretrainedModel, p.modelFolder)
+        self.startCommand(lambda: self.logic.encodeArguments(encoder, p.cohortFolder, p.outputFolder,
                                                              p.reconstruct, p.overlap, p.device))
 
     def onEncodeScene(self) -> None:
         p = self._parameterNode
         nodes, out = (p.ctVolume, p.segmentation, p.doseVolume), p.outputFolder if is_set(p.outputFolder) else None
-        self.startJob(lambda: self.logic.encodeNodes(*nodes, p.modelFolder, out, p.reconstruct, p.overlap, p.device,
+        encoder = self.logic.encoderFor(p.pretrainedModel, p.modelFolder)
+        self.startJob(lambda: self.logic.encodeNodes(*nodes, encoder, out, p.reconstruct, p.overlap, p.device,
                                                      blocking=False),
                       onFinished=lambda job: self._loadSceneEncoding(job, *nodes), failure="Encoding failed.")
 
@@ -317,7 +331,8 @@ class DeepDosimetricsWidget(JobPanel):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Could not start the review station.", waitCursor=True):
             self.logic.ensureRequirements(groups=(None, "review"))
-            url = self.logic.startReviewStation(p.outputFolder, p.cohortFolder, p.modelFolder, onLine=self.log)
+            encoder = self.logic.encoderFor(p.pretrainedModel, p.modelFolder)
+            url = self.logic.startReviewStation(p.outputFolder, p.cohortFolder, encoder, onLine=self.log)
             self.log(f"Review station: {url}")
             qt.QDesktopServices.openUrl(qt.QUrl(url))
 
