@@ -62,6 +62,17 @@ class PcaRunner:
         return np.ascontiguousarray(np.moveaxis(self.decode(codes), 1, -1))
 
 
+def read_history(model_dir: Path) -> list[dict]:
+    """A model folder's loss_history.csv as rows (numbers, None for empty cells); [] when absent."""
+    import csv
+
+    path = Path(model_dir) / "loss_history.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
 def usable_patients(cache, specs) -> list:
     out = []
     for patient in cache:
@@ -110,6 +121,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", type=Path, default=REPO.parent / "shared" / "data" / "openkbp" / "train")
     parser.add_argument("--test", type=Path, default=None, help="test cohort (default: 20%% of --train by patient)")
+    parser.add_argument("--model", default=None,
+                        help="evaluate this model (a folder or a shipped model's name) without training; its tile, K "
+                        "and channels replace --tile/--features/--channels, and its training patients are never tested")
     parser.add_argument("--budget-minutes", type=float, default=30.0)
     parser.add_argument("--tile", type=int, default=32)
     parser.add_argument("--features", type=int, default=10)
@@ -149,6 +163,15 @@ def main(argv=None) -> int:
     from DeepDosimetricsLib.deep.train.sampling import SamplingConfig, TileSampler, split_patients
     from DeepDosimetricsLib.deep.train.training import make_config, train
 
+    trained = None
+    if args.model:  # an existing model: its configuration decides the tile grid, K and channels
+        from DeepDosimetricsLib.deep.model import read_model_json
+        from DeepDosimetricsLib.deep.shipped import resolve_model
+
+        model_dir = resolve_model(args.model)
+        trained = read_model_json(model_dir)
+        args.tile, args.features = int(trained["config"]["tile"]), int(trained["config"]["features"])
+        args.channels = ",".join(trained["config"]["channels"])
     work = args.workdir or HERE / "results" / f"fidelity-t{args.tile}-k{args.features}"
     if args.fresh and work.exists():
         shutil.rmtree(work)
@@ -168,6 +191,11 @@ def main(argv=None) -> int:
         test_cache_dir = args.test_cache or HERE / "results" / f"cache-{args.test.name}"
         test_cache = ensure_cache(args.test, CacheConfig(), cache_dir=test_cache_dir, jobs=1, quiet=True)
         test_ids = sorted(p.id for p in usable_patients(test_cache, specs))
+    if trained is not None:  # never test a patient the model was trained or validated on
+        seen = set((trained.get("training") or {}).get("train_patients", [])) | set(
+            (trained.get("training") or {}).get("val_patients", []))
+        if args.test is None or args.test.resolve() == args.train.resolve():
+            test_ids = [i for i in test_ids if i not in seen]
     if args.max_train:
         train_ids = train_ids[: args.max_train]
     if args.max_test:
@@ -185,16 +213,27 @@ def main(argv=None) -> int:
     if args.compile:
         overrides["compile"] = True
     config = make_config(args.config, **overrides)
-    model_dir = work / "model"
     load = os.getloadavg()
-    t0 = time.perf_counter()
-    result = train(args.train, model_dir, config, resume=True, quiet=True,
-                   cache=Subset(by_id[i] for i in train_ids))
-    minutes = (result.history[-1]["elapsed_s"] if result.history else time.perf_counter() - t0) / 60
+    if trained is None:
+        model_dir = work / "model"
+        t0 = time.perf_counter()
+        result = train(args.train, model_dir, config, resume=True, quiet=True,
+                       cache=Subset(by_id[i] for i in train_ids))
+        history, steps = result.history, result.steps
+        minutes = (history[-1]["elapsed_s"] if history else time.perf_counter() - t0) / 60
+        print(f"training: {steps} steps in {minutes:.1f} min "
+              f"({np.median([r['voxels_per_s'] for r in history if r.get('voxels_per_s')]) / 1e6:.2f} M voxels/s; "
+              f"best validation loss {result.best_val_loss}); load average {os.getloadavg()[0]:.1f}", flush=True)
+    else:  # the run that made the model, as its folder records it
+        summary = trained.get("training") or {}
+        history = read_history(model_dir)
+        run = summary.get("run") or summary
+        steps = int(run.get("steps", 0))
+        minutes = (history[-1]["elapsed_s"] if history else float(run.get("training_seconds", "nan"))) / 60
+        print(f"model {args.model}: {steps} training steps, {minutes:.1f} min", flush=True)
     load = [max(a, b) for a, b in zip(load, os.getloadavg())]
-    speed = np.median([r["voxels_per_s"] for r in result.history if r.get("voxels_per_s")])
-    print(f"training: {result.steps} steps in {minutes:.1f} min ({speed / 1e6:.2f} M voxels/s; "
-          f"best validation loss {result.best_val_loss}); load average {load[0]:.1f}", flush=True)
+    speeds = [r["voxels_per_s"] for r in history if r.get("voxels_per_s")]
+    speed = float(np.median(speeds)) if speeds else float("nan")
 
     # ---------------------------------------------------------------- the autoencoder through `encode`
     t0 = time.perf_counter()
@@ -247,7 +286,7 @@ def main(argv=None) -> int:
     report = {
         "train": str(args.train), "test": str(args.test or "20% of --train"), "tile": args.tile,
         "features": args.features, "channels": labels, "budget_minutes": args.budget_minutes,
-        "training_minutes": minutes, "steps": result.steps, "voxels_per_s": float(speed),
+        "model": str(args.model or model_dir), "training_minutes": minutes, "steps": steps, "voxels_per_s": speed,
         "train_patients": len(train_ids), "test_patients": len(encoded.done), "load_average_max": load,
         "recipe": config.to_dict(), "psnr": rows, "quality": quality, "features_per_litre": features_per_litre,
         "pca_tiles": args.pca_tiles,

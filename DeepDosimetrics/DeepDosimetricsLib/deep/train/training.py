@@ -791,6 +791,7 @@ class Trainer:
             "best_step": self.best_step, "train_patients": self.train_ids, "val_patients": self.val_ids,
             "world_size": self.ctx.world_size, "device": str(self.device), "bf16": self.use_bf16,
             "train_config": self.config.to_dict(), "cohort": str(self.cohort_dir),
+            "training_seconds": round(self.history[-1]["elapsed_s"], 1) if self.history else 0.0,
             "sampler": self.sampler_kind, "refused_patients": self.refused_patients, "skipped_patients": self.skipped_patients,
             **({"pca_start": self.pca_summary} if self.pca_summary else {}),
         }
