@@ -61,4 +61,4 @@ def test_two_cpu_ranks_stay_in_sync(phantom_cohort, tmp_path):
     assert (out / "checkpoint.pt").is_file() and (out / "loss_curve.png").is_file()
     model, _ = load_model(out)
     history = (out / "loss_history.csv").read_text().splitlines()
-    assert len(history) == 1 + TINY["steps"]
+    assert len(history) == 1 + 1 + TINY["steps"]  # header, the PCA start (step 0), one row per step

@@ -140,7 +140,7 @@ def test_output_bias_starts_at_the_channel_means(phantom_cohort, cache, tmp_path
     from DeepDosimetricsLib.deep.distributed import DistributedContext
     from DeepDosimetricsLib.deep.train.training import Trainer
 
-    config = make_config(None, **TINY, steps=1, init_output_bias=True)
+    config = make_config(None, **TINY, steps=1, init_output_bias=True, pca_start=False)
     trainer = Trainer(phantom_cohort, tmp_path / "m", config, DistributedContext.from_environment())
     trainer.setup(cache=cache)
     tiles = np.stack([trainer.val_sampler.read(p, s, None) for p, s in trainer.val_tiles[:16]])

@@ -87,8 +87,9 @@ def test_train_writes_model_history_curve_and_progress(phantom_cohort, cache_dir
     assert [r["done"] for r in records] == list(range(1, 9))
     assert all(r["task"] == "train" and r["total"] == 8 and r["voxels_per_s"] > 0 for r in records)
     history = read_history(out)
-    assert [int(r["step"]) for r in history] == list(range(1, 9))
-    assert history[3]["val_loss"] and history[7]["val_loss"]
+    # step 0 is the PCA start (the default recipe), validated before the first step
+    assert [int(r["step"]) for r in history] == list(range(0, 9))
+    assert history[0]["val_loss"] and history[4]["val_loss"] and history[8]["val_loss"]
     model, config = load_model(out, channels=["window:soft_tissue", "mask:PTV", "dose"])
     assert config.tile == 16 and config.features == 4
     assert load_checkpoint(out / CHECKPOINT_NAME)["step"] == 8
@@ -132,7 +133,7 @@ def test_resume_after_sigkill_continues_exactly(phantom_cohort, cache_dir, tmp_p
     resumed = train(phantom_cohort, killed, make_config(config), cache_dir=cache_dir, resume=True, quiet=True)
     assert resumed.steps == 14
     steps = [int(r["step"]) for r in read_history(killed)]
-    assert steps == list(range(1, 15))  # the history continues from the checkpoint, no gap or repeat
+    assert steps == list(range(0, 15))  # the PCA start (step 0), then from the checkpoint on: no gap or repeat
 
     straight = train(phantom_cohort, tmp_path / "straight", make_config(config), cache_dir=cache_dir, quiet=True)
     a = load_checkpoint(killed / CHECKPOINT_NAME)["model"]
