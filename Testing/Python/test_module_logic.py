@@ -390,6 +390,8 @@ def test_predict_arguments_and_feature_tables(outcome_module):
     assert arguments == ["predict", "--clinical", "c.csv", "--outcome", "outcome", "--features", "dvh=d.csv",
                          "deep=/x/features.csv", "--model", "logistic", "--folds", "3", "--repeats", "10",
                          "--harmonize", "site", "--out", "out"]
+    external = logic.predictArguments("c.csv", "dvh=d.csv", "out", harmonize="site", validateOn="C")
+    assert external[-6:] == ["--harmonize", "site", "--validate-on", "C", "--out", "out"]  # the panel's External site
     survival = logic.predictArguments("c.csv", {"dvh": "d.csv"}, "out", time="months", event="dead")
     assert survival[3:7] == ["--time", "months", "--event", "dead"] and "--outcome" not in survival
     parse = outcome_module.parseFeatureTables

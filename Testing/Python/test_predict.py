@@ -328,7 +328,8 @@ def test_cli_writes_every_output(tmp_path):
     assert {"auc", "brier", "calibration_slope", "calibration_intercept"} <= set(summary.metric)
     comparison = pd.read_csv(out / "comparison.csv")
     assert list(comparison.columns) == ["feature_set", "reference", "metric", "delta", "ci_low", "ci_high",
-                                        "p_value"]
+                                        "p_value", "validation"]
+    assert set(comparison.validation) == set(summary.validation) == {"cv"}  # no --validate-on: CV rows only
     predictions = pd.read_csv(out / "predictions.csv")
     assert len(predictions) == 3 * 2 * n  # sets x repeats x patients
     page = (out / "report.html").read_text()

@@ -84,6 +84,8 @@ class ClinicalData:
     excluded: Dict[str, List[str]] = field(default_factory=dict)
     #: covariates left out, with why
     dropped_covariates: Dict[str, str] = field(default_factory=dict)
+    #: site labels for an external validation (``--validate-on``), else None
+    site: Optional[pd.Series] = None
 
 
 @dataclass
@@ -186,16 +188,19 @@ def read_clinical(
     endpoint: Endpoint,
     covariates: Optional[Sequence[str]] = None,
     batch: Optional[str] = None,
+    site: Optional[str] = None,
 ) -> ClinicalData:
     """Read the clinical table: the endpoint, the covariates (default: every other column) and the batch.
 
-    Patients without an endpoint value are left out and counted. Unknown columns, a non-binary outcome or
+    ``site``: the column whose values split development and external patients (``--validate-on``); it is
+    not a default covariate (the external site's level is never seen in training). Patients without an
+    endpoint value (or without a site, with ``site``) are left out and counted. Unknown columns, a non-binary outcome or
     event, non-positive times and duplicated ids raise InputError.
     """
     import pandas as pd
 
     table = _patient_index(_read_csv(path, "clinical table"), path, "clinical table")
-    wanted = list(endpoint.columns) + list(covariates or []) + ([batch] if batch else [])
+    wanted = list(endpoint.columns) + list(covariates or []) + ([batch] if batch else []) + ([site] if site else [])
     unknown = [c for c in wanted if c not in table.columns]
     if unknown:
         raise InputError(
@@ -221,7 +226,7 @@ def read_clinical(
 
     reserved = set(endpoint.columns)
     if covariates is None:
-        names = [c for c in table.columns if c not in reserved]
+        names = [c for c in table.columns if c not in reserved and c != site]
     else:
         names = [c for c in covariates if c not in reserved]
     dropped: Dict[str, str] = {}
@@ -253,6 +258,12 @@ def read_clinical(
         missing_batch = batch_series.index[batch_series.isna()]
         if len(missing_batch):
             excluded[f"no value in the harmonisation column '{batch}'"] = [str(i) for i in missing_batch]
+    site_series = None
+    if site:
+        site_series = table[site].map(lambda v: v if pd.isna(v) else str(v).strip())
+        missing_site = site_series.index[site_series.isna()]
+        if len(missing_site):
+            excluded[f"no value in the site column '{site}'"] = [str(i) for i in missing_site]
     return ClinicalData(
         path=str(path),
         endpoint=endpoint,
@@ -262,6 +273,7 @@ def read_clinical(
         batch=batch_series,
         excluded=excluded,
         dropped_covariates=dropped,
+        site=site_series,
     )
 
 
@@ -388,6 +400,8 @@ def match_patients(clinical: ClinicalData, tables: Sequence[FeatureTable]) -> Co
     excluded = {reason: list(v) for reason, v in clinical.excluded.items()}
     if clinical.batch is not None:
         ids = [i for i in ids if not _is_missing(clinical.batch.get(i))]
+    if clinical.site is not None:
+        ids = [i for i in ids if not _is_missing(clinical.site.get(i))]
     not_in_clinical: Dict[str, List[str]] = {}
     known = set(clinical.covariates.index)
     for table in tables:
