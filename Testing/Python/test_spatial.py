@@ -254,3 +254,50 @@ def _write(patient: Patient, folder) -> None:
     sitk.WriteImage(patient.dose_image(), str(folder / "dose.nrrd"))
     for name in patient.structure_names:
         sitk.WriteImage(patient.structure_image(name), str(folder / f"{name}.nrrd"))
+
+
+# ---------------------------------------------------------------------------------- deep features (issue 18)
+class _StubCache:
+    """Just what the per-part pooling reads of a cached patient: shape, geometry, read_tile of a mask."""
+
+    def __init__(self, masks: dict, geometry: Geometry):
+        self.masks, self.geometry = masks, geometry
+        self.shape = next(iter(masks.values())).shape
+
+    def read_tile(self, specs, start, size):
+        z, y, x = start
+        block = np.zeros(size, np.float32)
+        part = self.masks[specs[0].name][z:z + size[0], y:y + size[1], x:x + size[2]]
+        block[: part.shape[0], : part.shape[1], : part.shape[2]] = part
+        return block[None]
+
+
+def test_deep_codes_are_pooled_in_the_same_equal_volume_halves():
+    """Two tiles stacked along z (no overlap), an organ whose caudal half lies in the first and cranial half in
+    the second: the cranial-half pooled code is the second tile's code, the caudal one the first's, and the
+    left/right halves (which both tiles hold alike) get the mean. On a flipped z axis the halves swap."""
+    from DeepDosimetricsLib.deep.encode.encoder import part_pooled_features
+    from DeepDosimetricsLib.deep.tiling import TileGrid
+
+    organ = np.zeros((16, 8, 8), np.uint8)
+    organ[4:12, 2:6, 2:6] = 1  # slices 4..7 in tile 0, 8..11 in tile 1
+    grid = TileGrid.create((16, 8, 8), (8, 8, 8), 0.0)
+    positions = [(0, 0, 0), (8, 0, 0)]
+    codes = np.array([[1.0, -2.0], [3.0, 5.0]])
+    axial = Geometry(size=(8, 8, 16), spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0))
+    pooled = part_pooled_features(_StubCache({"Organ": organ}, axial), grid, positions, codes, ["Organ"])["Organ"]
+    assert set(pooled) == {"right_half", "left_half", "anterior_half", "posterior_half", "caudal_half", "cranial_half"}
+    assert pooled["caudal_half"] == pytest.approx(codes[0]) and pooled["cranial_half"] == pytest.approx(codes[1])
+    assert pooled["left_half"] == pytest.approx(codes.mean(axis=0))
+    flipped = Geometry(size=(8, 8, 16), spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 40.0),
+                       direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0))  # slice index runs caudally
+    pooled = part_pooled_features(_StubCache({"Organ": organ}, flipped), grid, positions, codes, ["Organ"])["Organ"]
+    assert pooled["cranial_half"] == pytest.approx(codes[0]) and pooled["caudal_half"] == pytest.approx(codes[1])
+
+
+def test_decoded_dose_descriptor_names():
+    from DeepDosimetricsLib.deep.encode.encoder import decoded_spatial
+
+    names = decoded_spatial(dict.fromkeys(spatial_metric_names(), 0.0))
+    assert "dose_rec_Dmean_cranial_half_Gy" in names and "dose_rec_centroid_cc_mm" in names
+    assert "dose_rec_gradient_ap_gy_per_mm" in names and len(names) == len(spatial_metric_names())

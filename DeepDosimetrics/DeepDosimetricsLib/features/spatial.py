@@ -98,16 +98,22 @@ def spatial_metric_names() -> List[str]:
     return names
 
 
-def voxel_positions(mask: np.ndarray, geometry) -> Tuple[Tuple[np.ndarray, ...], np.ndarray]:
+def voxel_positions(mask: np.ndarray, geometry, start_zyx: Sequence[int] = (0, 0, 0)
+                    ) -> Tuple[Tuple[np.ndarray, ...], np.ndarray]:
     """The (z, y, x) indices of the mask's voxels (``np.nonzero`` order) and their LPS positions (N, 3) in mm.
 
     ``geometry``: a :class:`~DeepDosimetricsLib.data.geometry.Geometry` (or anything with ``ijk_to_lps()``)
-    of the grid the mask lies on.
+    of the grid; ``start_zyx``: where the mask's first voxel lies on it (a tile of a larger grid).
     """
     index = np.nonzero(np.asarray(mask))
-    ijk = np.column_stack([index[2], index[1], index[0]]).astype(np.float64)
+    return index, index_positions(np.column_stack(index) + np.asarray(start_zyx), geometry)
+
+
+def index_positions(zyx: np.ndarray, geometry) -> np.ndarray:
+    """LPS positions (N, 3) in mm of voxel indices (N, 3) in (z, y, x) order on ``geometry``'s grid."""
+    zyx = np.asarray(zyx, dtype=np.float64).reshape(-1, 3)
     matrix = geometry.ijk_to_lps()
-    return index, ijk @ matrix[:3, :3].T + matrix[:3, 3]
+    return zyx[:, ::-1] @ matrix[:3, :3].T + matrix[:3, 3]
 
 
 def split_weights(coordinate: np.ndarray, parts: int) -> np.ndarray:
@@ -210,6 +216,7 @@ __all__ = [
     "iter_subvolume_weights",
     "spatial_descriptors",
     "spatial_dose_metrics",
+    "index_positions",
     "spatial_metric_names",
     "split_weights",
     "subvolume_names",
