@@ -170,7 +170,6 @@ def _run_cli(arguments) -> None:
 def feature_tables(args, work: Path, ids) -> dict:
     """The cached tables (computed when missing): set name -> long CSV path."""
     import pandas as pd
-
     from DeepDosimetricsLib.features.dosimetrics import metric_names
 
     structures = ",".join(PAROTIDS)
@@ -245,7 +244,6 @@ def default_model(work: Path) -> Path | None:
 def extra_deltas(out: Path, y: np.ndarray, ids, pairs_wanted, bootstrap: int, seed: int) -> dict:
     """Paired deltas between any two sets from predict's out-of-fold predictions (same resamples)."""
     import pandas as pd
-
     from DeepDosimetricsLib.analysis import stats
 
     table = pd.read_csv(out / "predictions.csv", dtype={"patient": str})
@@ -288,7 +286,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import pandas as pd
-
     from DeepDosimetricsLib.analysis import stats
     from DeepDosimetricsLib.analysis.job import PredictSettings, predict_outcome
 
