@@ -6,8 +6,6 @@ scripted-module API with headless stand-ins, the job Logic and panel bases) in `
 analysis is the second module of the extension, ``DeepDosimetricsOutcome``.
 """
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,6 +13,7 @@ import slicer
 from DeepDosimetricsLib import mrml
 from DeepDosimetricsLib.deep.channels import CHANNEL_SETS
 from DeepDosimetricsLib.deep.encode.settings import DEFAULT_OVERLAP
+from DeepDosimetricsLib.deep.shipped import shipped_models
 from DeepDosimetricsLib.deep.train.training import TrainConfig
 from DeepDosimetricsLib.features.radiomics import DEFAULT_PRESET, preset_names
 from DeepDosimetricsLib.mrml.panel import (  # Slicer's classes, or their stand-ins on slicer-core
@@ -22,8 +21,8 @@ from DeepDosimetricsLib.mrml.panel import (  # Slicer's classes, or their stand-
     Choice,
     JobLogic,
     JobPanel,
+    ModuleTest,
     ScriptedLoadableModule,
-    ScriptedLoadableModuleTest,
     WithinRange,
     is_set,
     parameterNodeWrapper,
@@ -71,6 +70,10 @@ class DeepDosimetrics(ScriptedLoadableModule):
 #
 # Parameter node
 #
+#: the "Shipped encoder" choice that means: the model in the model folder
+MODEL_FOLDER_CHOICE = "model folder"
+
+
 @parameterNodeWrapper
 class DeepDosimetricsParameterNode:
     """Module state saved with the scene; each field is bound to the widget whose dynamic property
@@ -88,6 +91,7 @@ class DeepDosimetricsParameterNode:
     # deep features
     cohortFolder: Path
     modelFolder: Path
+    pretrainedModel: Annotated[str, Choice((MODEL_FOLDER_CHOICE, *shipped_models()))] = MODEL_FOLDER_CHOICE
     outputFolder: Path
     channels: Annotated[str, Choice(tuple(CHANNEL_SETS))] = "default"
     device: Annotated[str, Choice(DEVICES)] = DEFAULT_DEVICE
@@ -202,6 +206,11 @@ class DeepDosimetricsLogic(JobLogic):
 
     # ------------------------------------------------------------------ review station
     @staticmethod
+    def encoderFor(pretrainedModel, modelFolder):
+        """The model to encode or review with: a shipped model's name when one is chosen, else the model folder."""
+        return pretrainedModel if pretrainedModel in shipped_models() else modelFolder
+
+    @staticmethod
     def reviewArguments(encodingFolder, cohortFolder, modelFolder=None):
         """Command-line arguments of ``deepdosimetrics review`` (local only: 127.0.0.1)."""
         return cli_arguments("review", encoding=encodingFolder, cohort=cohortFolder,
@@ -258,11 +267,12 @@ class DeepDosimetricsWidget(JobPanel):
         p, busy = self._parameterNode, self.busy
         hasCt, hasSeg, hasDose = bool(p and p.ctVolume), bool(p and p.segmentation), bool(p and p.doseVolume)
         cohort, model, out = (bool(p and is_set(getattr(p, f))) for f in ("cohortFolder", "modelFolder", "outputFolder"))
+        encoder = model or bool(p and p.pretrainedModel in shipped_models())
         self.ui.radiomicsButton.enabled = hasSeg and (hasDose if p and p.radiomicsOnDose else hasCt)
         self.ui.dvhButton.enabled = hasSeg and hasDose
         self.ui.trainButton.enabled = not busy and cohort and model
-        self.ui.encodeButton.enabled = not busy and cohort and model and out
-        self.ui.encodeSceneButton.enabled = not busy and hasCt and model
+        self.ui.encodeButton.enabled = not busy and cohort and encoder and out
+        self.ui.encodeSceneButton.enabled = not busy and hasCt and encoder
         self.ui.reviewButton.enabled = cohort and out
 
     # ------------------------------------------------------------------ actions
@@ -304,13 +314,15 @@ class DeepDosimetricsWidget(JobPanel):
 
     def onEncode(self) -> None:
         p = self._parameterNode
-        self.startCommand(lambda: self.logic.encodeArguments(p.modelFolder, p.cohortFolder, p.outputFolder,
+        encoder = self.logic.encoderFor(p.pretrainedModel, p.modelFolder)
+        self.startCommand(lambda: self.logic.encodeArguments(encoder, p.cohortFolder, p.outputFolder,
                                                              p.reconstruct, p.overlap, p.device))
 
     def onEncodeScene(self) -> None:
         p = self._parameterNode
         nodes, out = (p.ctVolume, p.segmentation, p.doseVolume), p.outputFolder if is_set(p.outputFolder) else None
-        self.startJob(lambda: self.logic.encodeNodes(*nodes, p.modelFolder, out, p.reconstruct, p.overlap, p.device,
+        encoder = self.logic.encoderFor(p.pretrainedModel, p.modelFolder)
+        self.startJob(lambda: self.logic.encodeNodes(*nodes, encoder, out, p.reconstruct, p.overlap, p.device,
                                                      blocking=False),
                       onFinished=lambda job: self._loadSceneEncoding(job, *nodes), failure="Encoding failed.")
 
@@ -323,7 +335,8 @@ class DeepDosimetricsWidget(JobPanel):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Could not start the review station.", waitCursor=True):
             self.logic.ensureRequirements(groups=(None, "review"))
-            url = self.logic.startReviewStation(p.outputFolder, p.cohortFolder, p.modelFolder, onLine=self.log)
+            encoder = self.logic.encoderFor(p.pretrainedModel, p.modelFolder)
+            url = self.logic.startReviewStation(p.outputFolder, p.cohortFolder, encoder, onLine=self.log)
             self.log(f"Review station: {url}")
             qt.QDesktopServices.openUrl(qt.QUrl(url))
 
@@ -331,35 +344,16 @@ class DeepDosimetricsWidget(JobPanel):
 #
 # DeepDosimetricsTest
 #
-class DeepDosimetricsTest(ScriptedLoadableModuleTest):
-    """Runs a small phantom patient through the Logic (in Slicer: Reload and Test; headless: pytest)."""
-
-    def setUp(self):
-        """A clean scene (Slicer's own, or a new headless one) and a work folder."""
-        inApplication = mrml.headless.in_slicer_application()
-        if inApplication:
-            slicer.mrmlScene.Clear()
-        self._headless = None if inApplication else mrml.headless.create_headless_scene()
-        self._workdir = Path(tempfile.mkdtemp(prefix="DeepDosimetricsTest-"))
-
-    def tearDown(self):
-        if getattr(self, "_headless", None) is not None:
-            mrml.headless.close_headless_scene(self._headless)
-        shutil.rmtree(getattr(self, "_workdir", ""), ignore_errors=True)
-
-    def runTest(self):
-        self.setUp()
-        try:
-            self.test_DeepDosimetrics_phantom()
-        finally:
-            self.tearDown()
+class DeepDosimetricsTest(ModuleTest):
+    """Runs a small phantom patient through the Logic (in Slicer: Reload and Test; headless: pytest). Each
+    test gets a clean scene and ``self.workdir`` (``mrml.panel.ModuleTest``)."""
 
     def test_DeepDosimetrics_phantom(self):
         from DeepDosimetricsLib.data.patient import Patient
         from DeepDosimetricsLib.data.phantoms import PhantomConfig, synthesize_patient
 
         self.delayDisplay("Loading a phantom patient (the library's generator)")
-        folder = synthesize_patient(self._workdir, 0, PhantomConfig(shape=(32, 32, 24)))
+        folder = synthesize_patient(self.workdir, 0, PhantomConfig(shape=(32, 32, 24)))
         expected = Patient.from_folder(folder)
         logic = DeepDosimetricsLogic()
         nodes = logic.loadPatientFolder(folder)
@@ -384,6 +378,6 @@ class DeepDosimetricsTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("Overlay and snapshots")
         logic.showReconstruction(nodes.ct, None, None, nodes.dose, nodes.segmentation)
-        written = logic.saveSnapshots(self._workdir / "snap", nodes.ct, nodes.dose)
+        written = logic.saveSnapshots(self.workdir / "snap", nodes.ct, nodes.dose)
         self.assertEqual(sorted(written), ["axial", "coronal", "sagittal"])
         self.delayDisplay("Test passed")

@@ -7,8 +7,6 @@ results become nodes through ``mrml.results.load_prediction_results``, and the j
 (background job, log, progress, Cancel) are ``mrml.panel``'s, as in the DeepDosimetrics module.
 """
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Annotated, Dict, Mapping, Union
 
@@ -21,8 +19,8 @@ from DeepDosimetricsLib.mrml.panel import (  # Slicer's classes, or their stand-
     Choice,
     JobLogic,
     JobPanel,
+    ModuleTest,
     ScriptedLoadableModule,
-    ScriptedLoadableModuleTest,
     WithinRange,
     is_set,
     parameterNodeWrapper,
@@ -194,28 +192,9 @@ class DeepDosimetricsOutcomeWidget(JobPanel):
 #
 # DeepDosimetricsOutcomeTest
 #
-class DeepDosimetricsOutcomeTest(ScriptedLoadableModuleTest):
+class DeepDosimetricsOutcomeTest(ModuleTest):
     """A small simulated cohort with a known signal through the Logic (in Slicer: Reload and Test; headless:
-    pytest)."""
-
-    def setUp(self):
-        inApplication = mrml.headless.in_slicer_application()
-        if inApplication:
-            slicer.mrmlScene.Clear()
-        self._headless = None if inApplication else mrml.headless.create_headless_scene()
-        self._workdir = Path(tempfile.mkdtemp(prefix="DeepDosimetricsOutcomeTest-"))
-
-    def tearDown(self):
-        if getattr(self, "_headless", None) is not None:
-            mrml.headless.close_headless_scene(self._headless)
-        shutil.rmtree(getattr(self, "_workdir", ""), ignore_errors=True)
-
-    def runTest(self):
-        self.setUp()
-        try:
-            self.test_DeepDosimetricsOutcome_known_signal()
-        finally:
-            self.tearDown()
+    pytest). Each test gets a clean scene and ``self.workdir`` (``mrml.panel.ModuleTest``)."""
 
     def test_DeepDosimetricsOutcome_known_signal(self):
         import numpy as np
@@ -226,17 +205,17 @@ class DeepDosimetricsOutcomeTest(ScriptedLoadableModuleTest):
         ids = [f"pt{i:03d}" for i in range(60)]
         outcome = rng.permutation(np.tile([0, 1], 30))
         pd.DataFrame({"patient": ids, "age": rng.normal(60, 5, 60), "outcome": outcome}).to_csv(
-            self._workdir / "clinical.csv", index=False)
+            self.workdir / "clinical.csv", index=False)
         pd.DataFrame({"patient": ids, "Dmean": outcome + rng.normal(scale=0.5, size=60)}).to_csv(
-            self._workdir / "dvh.csv", index=False)
+            self.workdir / "dvh.csv", index=False)
 
         self.delayDisplay("Outcome analysis")
         logic = DeepDosimetricsOutcomeLogic()
-        result = logic.predictOutcome(self._workdir / "clinical.csv", f"dvh={self._workdir / 'dvh.csv'}",
-                                      self._workdir / "analysis", folds=3, repeats=1, bootstrap=100, report=False)
+        result = logic.predictOutcome(self.workdir / "clinical.csv", f"dvh={self.workdir / 'dvh.csv'}",
+                                      self.workdir / "analysis", folds=3, repeats=1, bootstrap=100, report=False)
         auc = result.summary.set_index(["feature_set", "metric"])["estimate"]
         self.assertGreater(auc[("dvh", "auc")], 0.75)
-        added = logic.loadPredictionResults(self._workdir / "analysis")
+        added = logic.loadPredictionResults(self.workdir / "analysis")
         self.assertEqual(added["summary"].GetNumberOfRows(), len(result.summary))
         self.assertIsNotNone(added["roc"])
         self.delayDisplay("Test passed")

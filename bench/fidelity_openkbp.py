@@ -18,6 +18,7 @@ Outputs under ``--workdir`` (default bench/results/fidelity-t<T>-k<K>): model/, 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -61,19 +62,15 @@ class PcaRunner:
         return np.ascontiguousarray(np.moveaxis(self.decode(codes), 1, -1))
 
 
-def fit_pca(tiles: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean (D,) and the top-k principal axes (D, k) of tiles (N, D), via the N x N Gram matrix."""
-    import torch
+def read_history(model_dir: Path) -> list[dict]:
+    """A model folder's loss_history.csv as rows (numbers, None for empty cells); [] when absent."""
+    import csv
 
-    x = torch.from_numpy(tiles)
-    mean = x.mean(dim=0)
-    x -= mean
-    gram = (x @ x.T).double()
-    values, vectors = torch.linalg.eigh(gram)
-    order = torch.argsort(values, descending=True)[:k]
-    values, vectors = values[order].clamp_min(1e-12), vectors[:, order]
-    axes = (x.T @ vectors.float()) / values.sqrt().float()
-    return mean.numpy(), axes.numpy()
+    path = Path(model_dir) / "loss_history.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(handle)]
 
 
 def usable_patients(cache, specs) -> list:
@@ -124,15 +121,24 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", type=Path, default=REPO.parent / "shared" / "data" / "openkbp" / "train")
     parser.add_argument("--test", type=Path, default=None, help="test cohort (default: 20%% of --train by patient)")
+    parser.add_argument("--model", default=None,
+                        help="evaluate this model (a folder or a shipped model's name) without training; its tile, K "
+                        "and channels replace --tile/--features/--channels, and its training patients are never tested")
     parser.add_argument("--budget-minutes", type=float, default=30.0)
     parser.add_argument("--tile", type=int, default=32)
     parser.add_argument("--features", type=int, default=10)
     parser.add_argument("--channels", default="default")
     parser.add_argument("--config", type=Path, default=None, help="training recipe (default: the library's)")
+    parser.add_argument("--pca-start", action=argparse.BooleanOptionalAction, default=None,
+                        help="train the residual autoencoder that starts at PCA (default: the recipe's)")
+    parser.add_argument("--val-fraction", type=float, default=None, help="training's validation share (default: the recipe's)")
+    parser.add_argument("--val-tiles", type=int, default=None, help="fixed validation tiles (default: the recipe's)")
     parser.add_argument("--batch", type=int, default=None, help="training batch (default: the recipe's)")
     parser.add_argument("--widths", type=int, nargs="+", default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    parser.add_argument("--sampler", choices=("auto", "device", "host"), default=None,
+                        help="where training tiles are cut (default: the recipe's)")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--cache", type=Path, default=None, help="cache of --train (default under --workdir/..)")
     parser.add_argument("--test-cache", type=Path, default=None)
@@ -153,9 +159,19 @@ def main(argv=None) -> int:
     from DeepDosimetricsLib.deep.cache.store import CacheConfig
     from DeepDosimetricsLib.deep.channels import channel_labels, parse_channels
     from DeepDosimetricsLib.deep.encode.job import EncodeSettings, encode_cohort
+    from DeepDosimetricsLib.deep.train.pca import fit_pca
     from DeepDosimetricsLib.deep.train.sampling import SamplingConfig, TileSampler, split_patients
     from DeepDosimetricsLib.deep.train.training import make_config, train
 
+    trained = None
+    if args.model:  # an existing model: its configuration decides the tile grid, K and channels
+        from DeepDosimetricsLib.deep.model import read_model_json
+        from DeepDosimetricsLib.deep.shipped import resolve_model
+
+        model_dir = resolve_model(args.model)
+        trained = read_model_json(model_dir)
+        args.tile, args.features = int(trained["config"]["tile"]), int(trained["config"]["features"])
+        args.channels = ",".join(trained["config"]["channels"])
     work = args.workdir or HERE / "results" / f"fidelity-t{args.tile}-k{args.features}"
     if args.fresh and work.exists():
         shutil.rmtree(work)
@@ -175,6 +191,11 @@ def main(argv=None) -> int:
         test_cache_dir = args.test_cache or HERE / "results" / f"cache-{args.test.name}"
         test_cache = ensure_cache(args.test, CacheConfig(), cache_dir=test_cache_dir, jobs=1, quiet=True)
         test_ids = sorted(p.id for p in usable_patients(test_cache, specs))
+    if trained is not None:  # never test a patient the model was trained or validated on
+        seen = set((trained.get("training") or {}).get("train_patients", [])) | set(
+            (trained.get("training") or {}).get("val_patients", []))
+        if args.test is None or args.test.resolve() == args.train.resolve():
+            test_ids = [i for i in test_ids if i not in seen]
     if args.max_train:
         train_ids = train_ids[: args.max_train]
     if args.max_test:
@@ -186,20 +207,33 @@ def main(argv=None) -> int:
     by_id = {p.id: p for p in usable}
     overrides = dict(channels=args.channels, tile=args.tile, features=args.features, batch=args.batch,
                      widths=args.widths, budget_minutes=args.budget_minutes, steps=10**7, device=args.device,
-                     seed=args.seed, skip_incomplete=True, patience=0, log_every=50)
+                     seed=args.seed, skip_incomplete=True, patience=0, log_every=50, pca_start=args.pca_start,
+                     val_fraction=args.val_fraction, val_tiles=args.val_tiles,
+                     sampler=args.sampler)
     if args.compile:
         overrides["compile"] = True
     config = make_config(args.config, **overrides)
-    model_dir = work / "model"
     load = os.getloadavg()
-    t0 = time.perf_counter()
-    result = train(args.train, model_dir, config, resume=True, quiet=True,
-                   cache=Subset(by_id[i] for i in train_ids))
-    minutes = (result.history[-1]["elapsed_s"] if result.history else time.perf_counter() - t0) / 60
+    if trained is None:
+        model_dir = work / "model"
+        t0 = time.perf_counter()
+        result = train(args.train, model_dir, config, resume=True, quiet=True,
+                       cache=Subset(by_id[i] for i in train_ids))
+        history, steps = result.history, result.steps
+        minutes = (history[-1]["elapsed_s"] if history else time.perf_counter() - t0) / 60
+        print(f"training: {steps} steps in {minutes:.1f} min "
+              f"({np.median([r['voxels_per_s'] for r in history if r.get('voxels_per_s')]) / 1e6:.2f} M voxels/s; "
+              f"best validation loss {result.best_val_loss}); load average {os.getloadavg()[0]:.1f}", flush=True)
+    else:  # the run that made the model, as its folder records it
+        summary = trained.get("training") or {}
+        history = read_history(model_dir)
+        run = summary.get("run") or summary
+        steps = int(run.get("steps", 0))
+        minutes = (history[-1]["elapsed_s"] if history else float(run.get("training_seconds", "nan"))) / 60
+        print(f"model {args.model}: {steps} training steps, {minutes:.1f} min", flush=True)
     load = [max(a, b) for a, b in zip(load, os.getloadavg())]
-    speed = np.median([r["voxels_per_s"] for r in result.history if r.get("voxels_per_s")])
-    print(f"training: {result.steps} steps in {minutes:.1f} min ({speed / 1e6:.2f} M voxels/s; "
-          f"best validation loss {result.best_val_loss}); load average {load[0]:.1f}", flush=True)
+    speeds = [r["voxels_per_s"] for r in history if r.get("voxels_per_s")]
+    speed = float(np.median(speeds)) if speeds else float("nan")
 
     # ---------------------------------------------------------------- the autoencoder through `encode`
     t0 = time.perf_counter()
@@ -217,9 +251,10 @@ def main(argv=None) -> int:
                               flips=config.flips, jitter=config.jitter)
     sampler = TileSampler([by_id[i] for i in train_ids], specs, sampling, seed=args.seed)
     tiles_train = np.concatenate([sampler.batch(s) for s in range(-(-args.pca_tiles // 32))])[: args.pca_tiles]
-    mean, axes = fit_pca(tiles_train.reshape(len(tiles_train), -1).astype(np.float32), args.features)
+    # the library's PCA, with more subspace iterations than training's start
+    basis = fit_pca(functools.partial(iter, [tiles_train]), args.features, seed=args.seed, iterations=8)
+    runner = PcaRunner(basis.mean, basis.axes, args.tile, labels)
     del tiles_train
-    runner = PcaRunner(mean, axes, args.tile, labels)
     pca = pd.DataFrame(pca_metrics(runner, test_cache, encoded.done, specs, args.overlap, args.encode_batch))
     print(f"PCA: fit on {args.pca_tiles} training tiles and reconstructed in {time.perf_counter() - t0:.0f} s",
           flush=True)
@@ -251,7 +286,7 @@ def main(argv=None) -> int:
     report = {
         "train": str(args.train), "test": str(args.test or "20% of --train"), "tile": args.tile,
         "features": args.features, "channels": labels, "budget_minutes": args.budget_minutes,
-        "training_minutes": minutes, "steps": result.steps, "voxels_per_s": float(speed),
+        "model": str(args.model or model_dir), "training_minutes": minutes, "steps": steps, "voxels_per_s": speed,
         "train_patients": len(train_ids), "test_patients": len(encoded.done), "load_average_max": load,
         "recipe": config.to_dict(), "psnr": rows, "quality": quality, "features_per_litre": features_per_litre,
         "pca_tiles": args.pca_tiles,

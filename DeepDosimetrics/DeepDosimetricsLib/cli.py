@@ -13,8 +13,11 @@ from DeepDosimetricsLib.commands import COMMANDS
 from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser with every available sub-command (a missing command module is left out)."""
+def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser with every available sub-command (a missing command module is left out).
+
+    ``only``: give that sub-command its options and the others their one-line help alone, so a command (or
+    the top-level --help) does not import what every other command's defaults are read from."""
     parser = argparse.ArgumentParser(
         prog="deepdosimetrics",
         description="Deep-learning dosimetrics: phantoms, import, radiomics/DVH, tiled autoencoder "
@@ -31,14 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
-        module.add_arguments(sub)
-        sub.set_defaults(_run=module.run)
+        if only is None or only == name:
+            module.add_arguments(sub)
+            sub.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the exit code (0 ok, 1 some items failed, 2 bad input)."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # the top-level options take no value: the first other word names the command
+    command = next((word for word in argv if not word.startswith("-")), "")
+    parser = build_parser(only=command)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s: %(message)s"

@@ -59,3 +59,34 @@ def phantom_cohort(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("phantoms") / "cohort"
     return Path(synthesize_cohort(out, patients=4, shape=(48, 48, 32), seed=0, quiet=True))
+
+
+@pytest.fixture(scope="session")
+def phantom_subset(phantom_cohort):
+    """``make(folder, count) -> folder``: a cohort of the first ``count`` phantom patients, copied."""
+    import shutil
+
+    def make(folder: Path, count: int) -> Path:
+        folder.mkdir(parents=True)
+        for pid in sorted(p.name for p in phantom_cohort.iterdir() if p.is_dir())[:count]:
+            shutil.copytree(phantom_cohort / pid, folder / pid)
+        return folder
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """``make(folder) -> folder``: an untrained model small enough for job tests (seed 0; tile 16, 4
+    features, soft-tissue window + PTV + dose), saved in ``folder``."""
+
+    def make(folder: Path) -> Path:
+        import torch
+        from DeepDosimetricsLib.deep.model import ModelConfig, TileAutoencoder, save_model
+
+        torch.manual_seed(0)
+        config = ModelConfig(channels=["window:soft_tissue", "mask:PTV", "dose"], tile=16, features=4,
+                             widths=[4, 8], groups=2)
+        return Path(save_model(folder, TileAutoencoder(config), config))
+
+    return make

@@ -3,7 +3,8 @@
 Runs only the `deepdosimetrics` command line (whose interface is stable), on a tiny phantom cohort:
 synth, radiomics, dvh, a few fixed-seed training steps and an encoding. `summarize` reduces the outputs to
 digests (synth files) and numbers (tables, loss history, features) that `test_refactor_invariance.py`
-compares with `data/refactor_reference.json`, written once from the code before the reorganisation. Training
+compares with `data/refactor_reference.json`, written once from the code before the reorganisation (its synth
+digests and DVH numbers again when the phantom dose became the same to the bit on every CPU). Training
 passes `data/train-legacy.yaml`, the recipe of that time, so that later changes of the default recipe
 (issue 13) leave the comparison meaningful:
 
@@ -28,7 +29,8 @@ def run_pipeline(out: Path) -> None:
     import torch
     from DeepDosimetricsLib.cli import main
 
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the reference's arithmetic; the caller's setting comes back afterwards
     cohort, cache, model, enc = out / "cohort", out / "cache", out / "model", out / "enc"
     steps = [
         ["synth", "--out", str(cohort), "--patients", "3", "--shape", "40", "40", "24", "--seed", "3", "--quiet"],
@@ -40,10 +42,13 @@ def run_pipeline(out: Path) -> None:
         ["encode", "--model", str(model), "--cohort", str(cohort), "--cache", str(cache), "--out", str(enc),
          "--device", "cpu", "--quiet"],
     ]
-    for argv in steps:
-        code = main(argv)
-        if code not in (0, 1):
-            raise SystemExit(f"{argv[0]} failed with exit code {code}")
+    try:
+        for argv in steps:
+            code = main(argv)
+            if code not in (0, 1):
+                raise SystemExit(f"{argv[0]} failed with exit code {code}")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _numbers(table: pd.DataFrame, keys: list[str]) -> dict[str, float]:

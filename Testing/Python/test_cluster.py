@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -97,12 +96,9 @@ def test_a_worker_killed_mid_run_leaves_the_tables_unchanged(cluster, phantom_co
 
 
 @pytest.mark.slow
-def test_cache_on_a_local_cluster_equals_one_process(phantom_cohort, tmp_path):
+def test_cache_on_a_local_cluster_equals_one_process(phantom_subset, tmp_path):
     """`cache --scheduler local:2` starts its own cluster; the arrays equal an in-process build."""
-    cohort = tmp_path / "cohort"
-    cohort.mkdir()
-    for pid in sorted(p.name for p in phantom_cohort.iterdir() if p.is_dir())[:2]:
-        shutil.copytree(phantom_cohort / pid, cohort / pid)
+    cohort = phantom_subset(tmp_path / "cohort", 2)
     for name, options in (("serial", ["--jobs", "1"]), ("dask", ["--scheduler", "local:2"])):
         assert main(["cache", "--cohort", str(cohort), "--cache", str(tmp_path / name), "--quiet",
                      *options]) == 0
@@ -118,23 +114,16 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_torchrun_encode_splits_patients_and_equals_one_process(phantom_cohort, tmp_path):
+def test_torchrun_encode_splits_patients_and_equals_one_process(phantom_subset, tiny_model, tmp_path):
     """2 CPU ranks (gloo) on 3 patients (rank 0: two, rank 1: one) write the features of one process."""
     import torch
 
     if not torch.distributed.is_available():
         pytest.skip("this torch build has no torch.distributed")
     from DeepDosimetricsLib.deep.cache.build import ensure_cache
-    from DeepDosimetricsLib.deep.model import ModelConfig, TileAutoencoder, save_model
 
-    cohort = tmp_path / "cohort"
-    cohort.mkdir()
-    for pid in sorted(p.name for p in phantom_cohort.iterdir() if p.is_dir())[:3]:
-        shutil.copytree(phantom_cohort / pid, cohort / pid)
-    torch.manual_seed(0)
-    config = ModelConfig(channels=["window:soft_tissue", "mask:PTV", "dose"], tile=16, features=4,
-                         widths=[4, 8], groups=2)
-    model = save_model(tmp_path / "model", TileAutoencoder(config), config)
+    cohort = phantom_subset(tmp_path / "cohort", 3)
+    model = tiny_model(tmp_path / "model")
     ensure_cache(cohort, cache_dir=tmp_path / "cache1")
     common = ["--model", str(model), "--cohort", str(cohort), "--quiet", "--device", "cpu"]
     assert main(["encode", *common, "--out", str(tmp_path / "one"), "--cache", str(tmp_path / "cache1")]) == 0

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 from DeepDosimetricsLib.cli import main
-from DeepDosimetricsLib.data.checks import check_ct_array, check_dose_array
+from DeepDosimetricsLib.data.checks import check_array, check_ct_array, check_dose_array
 from DeepDosimetricsLib.data.headers import MEMORY_ENV, check_image_file, parse_memory
 from DeepDosimetricsLib.data.patient import Patient
 from DeepDosimetricsLib.runtime.errors import InputError
@@ -41,6 +41,73 @@ def test_ct_checks():
     assert "constant" in check_ct_array(np.zeros((2, 2, 2)), "ct")[0]
     with pytest.raises(InputError, match="empty"):
         check_ct_array(np.zeros((0, 2, 2)), "ct")
+
+
+def test_value_checks_follow_the_modality():
+    """The HU checks judge a CT only; an MR or other image has no range check, a PET's negative voxels are a
+    warning; NaN and infinities are refused whatever the image."""
+    bright = np.arange(4 * 5 * 6, dtype=np.float64).reshape(4, 5, 6) * 26.0  # 0..3094, an MR's range
+    with pytest.raises(InputError, match=r"image looks un-rescaled: no voxel below 0 and 4 of 120 voxels above 3000"):
+        check_array(bright, "image", "ct")
+    for modality in ("MR", "mr", "OT", "PT", "US"):
+        assert check_array(bright, "image", modality) == [], modality
+    pet = bright / 100 - 0.2
+    assert check_array(pet, "pet", "PT") == [
+        "pet: 1 of 120 voxels are negative (down to -0.2); PET activity cannot be negative (reconstruction noise?)"]
+    assert check_array(pet, "mr", "MR") == []
+    assert check_array(np.full((2, 2, 2), 7.0), "mr", "MR") == ["mr is constant (7 in all 8 voxels)"]
+    for kind in ("CT", "MR", "PT", "OT", "dose"):
+        broken = bright.copy()
+        broken[0, 0, :2] = [np.nan, -np.inf]
+        with pytest.raises(InputError, match="2 of 120 voxels are not finite"):
+            check_array(broken, "image", kind)
+        with pytest.raises(InputError, match="is empty"):
+            check_array(np.zeros((0, 3, 3)), "image", kind)
+    with pytest.raises(ValueError, match="unknown image kind"):
+        check_array(bright, "image", "")
+
+
+def test_the_modality_comes_from_the_data_or_the_option(tmp_path: Path):
+    """import.json, an NRRD or MetaImage header key, a NIfTI descrip, else --modality, else CT; the data
+    and the option disagreeing is an error naming both."""
+    values = np.arange(3 * 4 * 5, dtype=np.int16).reshape(3, 4, 5) * 60  # 0..3540: an un-rescaled CT?
+
+    def patient(name: str, suffix: str = ".nrrd", header: dict | None = None, option: str = "auto") -> Patient:
+        folder = tmp_path / name
+        image = sitk.GetImageFromArray(values)
+        for key, value in (header or {}).items():
+            image.SetMetaData(key, value)
+        folder.mkdir()
+        sitk.WriteImage(image, str(folder / f"ct{suffix}"))
+        return Patient.from_folder(folder, modality=option)
+
+    assert patient("nrrd", header={"Modality": "MR"}).modality == "MR"
+    assert patient("dicom-tag", header={"0008|0060": "PT"}).modality == "PT"
+    described = patient("nifti", ".nii")  # SimpleITK writes no descrip: set it in the NIfTI-1 header
+    header = bytearray((tmp_path / "nifti" / "ct.nii").read_bytes())
+    header[148:228] = b"Modality=MR".ljust(80, b"\0")
+    (tmp_path / "nifti" / "ct.nii").write_bytes(bytes(header))
+    assert Patient.from_folder(tmp_path / "nifti").modality == "MR" and described.id == "nifti"
+    patient("metaimage", ".mha")  # ITK writes no Modality line either: add MetaImage's own field
+    text = (tmp_path / "metaimage" / "ct.mha").read_bytes().replace(b"ElementType", b"Modality = MET_MOD_MR\nElementType")
+    (tmp_path / "metaimage" / "ct.mha").write_bytes(text)
+    assert Patient.from_folder(tmp_path / "metaimage").modality == "MR"
+    recorded = patient("recorded", header={"Modality": "MR"})  # the import record comes first
+    (tmp_path / "recorded" / "import.json").write_text('{"ct": {"file": "ct.nrrd", "modality": "PT"}}')
+    assert Patient.from_folder(tmp_path / "recorded").modality == "PT" and recorded.modality == "PT"
+    plain = patient("plain")
+    assert plain.modality == "CT"
+    with pytest.raises(InputError, match=r"plain/ct.nrrd\) looks un-rescaled: .*say which modality it is"):
+        plain.ct_image()
+    for option, expected in (("MR", "MR"), ("pet", "PT"), ("OTHER", "OT")):
+        image = Patient.from_folder(tmp_path / "plain", modality=option).ct_image()
+        assert image.GetPixelID() == sitk.sitkInt16 and sitk.GetArrayViewFromImage(image).max() == 3540
+        assert Patient.from_folder(tmp_path / "plain", modality=option).modality == expected
+    with pytest.raises(InputError, match=r"nrrd/ct.nrrd\) is MR by its header \(ct.nrrd\), but the modality CT was"):
+        Patient.from_folder(tmp_path / "nrrd", modality="CT").ct_image()
+    assert Patient.from_folder(tmp_path / "nrrd", modality="MR").modality == "MR"
+    with pytest.raises(InputError, match="unknown modality 'XR'"):
+        Patient.from_folder(tmp_path / "plain", modality="XR")
 
 
 def test_dose_checks(monkeypatch):

@@ -246,8 +246,11 @@ def test_patient_without_dose_is_skipped_with_its_reason(two_patients, model_dir
     out = tmp_path / "out"
     code = cli_main(["encode", "--model", str(model_dir), "--cohort", str(cohort), "--cache", str(tmp_path / "cache"),
                      "--out", str(out), "--quiet"])
-    printed = capsys.readouterr().out
-    assert code == 1 and f"skipped {no_dose}" in printed and "no dose" in printed
+    last = capsys.readouterr().out.strip().splitlines()[-2:]  # the left-out patients close the output
+    assert code == 1 and last[0].startswith("left out 1 patient(s)")
+    assert last[1].startswith(f"  {no_dose}: ") and "no dose" in last[1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["left_out_patients"]) == [no_dose] and no_dose not in summary["patients_encoded"]
     skipped = pd.read_csv(out / "skipped.csv")
     assert list(skipped["patient"]) == [no_dose]
     assert no_dose not in set(pd.read_csv(out / "features.csv")["patient"])

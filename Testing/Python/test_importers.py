@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import random
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import SimpleITK as sitk
 from DeepDosimetricsLib.cli import main
@@ -16,6 +17,19 @@ from DeepDosimetricsLib.data.importers import ImportOptions, import_dicom, impor
 from DeepDosimetricsLib.data.importers.layout import read_record
 from DeepDosimetricsLib.data.importers.report import REPORT_FILE, read_report
 from DeepDosimetricsLib.runtime.errors import InputError
+from dicomrt import (
+    COLUMN_SPACING,
+    COLUMNS,
+    ORIGIN_X,
+    ORIGIN_Y,
+    ROW_SPACING,
+    ROWS,
+    square,
+    write_ct_series,
+    write_image_slice,
+    write_rtdose,
+    write_rtstruct,
+)
 
 OPENKBP_PATIENTS = ["pt_1", "pt_2", "pt_3"]
 
@@ -316,127 +330,25 @@ def test_dicom_breast_dvh_through_the_cohort(breast_cohort: Path, tmp_path: Path
     assert metrics.loc["Heart", "Dmean_Gy"] < metrics.loc["Tumor_Bed", "Dmean_Gy"]
 
 
-# synthetic DICOM series built with pydicom ------------------------------------------------------------
-ROWS, COLUMNS = 20, 24
-ROW_SPACING, COLUMN_SPACING = 0.8, 0.7  # PixelSpacing = (between rows, between columns)
-ORIGIN_X, ORIGIN_Y = -10.0, -20.0
-
-
-def _dataset(path: Path, modality: str, sop_class: str, bare: bool = False, **attributes):
-    """Write a DICOM file; ``bare``: no preamble nor file meta, implicit VR (as old exports)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset = Dataset()
-    dataset.file_meta = meta
-    dataset.SOPClassUID = sop_class
-    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    dataset.Modality = modality
-    for key, value in attributes.items():
-        setattr(dataset, key, value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if bare:
-        del dataset.file_meta
-        dataset.save_as(str(path), implicit_vr=True, little_endian=True)
-    else:
-        dataset.save_as(str(path), enforce_file_format=True)
-
-
-def write_ct_series(folder: Path, patient: str, frame: str, z_positions, shift_y_per_slice: float = 0.0,
-                    shuffle_seed: int = 0, study: str = "1.2.3.4", bare: bool = False) -> str:
-    """CT slices with raw = 1000 + 10*slice + column (HU = raw - 1024), slice 2 with slope 0.5."""
-    from pydicom.uid import CTImageStorage, generate_uid
-
-    series = generate_uid()
-    order = list(range(len(z_positions)))
-    random.Random(shuffle_seed).shuffle(order)  # file names do not follow the positions
-    for file_index, slice_index in enumerate(order):
-        hu = (1000 + 10 * slice_index + np.arange(COLUMNS))[None, :].repeat(ROWS, 0) - 1024
-        slope, intercept = (0.5, -1024.0) if slice_index == 2 else (1.0, -1024.0)
-        raw = ((hu + 1024) / slope).astype(np.uint16)
-        name = f"IM{file_index:03d}" if bare else f"img{file_index:03d}.dcm"
-        _dataset(folder / name, "CT", CTImageStorage, bare=bare,
-                 PatientID=patient, StudyInstanceUID=study, SeriesInstanceUID=series,
-                 FrameOfReferenceUID=frame,
-                 ImagePositionPatient=[ORIGIN_X, ORIGIN_Y + shift_y_per_slice * slice_index,
-                                       float(z_positions[slice_index])],
-                 ImageOrientationPatient=[1, 0, 0, 0, 1, 0], PixelSpacing=[ROW_SPACING, COLUMN_SPACING],
-                 Rows=ROWS, Columns=COLUMNS, SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME2",
-                 BitsAllocated=16, BitsStored=16, HighBit=15, PixelRepresentation=0,
-                 RescaleSlope=slope, RescaleIntercept=intercept, PixelData=raw.tobytes())
-    return series
-
-
-def _square(i0, i1, j0, j1, z):
-    """A closed contour (LPS mm) around the voxel centres i0..i1 (columns), j0..j1 (rows)."""
-    corners = [(i0 - 0.5, j0 - 0.5), (i1 + 0.5, j0 - 0.5), (i1 + 0.5, j1 + 0.5), (i0 - 0.5, j1 + 0.5)]
-    return [value for i, j in corners
-            for value in (ORIGIN_X + i * COLUMN_SPACING, ORIGIN_Y + j * ROW_SPACING, z)]
-
-
-def write_rtstruct(path: Path, patient: str, frame: str, rois: dict):
-    """rois: name -> list of flat ContourData lists."""
-    from pydicom.dataset import Dataset
-    from pydicom.uid import RTStructureSetStorage
-
-    frame_item = Dataset()
-    frame_item.FrameOfReferenceUID = frame
-    roi_items, contour_items = [], []
-    for number, (name, contours) in enumerate(rois.items(), start=1):
-        roi = Dataset()
-        roi.ROINumber, roi.ROIName, roi.ReferencedFrameOfReferenceUID = number, name, frame
-        roi_items.append(roi)
-        item = Dataset()
-        item.ReferencedROINumber = number
-        item.ContourSequence = []
-        for data in contours:
-            contour = Dataset()
-            contour.ContourGeometricType = "CLOSED_PLANAR"
-            contour.NumberOfContourPoints = len(data) // 3
-            contour.ContourData = data
-            item.ContourSequence.append(contour)
-        contour_items.append(item)
-    _dataset(path, "RTSTRUCT", RTStructureSetStorage, PatientID=patient, StudyInstanceUID="1.2.3.4",
-             ReferencedFrameOfReferenceSequence=[frame_item], StructureSetROISequence=roi_items,
-             ROIContourSequence=contour_items)
-
-
-def write_rtdose(path: Path, patient: str, frame: str, gy: np.ndarray, scaling: float, z0: float):
-    from pydicom.uid import RTDoseStorage
-
-    raw = np.rint(gy / scaling).astype(np.uint32)
-    _dataset(path, "RTDOSE", RTDoseStorage, PatientID=patient, StudyInstanceUID="1.2.3.4",
-             FrameOfReferenceUID=frame, ImagePositionPatient=[ORIGIN_X, ORIGIN_Y, z0],
-             ImageOrientationPatient=[1, 0, 0, 0, 1, 0], PixelSpacing=[2.0, 2.0],
-             Rows=gy.shape[1], Columns=gy.shape[2], NumberOfFrames=gy.shape[0],
-             GridFrameOffsetVector=[5.0 * k for k in range(gy.shape[0])], DoseGridScaling=scaling,
-             DoseUnits="GY", DoseSummationType="PLAN", SamplesPerPixel=1,
-             PhotometricInterpretation="MONOCHROME2", BitsAllocated=32, BitsStored=32, HighBit=31,
-             PixelRepresentation=0, PixelData=raw.tobytes())
-
-
+# synthetic DICOM series built with pydicom (dicomrt.py) -------------------------------------------
 @pytest.fixture(scope="module")
 def dicom_tree(tmp_path_factory) -> Path:
     """Several patients and studies in one tree, with good and bad series."""
     root = tmp_path_factory.mktemp("dicom") / "tree"
     steps = [0.0, 2.5, 5.0, 7.5, 10.0, 12.5]
     write_ct_series(root / "good" / "ct", "GOOD", "1.9.1", steps[::-1])  # positions given descending
-    outer, hole = _square(4, 13, 3, 12, 2.5), _square(7, 9, 6, 8, 2.5)
+    outer, hole = square(4, 13, 3, 12, 2.5), square(7, 9, 6, 8, 2.5)
     write_rtstruct(root / "good" / "rs.dcm", "GOOD", "1.9.1", {
-        "Lt Lung": [outer, hole, _square(4, 13, 3, 12, 5.0)],
-        "cuore": [_square(0, 1, 0, 1, 6.3)],  # between the slices at 5.0 and 7.5: nearer 7.5
-        "External": [_square(0, 23, 0, 19, z) for z in steps],
+        "Lt Lung": [outer, hole, square(4, 13, 3, 12, 5.0)],
+        "cuore": [square(0, 1, 0, 1, 6.3)],  # between the slices at 5.0 and 7.5: nearer 7.5
+        "External": [square(0, 23, 0, 19, z) for z in steps],
     })
     gy = np.arange(3 * 4 * 5, dtype=np.float64).reshape(3, 4, 5) * 0.5
     write_rtdose(root / "good" / "rd.dcm", "GOOD", "1.9.1", gy, 1e-3, 0.0)
     write_ct_series(root / "gap", "GAP", "1.9.2", [0, 3, 6, 12, 15])
     write_ct_series(root / "tilt", "TILT", "1.9.3", [0, 2, 4, 6], shift_y_per_slice=1.0)
     write_ct_series(root / "uneven", "UNEVEN", "1.9.4", [0, 2, 5, 7.5, 9])
-    write_rtstruct(root / "lost" / "rs.dcm", "LOST", "1.9.99", {"PTV": [_square(1, 2, 1, 2, 0)]})
+    write_rtstruct(root / "lost" / "rs.dcm", "LOST", "1.9.99", {"PTV": [square(1, 2, 1, 2, 0)]})
     write_ct_series(root / "broken", "BROKEN", "1.9.5", [0, 2, 4])
     (root / "broken" / "img999.dcm").write_bytes(b"\x00" * 200)  # a damaged file among its slices
     for index, frame in enumerate(["1.9.6", "1.9.7"]):  # one patient, two studies
@@ -519,6 +431,115 @@ def test_dicom_cli_writes_the_report(dicom_tree: Path, tmp_path: Path, capsys):
     report = rows_by_patient(out)
     assert report["GAP"]["status"] == "skipped" and report["GOOD"]["status"] == "ok"
     assert main(["import", "dicom", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+
+
+def test_dicom_degenerate_contours_are_reported_and_left_out(tmp_path: Path, capsys):
+    """A contour of fewer than 3 points or of zero area is reported by structure and contour index (a
+    warning; exit 0) and left out: the structure is made of its valid contours, as if they were alone."""
+    steps = [0.0, 2.5, 5.0, 7.5]
+    valid = [square(4, 13, 3, 12, 2.5), square(6, 10, 5, 9, 5.0)]
+    two_points = square(4, 13, 3, 12, 0.0)[:6]
+    collinear = [ORIGIN_X, ORIGIN_Y, 7.5, ORIGIN_X + 3, ORIGIN_Y + 2, 7.5, ORIGIN_X + 6, ORIGIN_Y + 4, 7.5]
+    for patient, rois in (("CLEAN", {"PTV": valid}),
+                          ("DEFECTS", {"PTV": [valid[0], two_points, collinear, valid[1]], "Wire": [two_points]})):
+        write_ct_series(tmp_path / "src" / patient, patient, f"1.9.{len(patient)}", steps)
+        write_rtstruct(tmp_path / "src" / patient / "rs.dcm", patient, f"1.9.{len(patient)}", rois)
+    out = tmp_path / "cohort"
+    assert main(["import", "dicom", str(tmp_path / "src"), "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 patient(s) ok, 0 skipped, 1 imported with warnings" in printed
+    expected = ("structure 'PTV' (ROI 1, rs.dcm): contour 2 has 2 points (fewer than 3), contour 3 has zero area "
+                "(its 3 points lie on one line) of 4: left out (the structure is made of its 2 other contour(s))")
+    assert f"warning DEFECTS: {expected}" in printed
+    assert "warning DEFECTS: structure 'Wire' (ROI 2, rs.dcm): contour 1 has 2 points (fewer than 3) of 1: left " \
+           "out (no valid contour is left: not written)" in printed
+    record = read_record(out / "DEFECTS")
+    assert record["warnings"][0] == expected and f"warning: {expected}" in record["notes"]
+    assert f"warning: {expected}" in rows_by_patient(out)["DEFECTS"]["reason"]
+    assert "warnings" not in read_record(out / "CLEAN") and "warnings" not in rows_by_patient(out)["CLEAN"]
+    assert sorted(record["structures"]) == ["PTV"]  # the wire has nothing left
+    ptv, clean = (sitk.GetArrayFromImage(read(out / patient / "structures" / "PTV.nrrd"))
+                  for patient in ("DEFECTS", "CLEAN"))
+    assert ptv.sum() == 100 + 25 and np.array_equal(ptv, clean)
+
+
+def test_dicom_series_with_a_duplicate_sop_instance_uid_is_refused(tmp_path: Path, capsys):
+    """Two slices at different positions sharing one SOPInstanceUID (a series merged by hand): the series is
+    refused naming both files (the import of that patient is skipped, exit 1); other patients import."""
+    import pydicom
+
+    write_ct_series(tmp_path / "src" / "ok", "OK", "1.9.1", [0.0, 2.5, 5.0])
+    write_ct_series(tmp_path / "src" / "merged" / "a", "MERGED", "1.9.2", [0.0, 2.5, 5.0])
+    extra = pydicom.dcmread(tmp_path / "src" / "merged" / "a" / "img001.dcm")  # its UID, another position
+    extra.ImagePositionPatient = [ORIGIN_X, ORIGIN_Y, 7.5]
+    (tmp_path / "src" / "merged" / "b").mkdir()
+    extra.save_as(tmp_path / "src" / "merged" / "b" / "img001.dcm")
+    out = tmp_path / "cohort"
+    assert main(["import", "dicom", str(tmp_path / "src"), "--out", str(out), "--quiet"]) == 1
+    reason = rows_by_patient(out)["MERGED"]["reason"]
+    z = float(pydicom.dcmread(tmp_path / "src" / "merged" / "a" / "img001.dcm").ImagePositionPatient[2])
+    assert f"a/img001.dcm and b/img001.dcm share one SOPInstanceUID (at positions (-10, -20, {z:g}) mm and " \
+           "(-10, -20, 7.5) mm); PS3.3 forbids it" in reason
+    assert "the series is refused" in reason and "skipped MERGED: " in capsys.readouterr().out
+    assert not (out / "MERGED").exists() and rows_by_patient(out)["OK"]["status"] == "ok"
+
+
+def test_mr_and_pet_images_are_imported_and_checked_as_their_modality(tmp_path: Path, capsys):
+    """An MR series (values 0-3100, no voxel below 0: an un-rescaled CT to the HU check) with its RTSTRUCT is
+    imported with its DICOM Modality in import.json and its own values; the same values in a CT series are
+    refused as before; a PET series keeps its rescaled Bq/ml (a negative voxel: a warning); an MR alone in
+    its frame of reference is no patient. The folder importer takes the
+    modality from --modality. Radiomics then measures the MR patients; the cache (HU channels) refuses them."""
+    from pydicom.uid import generate_uid
+
+    steps = [0.0, 2.5, 5.0]
+    values = [np.rint(np.linspace(0, 3000, ROWS * COLUMNS)).reshape(ROWS, COLUMNS) + 50 * k for k in range(3)]
+    for patient, modality, frame in (("MRPLAN", "MR", "1.9.1"), ("RAWCT", "CT", "1.9.2"), ("MRONLY", "MR", "1.9.3"),
+                                     ("PETPLAN", "PT", "1.9.4")):
+        series = generate_uid()
+        pet = modality == "PT"  # in Bq/ml, stored with RescaleSlope 0.25 and RescaleIntercept -1
+        for k, z in enumerate(steps):
+            write_image_slice(tmp_path / "dicom" / patient / f"im{k}.dcm", patient, series, frame,
+                              [ORIGIN_X, ORIGIN_Y, z], values[k] / 4 - 1 if pet else values[k],
+                              [ROW_SPACING, COLUMN_SPACING], slope=0.25 if pet else 1.0, intercept=-1.0 if pet else 0.0,
+                              modality=modality, **({"Units": "BQML"} if pet else {}))
+        if patient != "MRONLY":
+            write_rtstruct(tmp_path / "dicom" / patient / "rs.dcm", patient, frame,
+                           {"GTV": [square(4, 13, 3, 12, z) for z in steps]})
+    out = tmp_path / "cohort"
+    assert main(["import", "dicom", str(tmp_path / "dicom"), "--out", str(out), "--quiet"]) == 1
+    report = rows_by_patient(out)
+    assert sorted(report) == ["MRPLAN", "PETPLAN", "RAWCT"] and report["MRPLAN"]["status"] == "ok"
+    pet = read_record(out / "PETPLAN")
+    assert pet["ct"]["modality"] == "PT" and "PET values in BQML as stored" in report["PETPLAN"]["reason"]
+    assert "warning: image (PT) (3 PT slices in" in report["PETPLAN"]["reason"]  # one voxel at -1 Bq/ml
+    assert np.allclose(sitk.GetArrayFromImage(read(out / "PETPLAN" / "ct.nrrd")), np.asarray(values) / 4 - 1)
+    assert "looks un-rescaled: no voxel below 0" in report["RAWCT"]["reason"]
+    record = read_record(out / "MRPLAN")
+    assert record["ct"]["modality"] == "MR" and "ImageSeriesInstanceUID" in record["dicom"]
+    image = read(out / "MRPLAN" / "ct.nrrd")
+    assert image.GetPixelID() == sitk.sitkFloat32
+    assert np.array_equal(sitk.GetArrayFromImage(image), np.asarray(values, dtype=np.float32))
+
+    folder = tmp_path / "folder" / "brain1"  # pyradiomics' brain1 MR: no modality in its header
+    folder.mkdir(parents=True)
+    data = Path(__file__).resolve().parent / "data" / "pyradiomics"
+    shutil.copy(data / "brain1_image.nrrd", folder / "ct.nrrd")
+    shutil.copy(data / "brain1_label.nrrd", folder / "Tumor.nrrd")
+    assert main(["import", "folder", str(folder.parent), "--out", str(tmp_path / "refused"), "--quiet"]) == 1
+    assert "looks un-rescaled" in rows_by_patient(tmp_path / "refused")["brain1"]["reason"]
+    assert main(["import", "folder", str(folder.parent), "--out", str(out), "--quiet", "--modality", "MR"]) == 0
+    assert read_record(out / "brain1")["ct"]["modality"] == "MR" and (out / "brain1" / "ct.nrrd").is_symlink()
+    capsys.readouterr()
+    table = tmp_path / "features.csv"
+    assert main(["radiomics", "--cohort", str(out), "--quiet", "--out", str(table)]) == 0  # auto: import.json
+    measured = pd.read_csv(table, keep_default_na=False)
+    assert set(measured["patient"]) == {"MRPLAN", "PETPLAN", "brain1"}
+    assert measured[measured["patient"] != "PETPLAN"]["reason"].eq("").all()
+    assert measured[measured["patient"] == "PETPLAN"]["reason"].str.startswith("warning: ").all()
+    assert main(["cache", "--cohort", str(out), "--cache", str(tmp_path / "cache"), "--quiet"]) == 1
+    printed = capsys.readouterr().out
+    assert "patient brain1: its image is MR, not a CT" in printed and "patient PETPLAN: its image is PT" in printed
 
 
 def test_fill_polygons_matches_skimage():

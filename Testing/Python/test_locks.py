@@ -5,7 +5,6 @@ cache) finish with correct outputs. The kernel frees a lock whose holder was SIG
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -66,22 +65,14 @@ def test_a_patient_lock_waits_for_its_holder(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def small(phantom_cohort, tmp_path_factory):
+def small(phantom_subset, tiny_model, tmp_path_factory):
     """Two phantom patients, a tiny model, and their reference cache and encoding made by one process."""
-    import torch
     from DeepDosimetricsLib.deep.cache.build import ensure_cache
     from DeepDosimetricsLib.deep.encode.job import EncodeSettings, encode_cohort
-    from DeepDosimetricsLib.deep.model import ModelConfig, TileAutoencoder, save_model
 
     root = tmp_path_factory.mktemp("locks")
-    cohort = root / "cohort"
-    cohort.mkdir()
-    for pid in sorted(p.name for p in phantom_cohort.iterdir() if p.is_dir())[:2]:
-        shutil.copytree(phantom_cohort / pid, cohort / pid)
-    torch.manual_seed(0)
-    config = ModelConfig(channels=["window:soft_tissue", "mask:PTV", "dose"], tile=16, features=4,
-                         widths=[4, 8], groups=2)
-    model = save_model(root / "model", TileAutoencoder(config), config)
+    cohort = phantom_subset(root / "cohort", 2)
+    model = tiny_model(root / "model")
     ensure_cache(cohort, cache_dir=root / "cache")
     encode_cohort(model, cohort, root / "encoded", root / "cache",
                   EncodeSettings(device="cpu", quiet=True, progress_json=False))

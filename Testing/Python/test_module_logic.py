@@ -370,6 +370,53 @@ def test_blocking_cli_job_runs_and_reports_errors(logic, tmp_path):
                      blocking=True, timeout=240)
 
 
+def test_blocking_job_that_left_patients_out_returns_and_names_them(logic, phantom_cohort, tmp_path, caplog):
+    """Exit code 1 (the contract: done, some patients left out, named last) is not a failure: the job comes
+    back, with what it left out in the log."""
+    import shutil
+
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    pid = sorted(p.name for p in phantom_cohort.iterdir() if p.is_dir())[0]
+    shutil.copytree(phantom_cohort / pid, cohort / pid)
+    (cohort / "pt_loop").symlink_to(cohort / "pt_loop")  # an entry that cannot be read
+    with caplog.at_level(logging.WARNING):
+        job = logic.runJob(["cache", "--cohort", str(cohort), "--cache", str(tmp_path / "cache"), "--quiet"],
+                           blocking=True, timeout=240)
+    assert job.returncode == 1 and job.finished
+    message = job.left_out_message()
+    assert message.startswith("left out 1 patient(s)") and "pt_loop" in message and pid not in message
+    assert "pt_loop" in caplog.text
+
+
+def test_module_test_base_runs_every_test_in_a_clean_scene(headless):
+    """mrml.panel.ModuleTest (the base of both modules' Test classes): runTest runs each test_* method between
+    setUp (a new scene, a work folder) and tearDown (the folder removed)."""
+    from DeepDosimetricsLib.mrml.panel import ModuleTest
+
+    seen = []
+
+    class Case(ModuleTest):
+        def test_adds_a_node(self):
+            seen.append((self.workdir, slicer.mrmlScene, self.workdir.is_dir()))
+            slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+
+        def test_sees_no_node(self):
+            seen.append((self.workdir, slicer.mrmlScene, self.workdir.is_dir()))
+            assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
+
+        def helper(self):  # not a test
+            raise AssertionError("not run")
+
+    try:
+        Case().runTest()
+    finally:
+        slicer.mrmlScene = headless.scene
+    assert len(seen) == 2 and all(existed for _, _, existed in seen)
+    assert seen[0][0] != seen[1][0] and not any(folder.exists() for folder, _, _ in seen)
+    assert seen[0][1] is not seen[1][1] and headless.scene not in (seen[0][1], seen[1][1])
+
+
 def test_job_arguments(module):
     logic = module.DeepDosimetricsLogic
     assert logic.trainArguments("C", "M", "full", 10, "cpu") == [

@@ -96,6 +96,29 @@ def test_panel_defaults_are_the_library_defaults():
     assert fields["folds"].endswith("DEFAULT_PROTOCOL.folds") and fields["repeats"].endswith("DEFAULT_PROTOCOL.repeats")
 
 
+@pytest.mark.parametrize("command, owner, name, value, shown", [
+    ("cache", "DeepDosimetricsLib.deep.cache.store:CacheConfig", "margin_mm", 12.5, "(default 12.5)"),
+    ("dvh", "DeepDosimetricsLib.features.dosimetrics", "DEFAULT_BIN_WIDTH_GY", 0.25, "(default 0.25)"),
+    ("radiomics", "DeepDosimetricsLib.features.radiomics", "DEFAULT_IMAGE", "dose", "default dose"),
+    ("radiomics", "DeepDosimetricsLib.features.radiomics", "IMAGE_KINDS", ("ct", "dose", "pet"), "{ct,dose,pet}"),
+    ("synth", "DeepDosimetricsLib.data.phantoms.config", "DEFAULT_PATIENTS", 9, "(default 9)"),
+    ("predict", "DeepDosimetricsLib.analysis.job:PredictSettings", "folds", 7, "outer folds (default 7)"),
+])
+def test_cli_help_reads_the_library_values(command, owner, name, value, shown, monkeypatch, capsys):
+    """A default or a list of choices the --help restates comes from the library: change it there, the help
+    follows."""
+    import importlib
+
+    from DeepDosimetricsLib.cli import main
+
+    module, _, attribute = owner.partition(":")
+    target = importlib.import_module(module)
+    monkeypatch.setattr(getattr(target, attribute) if attribute else target, name, value)
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert shown in " ".join(capsys.readouterr().out.split())
+
+
 def test_outcome_analysis_lives_in_its_own_module():
     """The outcome section moved out of DeepDosimetrics (its .ui and code) into DeepDosimetricsOutcome."""
     main = module_file("DeepDosimetrics").read_text() + ui_file("DeepDosimetrics").read_text()

@@ -410,3 +410,76 @@ def test_pool_tasks_keep_a_patient_in_one_worker_when_patients_suffice():
     patients = [pid for pid in ("a", "b", "c", "d") for _ in ("x", "y")]
     assert group_by_key(patients, workers=2) == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert group_by_key(patients[:4], workers=2) == [[0], [1], [2], [3]]  # 2 patients: spread the structures
+
+
+# ---------------------------------------------------------------------------------- other modalities
+BRAIN1 = Path(__file__).resolve().parent / "data" / "pyradiomics"  # pyradiomics' MR test case (README there)
+
+
+def _brain1_cohort(root: Path, header: dict | None = None) -> Path:
+    """pyradiomics' brain1 MR image as ``brain1/ct.nrrd`` (``header``: metadata added), its tumour label as
+    ``brain1/structures/Tumor.nrrd``."""
+    import shutil
+
+    patient = root / "brain1"
+    (patient / "structures").mkdir(parents=True)
+    if header:
+        image = sitk.ReadImage(str(BRAIN1 / "brain1_image.nrrd"))
+        for key, value in header.items():
+            image.SetMetaData(key, value)
+        sitk.WriteImage(image, str(patient / "ct.nrrd"), True)
+    else:
+        shutil.copy(BRAIN1 / "brain1_image.nrrd", patient / "ct.nrrd")
+    shutil.copy(BRAIN1 / "brain1_label.nrrd", patient / "structures" / "Tumor.nrrd")
+    return root
+
+
+def _measured(out: Path) -> dict:
+    table = pd.read_csv(out, keep_default_na=False)
+    assert (table["reason"] == "").all() and set(table["image"]) == {"ct"}
+    return dict(zip(table["feature"], table["value"].astype(float)))
+
+
+def test_mr_radiomics_equals_pyradiomics_on_its_brain1_case(tmp_path, capsys):
+    """pyradiomics' own MR case (values 0-3057): refused as an un-rescaled CT when nothing says it is an
+    MR (the CT message as before); measured when --modality or its header says MR, and then every value
+    equals pyradiomics run on the files with the same parameter file."""
+    image, label = BRAIN1 / "brain1_image.nrrd", BRAIN1 / "brain1_label.nrrd"
+    plain = _brain1_cohort(tmp_path / "plain")
+    out = tmp_path / "features.csv"
+    assert main(["radiomics", "--cohort", str(plain), "--quiet", "--out", str(out)]) == 1
+    reason = pd.read_csv(out, keep_default_na=False)["reason"].item()
+    assert reason.startswith(f"error: patient brain1: CT ({plain / 'brain1' / 'ct.nrrd'}) looks un-rescaled: no "
+                             "voxel below 0 and 1 of 1638400 voxels above 3000 (maximum 3057); CT values must be "
+                             "HU (air -1000): apply RescaleSlope/RescaleIntercept when exporting; if the image is "
+                             "not a CT, say which modality it is (--modality MR|PT|OT")
+    for preset in ("firstorder", "all"):
+        assert main(["radiomics", "--cohort", str(plain), "--modality", "MR", "--preset", preset, "--quiet",
+                     "--out", str(out)]) == 0
+        assert _measured(out) == bare_pyradiomics(image, label, preset_path(preset)), preset
+    declared = _brain1_cohort(tmp_path / "declared", {"Modality": "MR"})  # an NRRD key Modality:=MR
+    assert main(["radiomics", "--cohort", str(declared), "--quiet", "--jobs", "2", "--out", str(out)]) == 0
+    assert _measured(out) == bare_pyradiomics(image, label, preset_path("firstorder"))
+    capsys.readouterr()
+    # the data and the option disagree; an HU preset on an MR: error rows (exit 1)
+    assert main(["radiomics", "--cohort", str(declared), "--modality", "CT", "--quiet", "--out", str(out)]) == 1
+    assert "ct.nrrd) is MR by its header (ct.nrrd), but the modality CT was given" in capsys.readouterr().err
+    assert main(["radiomics", "--cohort", str(declared), "--preset", "ibsi", "--quiet", "--out", str(out)]) == 1
+    assert "the ibsi preset re-segments to [-1000, 400] HU, a CT range, but the image is MR" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit) as bad:
+        main(["radiomics", "--cohort", str(plain), "--modality", "XR", "--out", str(out)])
+    assert bad.value.code == 2
+    assert "unknown modality 'XR'; choose one of: auto, CT, MR, PT, OT" in capsys.readouterr().err
+
+
+def test_non_finite_values_are_refused_in_every_modality(tmp_path):
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(BRAIN1 / "brain1_image.nrrd"))).astype(np.float32)
+    array[12, 100:102, 100] = [np.nan, np.inf]
+    for modality in ("CT", "MR", "PT", "OT"):
+        image = _image(array)
+        image.SetMetaData("Modality", modality)
+        patient = Patient.from_images("p", image, {"Tumor": _image((array > 500).astype(np.uint8))})
+        table = patient_radiomics(patient, "ct", "firstorder")
+        assert patient.modality == modality
+        assert table["reason"].str.contains("2 of 1638400 voxels are not finite").all(), modality

@@ -116,7 +116,9 @@ def _run_until_killed(cohort: Path, cache: Path, out: Path, config: Path, kill_a
 
 
 def test_resume_after_sigkill_continues_exactly(phantom_cohort, cache_dir, tmp_path):
-    config = tiny_config_file(tmp_path, steps=14, checkpoint_every=4)
+    # one torch thread in the killed process, the resumed and the straight run: another thread count splits
+    # the gradient reductions differently (other last bits), and these runs compare on this machine only
+    config = tiny_config_file(tmp_path, steps=14, checkpoint_every=4, threads=1)
     killed = tmp_path / "killed"
     seen = _run_until_killed(phantom_cohort, cache_dir, killed, config, kill_after=10)
     assert seen >= 10

@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import argparse
 
-from DeepDosimetricsLib.commands import add_pool_arguments, pool_from_args
+from DeepDosimetricsLib.commands import (
+    add_common_arguments,
+    add_pool_arguments,
+    describe_command,
+    pool_from_args,
+    report_left_out,
+)
 
 HELP = "build the compact memory-mapped preprocessing cache of a cohort (resampled, cropped to the body)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's options."""
-    parser.add_argument("--cohort", required=True, metavar="DIR", help="cohort folder (one sub-folder per patient)")
+    from DeepDosimetricsLib.deep.cache.store import CacheConfig
+
+    describe_command(parser, ok="every patient of the cohort is cached",
+                     partial="patients could not be cached (unreadable, failing the value checks)")
+    add_common_arguments(parser, cohort=True, quiet=False)
     parser.add_argument(
         "--cache", metavar="DIR", default=None,
         help="cache folder (default: $DEEPDOSIMETRICS_CACHE/<cohort>-<hash> or "
@@ -21,14 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--spacing", nargs=3, type=float, metavar=("SX", "SY", "SZ"), default=None,
         help="resample to this voxel spacing in mm (default: keep each patient's CT spacing)",
     )
-    parser.add_argument("--margin", type=float, default=10.0, metavar="MM",
-                        help="margin around the body's bounding box, mm (default 10)")
+    parser.add_argument("--margin", type=float, default=CacheConfig.margin_mm, metavar="MM",
+                        help="margin around the body's bounding box, mm (default %(default)s)")
     parser.add_argument("--structures", nargs="+", default=None, metavar="NAME",
                         help="structures to store besides the target and body (default: all)")
     parser.add_argument("--target", default=None, metavar="NAME",
                         help="structure stored as the PTV mask (default: PTV, else the highest-dose PTV)")
     add_pool_arguments(parser, "patients")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar (@progress lines are still printed)")
+    add_common_arguments(parser, progress_lines=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,6 +57,5 @@ def run(args: argparse.Namespace) -> int:
                          progress_json=True)
     print(f"cache: {cache.folder}")
     print(f"patients cached: {len(cache)}; failed: {len(cache.failed)}")
-    for pid, reason in cache.failed.items():
-        print(f"  {pid}: {reason}")
+    report_left_out(cache.failed, "that could not be cached (exit code 1)")
     return 1 if cache.failed else 0

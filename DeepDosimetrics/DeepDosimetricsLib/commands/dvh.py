@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import argparse
 
-from DeepDosimetricsLib.commands import add_structure_table_arguments, pool_from_args
+from DeepDosimetricsLib.commands import (
+    add_common_arguments,
+    add_modality_argument,
+    add_structure_table_arguments,
+    describe_structure_table,
+    pool_from_args,
+)
 
 HELP = "dose-volume metrics per structure (volume, Dmean/min/max, D98/95/50/2, V5..V70) of a cohort to CSV"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's options."""
-    parser.epilog = (
-        "A structure that cannot be measured (empty, outside the image, patient without dose, "
-        "structure missing for that patient) gets one row with a 'reason' and is listed on stderr; the "
-        "command still exits 0. Exit code 1: some patients or structures failed (unreadable files; their "
-        "rows say 'error: ...'), the others are in the table. Exit code 2: bad input, nothing computed."
-    )
-    parser.add_argument(
-        "--cohort", required=True, metavar="DIR", help="cohort folder (one sub-folder per patient)"
-    )
+    from DeepDosimetricsLib.features.dosimetrics import DEFAULT_BIN_WIDTH_GY
+
+    describe_structure_table(parser, "empty, outside the image, patient without dose, structure missing for "
+                             "that patient")
+    add_common_arguments(parser, cohort=True, quiet=False)
     add_structure_table_arguments(parser, "metrics")
+    add_modality_argument(parser, "the images the dose lies on")
     parser.add_argument(
         "--dvh-curves",
         default=None,
@@ -30,9 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--bin-width",
         type=float,
-        default=0.1,
+        default=DEFAULT_BIN_WIDTH_GY,
         metavar="GY",
-        help="dose step of the DVH curves in Gy (default 0.1)",
+        help="dose step of the DVH curves in Gy (default %(default)s)",
     )
     parser.add_argument(
         "--spatial",
@@ -41,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "left-right, anterior-posterior and cranio-caudal axes, dose-weighted centroid offset, spread and "
         "gradient (mm, Gy/mm; README 'Spatial dose descriptors')",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_common_arguments(parser)
     parser.add_argument("--out", required=True, metavar="FILE.csv", help="output CSV (written atomically)")
 
 
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     pool = pool_from_args(args)
     if not args.bin_width > 0:
         raise InputError(f"--bin-width must be positive, got {args.bin_width}")
-    cohort = Cohort.open(args.cohort)
+    cohort = Cohort.open(args.cohort, modality=args.modality)
     result = cohort_dvh(
         cohort,
         structures=parse_structure_list(args.structures),

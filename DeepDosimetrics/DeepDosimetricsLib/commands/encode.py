@@ -7,7 +7,13 @@ import os
 from pathlib import Path
 from typing import Callable, Sequence
 
-from DeepDosimetricsLib.commands import add_pool_arguments, pool_from_args
+from DeepDosimetricsLib.commands import (
+    add_common_arguments,
+    add_pool_arguments,
+    describe_command,
+    pool_from_args,
+    report_left_out,
+)
 from DeepDosimetricsLib.deep.encode.settings import EncodeSettings
 from DeepDosimetricsLib.runtime.devices import DEVICES
 
@@ -24,12 +30,19 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's options."""
-    parser.add_argument("--model", required=True, metavar="MODEL_DIR", help="model folder (model.json + model.pt)")
-    parser.add_argument("--cohort", required=True, metavar="DIR", help="cohort folder (one sub-folder per patient)")
+    from DeepDosimetricsLib.deep.shipped import shipped_models
+
+    describe_command(
+        parser,
+        ok="every patient was encoded",
+        partial="patients were left out (refused by the cache, lacking a channel the model needs, failed): "
+        "listed in OUT/summary.json and OUT/skipped.csv",
+    )
+    parser.add_argument("--model", required=True, metavar="MODEL",
+                        help="model folder (model.json + model.pt), or the name of a shipped pre-trained model "
+                        f"({', '.join(shipped_models()) or 'none installed'}; see its MODEL_CARD.md)")
+    add_common_arguments(parser, cohort=True, cache=True, quiet=False)
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--cache", metavar="DIR", default=None,
-                        help="preprocessing cache folder (an existing one keeps its configuration; "
-                        "default: the cohort's default cache folder)")
     parser.add_argument("--patients", metavar="IDS", default=None,
                         help="only these patients: comma-separated ids, or @FILE with one id per line")
     parser.add_argument("--reconstruct", action="store_true",
@@ -57,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resume", action="store_true",
                        help="continue an earlier run in --out (finished patients are not redone)")
     group.add_argument("--overwrite", action="store_true", help="replace an earlier encoding in --out")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_common_arguments(parser, progress_lines=True)
 
 
 def _patient_list(text):
@@ -106,7 +119,7 @@ def scene_outputs(cohort_dir, snapshots: bool, scene: bool) -> Callable[[str, Pa
 
 
 def run(args: argparse.Namespace) -> int:
-    """Encode; exit code 1 when some patients were skipped."""
+    """Encode; the patients left out are printed last, and make the exit code 1."""
     from DeepDosimetricsLib.deep.encode.job import encode_cohort
     from DeepDosimetricsLib.mrml.snapshots import slicer_available
     from DeepDosimetricsLib.runtime.errors import InputError
@@ -138,10 +151,9 @@ def run(args: argparse.Namespace) -> int:
         return 1 if result.skipped else 0
     print(f"encoded: {len(result.done)} patient(s) ({len(result.reused)} already done), "
           f"skipped: {len(result.skipped)}")
-    for pid, reason in result.skipped.items():
-        print(f"  skipped {pid}: {reason}")
     for name, path in result.tables.items():
         print(f"  {name}: {path}")
     if settings.reconstruct:
         print(f"  volumes: {result.out}/<patient>/recon/")
+    report_left_out(result.skipped, "(exit code 1; see summary.json)")
     return 1 if result.skipped else 0

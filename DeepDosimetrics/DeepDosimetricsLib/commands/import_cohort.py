@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import argparse
 
-from DeepDosimetricsLib.commands import add_pool_arguments, pool_from_args
+from DeepDosimetricsLib.commands import (
+    add_common_arguments,
+    add_modality_argument,
+    add_pool_arguments,
+    describe_command,
+    pool_from_args,
+)
 
 HELP = "import a cohort (folder exports, OpenKBP CSVs or DICOM-RT) into the canonical layout"
 
@@ -22,6 +28,12 @@ cohorts already in the canonical layout (structures/<Name>.nrrd). Conforming NRR
 """
 
 
+def _describe(parser: argparse.ArgumentParser, notes: str = "") -> None:
+    describe_command(parser, ok="every patient was imported (COHORT/import_report.csv)",
+                     partial="some patients were skipped, or none was found (the reasons in "
+                     "COHORT/import_report.csv)", notes=notes)
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="SRC", help="source folder (never modified)")
     parser.add_argument("--out", required=True, metavar="COHORT", help="cohort folder to write (created)")
@@ -30,7 +42,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--synonyms", metavar="YAML", default=None,
                         help="structure-name synonyms extending the packaged map "
                         "(default: $DEEPDOSIMETRICS_SYNONYMS if set)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_common_arguments(parser)
     parser.add_argument("--pseudonymize", metavar="KEYFILE", default=None,
                         help="replace patient ids with stable pseudonyms (anon-<HMAC-SHA256 of the id>); the "
                         "secret key and the only mapping back to the ids live in KEYFILE (created, mode 0600, "
@@ -41,10 +53,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The sub-commands folder, openkbp and dicom with their options."""
+    _describe(parser)
     kinds = parser.add_subparsers(dest="import_kind", metavar="KIND", required=True)
     folder = kinds.add_parser("folder", help="folders of NRRD/NIfTI files, one sub-folder per patient",
-                              description="Import folder exports.", epilog=FOLDER_EPILOG,
+                              description="Import folder exports.",
                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    _describe(folder, FOLDER_EPILOG)
     _common(folder)
     folder.add_argument("--ct", action="append", metavar="GLOB",
                         help="CT file pattern(s), relative to a patient folder (repeat or comma-separate)")
@@ -59,10 +73,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     linking.add_argument("--hardlink", dest="link", action="store_const", const="hardlink",
                          help="hard-link files (same file system) instead of symlinking them")
     folder.set_defaults(link="symlink")
-    _common(kinds.add_parser("openkbp", help="the OpenKBP challenge's sparse CSVs (pt_N/ct.csv, ...)",
-                             description="Import OpenKBP sparse CSV patients."))
-    _common(kinds.add_parser("dicom", help="DICOM-RT: CT series, RTSTRUCT, RTDOSE (any folder tree)",
-                             description="Import a DICOM-RT tree, grouped by patient and frame of reference."))
+    add_modality_argument(folder, "the images in the CT's place")
+    for kind, help_text, description in (
+        ("openkbp", "the OpenKBP challenge's sparse CSVs (pt_N/ct.csv, ...)", "Import OpenKBP sparse CSV patients."),
+        ("dicom", "DICOM-RT: CT series, RTSTRUCT, RTDOSE (any folder tree)",
+         "Import a DICOM-RT tree, grouped by patient and frame of reference."),
+    ):
+        sub = kinds.add_parser(kind, help=help_text, description=description)
+        _describe(sub)
+        _common(sub)
 
 
 def _patterns(values, defaults: list[str]) -> list[str]:
@@ -74,11 +93,13 @@ def _patterns(values, defaults: list[str]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     """Import, write COHORT/import_report.csv, print the summary; 1 when some patients were skipped."""
     from DeepDosimetricsLib.data.importers import ImportOptions
+    from DeepDosimetricsLib.data.modality import AUTO
     from DeepDosimetricsLib.data.synonyms import load_synonyms
 
     options = ImportOptions(out=args.out, overwrite=args.overwrite, link=getattr(args, "link", "symlink"),
                             synonyms=load_synonyms(args.synonyms), quiet=args.quiet,
-                            pseudonymize=getattr(args, "pseudonymize", None), pool=pool_from_args(args))
+                            pseudonymize=getattr(args, "pseudonymize", None), pool=pool_from_args(args),
+                            modality=getattr(args, "modality", AUTO))
     if args.import_kind == "folder":
         from DeepDosimetricsLib.data.importers.folder import (
             DEFAULT_CT_PATTERNS,
@@ -105,6 +126,6 @@ def run(args: argparse.Namespace) -> int:
     path = report.write(options.out)
     if options.pseudonymised:
         print(f"pseudonyms: key and mapping in {args.pseudonymize} (keep it private, outside the cohort)")
-    print(report.summary())
     print(f"report: {path}")
+    print(report.summary())  # the skipped patients come last
     return report.exit_code

@@ -6,16 +6,24 @@ from __future__ import annotations
 import argparse
 import sys
 
+from DeepDosimetricsLib.commands import add_common_arguments, describe_command
+
 HELP = "outcome analysis: compare clinical, DVH, radiomics and deep feature sets by nested CV (report)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The command's options."""
-    parser.epilog = (
-        "Sets compared: each named set alone, the base, base + each set (e.g. clinical+dvh) and 'all'. "
+    """The command's options (defaults: PredictSettings')."""
+    from DeepDosimetricsLib.analysis.job import PredictSettings
+    from DeepDosimetricsLib.analysis.protocol import MODELS
+
+    describe_command(
+        parser,
+        ok="the analysis ran; a set that cannot be fitted (e.g. every feature constant) has its reason in "
+        "summary.csv",
+        notes="Sets compared: each named set alone, the base, base + each set (e.g. clinical+dvh) and 'all'. "
         "Outputs in --out: summary.csv, comparison.csv, predictions.csv, selected_features.csv, cohort.csv, "
-        "report.html, figures/*.png and predict.json (settings and versions), each written atomically. "
-        "Exit code 2 on bad input (unknown column, non-binary outcome, too few events, no patient in common)."
+        "report.html, figures/*.png and predict.json (settings and versions), each written atomically. Bad "
+        "input: an unknown column, a non-binary outcome, too few events, no patient in common.",
     )
     parser.add_argument("--clinical", required=True, metavar="CLINICAL.csv",
                         help="clinical table with a 'patient' column, the endpoint and the covariates")
@@ -42,16 +50,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "comparison.csv; nothing, ComBat included, is fitted on SITE)")
     parser.add_argument("--site-column", default=None, metavar="COLUMN",
                         help="clinical column of --validate-on (default: the --harmonize column, else 'site')")
-    parser.add_argument("--model", default="logistic", choices=["logistic", "elasticnet", "forest"],
-                        help="logistic (L2; Cox ridge for time-to-event), elasticnet, forest (default logistic)")
-    parser.add_argument("--folds", type=int, default=5, help="outer folds (default 5)")
-    parser.add_argument("--repeats", type=int, default=10, help="repeats of the outer K-fold (default 10)")
-    parser.add_argument("--inner-folds", type=int, default=3, help="inner CV folds for tuning (default 3)")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs (default 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the splits and models")
-    parser.add_argument("--jobs", type=int, default=1, help="processes fitting folds in parallel (default 1)")
+    defaults = PredictSettings
+    parser.add_argument("--model", default=defaults.model, choices=MODELS,
+                        help="logistic (L2; Cox ridge for time-to-event), elasticnet, forest (default %(default)s)")
+    parser.add_argument("--folds", type=int, default=defaults.folds, help="outer folds (default %(default)s)")
+    parser.add_argument("--repeats", type=int, default=defaults.repeats,
+                        help="repeats of the outer K-fold (default %(default)s)")
+    parser.add_argument("--inner-folds", type=int, default=defaults.inner_folds,
+                        help="inner CV folds for tuning (default %(default)s)")
+    parser.add_argument("--bootstrap", type=int, default=defaults.bootstrap,
+                        help="bootstrap resamples for CIs (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help="random seed of the splits and models (default %(default)s)")
+    parser.add_argument("--jobs", type=int, default=defaults.jobs,
+                        help="processes fitting folds in parallel (default %(default)s)")
     parser.add_argument("--no-report", action="store_true", help="skip report.html and figures")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_common_arguments(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
 
 

@@ -4,29 +4,31 @@ from __future__ import annotations
 
 import argparse
 
-from DeepDosimetricsLib.commands import add_structure_table_arguments, pool_from_args
+from DeepDosimetricsLib.commands import (
+    add_common_arguments,
+    add_modality_argument,
+    add_structure_table_arguments,
+    describe_structure_table,
+    pool_from_args,
+)
 
 HELP = "radiomics features per structure (CT or dose) of a cohort, through pyradiomics, to a CSV table"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's options."""
-    parser.epilog = (
-        "A structure that cannot be measured (empty, outside the image, too small for pyradiomics, "
-        "patient without dose (--image dose), "
-        "structure missing for that patient) gets one row with a 'reason' and is listed on stderr; the "
-        "command still exits 0. Exit code 1: some patients or structures failed (unreadable files; their "
-        "rows say 'error: ...'), the others are in the table. Exit code 2: bad input, nothing computed."
-    )
-    parser.add_argument(
-        "--cohort", required=True, metavar="DIR", help="cohort folder (one sub-folder per patient)"
-    )
+    from DeepDosimetricsLib.features.radiomics import DEFAULT_IMAGE, IMAGE_KINDS
+
+    describe_structure_table(parser, "empty, outside the image, too small for pyradiomics, patient without dose "
+                             "(--image dose), structure missing for that patient")
+    add_common_arguments(parser, cohort=True, quiet=False)
     parser.add_argument(
         "--image",
-        choices=("ct", "dose"),
-        default="ct",
-        help="image the features describe: the CT (HU) or the dose on the CT grid (Gy); default ct",
+        choices=IMAGE_KINDS,
+        default=DEFAULT_IMAGE,
+        help="image the features describe: the CT (HU) or the dose on the CT grid (Gy); default %(default)s",
     )
+    add_modality_argument(parser, "the images (--image ct: the patient's image, an MR or PET in its place)")
     settings = parser.add_mutually_exclusive_group()
     settings.add_argument(
         "--preset",
@@ -43,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a pyradiomics parameter file (.yaml or .json), used as it is",
     )
     add_structure_table_arguments(parser, "features")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_common_arguments(parser)
     parser.add_argument("--out", required=True, metavar="FILE.csv", help="output CSV (written atomically)")
 
 
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     pool = pool_from_args(args)
     params = resolve_parameters(args.params or args.preset or DEFAULT_PRESET, image=args.image)
-    cohort = Cohort.open(args.cohort)
+    cohort = Cohort.open(args.cohort, modality=args.modality)
     table = cohort_radiomics(
         cohort,
         image=args.image,

@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import argparse
 
+from DeepDosimetricsLib.commands import describe_command
+
 HELP = "browser review station: inspect reconstructions, DVHs and latent traversals, record verdicts"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's options."""
-    parser.epilog = (
-        "Prints 'review station: URL' and serves until interrupted. Binds to 127.0.0.1 by default; any other "
-        "--host requires an access token (--token, or one generated and printed in the URL): requests without "
-        "it get 403. Only the encoded patients of the cohort are served, by id. The only file written is "
-        "ENC_DIR/review.csv (patient,verdict,comment,reviewer,time)."
+    describe_command(
+        parser,
+        ok="the station served until it was stopped",
+        notes="Prints 'review station: URL' and serves until interrupted. Binds to 127.0.0.1 by default; any "
+        "other --host requires an access token (--token, or one generated and printed in the URL): requests "
+        "without it get 403. Only the encoded patients of the cohort are served, by id. The only file written "
+        "is ENC_DIR/review.csv (patient,verdict,comment,reviewer,time).",
     )
     parser.add_argument("--encoding", required=True, metavar="ENC_DIR",
                         help="output folder of `deepdosimetrics encode --reconstruct`")
     parser.add_argument("--cohort", required=True, metavar="COHORT", help="the cohort that was encoded")
-    parser.add_argument("--model", default=None, metavar="MODEL_DIR",
-                        help="the model that encoded it: enables the latent traversal sliders")
+    parser.add_argument("--model", default=None, metavar="MODEL",
+                        help="the model that encoded it (a folder or a shipped model's name): enables the latent "
+                        "traversal sliders")
     parser.add_argument("--cache", default=None, metavar="DIR",
                         help="the preprocessing cache the encoding used (default: the cohort's default cache)")
     parser.add_argument("--predict", default=None, metavar="PREDICT_DIR",

@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import argparse
 
+from DeepDosimetricsLib.commands import add_common_arguments, describe_command
+
 HELP = "write a deterministic cohort of CT-like phantoms (CT, structures, multi-beam dose, clinical.csv)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of the sub-command."""
+    """Options of the sub-command (defaults: PhantomConfig's)."""
+    from DeepDosimetricsLib.data.phantoms.config import DEFAULT_PATIENTS, PhantomConfig
+
+    describe_command(parser, ok="the cohort was written (the same seed gives the same files)")
     parser.add_argument("--out", required=True, metavar="DIR", help="cohort folder to write (created)")
-    parser.add_argument("--patients", type=int, default=6, metavar="N", help="number of patients (default 6)")
+    parser.add_argument("--patients", type=int, default=DEFAULT_PATIENTS, metavar="N",
+                        help="number of patients (default %(default)s)")
     parser.add_argument(
         "--shape",
         type=int,
         nargs=3,
-        default=[96, 96, 64],
+        default=list(PhantomConfig.shape),
         metavar=("X", "Y", "Z"),
-        help="CT size in voxels (default 96 96 64; 512 512 350 for full size)",
+        help=f"CT size in voxels (default {' '.join(map(str, PhantomConfig.shape))}; 512 512 350 for full size)",
     )
     parser.add_argument(
         "--spacing",
@@ -27,24 +33,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar=("SX", "SY", "SZ"),
         help="voxel spacing in mm (default: 400-mm field of view and 320-mm scan length for the shape)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same files")
+    parser.add_argument("--seed", type=int, default=PhantomConfig.seed,
+                        help="random seed (default %(default)s); same seed, same files")
     parser.add_argument(
         "--sites",
         type=int,
-        default=0,
+        default=PhantomConfig.sites,
         metavar="N",
         help="scanner sites (1-4): a 'site' column in clinical.csv and a per-site CT effect (HU offset, noise, "
-        "slice thickness) that changes no dose or outcome; the PTV site is then 'tumour_site' (default 0: none)",
+        "slice thickness) that changes no dose or outcome; the PTV site is then 'tumour_site' (default "
+        "%(default)s: none)",
     )
     parser.add_argument(
         "--outcome-scale",
         type=float,
-        default=1.0,
+        default=PhantomConfig.outcome_scale,
         metavar="F",
         help="multiply the dose and PTV-volume coefficients of the outcome model by F (written to cohort.json; "
-        "default 1)",
+        "default %(default)s)",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_common_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from DeepDosimetricsLib.commands import add_common_arguments, describe_command, report_left_out
 from DeepDosimetricsLib.runtime.devices import DEVICES
 
 HELP = "train the tiled 3D autoencoder (K features per tile) on a cohort; resumable, torchrun-ready"
@@ -31,11 +32,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         value = defaults.get(key)
         return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
-    parser.add_argument("--cohort", required=True, metavar="DIR", help="cohort folder (one sub-folder per patient)")
+    describe_command(
+        parser,
+        ok="the model was trained on every patient of the cohort, or without those --skip-incomplete left out "
+        "(listed in model.json's skipped_patients)",
+        partial="patients the cache refused (unreadable, failing the value checks) were left out: trained on "
+        "the others, listed in model.json's refused_patients",
+    )
+    add_common_arguments(parser, cohort=True, cache=True, quiet=False)
     parser.add_argument("--out", required=True, metavar="MODEL_DIR",
                         help="model folder: model.json/model.pt, checkpoint.pt, loss_history.csv, loss_curve.png")
-    parser.add_argument("--cache", metavar="DIR", default=None,
-                        help="preprocessing cache folder (default: the cohort's default cache; built when missing)")
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="YAML training configuration (see Resources/train-default.yaml); options below override it")
     parser.add_argument("--channels", default=None, help="default | full | list such as window:lung,mask:PTV,dose")
@@ -64,16 +70,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"early stopping after N validations without improvement (0: off; default {default('patience')})")
     parser.add_argument("--workers", type=int, default=None, metavar="N", dest="num_workers",
                         help=f"DataLoader processes reading tiles (default {default('num_workers')}; 0: in the training process)")
+    from DeepDosimetricsLib.deep.train.training import SAMPLERS
+
+    parser.add_argument("--sampler", choices=SAMPLERS, default=None,
+                        help=f"where tiles are cut (default {default('sampler')}): device = on the GPU from the cache "
+                        "held in its memory; host = read by the CPU (DataLoader workers); auto = device when it fits")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="CPU threads per process (default: torch's; under torchrun on CPU: cores / processes)")
     parser.add_argument("--skip-incomplete", action="store_true", default=None,
                         help="train without the patients lacking a requested channel instead of refusing")
     parser.add_argument("--seed", type=int, default=None, help=f"random seed (default {default('seed')})")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar (@progress lines are still printed)")
+    add_common_arguments(parser, progress_lines=True)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train; prints where the model went."""
+    """Train; prints where the model went, then the patients left out. Exit code 1 when the cache refused
+    some (trained without them), 0 otherwise (also when --skip-incomplete left some out: the user's choice)."""
     from DeepDosimetricsLib.deep.train.training import make_config, train
 
     config = make_config(
@@ -81,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         channels=args.channels, tile=args.tile, batch=args.batch, features=args.features, widths=args.widths,
         steps=args.steps, epochs=args.epochs, lr=args.lr, schedule=args.schedule, device=args.device,
         checkpoint_every=args.checkpoint_every, val_fraction=args.val_fraction, patience=args.patience,
-        num_workers=args.num_workers, threads=args.threads, skip_incomplete=args.skip_incomplete, seed=args.seed,
+        num_workers=args.num_workers, sampler=args.sampler, threads=args.threads, skip_incomplete=args.skip_incomplete, seed=args.seed,
     )
     import contextlib
     import os
@@ -94,9 +106,13 @@ def run(args: argparse.Namespace) -> int:
             if os.environ.get("RANK", "0") in ("", "0") else contextlib.nullcontext())
     with lock:
         result = train(args.cohort, args.out, config, cache_dir=args.cache, resume=args.resume, quiet=args.quiet)
-    if result.summary.get("world_size", 1) > 1 and int(__import__("os").environ.get("RANK", "0")) != 0:
-        return 0
+    refused = result.summary.get("refused_patients") or {}
+    code = 1 if refused else 0
+    if result.summary.get("world_size", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return code  # rank 0 reports for all
     best = f"{result.best_val_loss:.5g}" if result.best_val_loss is not None else "n/a"
     print(f"model: {result.out_dir} (steps {result.steps}, best validation loss {best}"
           + (", stopped early" if result.stopped_early else "") + ")")
-    return 0
+    report_left_out(result.summary.get("skipped_patients") or {}, "lacking a channel (--skip-incomplete)")
+    report_left_out(refused, "refused by the cache (exit code 1)")
+    return code

@@ -1,13 +1,16 @@
-"""Value checks of CT and dose where they are read (Patient, importers).
+"""Value checks of images and dose where they are read (Patient, importers), by modality.
 
 Each check either raises an InputError that names the file, the problem and the voxel count (the data
 are wrong: nothing is computed from them), or returns a warning (the data are unusual but may be right:
 the values are computed and the warning goes to the log and to the ``reason`` of the result rows).
+The HU checks apply to a CT only: an MR, a PET or another image is checked on its own scale, or not at
+all where no check is safe (the modality: :mod:`DeepDosimetricsLib.data.modality`).
 
 =====================================  ==========  ===================================================
 check                                  outcome     why
 =====================================  ==========  ===================================================
-CT or dose with NaN/infinite voxels    error       no number can be computed from them
+any image or dose with NaN/infinite    error       no number can be computed from them
+voxels
 dose below -0.01 Gy                    error       a dose cannot be negative: a wrong sign or encoding
 dose maximum over 200 Gy               error       looks like cGy: every metric would be 100x too big
                                                    (``$DEEPDOSIMETRICS_MAX_DOSE_GY`` raises the limit)
@@ -15,8 +18,12 @@ CT with no voxel below 0 and a         error       looks like stored values with
 maximum over 3000                                  Intercept (air would be 0 instead of -1000 HU)
 empty image (a zero size)              error       nothing to measure
 dose between -0.01 and 0 Gy            warning     rounding noise of a planning system
-constant CT or dose (also 0 Gy         warning     legal but unusual (test phantoms, an unplanned
+PET (PT) with negative voxels          warning     activity cannot be negative, but reconstructions
+                                                   (FBP) leave negative noise: computed and flagged
+constant image or dose (also 0 Gy      warning     legal but unusual (test phantoms, an unplanned
 everywhere)                                        patient); results are computed and flagged
+MR, OT and other modalities: no        (none)      their values have no absolute scale (MR intensities
+range check                                        are arbitrary, may be normalised or negative)
 =====================================  ==========  ===================================================
 
 The arrays are scanned slab by slab, so the checks need little memory beyond the image itself.
@@ -30,6 +37,7 @@ from typing import List
 
 import numpy as np
 
+from DeepDosimetricsLib.data.modality import CT, normalize_modality
 from DeepDosimetricsLib.runtime.errors import InputError
 
 MAX_DOSE_ENV = "DEEPDOSIMETRICS_MAX_DOSE_GY"
@@ -102,9 +110,11 @@ def max_dose_gy() -> float:
     return value
 
 
-def check_ct_array(array: np.ndarray, what: str) -> List[str]:
-    """Check CT values (HU, before any conversion to int16); InputError or a list of warnings."""
-    summary = summarize(array, below_threshold=0.0, above_threshold=UNRESCALED_CT_MAX)
+def finite_summary(array: np.ndarray, what: str, below_threshold: float = 0.0,
+                   above_threshold: float = np.inf) -> ValueSummary:
+    """The summary of an image's values; InputError when it is empty or holds NaN or infinite voxels
+    (the checks every modality shares)."""
+    summary = summarize(array, below_threshold=below_threshold, above_threshold=above_threshold)
     if summary.voxels == 0:
         raise InputError(f"{what} is empty (0 voxels)")
     if summary.non_finite:
@@ -112,15 +122,43 @@ def check_ct_array(array: np.ndarray, what: str) -> List[str]:
             f"{what}: {summary.non_finite} of {summary.voxels} voxels are not finite (NaN or infinite); "
             "the file is damaged or was exported wrongly"
         )
+    return summary
+
+
+def _constant(summary: ValueSummary, what: str, unit: str) -> List[str]:
+    if summary.constant:
+        return [f"{what} is constant ({summary.minimum:g}{unit} in all {summary.voxels} voxels)"]
+    return []
+
+
+def check_ct_array(array: np.ndarray, what: str, note: str = "") -> List[str]:
+    """Check CT values (HU, before any conversion to int16); InputError or a list of warnings. ``note``
+    ends the message of an un-rescaled CT (e.g. how to say that the image is no CT)."""
+    summary = finite_summary(array, what, below_threshold=0.0, above_threshold=UNRESCALED_CT_MAX)
     if summary.below == 0 and summary.maximum > UNRESCALED_CT_MAX:
         raise InputError(
             f"{what} looks un-rescaled: no voxel below 0 and {summary.above} of {summary.voxels} voxels above "
             f"{UNRESCALED_CT_MAX} (maximum {summary.maximum:g}); CT values must be HU (air -1000): apply "
-            "RescaleSlope/RescaleIntercept when exporting"
+            "RescaleSlope/RescaleIntercept when exporting" + note
         )
-    if summary.constant:
-        return [f"{what} is constant ({summary.minimum:g} HU in all {summary.voxels} voxels)"]
-    return []
+    return _constant(summary, what, " HU")
+
+
+def check_pet_array(array: np.ndarray, what: str) -> List[str]:
+    """Check PET values (activity concentration or SUV, any unit): InputError (empty, not finite) or
+    warnings (negative voxels, constant)."""
+    summary = finite_summary(array, what, below_threshold=0.0)
+    warnings = []
+    if summary.below:
+        warnings.append(f"{what}: {summary.below} of {summary.voxels} voxels are negative (down to "
+                        f"{summary.minimum:g}); PET activity cannot be negative (reconstruction noise?)")
+    return warnings + _constant(summary, what, "")
+
+
+def check_unscaled_array(array: np.ndarray, what: str) -> List[str]:
+    """Check an image whose values have no absolute scale (MR, OT, any other modality): InputError
+    (empty, not finite) or a warning (constant). No range is checked: none is safe."""
+    return _constant(finite_summary(array, what), what, "")
 
 
 def check_dose_array(array: np.ndarray, what: str) -> List[str]:
@@ -152,13 +190,23 @@ def check_dose_array(array: np.ndarray, what: str) -> List[str]:
     return warnings
 
 
-def check_image(image, what: str, kind: str) -> List[str]:
-    """Check a SimpleITK image's values; ``kind`` is ``"ct"`` or ``"dose"``."""
+def check_array(array: np.ndarray, what: str, kind: str, note: str = "") -> List[str]:
+    """Check values by kind: ``"dose"`` (Gy) or an image modality (``CT``/``ct``: HU; ``PT``: PET; ``MR``,
+    ``OT`` or any other code: no scale). ``note`` ends the message of an un-rescaled CT."""
+    if str(kind).lower() == "dose":
+        return check_dose_array(array, what)
+    modality = normalize_modality(kind)
+    if modality is None:
+        raise ValueError(f"unknown image kind {kind!r}")
+    if modality == CT:
+        return check_ct_array(array, what, note)
+    if modality == "PT":
+        return check_pet_array(array, what)
+    return check_unscaled_array(array, what)
+
+
+def check_image(image, what: str, kind: str, note: str = "") -> List[str]:
+    """Check a SimpleITK image's values; ``kind`` is ``"dose"`` or the image's modality (see check_array)."""
     import SimpleITK as sitk
 
-    array = sitk.GetArrayViewFromImage(image)
-    if kind == "ct":
-        return check_ct_array(array, what)
-    if kind == "dose":
-        return check_dose_array(array, what)
-    raise ValueError(f"unknown image kind {kind!r}")
+    return check_array(sitk.GetArrayViewFromImage(image), what, kind, note)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Union
 
 from DeepDosimetricsLib.data.ids import safe_patient_id
+from DeepDosimetricsLib.data.modality import AUTO
 from DeepDosimetricsLib.data.patient import (
     CT_STEMS,
     DOSE_STEMS,
@@ -85,12 +86,15 @@ class Cohort:
         self._by_id = {p.id: p for p in patients}
 
     @classmethod
-    def open(cls, folder: Union[str, Path], patient_ids: Optional[List[str]] = None) -> Cohort:
+    def open(cls, folder: Union[str, Path], patient_ids: Optional[List[str]] = None,
+             modality: str = AUTO) -> Cohort:
         """Open a cohort folder: one ``Patient`` per patient sub-folder, and ``clinical.csv`` if present.
 
         Args:
             folder: the cohort folder (hidden sub-folders and folders without a CT or dose are ignored).
             patient_ids: keep only these patients, in the cohort's order; default all.
+            modality: the patients' image modality where their data do not say it (``auto``: CT); see
+                ``Patient.modality``.
 
         Raises:
             InputError: the folder is missing, holds no patient folder (or is itself a patient folder), a
@@ -127,7 +131,7 @@ class Cohort:
                 f"cohort folder {folder} holds no patient folder (a sub-folder with ct.nrrd or ct.nii.gz)"
                 + (f"; unreadable: {'; '.join(unreadable.values())}" if unreadable else "")
             )
-        patients = [Patient.from_folder(p) for p in folders]
+        patients = [Patient.from_folder(p, modality=modality) for p in folders]
         clinical = read_clinical(folder / CLINICAL_FILE, [p.id for p in patients])
         if patient_ids is not None:
             wanted = [str(i) for i in patient_ids]

@@ -7,6 +7,10 @@ the prototype's misalignment bugs are avoided once and for all.
 A patient folder holds ``ct.nrrd`` (or ``ct.nii.gz``/``ct.nii``/``ct.mha``), an optional ``dose.*``,
 and structures as ``structures/<Name>.nrrd``, a Slicer ``structures.seg.nrrd``, or (flat layout, as
 in OpenKBP exports) ``<Name>.nrrd`` beside the CT.
+
+The image in the CT's place may be of another modality (an MR, a PET): ``Patient.modality`` says which
+(from ``import.json``, the image header or the ``modality`` option; see :mod:`DeepDosimetricsLib.data.modality`),
+and its values are checked as that modality's, not as HU.
 """
 
 from __future__ import annotations
@@ -23,6 +27,15 @@ import SimpleITK as sitk
 from DeepDosimetricsLib.data.checks import check_image
 from DeepDosimetricsLib.data.geometry import Geometry, snap_direction
 from DeepDosimetricsLib.data.headers import check_image_file
+from DeepDosimetricsLib.data.modality import (
+    AUTO,
+    CT,
+    MODALITY_CHOICES,
+    image_modality,
+    normalize_modality,
+    parse_modality_option,
+    resolve_modality,
+)
 from DeepDosimetricsLib.runtime.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -37,6 +50,14 @@ NON_STRUCTURE_STEMS = {"possible_dose_mask"}
 BODY_NAMES = ("body", "external", "skin", "outline", "bodys")
 #: NRRD/NIfTI metadata keys that may carry a patient id
 PATIENT_ID_KEYS = ("PatientID", "patient_id", "0010|0020")
+#: the importers' record of a patient (written by data/importers/layout.py), which may name its modality
+IMPORT_RECORD = "import.json"
+#: ends the message of an un-rescaled CT whose modality nobody stated
+NOT_A_CT_HINT = (
+    "; if the image is not a CT, say which modality it is (--modality "
+    + "|".join(code for code in MODALITY_CHOICES if code not in (AUTO, CT))
+    + ", or a Modality key in its header)"
+)
 BODY_THRESHOLD_HU = -500
 
 
@@ -168,11 +189,14 @@ class Patient:
 
     Args:
         patient_id: the patient's id (the folder name for ``from_folder``).
-        ct: the CT as a file path or a SimpleITK image (HU); None for a dose-only patient.
+        ct: the CT as a file path or a SimpleITK image (HU); None for a dose-only patient. An image of
+            another modality (MR, PET) may take its place: see ``modality``.
         structures: structure name -> file path, SimpleITK image or segment of a ``.seg.nrrd``; any grid.
         dose: the dose in Gy as a file path or SimpleITK image; any grid.
         folder: the patient folder the files came from, if any.
         source: a word for messages saying where the data came from ("files", "images", "scene").
+        modality: the image's modality when the data do not say it (``auto``: CT), or a check of what
+            they say (``CT``, ``MR``, ``PT``, ``OT``); see :mod:`DeepDosimetricsLib.data.modality`.
     """
 
     def __init__(
@@ -183,6 +207,7 @@ class Patient:
         dose: Optional[ImageSource] = None,
         folder: Optional[Path] = None,
         source: str = "files",
+        modality: str = AUTO,
     ) -> None:
         self.id = str(patient_id)
         self.folder = Path(folder) if folder is not None else None
@@ -194,18 +219,23 @@ class Patient:
         self._dose_reference: Optional[sitk.Image] = None
         self._checked_ids = False
         self._dose_checked = False
+        #: the ``modality`` option (``auto``: what the data say, else CT)
+        self.modality_option = parse_modality_option(modality)
+        self._modality: Optional[tuple[str, str]] = None
         #: warnings of the value checks per image ("ct", "dose"): values computed, but flagged
         self.warnings: Dict[str, List[str]] = {"ct": [], "dose": []}
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_folder(cls, folder: Union[str, Path], patient_id: Optional[str] = None) -> Patient:
+    def from_folder(cls, folder: Union[str, Path], patient_id: Optional[str] = None,
+                    modality: str = AUTO) -> Patient:
         """A patient from a folder in the canonical (or flat) layout.
 
         Args:
             folder: the patient folder (``ct.nrrd``, optional ``dose.nrrd``, ``structures/<Name>.nrrd``,
                 ``structures.seg.nrrd`` or structures beside the CT).
             patient_id: the id to use; default the folder's name.
+            modality: the image's modality where the data do not say it (``auto``: CT).
 
         Raises:
             InputError: the folder does not exist or holds neither a CT nor a dose.
@@ -240,7 +270,8 @@ class Patient:
             if stem.lower() in NON_STRUCTURE_STEMS or stem in structures:
                 continue
             structures[stem] = path
-        return cls(patient_id or folder.name, ct=ct, structures=structures, dose=dose, folder=folder)
+        return cls(patient_id or folder.name, ct=ct, structures=structures, dose=dose, folder=folder,
+                   modality=modality)
 
     @classmethod
     def from_images(
@@ -250,17 +281,20 @@ class Patient:
         structures: Optional[Mapping[str, sitk.Image]] = None,
         dose: Optional[sitk.Image] = None,
         source: str = "images",
+        modality: str = AUTO,
     ) -> Patient:
         """A patient from in-memory SimpleITK images (e.g. converted from MRML nodes).
 
         Args:
             patient_id: the patient's id.
-            ct: the CT (HU, 3D).
+            ct: the CT (HU, 3D), or an image of the modality its metadata or ``modality`` say.
             structures: structure name -> binary labelmap image, any grid.
             dose: the dose in Gy, any grid.
             source: a word for messages saying where the images came from.
+            modality: the image's modality where its metadata do not say it (``auto``: CT).
         """
-        return cls(patient_id, ct=ct, structures=dict(structures or {}), dose=dose, source=source)
+        return cls(patient_id, ct=ct, structures=dict(structures or {}), dose=dose, source=source,
+                   modality=modality)
 
     def __repr__(self) -> str:
         where = self.folder if self.folder is not None else self.source
@@ -282,20 +316,63 @@ class Patient:
         """Whether the patient has a CT volume (a dose-only case, e.g. DICOM-RT with one CT slice, has not)."""
         return self._ct_source is not None
 
+    @property
+    def modality(self) -> str:
+        """The modality of the image (``CT``, ``MR``, ``PT``...): what ``import.json`` or the image header
+        say, else the ``modality`` option, else CT. InputError when the data and the option disagree."""
+        return self._resolved_modality()[0]
+
+    def _resolved_modality(self, image: Optional[sitk.Image] = None) -> tuple[str, str]:
+        """(modality, where it comes from); ``image``: the image already read (else its header is read)."""
+        if self._modality is None:
+            declared, declared_by = self._declared_modality(image)
+            what = self._describe("image", self._ct_source) if self._ct_source is not None else f"patient {self.id}"
+            self._modality = resolve_modality(declared, declared_by, self.modality_option, what)
+        return self._modality
+
+    def _declared_modality(self, image: Optional[sitk.Image]) -> tuple[Optional[str], str]:
+        """What the data say: the import record first, then the image's header."""
+        record = self.folder / IMPORT_RECORD if self.folder is not None else None
+        if record is not None and record.is_file():
+            import json
+
+            try:
+                entry = json.loads(record.read_text(encoding="utf-8")).get("ct") or {}
+                declared = normalize_modality(entry.get("modality")) if isinstance(entry, dict) else None
+            except (OSError, ValueError, AttributeError, InputError) as error:
+                raise InputError(f"patient {self.id}: {record} cannot be read ({error})") from None
+            if declared:
+                return declared, str(record)
+        source = self._ct_source
+        if isinstance(source, sitk.Image):
+            return image_modality(source), "image metadata"
+        if not isinstance(source, Path):
+            return None, ""
+        if image is None:
+            image = sitk.ImageFileReader()  # the header alone
+            image.SetFileName(str(source))
+            try:
+                image.ReadImageInformation()
+            except RuntimeError:  # reading the image reports the problem
+                return None, ""
+        return image_modality(image), f"header ({source.name})"
+
     def ct_image(self) -> sitk.Image:
-        """The CT as an int16 HU image (read once, then kept)."""
+        """The image: a CT as int16 HU (read once, then kept); an image of another modality (``modality``)
+        with its own pixel type and values, checked as that modality's."""
         if self._ct_source is None:
             raise InputError(
                 f"patient {self.id} has no CT volume (dose and structures only); this step needs a CT"
             )
         if self._ct is None:
-            what = self._describe("CT", self._ct_source)
             image = self._ct_source
             if isinstance(image, Path):
-                image = read_image(image, what)
+                image = read_image(image, self._describe("CT", self._ct_source))
+            modality, by = self._resolved_modality(image)
+            what = self._describe("CT" if modality == CT else f"image ({modality})", self._ct_source)
             image = require_3d(image, what)
-            self._warn("ct", check_image(image, what, "ct"))
-            if image.GetPixelID() != sitk.sitkInt16:
+            self._warn("ct", check_image(image, what, modality, NOT_A_CT_HINT if by == "default" else ""))
+            if modality == CT and image.GetPixelID() != sitk.sitkInt16:
                 if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
                     image = sitk.Round(image)
                 image = sitk.Cast(sitk.Clamp(image, lowerBound=-32768, upperBound=32767), sitk.sitkInt16)
@@ -323,7 +400,7 @@ class Patient:
         return Geometry.from_image(self.reference_image())
 
     def ct_array(self) -> np.ndarray:
-        """CT in HU as an int16 (z, y, x) array."""
+        """CT in HU as an int16 (z, y, x) array (another modality: its values, see ``ct_image``)."""
         return sitk.GetArrayFromImage(self.ct_image())
 
     # ------------------------------------------------------------------ structures

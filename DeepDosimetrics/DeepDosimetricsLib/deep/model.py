@@ -5,6 +5,17 @@ flat vector and a linear layer to K features. The decoder rebuilds every channel
 alone (linear layer, reshape, upsampling convolutions): there is no skip connection, so the features
 describe the whole tile.
 
+With ``pca_start`` the model is residual around PCA: a linear path (the mean tile m and K principal axes
+W of training tiles, frozen; see ``deep/train/pca.py``) runs beside the convolutions, whose contributions
+start at exactly zero (zero-initialised gains, as in ReZero)::
+
+    z = ((x - m) W) / s + g_z conv_encoder(x)          s: the axes' standard deviations (unit-scale features)
+    y = clip(m + (z s) W^T + g_y conv_decoder(z), 0, 1)   g_z (K,), g_y (C,): trained gains, zero at start
+
+so at step 0 the model reconstructs as PCA with the same K does, and training spends every step on what
+PCA cannot represent. The clip passes gradients straight through (an output stuck outside [0, 1] still
+learns), and the decoder returns the logit of y, so the losses and ``decode`` are those of the plain model.
+
 A model folder holds ``model.json`` (format tag, configuration, channel labels, training summary) and
 ``model.pt`` (a plain state dict, read back with ``torch.load(weights_only=True)``: nothing is unpickled
 as an arbitrary object).
@@ -47,6 +58,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
     residual: bool = False  # the extra convolutions of each level are residual blocks (x + conv(x))
     decoder_convs: Optional[int] = None  # extra convolutions per decoder level (None: convs_per_level)
+    pca_start: bool = False  # a frozen linear PCA path beside the convolutions, which start at zero
 
     def __post_init__(self) -> None:
         self.channels = [str(c) for c in self.channels]
@@ -81,6 +93,11 @@ class ModelConfig:
     def mask_channels(self) -> list[int]:
         """Indices of binary (mask) channels."""
         return [i for i, label in enumerate(self.channels) if label.startswith("mask:")]
+
+    @property
+    def tile_values(self) -> int:
+        """D: values in one tile (channels x tile^3), the length of the PCA path's vectors."""
+        return len(self.channels) * self.tile**3
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,8 +175,35 @@ class _Level(nn.Sequential):
         super().__init__(*layers)
 
 
+#: outputs of the PCA path are kept in [EPS, 1 - EPS] so that their logit is finite
+PCA_OUTPUT_EPS = 1e-6
+
+
+class _StraightThroughClip(torch.autograd.Function):
+    """clamp(x, low, high) forward; backward, the gradient of a clipped value passes only where descending it
+    moves the value back into the range (so an output stuck outside still learns, and no loss term can push
+    a clipped value further out unseen, which made the raw values drift without bound).
+
+    (The ``x + (clamp(x) - x).detach()`` idiom is not exact in float32 either: far outside the range it
+    rounds to just beyond ``high``, whose logit is NaN.)"""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, low: float, high: float) -> torch.Tensor:
+        ctx.save_for_backward(values < low, values > high)
+        return values.clamp(low, high)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        below, above = ctx.saved_tensors
+        # gradient descent moves a value by -grad: below the range only grad < 0 helps, above only grad > 0
+        grad = torch.where(below, grad.clamp(max=0), grad)
+        grad = torch.where(above, grad.clamp(min=0), grad)
+        return grad, None, None
+
+
 class TileAutoencoder(nn.Module):
-    """Conv encoder -> K features -> conv decoder, with no path around the K-feature bottleneck."""
+    """Conv encoder -> K features -> conv decoder, with no path around the K-feature bottleneck
+    (with ``pca_start``, a linear PCA path beside the convolutions, through the same K features)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -180,6 +224,33 @@ class TileAutoencoder(nn.Module):
         self.to_channels = nn.Sequential(
             nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv3d(rev[-1], c, 3, padding=1)
         )
+        if config.pca_start:
+            # the PCA path (set by set_pca_basis; buffers: saved with the weights, never trained) ...
+            self.register_buffer("pca_mean", torch.zeros(config.tile_values))
+            self.register_buffer("pca_axes", torch.zeros(config.tile_values, config.features))
+            self.register_buffer("pca_scale", torch.ones(config.features))
+            # ... and the convolutional paths enter through gains that start at zero (as ReZero): Adam's first
+            # steps then move a gain by about the learning rate, not every weight of a zeroed layer at once
+            self.feature_gain = nn.Parameter(torch.zeros(config.features))
+            self.output_gain = nn.Parameter(torch.zeros(c))
+
+    def set_pca_basis(self, mean: Any, axes: Any, variances: Any) -> None:
+        """Load a PCA basis (mean (D,), axes (D, K), variances (K,): ``deep.train.pca.PcaBasis``) into the path."""
+        if not self.config.pca_start:
+            raise InputError("this model has no PCA path (pca_start is off)")
+        d, k = self.config.tile_values, self.config.features
+        mean, axes, variances = (torch.as_tensor(v, dtype=torch.float32) for v in (mean, axes, variances))
+        if mean.shape != (d,) or axes.shape != (d, k) or variances.shape != (k,):
+            raise InputError(f"PCA basis of shapes {tuple(mean.shape)}, {tuple(axes.shape)}, {tuple(variances.shape)} "
+                             f"does not fit this model (tiles of {d} values, {k} features)")
+        with torch.no_grad():
+            self.pca_mean.copy_(mean)
+            self.pca_axes.copy_(axes)
+            self.pca_scale.copy_(variances.clamp_min(1e-12).sqrt())
+
+    def _linear(self):
+        """A context in which the PCA path runs in float32 (no bf16 autocast)."""
+        return torch.autocast(self.pca_mean.device.type, enabled=False)
 
     def _run_level(self, level: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.config.gradient_checkpointing and self.training and x.requires_grad:
@@ -196,9 +267,15 @@ class TileAutoencoder(nn.Module):
                 f"model expects tiles of shape (B, {len(cfg.channels)}, {cfg.tile}, {cfg.tile}, {cfg.tile}), "
                 f"got {tuple(x.shape)}"
             )
+        tiles = x
         for level in self.encoder_levels:
             x = self._run_level(level, x)
-        return self.to_features(x.flatten(1))
+        z = self.to_features(x.flatten(1))
+        if cfg.pca_start:
+            with self._linear():
+                scores = (tiles.float().reshape(len(tiles), -1) - self.pca_mean) @ self.pca_axes
+                z = z.float() * self.feature_gain + scores / self.pca_scale
+        return z
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
         """(B, K) features -> (B, C, t, t, t) logits (before the sigmoid)."""
@@ -209,10 +286,19 @@ class TileAutoencoder(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last_3d)
         for level in self.decoder_levels:
             x = self._run_level(level, x)
-        return self.to_channels(x)
+        out = self.to_channels(x)
+        if not self.config.pca_start:
+            return out
+        with self._linear():
+            linear = torch.addmm(self.pca_mean, z.float() * self.pca_scale, self.pca_axes.T).view(out.shape)
+            values = linear + out.float() * self.output_gain.view(1, -1, 1, 1, 1)
+            # clip to (0, 1) with the gradient passed straight through, then the logit (its sigmoid is the value)
+            clipped = _StraightThroughClip.apply(values, PCA_OUTPUT_EPS, 1 - PCA_OUTPUT_EPS)
+            return torch.log(clipped) - torch.log1p(-clipped)
 
     def output_bias(self) -> torch.Tensor:
-        """The (C,) bias of the last convolution (the logits of an all-zero decoder input)."""
+        """The (C,) bias of the last convolution (the logits of an all-zero decoder input; with
+        ``pca_start``, the value added to the PCA path's output)."""
         return self.to_channels[1].bias
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -353,10 +439,13 @@ def save_model(
 
 
 def read_model_json(model_dir: Union[str, Path]) -> dict[str, Any]:
-    """The parsed model.json of a model folder (InputError when absent or foreign)."""
-    path = Path(model_dir) / MODEL_JSON
+    """The parsed model.json of a model folder or shipped model (InputError when absent or foreign)."""
+    from DeepDosimetricsLib.deep.shipped import resolve_model, shipped_names_hint
+
+    path = resolve_model(model_dir) / MODEL_JSON
     if not path.is_file():
-        raise InputError(f"{model_dir}: not a DeepDosimetrics model folder (no {MODEL_JSON})")
+        hint = "" if Path(model_dir).exists() else shipped_names_hint()
+        raise InputError(f"{model_dir}: not a DeepDosimetrics model folder (no {MODEL_JSON}){hint}")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -385,16 +474,47 @@ def load_state_dict_file(path: Union[str, Path], device: Union[str, torch.device
         ) from error
 
 
+def file_sha256(path: Union[str, Path]) -> str:
+    """Hex SHA-256 of a file (read in 1 MB blocks)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_weights_digest(model_dir: Union[str, Path], meta: dict[str, Any]) -> None:
+    """InputError when model.json records a ``weights_sha256`` (shipped models do) that the weights do not have."""
+    expected = meta.get("weights_sha256")
+    if not expected:
+        return
+    path = Path(model_dir) / meta.get("weights", MODEL_WEIGHTS)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    if file_sha256(path) != str(expected).lower():
+        raise InputError(f"{path}: its SHA-256 differs from the one {MODEL_JSON} records (a damaged or replaced "
+                         "weights file); reinstall the model")
+
+
 def load_model(
     model_dir: Union[str, Path],
     device: Union[str, torch.device] = "cpu",
     channels: Optional[Sequence[str]] = None,
 ) -> tuple[TileAutoencoder, ModelConfig]:
-    """Load a saved model (eval mode) and its config; with ``channels``, refuse a channel mismatch."""
+    """Load a saved model (eval mode) and its config; with ``channels``, refuse a channel mismatch.
+
+    ``model_dir`` is a model folder or the name of a shipped model (``deep.shipped.resolve_model``).
+    """
+    from DeepDosimetricsLib.deep.shipped import resolve_model
+
+    model_dir = resolve_model(model_dir)
     meta = read_model_json(model_dir)
     config = ModelConfig.from_dict(dict(meta.get("config") or {}))
     if channels is not None:
         check_channels(config, channels)
+    check_weights_digest(model_dir, meta)
     state = load_state_dict_file(Path(model_dir) / meta.get("weights", MODEL_WEIGHTS), device="cpu")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(f"{model_dir}/{MODEL_WEIGHTS}: not a state dict of tensors")

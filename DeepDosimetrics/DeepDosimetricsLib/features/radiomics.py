@@ -6,6 +6,10 @@ feature class, shape included) and ``ibsi`` (IBSI-style: 2 mm isotropic resampli
 interpolation, fixed bin width). Each preset has a dose variant (``<name>.dose.yaml``, bin width
 0.5 Gy instead of 25 HU), chosen when the image is the dose.
 
+The CT presets suit other modalities as pyradiomics' defaults do (its own MR test case, ``brain1``, uses
+``binWidth`` 25), except where they hold HU values: the ``ibsi`` preset's re-segmentation range
+[-1000, 400] HU is refused on an MR or PET image (an ``error:`` row asking for a parameter file).
+
 Features are computed by ``radiomics.featureextractor.RadiomicsFeatureExtractor.execute`` on the
 SimpleITK image and mask themselves, so they equal bare pyradiomics run on the same files exactly.
 The mask must lie on the image's grid (a Patient resamples structures and dose onto the CT grid);
@@ -52,6 +56,7 @@ log = logging.getLogger(__name__)
 PRESET_FOLDER = resource_path("radiomics")
 DEFAULT_PRESET = "firstorder"
 IMAGE_KINDS = ("ct", "dose")
+DEFAULT_IMAGE = "ct"
 PARAMETER_SUFFIXES = (".yaml", ".yml", ".json")
 #: a dose bin width above this many Gy leaves a structure with only a few grey levels
 DOSE_BIN_WIDTH_WARNING_GY = 5.0
@@ -430,6 +435,20 @@ def _crop_to_region(image: sitk.Image, mask: sitk.Image, label: int) -> tuple[si
     return sitk.RegionOfInterest(image, size, index), sitk.RegionOfInterest(mask, size, index)
 
 
+def check_settings_fit(params: RadiomicsParameters, modality: str) -> None:
+    """InputError when a preset's settings hold HU values (a re-segmentation range) and the image is
+    not a CT; a parameter file of the user's is used as given."""
+    from DeepDosimetricsLib.data.modality import CT
+
+    reseg = (params.config.get("setting") or {}).get("resegmentRange")
+    preset = params.path is not None and params.path.parent == PRESET_FOLDER.resolve()
+    if modality != CT and reseg is not None and preset:
+        raise InputError(
+            f"the {params.name} preset re-segments to {reseg} HU, a CT range, but the image is {modality}: "
+            "give settings for it as a parameter file (--params)"
+        )
+
+
 def _features_item(item: WorkItem, patient: Patient, image: str, params: RadiomicsParameters) -> List[tuple]:
     """Worker: features of one structure of one patient (loads that image and that mask only)."""
     from DeepDosimetricsLib.features.tables import PATIENT_CACHE
@@ -438,6 +457,7 @@ def _features_item(item: WorkItem, patient: Patient, image: str, params: Radiomi
         volume = PATIENT_CACHE.derived_value("dose_image", patient.dose_image)
     else:
         volume = patient.ct_image()
+        check_settings_fit(params, patient.modality)
     mask = patient.structure_image(item.structure)
     values = structure_features(volume, mask, params, label=1)
     return value_rows(patient.id, item.structure, image, values)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
+from DeepDosimetricsLib.data.modality import AUTO
 from DeepDosimetricsLib.runtime.atomic import write_csv_atomic
 from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError, InputError
 from DeepDosimetricsLib.runtime.pools import PoolSpec, as_pool, group_by_key, open_pool
@@ -137,6 +138,7 @@ class WorkItem:
     patient_id: str
     folder: Optional[str]
     structure: str
+    modality: str = AUTO  # the patient's modality option (a worker loads it as the caller did)
 
 
 #: a worker computes the long rows of one item; ``patient`` is given in-process, else loaded from folder
@@ -164,7 +166,7 @@ class _PatientCache:
             if patient is None:
                 if item.folder is None:
                     raise InputError(f"patient {item.patient_id}: no folder to load it from in a worker")
-                patient = Patient.from_folder(item.folder, patient_id=item.patient_id)
+                patient = Patient.from_folder(item.folder, patient_id=item.patient_id, modality=item.modality)
             self.patient = patient
         return self.patient
 
@@ -297,7 +299,8 @@ def work_items(
                             f"{NO_SUCH_STRUCTURE}: patient {patient.id} has no {name}",
                         )
                     )
-        items += [WorkItem(patient.id, folder, name) for name in names]
+        option = getattr(patient, "modality_option", AUTO)
+        items += [WorkItem(patient.id, folder, name, option) for name in names]
     return items, rows
 
 

@@ -6,11 +6,14 @@
   ``deepdosimetrics`` job at a time (``runtime.jobs.CliJob``);
 - :class:`JobPanel`: the base of the modules' Widgets: the .ui and its parameter node, clearable path
   fields, and a job's log, progress bar, Cancel and results. A Widget adds its buttons' handlers and
-  ``_checkCanApply`` (which buttons are enabled).
+  ``_checkCanApply`` (which buttons are enabled);
+- :class:`ModuleTest`: the base of the modules' Test classes (a clean scene and a work folder per test,
+  ``runTest`` runs every ``test_*`` method).
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Tuple
@@ -19,9 +22,14 @@ import slicer
 import vtk
 
 from DeepDosimetricsLib.mrml.application import ensure_requirements
-from DeepDosimetricsLib.mrml.headless import current_scene
+from DeepDosimetricsLib.mrml.headless import (
+    close_headless_scene,
+    create_headless_scene,
+    current_scene,
+    in_slicer_application,
+)
 from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError
-from DeepDosimetricsLib.runtime.jobs import CliJob
+from DeepDosimetricsLib.runtime.jobs import PARTIAL_EXIT, CliJob
 
 try:  # the Slicer application: Qt, CTK, scripted-module base classes, parameter node wrapper
     import ctk  # noqa: F401
@@ -53,8 +61,8 @@ except ImportError:  # slicer-core (headless): the Logics and the Tests still wo
         vtkMRMLSegmentationNode,
     )
 
-__all__ = ["HAS_SLICER_GUI", "Choice", "JobLogic", "JobPanel", "ScriptedLoadableModule", "ScriptedLoadableModuleLogic",
-           "ScriptedLoadableModuleTest", "ScriptedLoadableModuleWidget", "VTKObservationMixin", "WithinRange",
+__all__ = ["HAS_SLICER_GUI", "Choice", "JobLogic", "JobPanel", "ModuleTest", "ScriptedLoadableModule",
+           "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest", "ScriptedLoadableModuleWidget", "VTKObservationMixin", "WithinRange",
            "is_set", "parameterNodeWrapper", "qt", "vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode"]
 
 
@@ -90,14 +98,20 @@ class JobLogic(ScriptedLoadableModuleLogic):
         """Run ``deepdosimetrics <arguments>`` in a background process (``runtime.jobs.CliJob``).
 
         Not blocking (the panel): returns the started CliJob; poll it, cancel it with ``cancelJob()``.
-        Blocking (console, batch): waits, returns the CliJob, raises DeepDosimetricsError if it failed.
+        Blocking (console, batch): waits, returns the CliJob, raises DeepDosimetricsError if it failed. A job
+        that did its work but left some patients out (exit code 1, ``job.finished``) is returned, with a
+        warning in the log naming them (``job.left_out_message()``).
         """
         if self.currentJob is not None and self.currentJob.running:
             raise DeepDosimetricsError("a job is already running: cancel it or wait for it to finish")
         job = CliJob(arguments, on_line=onLine, on_progress=onProgress)
         self.currentJob = job.start()
-        if blocking and job.wait(timeout=timeout) != 0 and not job.cancelled:
-            raise DeepDosimetricsError(f"deepdosimetrics {arguments[0]} failed: {job.error_message()}")
+        if blocking:
+            job.wait(timeout=timeout)
+            if not job.finished and not job.cancelled:
+                raise DeepDosimetricsError(f"deepdosimetrics {arguments[0]} failed: {job.error_message()}")
+            if job.returncode == PARTIAL_EXIT:
+                logging.warning("deepdosimetrics %s %s", arguments[0], job.left_out_message())
         return job
 
     def cancelJob(self) -> None:
@@ -226,9 +240,12 @@ class JobPanel(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             if job.cancelled:
                 self.log("Job cancelled.")
-            elif job.returncode == 0:
+            elif job.finished:  # exit code 0, or 1: done, with what it left out named in its last lines
                 self.ui.progressBar.value = 100
-                self.log("Job finished.")
+                self.log("Job finished." if job.returncode == 0 else "Job finished, with patients left out.")
+                if job.returncode == PARTIAL_EXIT:
+                    slicer.util.warningDisplay(f"deepdosimetrics {job.arguments[0]} finished, but left some patients "
+                                               f"out:\n{job.left_out_message()}")
                 if finished is not None:
                     with slicer.util.tryWithErrorDisplay("Could not show the results.", waitCursor=True):
                         finished(job)
@@ -250,3 +267,38 @@ class JobPanel(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def log(self, line: str) -> None:
         """Append a line to the panel's log."""
         self.ui.logTextEdit.appendPlainText(str(line))
+
+
+class ModuleTest(ScriptedLoadableModuleTest):
+    """Base of the modules' Test classes, after Slicer's ScriptedLoadableModuleTest conventions: ``runTest``
+    (what Reload and Test and ``slicer_add_python_unittest`` call) runs every ``test_*`` method, each between
+    ``setUp`` (a clean scene: Slicer's, cleared, in the application; a new headless one on slicer-core; and a
+    work folder ``self.workdir``) and ``tearDown`` (the headless scene closed, the folder removed). A Test
+    builds its own data there."""
+
+    workdir: Path
+
+    def setUp(self) -> None:
+        import tempfile
+
+        inApplication = in_slicer_application()
+        if inApplication:
+            slicer.mrmlScene.Clear()
+        self._headless = None if inApplication else create_headless_scene()
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"{type(self).__name__}-"))
+
+    def tearDown(self) -> None:
+        if getattr(self, "_headless", None) is not None:
+            close_headless_scene(self._headless)
+            self._headless = None
+        if getattr(self, "workdir", None) is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def runTest(self, **kwargs) -> None:
+        """Every ``test_*`` method, each between ``setUp`` and ``tearDown`` (``kwargs``: Slicer's, unused)."""
+        for name in sorted(n for n in dir(self) if n.startswith("test_") and callable(getattr(self, n))):
+            self.setUp()
+            try:
+                getattr(self, name)()
+            finally:
+                self.tearDown()

@@ -148,7 +148,7 @@ def export_patient_folder(
     cohort = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="DeepDosimetrics-cohort-"))
     options = ImportOptions(out=cohort, overwrite=True, quiet=True)
     with PatientWriter(options, safe_name(patient.id), str(patient.source), "slicer-scene") as writer:
-        writer.write_ct(patient.ct_image())
+        writer.write_ct(patient.ct_image(), modality=patient.modality)
         for name in patient.structure_names:
             writer.write_structure(name, patient.structure_image(name))
         if patient.has_dose:

@@ -30,7 +30,8 @@ from DeepDosimetricsLib.mrml.headless import current_scene
 from DeepDosimetricsLib.mrml.patients import export_patient_folder
 from DeepDosimetricsLib.mrml.tables import table_from_dataframe
 from DeepDosimetricsLib.mrml.volumes import image_to_volume
-from DeepDosimetricsLib.runtime.errors import InputError
+from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError, InputError
+from DeepDosimetricsLib.runtime.jobs import PARTIAL_EXIT
 
 PathLike = Union[str, os.PathLike]
 #: the window shown when the model has several (first match wins); snapshots use the same order
@@ -222,6 +223,8 @@ def encode_nodes(
         if not blocking:
             job.workFolder = work
             return job
+        if job.returncode == PARTIAL_EXIT:  # the one patient was left out (e.g. a channel the model needs)
+            raise DeepDosimetricsError(f"the patient could not be encoded: {job.left_out_message()}")
         return load_encoding_results(output_folder, patient_folder.name, ct_node, dose_node, segmentation_node,
                                      scene=scene)
     except BaseException:

@@ -5,45 +5,11 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 
 Curve = Tuple[np.ndarray, np.ndarray]
-
-
-def patient_curves(patient, recon_dose_path, structures: Optional[Sequence[str]] = None,
-                   bin_width_gy: float = 0.5) -> Dict[str, Dict[str, Curve]]:
-    """structure -> {"original": (dose, volume%), "reconstruction": ...} for the patient's structures."""
-    import SimpleITK as sitk
-
-    from DeepDosimetricsLib.features.dosimetrics import cumulative_dvh
-
-    if not patient.has_dose:
-        return {}
-    original = patient.dose()
-    recon = None
-    if recon_dose_path is not None:
-        recon = sitk.GetArrayFromImage(sitk.ReadImage(str(recon_dose_path), sitk.sitkFloat32))  # one copy
-        if recon.shape != original.shape:
-            recon = None
-        else:  # a poorly trained model may decode anything: bound the axis by the original's range (in place)
-            ceiling = float(np.nanmax(original)) * 2.0 + 1.0 if original.size else 1.0
-            np.nan_to_num(recon, copy=False, nan=0.0)
-            np.clip(recon, 0.0, ceiling, out=recon)
-    curves: Dict[str, Dict[str, Curve]] = {}
-    for name in structures if structures is not None else patient.structure_names:
-        try:
-            mask = patient.structure(name)
-        except Exception:  # noqa: BLE001 - a structure that cannot be read has no curve
-            continue
-        if not mask.any():
-            continue
-        entry = {"original": cumulative_dvh(original, mask, bin_width_gy)}
-        if recon is not None:
-            entry["reconstruction"] = cumulative_dvh(np.asarray(recon), mask, bin_width_gy)
-        curves[name] = entry
-    return curves
 
 
 class _Histogram:
@@ -77,9 +43,10 @@ class _Histogram:
 
 def scene_curves(current, recon_dose_path, bin_width_gy: float = 0.5, voxels: int = 4 << 20
                  ) -> Dict[str, Dict[str, Curve]]:
-    """Like :func:`patient_curves`, from the patient's nodes in the scene (``review.scene.PatientScene``):
-    the dose node's voxels and each structure's labelmap box, a few slices at a time; the reconstructed
-    dose is read from its file slab by slab (no volume read again, no float copy of a whole structure)."""
+    """structure -> {"original": (dose, volume%), "reconstruction": ...}: the cumulative DVHs of the patient's
+    structures from its nodes in the scene (``review.scene.PatientScene``): the dose node's voxels and each
+    structure's labelmap box, a few slices at a time; the reconstructed dose is read from its file slab by
+    slab (no volume read again, no float copy of a whole structure)."""
     import slicer
 
     from DeepDosimetricsLib.review.scene import VolumeFile, segment_masks

@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 #: the folder that holds ``DeepDosimetricsLib`` (put on the job's PYTHONPATH)
 LIBRARY_PARENT = Path(__file__).resolve().parents[2]
+#: the exit code of a command that did its work but left some patients or structures out, named in its last
+#: lines (the README's exit-code table; 2 is bad input, anything else a failure)
+PARTIAL_EXIT = 1
 
 _URL = re.compile(r"https?://\S+")
 
@@ -239,6 +242,19 @@ class CliJob:
                 pass
         psutil.wait_procs(alive, timeout=grace_seconds)
         log.info("job cancelled: %s", " ".join(self.arguments))
+
+    @property
+    def finished(self) -> bool:
+        """The job ended and did its work: exit code 0, or PARTIAL_EXIT (some patients left out, named)."""
+        return not self.cancelled and self.returncode in (0, PARTIAL_EXIT)
+
+    def left_out_message(self, lines: int = 8) -> str:
+        """What a job that ended with PARTIAL_EXIT left out: its last lines from the last ``left out ...``
+        line (train, encode, cache), else its last line; at most ``lines`` lines."""
+        start = max((i for i, line in enumerate(self.log_lines) if line.startswith("left out ")),
+                    default=len(self.log_lines) - 1)
+        kept = self.log_lines[max(start, 0):]
+        return "\n".join(kept[:lines] + ([f"... ({len(kept) - lines} more)"] if len(kept) > lines else []))
 
     def error_message(self) -> str:
         """The job's ``error: ...`` line (or its last line) for a failed job."""

@@ -7,15 +7,23 @@ cohort patient per frame (``<PatientID>_1``, ``<PatientID>_2``...).
 
 * CT: the series with most slices; slices sorted by ImagePositionPatient along the slice normal,
   RescaleSlope/RescaleIntercept applied, HU rounded to int16 and clipped below at -1024. Gantry tilt,
-  unequal slice spacing, missing or duplicate slices and mixed orientations skip the patient with the
-  reason.
+  unequal slice spacing, missing or duplicate slices, mixed orientations and two files sharing one
+  SOPInstanceUID (PS3.3 forbids it; nothing tells which file is what the UID names) skip the patient with
+  the reason.
+* MR or PET (PT) series, when a group has no CT series (and has an RTSTRUCT or RTDOSE: an MR or PET alone
+  in its frame of reference is a diagnostic scan, not imported): the image in the CT's place (``ct.nrrd``),
+  RescaleSlope/RescaleIntercept applied, float32, its DICOM Modality recorded in ``import.json``
+  (``ct.modality``), so its values are checked as an MR's or a PET's, not as HU (data/checks.py); the
+  same geometry checks as a CT. PET values are kept as stored (their Units noted; no SUV conversion).
 * RTDOSE: pixel values x DoseGridScaling in Gy on its own grid (frame positions from
   GridFrameOffsetVector along the slice normal); a PLAN dose is preferred, BEAM doses on one grid are summed.
 * RTSTRUCT: each closed planar contour is mapped from patient coordinates (LPS mm) into the index space of
   the CT grid (or of the dose grid when there is no CT volume, e.g. a single CT slice) and filled
   (voxel centres inside, as ``skimage.draw.polygon``; a vectorised even-odd scanline, much faster on
   contours of many points); contours of one plane are combined by XOR so holes stay empty. Each grid slice takes the nearest contour plane within half a slice (or half the contour
-  spacing when contours are sparser than slices).
+  spacing when contours are sparser than slices). A contour of fewer than 3 points or of zero area (points
+  repeated or on one line) is left out with a warning naming the structure and the contour's index in its
+  ContourSequence (from 1); the structure is made of its other contours (not written when none is left).
 """
 
 from __future__ import annotations
@@ -33,16 +41,19 @@ from DeepDosimetricsLib.data.headers import check_geometry_values, check_memory
 from DeepDosimetricsLib.data.ids import safe_patient_id
 from DeepDosimetricsLib.data.importers.layout import (
     ImportOptions,
+    PatientTask,
     PatientWriter,
-    existing_patient,
-    import_patients,
+    import_each,
 )
-from DeepDosimetricsLib.data.importers.report import OK, SKIPPED, ImportReport, PatientImportStatus
+from DeepDosimetricsLib.data.importers.report import ImportReport, PatientImportStatus
 from DeepDosimetricsLib.runtime.errors import InputError
 
 log = logging.getLogger(__name__)
 
 HU_MIN = -1024
+#: image series the importer reads, the planning CT first: an MR or PET series is the image of a group
+#: without a CT series
+IMAGE_MODALITIES = ("CT", "MR", "PT")
 #: slices whose spacing differs from the median by more than this (mm, or fraction) are reported
 SPACING_TOLERANCE_MM = 0.01
 SPACING_TOLERANCE_FRACTION = 0.02
@@ -55,7 +66,7 @@ HEADER_TAGS = [
     "Modality", "PatientID", "FrameOfReferenceUID", "StudyInstanceUID", "SeriesInstanceUID",
     "SOPInstanceUID", "SOPClassUID", "StudyDate", "StudyTime", "ImagePositionPatient",
     "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns", "NumberOfFrames", "GantryDetectorTilt",
-    "DoseSummationType", "DoseUnits", "InstanceCreationDate", "InstanceCreationTime",
+    "DoseSummationType", "DoseUnits", "InstanceCreationDate", "InstanceCreationTime", "Units",
     "ReferencedFrameOfReferenceSequence", "StructureSetROISequence",
     # read only to remove them from every text the import writes (data/pseudonym.py), never written
     "PatientName", "PatientBirthDate", "AccessionNumber", "InstitutionName",
@@ -163,12 +174,18 @@ def group_files(files: list[DicomFile], unreadable: list[tuple[Path, str]], name
     ``name_of`` maps a DICOM PatientID to the cohort's id (file-system safe, or a pseudonym)."""
     groups: dict[tuple[str, str], DicomGroup] = {}
     for item in files:
-        if item.modality not in ("CT", "RTSTRUCT", "RTDOSE"):
+        if item.modality not in IMAGE_MODALITIES + ("RTSTRUCT", "RTDOSE"):
             continue
         key = (item.patient_id, item.frame_of_reference)
         groups.setdefault(key, DicomGroup(*key)).files.append(item)
     by_patient: dict[str, list[DicomGroup]] = defaultdict(list)
     for group in groups.values():
+        if not any(item.modality in ("CT", "RTSTRUCT", "RTDOSE") for item in group.files):
+            # an MR or PET series alone in its frame of reference is no planning image (a diagnostic scan
+            # beside a CT plan): not a patient of the cohort, as before such series were read
+            log.info("an %s series without CT, RTSTRUCT or RTDOSE in its frame of reference is not imported",
+                     "/".join(sorted({item.modality for item in group.files})))
+            continue
         by_patient[group.patient_id].append(group)
     named: dict[str, DicomGroup] = {}
     for patient_id, patient_groups in sorted(by_patient.items()):
@@ -307,13 +324,48 @@ def check_slice_positions(along: np.ndarray, what: str) -> float:
     raise InputError(f"{what}: inconsistent slice spacing ({', '.join(f'{s:.3g}' for s in np.unique(steps.round(3))[:6])} mm)")
 
 
-def ct_volume(slices: list[DicomFile], what: str):
-    """A CT series as an int16 HU SimpleITK image; InputError with the reason when it is not a volume."""
+def check_unique_instances(slices: list[DicomFile], what: str) -> None:
+    """Refuse a series in which two files share one SOPInstanceUID, naming the two files.
+
+    PS3.3 gives every instance its own UID; two slices with one UID (series merged by hand, a file copied
+    under another name) mean that one of them is not the instance its UID names, and nothing in the files
+    tells which: the series is refused rather than a slice guessed away."""
+    common = Path(os.path.commonpath([str(s.path.parent) for s in slices])) if slices else Path()
+    first: dict[str, DicomFile] = {}
+    for item in slices:
+        uid = str(item.header.get("SOPInstanceUID", "") or "").strip()
+        if not uid:
+            continue
+        if uid not in first:
+            first[uid] = item
+            continue
+        other = first[uid]
+        where = [_position_text(s, what) for s in (other, item)]
+        positions = ("at the same position " + where[0] if where[0] == where[1]
+                     else f"at positions {where[0]} and {where[1]}")
+        raise InputError(
+            f"{what}: {other.path.relative_to(common)} and {item.path.relative_to(common)} share one "
+            f"SOPInstanceUID ({positions}); PS3.3 forbids it (series merged by hand?): one of them is not "
+            "the instance its UID names, so the series is refused; remove the wrong file"
+        )
+
+
+def _position_text(item: DicomFile, what: str) -> str:
+    try:
+        return "(" + ", ".join(f"{v:g}" for v in numbers(item.header, "ImagePositionPatient", 3, what)) + ") mm"
+    except InputError:
+        return "(unknown)"
+
+
+def ct_volume(slices: list[DicomFile], what: str, modality: str = "CT"):
+    """A CT series as an int16 HU SimpleITK image (another modality: float32, rescaled values); InputError
+    with the reason when it is not a volume."""
     import SimpleITK as sitk
 
+    check_unique_instances(slices, what)
     headers = [s.header for s in slices]
     if any(integer(s.header, "NumberOfFrames", f"{what}: {s.path.name}", 1) > 1 for s in slices):
-        raise InputError(f"{what}: multi-frame (enhanced) CT is not supported")
+        raise InputError(f"{what}: multi-frame (enhanced) {modality} is not supported")
     for attribute in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
         missing = [s.path.name for s in slices if attribute not in s.header]
         if missing:
@@ -336,7 +388,9 @@ def ct_volume(slices: list[DicomFile], what: str):
     (rows, columns), = shapes
     pixel_spacing = list(next(iter(spacings)))
     check_geometry_values(what, (columns, rows, len(slices)), (pixel_spacing[1], pixel_spacing[0], 1.0), (0, 0, 0))
-    check_memory(float(rows) * columns * len(slices), 2 + 8.0 / len(slices), what, (columns, rows, len(slices)))
+    dtype = np.int16 if modality == "CT" else np.float32
+    check_memory(float(rows) * columns * len(slices), np.dtype(dtype).itemsize + 8.0 / len(slices), what,
+                 (columns, rows, len(slices)))
     positions = np.asarray([numbers(s.header, "ImagePositionPatient", 3, f"{what}: {s.path.name}") for s in slices])
     along = positions @ normal
     order = np.argsort(along, kind="stable")
@@ -346,7 +400,7 @@ def ct_volume(slices: list[DicomFile], what: str):
         raise InputError(f"{what}: gantry tilt (slice positions drift {np.abs(drift).max():.2f} mm off the "
                          "slice normal; not supported: resample the series to a regular grid first)")
     step = check_slice_positions(along, what)
-    volume = np.empty((len(slices), rows, columns), dtype=np.int16)
+    volume = np.empty((len(slices), rows, columns), dtype=dtype)
     for index, slice_index in enumerate(order):
         path = slices[slice_index].path
         dataset, pixels = _read_full(path)
@@ -357,8 +411,11 @@ def ct_volume(slices: list[DicomFile], what: str):
         if pixels.shape != (rows, columns):
             raise InputError(f"{what}: {path.name} holds pixels of shape {pixels.shape}, not Rows x Columns "
                              f"{(rows, columns)}")
-        hu = np.rint(pixels.astype(np.float64) * slope + intercept)
-        volume[index] = np.clip(hu, HU_MIN, np.iinfo(np.int16).max)
+        values = pixels.astype(np.float64) * slope + intercept
+        if modality == "CT":
+            volume[index] = np.clip(np.rint(values), HU_MIN, np.iinfo(np.int16).max)
+        else:
+            volume[index] = values
     image = sitk.GetImageFromArray(volume)
     image.SetSpacing((pixel_spacing[1], pixel_spacing[0], step))
     image.SetOrigin(tuple(positions[0].tolist()))
@@ -535,6 +592,8 @@ def structure_masks(item: DicomFile, grid, writer: PatientWriter) -> None:
         raise InputError(f"{item.path}: unreadable StructureSetROISequence ({type(error).__name__}: {error})") \
             from None
     contours_by_roi: dict[int, list[np.ndarray]] = {number: [] for number in names}
+    defects: dict[int, list[str]] = defaultdict(list)
+    counts: dict[int, int] = defaultdict(int)
     skipped_types: set[str] = set()
     for roi in header.get("ROIContourSequence", []):
         try:
@@ -542,7 +601,8 @@ def structure_masks(item: DicomFile, grid, writer: PatientWriter) -> None:
         except Exception as error:
             raise InputError(f"{item.path}: a ROIContourSequence item has no valid ReferencedROINumber "
                              f"({type(error).__name__}: {error})") from None
-        for contour in roi.get("ContourSequence", []):
+        for index, contour in enumerate(roi.get("ContourSequence", []), start=counts[number] + 1):
+            counts[number] = index
             kind = str(contour.get("ContourGeometricType", "CLOSED_PLANAR")).upper()
             if kind != "CLOSED_PLANAR":
                 skipped_types.add(kind)
@@ -554,14 +614,23 @@ def structure_masks(item: DicomFile, grid, writer: PatientWriter) -> None:
                                  f"({type(error).__name__}: {error})") from None
             if not np.all(np.isfinite(points)):
                 raise InputError(f"{item.path}: ROI {number} has non-finite ContourData coordinates")
-            if len(points) >= 3:
-                contours_by_roi.setdefault(number, []).append(points)
+            defect = contour_defect(points)
+            if defect:
+                defects[number].append(f"contour {index} {defect}")
+                continue
+            contours_by_roi.setdefault(number, []).append(points)
     if skipped_types:
         writer.note(f"{item.path.name}: {', '.join(sorted(skipped_types))} contours ignored (not areas)")
     for number, contours in contours_by_roi.items():
         name = names.get(number, f"ROI_{number}")
+        if defects[number]:
+            kept = (f"the structure is made of its {len(contours)} other contour(s)" if contours
+                    else "no valid contour is left: not written")
+            writer.warn(f"structure '{name}' (ROI {number}, {item.path.name}): {', '.join(defects[number])} "
+                        f"of {counts[number]}: left out ({kept})")
         if not contours:
-            writer.note(f"structure '{name}' has no contours: not written")
+            if not defects[number]:
+                writer.note(f"structure '{name}' has no contours: not written")
             continue
         mask, notes = rasterise_contours(contours, grid)
         for text in notes:
@@ -571,17 +640,34 @@ def structure_masks(item: DicomFile, grid, writer: PatientWriter) -> None:
         writer.write_structure(name, image, f"{item.path} ROI {number}")
 
 
+#: a contour whose points lie within this distance (mm, RMS) of one line encloses no area
+ZERO_WIDTH_MM = 1e-3
+
+
+def contour_defect(points: np.ndarray) -> str:
+    """Why a CLOSED_PLANAR contour ((N, 3) LPS mm) is no polygon ("" when it is one): fewer than 3
+    points, or zero area (its points repeated or on one line, within ``ZERO_WIDTH_MM``). A self-crossing
+    contour whose lobes cancel in the signed area still encloses voxels and is kept."""
+    if len(points) < 3:
+        return f"has {len(points)} point{'s' if len(points) != 1 else ''} (fewer than 3)"
+    spread = np.linalg.svd(points - points.mean(axis=0), compute_uv=False)
+    if spread[1] / np.sqrt(len(points)) < ZERO_WIDTH_MM:
+        return f"has zero area (its {len(points)} points lie on one line)"
+    return ""
+
+
 # ------------------------------------------------------------------------------------------------ import
 def import_group(patient_id: str, group: DicomGroup, options: ImportOptions) -> PatientImportStatus:
     """Import one patient/frame-of-reference group; InputError with the skip reason."""
     if group.problems:
         raise InputError(group.problems[0])
-    cts, structure_sets, doses = (group.of_modality(m) for m in ("CT", "RTSTRUCT", "RTDOSE"))
-    if not cts and not doses:
+    images, structure_sets, doses = ([f for f in group.files if f.modality in IMAGE_MODALITIES],
+                                     group.of_modality("RTSTRUCT"), group.of_modality("RTDOSE"))
+    if not images and not doses:
         if structure_sets:
             raise InputError(f"RTSTRUCT frame of reference {group.frame_of_reference or '(none)'} matches "
                              f"no image ({structure_sets[0].path})")
-        raise InputError("no CT found")
+        raise InputError("no CT found (nor an MR or PET series)")
     source = os.path.commonpath([str(f.path.parent) for f in group.files])
     with PatientWriter(options, patient_id, source, "dicom") as writer:
         if options.pseudonymised:  # no PatientID and no UID that leads back to the archive
@@ -591,21 +677,28 @@ def import_group(patient_id: str, group: DicomGroup, options: ImportOptions) -> 
                 "PatientID": group.patient_id, "FrameOfReferenceUID": group.frame_of_reference,
                 "StudyInstanceUID": sorted({str(f.header.get("StudyInstanceUID", "")) for f in group.files}),
             }
-        series: dict[str, list[DicomFile]] = defaultdict(list)
-        for item in cts:
-            series[str(item.header.get("SeriesInstanceUID", ""))].append(item)
+        series: dict[tuple[str, str], list[DicomFile]] = defaultdict(list)
+        for item in images:
+            series[(item.modality, str(item.header.get("SeriesInstanceUID", "")))].append(item)
         ct = None
-        if series:
-            uid, slices = max(series.items(), key=lambda entry: len(entry[1]))
+        if series:  # the CT first (the planning image), then the series with most slices
+            (modality, uid), slices = max(series.items(), key=lambda entry: (entry[0][0] == "CT", len(entry[1])))
             if len(series) > 1:
-                writer.note(f"{len(series)} CT series: used {uid} ({len(slices)} slices)")
+                kinds = sorted({kind for kind, _ in series})
+                writer.note(f"{len(series)} {'/'.join(kinds)} series: used the {modality} series {uid} "
+                            f"({len(slices)} slices)")
             if not options.pseudonymised:
-                writer.record["dicom"]["CTSeriesInstanceUID"] = uid
+                writer.record["dicom"]["CTSeriesInstanceUID" if modality == "CT" else "ImageSeriesInstanceUID"] = uid
+            if modality == "PT":
+                units = sorted({str(s.header.get("Units", "") or "unknown") for s in slices})
+                writer.note(f"PET values in {', '.join(units)} as stored (rescaled; no SUV conversion)")
             if len(slices) >= 2:
-                ct = ct_volume(slices, f"CT series {uid} of patient {group.patient_id}")
-                writer.write_ct(ct, f"{len(slices)} CT slices in {Path(os.path.commonpath([str(s.path) for s in slices]))}")
+                ct = ct_volume(slices, f"{modality} series {uid} of patient {group.patient_id}", modality)
+                writer.write_ct(ct, f"{len(slices)} {modality} slices in "
+                                f"{Path(os.path.commonpath([str(s.path) for s in slices]))}", modality)
             else:
-                writer.note(f"only {len(slices)} CT slice: no CT volume; structures on the RTDOSE grid")
+                writer.note(f"only {len(slices)} {modality} slice: no {modality} volume; structures on the "
+                            "RTDOSE grid")
         dose = None
         if doses:
             notes: list[str] = []
@@ -630,8 +723,7 @@ def import_group(patient_id: str, group: DicomGroup, options: ImportOptions) -> 
         for item in structure_sets:
             structure_masks(item, grid, writer)
         writer.commit()
-    return PatientImportStatus(patient_id, OK, "; ".join(writer.record["notes"]), source,
-                               writer.structure_count, dose is not None)
+    return writer.status(dose is not None)
 
 
 def import_dicom(source, options: ImportOptions, report: Optional[ImportReport] = None) -> ImportReport:
@@ -652,18 +744,9 @@ def import_dicom(source, options: ImportOptions, report: Optional[ImportReport] 
     for path, reason in orphans:
         report.skipped(str(path.parent.relative_to(source)) if path.parent != source else path.name,
                        reason, source=str(path))
-    rows: list = []  # per group: a report row now, or the index of its import task
-    tasks: list = []
-    for patient_id, group in groups.items():
-        existing = existing_patient(options, patient_id, _group_source(group))
-        if existing is not None:
-            rows.append(existing)
-        else:
-            rows.append(len(tasks))
-            tasks.append((patient_id, group))
-    imported = import_patients(_import_task, tasks, options, "import dicom")
-    for row in rows:
-        report.add(imported[row] if isinstance(row, int) else row)
+    tasks = [PatientTask(patient_id, _group_source(group), (patient_id, group))
+             for patient_id, group in groups.items()]
+    import_each(_import_task, tasks, options, report, "import dicom")
     options.finish()
     return report
 
@@ -673,20 +756,11 @@ def _group_source(group: DicomGroup) -> str:
 
 
 def _import_task(patient_id: str, group: DicomGroup, options: ImportOptions) -> PatientImportStatus:
-    """One patient/frame-of-reference group (a pool task; ``options`` are a worker's): its report row.
+    """One patient/frame-of-reference group (a pool task; ``options`` are a worker's): its report row
+    (a failure skips the patient: layout.import_each).
 
     The identifiers of the group's own headers are added to the worker's redactor first, so a worker
     never depends on the importing process to know what to remove from its patient's texts."""
     for item in group.files:
         options.redact.add_dataset(item.header)
-    source_text = _group_source(group)
-    try:
-        return import_group(patient_id, group, options)
-    except InputError as error:
-        return PatientImportStatus(patient_id, SKIPPED, str(error), source_text)
-    except Exception as error:  # a damaged file pydicom or numpy could not handle: skip, say what broke
-        import traceback
-
-        log.debug("patient %s failed: %s", patient_id, options.redact(traceback.format_exc()))
-        return PatientImportStatus(patient_id, SKIPPED, f"error: unexpected {type(error).__name__} while "
-                                   f"reading {source_text}: {error}", source_text)
+    return import_group(patient_id, group, options)

@@ -24,11 +24,11 @@ from typing import Optional
 
 from DeepDosimetricsLib.data.importers.layout import (
     ImportOptions,
+    PatientTask,
     PatientWriter,
-    existing_patient,
-    import_patients,
+    import_each,
 )
-from DeepDosimetricsLib.data.importers.report import OK, SKIPPED, ImportReport, PatientImportStatus
+from DeepDosimetricsLib.data.importers.report import SKIPPED, ImportReport, PatientImportStatus
 from DeepDosimetricsLib.runtime.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def import_folder(source, options: ImportOptions, patterns: Optional[FolderPatte
     """Import every patient sub-folder of ``source`` into ``options.out``; returns the report.
 
     Every folder is named (pseudonym or safe id) before any is imported; the patients then run one per
-    task on ``options.pool`` (layout.import_patients) and their rows come back in folder order."""
+    task on ``options.pool`` (layout.import_each) and their rows come back in folder order."""
     source = Path(source)
     patterns = patterns or FolderPatterns()
     report = report or ImportReport("folder")
@@ -184,28 +184,19 @@ def import_folder(source, options: ImportOptions, patterns: Optional[FolderPatte
     options.out.mkdir(parents=True, exist_ok=True)
     options.hide_source(source)
     report.redact = options.redact
-    for path, problem in unreadable:
-        report.skipped(options.patient_id(path.name, path.name), problem, source=str(path))
-    seen = {entry.patient for entry in report.entries}
-    rows: list = []  # per folder: a report row now, or the index of its import task
-    tasks: list = []
+    items: list = [PatientImportStatus(options.patient_id(path.name, path.name), SKIPPED, problem, str(path))
+                   for path, problem in unreadable]
+    seen = {entry.patient for entry in report.entries} | {item.patient for item in items}
     for folder in folders:
         patient_id = options.patient_id(folder.name, folder.name)
         if patient_id in seen:
-            rows.append(PatientImportStatus(f"{patient_id} ({options.redact(folder.name)})", SKIPPED,
-                                            f"another source folder already gives the patient id {patient_id}",
-                                            str(folder)))
+            items.append(PatientImportStatus(f"{patient_id} ({options.redact(folder.name)})", SKIPPED,
+                                             f"another source folder already gives the patient id {patient_id}",
+                                             str(folder)))
             continue
         seen.add(patient_id)
-        existing = existing_patient(options, patient_id, str(folder))
-        if existing is not None:
-            rows.append(existing)
-            continue
-        rows.append(len(tasks))
-        tasks.append((folder, patient_id, patterns))
-    imported = import_patients(_import_patient, tasks, options, "import folder")
-    for row in rows:
-        report.add(imported[row] if isinstance(row, int) else row)
+        items.append(PatientTask(patient_id, str(folder), (folder, patient_id, patterns)))
+    import_each(_import_patient, items, options, report, "import folder")
     clinical = source / CLINICAL_FILE
     if clinical.is_file() and (options.overwrite or not (options.out / CLINICAL_FILE).exists()):
         import_clinical(clinical, options, report)
@@ -215,26 +206,23 @@ def import_folder(source, options: ImportOptions, patterns: Optional[FolderPatte
 
 def _import_patient(folder: Path, patient_id: str, patterns: FolderPatterns,
                     options: ImportOptions) -> PatientImportStatus:
-    """One patient folder (a pool task; ``options`` are a worker's): its report row."""
+    """One patient folder (a pool task; ``options`` are a worker's): its report row (an InputError skips
+    the patient: layout.import_each)."""
     files = find_patient_files(folder, patterns)
     if files.problem:
         return PatientImportStatus(patient_id, SKIPPED, files.problem, str(folder))
-    try:
-        with PatientWriter(options, patient_id, str(folder), "folder") as writer:
-            writer.place_ct(files.ct)
-            if files.dose is not None:
-                writer.place_dose(files.dose)
-            else:
-                writer.note("no dose")
-            for name, path in files.structures.items():
-                writer.place_structure(name, path)
-            for path in files.extras:
-                writer.place_extra(path, path.name)
-            writer.commit()
-    except InputError as error:
-        return PatientImportStatus(patient_id, SKIPPED, str(error), str(folder))
-    return PatientImportStatus(patient_id, OK, "; ".join(writer.record["notes"]), str(folder),
-                               writer.structure_count, files.dose is not None)
+    with PatientWriter(options, patient_id, str(folder), "folder") as writer:
+        writer.place_ct(files.ct)
+        if files.dose is not None:
+            writer.place_dose(files.dose)
+        else:
+            writer.note("no dose")
+        for name, path in files.structures.items():
+            writer.place_structure(name, path)
+        for path in files.extras:
+            writer.place_extra(path, path.name)
+        writer.commit()
+    return writer.status(files.dose is not None)
 
 
 def import_clinical(path: Path, options: ImportOptions, report: ImportReport) -> Path:

@@ -1,8 +1,9 @@
 """Writing one patient into the canonical cohort layout, atomically.
 
-``COHORT/<patient>/ct.nrrd`` (int16 HU), optional ``dose.nrrd`` (float32 Gy),
+``COHORT/<patient>/ct.nrrd`` (int16 HU; an MR, PET or other image in its place keeps its own values, its
+modality recorded as ``ct.modality`` in ``import.json``), optional ``dose.nrrd`` (float32 Gy),
 ``structures/<Name>.nrrd`` (uint8 0/1, names normalised through the synonym map) and ``import.json``
-(source, original structure names, notes). A patient is written into a hidden staging folder and moved
+(source, original structure names, notes, warnings). A patient is written into a hidden staging folder and moved
 into place at the end, so an interrupted import never leaves a half patient under its final name; a
 patient folder holding ``import.json`` counts as imported and is kept unless ``overwrite`` is set.
 
@@ -33,6 +34,7 @@ import numpy as np
 from DeepDosimetricsLib.data.checks import check_image
 from DeepDosimetricsLib.data.headers import check_image_file
 from DeepDosimetricsLib.data.ids import safe_patient_id
+from DeepDosimetricsLib.data.modality import AUTO, CT, image_modality, parse_modality_option, resolve_modality
 from DeepDosimetricsLib.data.pseudonym import Pseudonymizer, Redactor, identifying_keys
 from DeepDosimetricsLib.data.synonyms import SynonymMap, load_synonyms, safe_name
 from DeepDosimetricsLib.runtime.atomic import replace_folder
@@ -64,9 +66,12 @@ class ImportOptions:
     redact: Redactor = field(default_factory=Redactor)
     #: how patients are spread (``--jobs``/``--scheduler``); None: in this process
     pool: Optional[PoolSpec] = None
+    #: folder importer: the images' modality where their headers do not say it (``auto``: CT)
+    modality: str = AUTO
 
     def __post_init__(self):
         self.out = Path(self.out)
+        self.modality = parse_modality_option(self.modality)
         if self.link not in LINK_MODES:
             raise InputError(f"unknown link mode '{self.link}'; use one of {', '.join(LINK_MODES)}")
         if self.synonyms is None:
@@ -133,21 +138,72 @@ class PatientResult:
     redact: list = field(default_factory=list)
 
 
-def _patient_task(function: Callable, task: tuple, options: ImportOptions) -> PatientResult:
-    """A pool task: ``function(*task, options)`` on a fresh copy of the worker options (so a task run in
-    this process learns exactly what it would learn in a worker)."""
+@dataclass
+class PatientTask:
+    """One patient to import: ``function(*arguments, worker_options)`` gives its report row; ``source``
+    names where it comes from (in the report, and in the row of a patient already in the cohort)."""
+
+    patient_id: str
+    source: str
+    arguments: tuple
+
+
+def import_each(function: Callable, items: Sequence[Any], options: ImportOptions, report: Any,
+                desc: str) -> Any:
+    """The per-patient loop every importer shares; returns ``report`` with one row per item, in order.
+
+    ``items`` are :class:`PatientTask` or report rows the importer decided itself (a patient skipped
+    before its import, e.g. an unreadable folder). A patient already in the cohort keeps its folder and
+    gets the row of :func:`existing_patient` (unless ``options.overwrite``); the others run on the pool of
+    ``options.pool`` (:func:`import_patients`). Every patient is named (pseudonym or safe id) before any
+    is imported, by the importer that built ``items``.
+    """
+    rows: list = []  # per item: a report row now, or the index of its import task
+    tasks: List[PatientTask] = []
+    for item in items:
+        if not isinstance(item, PatientTask):
+            rows.append(item)
+            continue
+        existing = existing_patient(options, item.patient_id, item.source)
+        if existing is not None:
+            rows.append(existing)
+        else:
+            rows.append(len(tasks))
+            tasks.append(item)
+    imported = import_patients(function, tasks, options, desc)
+    for row in rows:
+        report.add(imported[row] if isinstance(row, int) else row)
+    return report
+
+
+def _patient_task(function: Callable, task: PatientTask, options: ImportOptions) -> PatientResult:
+    """A pool task: ``function(*task.arguments, options)`` on a fresh copy of the worker options (so a
+    task run in this process learns exactly what it would learn in a worker). An InputError skips the
+    patient with its message; any other failure (a damaged file a reader could not handle) too, naming
+    its type, so one patient never stops an import."""
+    from DeepDosimetricsLib.data.importers.report import SKIPPED, PatientImportStatus
+
     options = options.for_worker()
     known = len(options.redact.added)
-    entry = function(*task, options)
+    try:
+        entry = function(*task.arguments, options)
+    except InputError as error:
+        entry = PatientImportStatus(task.patient_id, SKIPPED, str(error), task.source)
+    except Exception as error:  # reported in the patient's row, with its type
+        import traceback
+
+        log.debug("patient %s failed: %s", task.patient_id, options.redact(traceback.format_exc()))
+        entry = PatientImportStatus(task.patient_id, SKIPPED, f"error: unexpected {type(error).__name__} "
+                                    f"while reading {task.source}: {error}", task.source)
     return PatientResult(entry, options.redact.added[known:])
 
 
-def import_patients(function: Callable, tasks: Sequence[tuple], options: ImportOptions,
+def import_patients(function: Callable, tasks: Sequence[PatientTask], options: ImportOptions,
                     desc: str) -> List[Any]:
-    """Run ``function(*task, worker_options) -> PatientImportStatus`` for every task on the pool of
-    ``options.pool`` (one patient per task); returns the rows in task order, after adding what the tasks
-    learnt to ``options.redact``. The pseudonym key file is saved first, so no patient folder is ever in
-    place without its pseudonym in the key file."""
+    """Run ``function(*task.arguments, worker_options) -> PatientImportStatus`` for every task on the
+    pool of ``options.pool`` (one patient per task); returns the rows in task order, after adding what
+    the tasks learnt to ``options.redact``. The pseudonym key file is saved first, so no patient folder
+    is ever in place without its pseudonym in the key file."""
     from DeepDosimetricsLib.runtime.progress import progress_bar
 
     options.finish()
@@ -155,7 +211,7 @@ def import_patients(function: Callable, tasks: Sequence[tuple], options: ImportO
     if tasks:
         worker = options.for_worker()
         with open_pool(options.pool, tasks=len(tasks)) as pool:
-            finished = pool.map(_patient_task, [(function, tuple(task), worker) for task in tasks])
+            finished = pool.map(_patient_task, [(function, task, worker) for task in tasks])
             bar = progress_bar(None, total=len(tasks), desc=desc, quiet=options.quiet)
             for index, result in finished:  # submitted before the bar's thread starts (forked workers)
                 results[index] = result
@@ -255,16 +311,32 @@ class PatientWriter:
         """A remark kept in import.json and shown in the report (e.g. 'no dose')."""
         self.record["notes"].append(text)
 
+    def warn(self, text: str) -> None:
+        """Something wrong in the source that the import worked around (a defective contour left out, an
+        unusual value): a note ``warning: ...``, listed under ``warnings`` in import.json and printed by
+        the import's summary; the patient is imported (exit code 0)."""
+        self.record.setdefault("warnings", []).append(text)
+        self.note(f"warning: {text}")
+
+    def status(self, has_dose: bool):
+        """The report row of this patient, imported (after ``commit``)."""
+        from DeepDosimetricsLib.data.importers.report import OK, PatientImportStatus
+
+        return PatientImportStatus(self.patient_id, OK, "; ".join(self.record["notes"]), self.record["source"],
+                                   self.structure_count, has_dose, warnings=list(self.record.get("warnings", [])))
+
     # --- images written from memory -------------------------------------------------------------
     def check(self, image, kind: str, what: str) -> None:
-        """The value checks of data/checks.py (InputError skips the patient; warnings become notes)."""
+        """The value checks of data/checks.py (InputError skips the patient; warnings are warned)."""
         for text in check_image(image, what, kind):
-            self.note(text)
+            self.warn(text)
 
-    def write_ct(self, image, source: str = "") -> None:
-        self.check(image, "ct", f"CT ({source})" if source else "CT")
-        self._write(as_ct(image), CT_FILE)
-        self.record["ct"] = {"file": CT_FILE, "source": source}
+    def write_ct(self, image, source: str = "", modality: str = CT) -> None:
+        """Write the image: a CT as int16 HU; another modality (MR, PT...) with its own values."""
+        name = "CT" if modality == CT else f"image ({modality})"
+        self.check(image, modality, f"{name} ({source})" if source else name)
+        self._write(as_ct(image) if modality == CT else image, CT_FILE)
+        self.record["ct"] = {"file": CT_FILE, "source": source, "modality": modality}
 
     def write_dose(self, image, source: str = "") -> None:
         import SimpleITK as sitk
@@ -288,11 +360,17 @@ class PatientWriter:
 
     # --- files placed by link or copy -----------------------------------------------------------
     def place_ct(self, path: Path) -> None:
-        """Link/copy a conforming CT NRRD, or convert it to int16 HU."""
+        """Link/copy a conforming CT NRRD, or convert it to int16 HU; an image of another modality (its
+        header's, else ``options.modality``) is linked or copied with its own values."""
         import SimpleITK as sitk
 
-        self._place(path, CT_FILE, sitk.sitkInt16, as_ct, "ct")
-        self.record["ct"] = {"file": CT_FILE, "source": str(path)}
+        modality, _ = resolve_modality(image_modality(_read_information(path)), f"header ({path.name})",
+                                       self.options.modality, f"image {path}")
+        if modality == CT:
+            self._place(path, CT_FILE, sitk.sitkInt16, as_ct, CT)
+        else:
+            self._place(path, CT_FILE, None, lambda image: image, modality)
+        self.record["ct"] = {"file": CT_FILE, "source": str(path), "modality": modality}
 
     def place_dose(self, path: Path) -> None:
         """Link/copy a conforming float32 dose NRRD, or convert it."""
@@ -378,13 +456,15 @@ class PatientWriter:
         target.parent.mkdir(parents=True, exist_ok=True)
         sitk.WriteImage(image, str(target), True)
 
-    def _place(self, path: Path, relative: str, pixel_id: int, convert, kind: str) -> None:
+    def _place(self, path: Path, relative: str, pixel_id: Optional[int], convert, kind: str) -> None:
         reader = _read_information(path)
         if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
             raise InputError(f"{path} is not a 3D scalar image")
         image = _read(path)  # the values are checked before the file is linked
-        self.check(image, kind, f"{'CT' if kind == 'ct' else kind} ({path})")
-        if reader.GetPixelID() == pixel_id and _linkable(path) and not self._private_keys(reader):
+        name = "dose" if kind == "dose" else "CT" if kind == CT else f"image ({kind})"
+        self.check(image, kind, f"{name} ({path})")
+        conforming = pixel_id is None or reader.GetPixelID() == pixel_id  # None: any pixel type
+        if conforming and _linkable(path) and not self._private_keys(reader):
             self._link(path, relative)
         else:
             self._write(convert(image), relative)

@@ -21,9 +21,9 @@ import numpy as np
 
 from DeepDosimetricsLib.data.importers.layout import (
     ImportOptions,
+    PatientTask,
     PatientWriter,
-    existing_patient,
-    import_patients,
+    import_each,
 )
 from DeepDosimetricsLib.data.importers.report import ImportReport
 from DeepDosimetricsLib.runtime.errors import InputError
@@ -105,36 +105,18 @@ def import_openkbp(source, options: ImportOptions, report: Optional[ImportReport
     options.out.mkdir(parents=True, exist_ok=True)
     options.hide_source(source)
     report.redact = options.redact
-    rows: list = []  # per folder: a report row now, or the index of its import task
-    tasks: list = []
-    for folder in folders:  # every patient is named before any is imported (see layout.import_patients)
+    tasks = []
+    for folder in folders:  # every patient is named before any is imported (see layout.import_each)
         patient_id = options.patient_id(folder.name, folder.name)
-        existing = existing_patient(options, patient_id, str(folder))
-        if existing is not None:
-            rows.append(existing)
-        else:
-            rows.append(len(tasks))
-            tasks.append((folder, patient_id))
-    imported = import_patients(_import_task, tasks, options, "import openkbp")
-    for row in rows:
-        report.add(imported[row] if isinstance(row, int) else row)
+        tasks.append(PatientTask(patient_id, str(folder), (folder, patient_id)))
+    import_each(_import_patient, tasks, options, report, "import openkbp")
     options.finish()
     return report
 
 
-def _import_task(folder: Path, patient_id: str, options: ImportOptions):
-    """One patient folder (a pool task; ``options`` are a worker's): its report row."""
-    from DeepDosimetricsLib.data.importers.report import SKIPPED, PatientImportStatus
-
-    try:
-        return _import_patient(folder, patient_id, options)
-    except InputError as error:
-        return PatientImportStatus(patient_id, SKIPPED, str(error), str(folder))
-
-
 def _import_patient(folder: Path, patient_id: str, options: ImportOptions):
-    from DeepDosimetricsLib.data.importers.report import OK, PatientImportStatus
-
+    """One patient folder (a pool task; ``options`` are a worker's): its report row (an InputError skips
+    the patient: layout.import_each)."""
     if not (folder / "ct.csv").is_file():
         raise InputError(f"no CT found ({folder / 'ct.csv'} is missing)")
     if not (folder / "voxel_dimensions.csv").is_file():
@@ -163,5 +145,4 @@ def _import_patient(folder: Path, patient_id: str, options: ImportOptions):
                 writer.write_extra(_image(to_zyx(read_sparse_csv(path, np.uint8)), spacing), file_name,
                                    str(path))
         writer.commit()
-    return PatientImportStatus(patient_id, OK, "; ".join(writer.record["notes"]), str(folder),
-                               writer.structure_count, has_dose)
+    return writer.status(has_dose)

@@ -13,6 +13,8 @@ from DeepDosimetricsLib.runtime.atomic import write_text_atomic
 
 #: file name of the report in the cohort folder
 REPORT_FILE = "import_report.csv"
+#: fields of PatientImportStatus that are not columns of the report (they are in its reason)
+NOT_COLUMNS = ("warnings",)
 OK = "ok"
 SKIPPED = "skipped"
 
@@ -28,6 +30,9 @@ class PatientImportStatus:
     structures: int = 0
     has_dose: bool = False
     importer: str = ""  # folder, openkbp or dicom
+    #: what the import of an ok patient worked around (also in ``reason``, as ``warning: ...``; not a
+    #: column of import_report.csv), printed by the summary
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -48,6 +53,7 @@ class ImportReport:
         if self.redact is not None:
             entry.patient, entry.reason, entry.source = (self.redact(entry.patient), self.redact(entry.reason),
                                                          self.redact(entry.source))
+            entry.warnings = [self.redact(text) for text in entry.warnings]
         self.entries.append(entry)
         return entry
 
@@ -69,7 +75,7 @@ class ImportReport:
     def to_csv_text(self, earlier_rows: Optional[list[dict]] = None) -> str:
         """The report as CSV; ``earlier_rows`` of other patients (from a previous run) come first."""
         buffer = io.StringIO()
-        names = [f.name for f in fields(PatientImportStatus)]
+        names = [f.name for f in fields(PatientImportStatus) if f.name not in NOT_COLUMNS]
         writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
         mine = {entry.patient for entry in self.entries}
@@ -90,12 +96,15 @@ class ImportReport:
         return write_text_atomic(path, self.to_csv_text(earlier_rows))
 
     def summary(self) -> str:
-        """A short human summary: counts, then one line per skipped patient."""
+        """A short human summary: counts, one line per skipped patient, then one per warning."""
         ok = len(self.entries) - len(self.failed)
-        lines = [f"{self.importer} import: {ok} patient(s) ok, {len(self.failed)} skipped"]
+        warned = [entry for entry in self.entries if entry.ok and entry.warnings]
+        lines = [f"{self.importer} import: {ok} patient(s) ok, {len(self.failed)} skipped"
+                 + (f", {len(warned)} imported with warnings" if warned else "")]
         if not self.entries:
             lines.append("  no patient found")
         lines += [f"  skipped {entry.patient}: {entry.reason}" for entry in self.failed]
+        lines += [f"  warning {entry.patient}: {text}" for entry in warned for text in entry.warnings]
         return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ Import the public API from here: ``from DeepDosimetricsLib.data.phantoms import 
 """
 
 from DeepDosimetricsLib.data.phantoms.anatomy import PELVIS_STRUCTURES, THORAX_STRUCTURES, patient_variant
-from DeepDosimetricsLib.data.phantoms.config import DEFAULT_SHAPE, PhantomConfig, patient_id
+from DeepDosimetricsLib.data.phantoms.config import DEFAULT_PATIENTS, DEFAULT_SHAPE, PhantomConfig, patient_id
 from DeepDosimetricsLib.data.phantoms.outcome import (
     CLINICAL_COLUMNS,
     CLINICAL_COLUMNS_SITES,
@@ -41,6 +41,7 @@ __all__ = [
     "PELVIS_STRUCTURES",
     "CLINICAL_COLUMNS",
     "CLINICAL_COLUMNS_SITES",
+    "DEFAULT_PATIENTS",
     "DEFAULT_SHAPE",
     "generate_patient",
     "synthesize_patient",

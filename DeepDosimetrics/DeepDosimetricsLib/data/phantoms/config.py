@@ -24,7 +24,10 @@ from DeepDosimetricsLib.data.phantoms.scanner import SCANNER_SITES
 from DeepDosimetricsLib.runtime.errors import InputError
 
 GENERATOR_NAME = "DeepDosimetrics phantom"  # in phantom.json and cohort.json: marks folders we wrote
-GENERATOR_VERSION = 1
+#: 2: the dose's exponentials are computed to the same bit on every CPU (dose.exp_ieee); 1 used numpy.exp, whose
+#: last bits depend on the instruction set (the random streams and everything else are those of version 1)
+GENERATOR_VERSION = 2
+DEFAULT_PATIENTS = 6
 DEFAULT_SHAPE: Tuple[int, int, int] = (96, 96, 64)
 SCAN_LENGTH_MM = 320.0
 MIN_SHAPE: Tuple[int, int, int] = (24, 24, 12)
@@ -39,7 +42,7 @@ class PhantomConfig:
     spacing: Optional[Tuple[float, float, float]] = None  # None: 400-mm field of view, 320-mm scan
     seed: int = 0
     dose_grid_mm: float = 5.0
-    #: scanner sites (0: none, the cohort of generator version 1 byte for byte); see SCANNER_SITES
+    #: scanner sites (0: none, the files of a cohort without sites byte for byte); see SCANNER_SITES
     sites: int = 0
     #: multiplies the dose and volume coefficients of the outcome model (1: those of OUTCOME_MODEL)
     outcome_scale: float = 1.0

@@ -5,7 +5,9 @@ shaped to the PTV's beam's-eye-view projection plus 7 mm (multi-leaf-collimator-
 coarse grid (5 mm by default): primary fluence attenuated as exp(-mu * radiological depth) through the
 density (from HU) with a build-up term and the inverse-square law (SAD 1000 mm), a smoothed field
 edge (penumbra sigma 3.5 mm) and a small scatter blur; each beam is weighted to give the same dose at
-the isocentre. ``generate_patient`` (``patient``) resamples the sum linearly onto the CT grid, sets it to
+the isocentre. The attenuation's exponentials are computed by :func:`exp_ieee` (IEEE basic operations only),
+so the dose is the same to the bit on every x86-64 CPU (``numpy.exp`` gives other last bits with and without
+AVX2). ``generate_patient`` (``patient``) resamples the sum linearly onto the CT grid, sets it to
 zero outside the body and scales it so that the mean PTV dose equals the prescription (thorax 60 Gy in 30
 fractions, pelvis 70 Gy in 35).
 """
@@ -20,6 +22,23 @@ from DeepDosimetricsLib.data.phantoms.anatomy import Anatomy
 from DeepDosimetricsLib.data.phantoms.grid import Grid
 
 APERTURE_MARGIN_MM = 7.0
+
+_LN2_HI, _LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-10  # ln 2 = HI + LO; HI has 32 significant bits: k * HI is exact
+
+
+def exp_ieee(x) -> np.ndarray:
+    """``exp(x)`` in float64 (relative error below 1e-15 for |x| < 700) from additions, multiplications,
+    ``rint`` and ``ldexp`` only: IEEE 754 rounds each of them exactly, so the result does not depend on the
+    CPU's instruction set, unlike ``numpy.exp``, whose SIMD kernels (AVX2, AVX-512, none) differ in the last
+    bits. ``exp(x) = 2**k * exp(r)``, ``r = x - k ln 2`` (Cody-Waite), ``|r| <= ln(2)/2``, and ``exp(r)``
+    by its Taylor series to degree 13 (Horner)."""
+    x = np.asarray(x, np.float64)
+    k = np.rint(x * (1.0 / math.log(2.0)))
+    r = (x - k * _LN2_HI) - k * _LN2_LO
+    p = np.ones_like(r)
+    for n in range(13, 0, -1):
+        p = 1.0 + p * r * (1.0 / n)
+    return np.ldexp(p, k.astype(np.int32))
 
 
 def _beam_dose(density, ptv, grid: Grid, iso_xy, angle_deg: float) -> np.ndarray:
@@ -57,10 +76,11 @@ def _beam_dose(density, ptv, grid: Grid, iso_xy, angle_deg: float) -> np.ndarray
     depth = np.cumsum(rho, axis=1) * h - 0.5 * rho * h
     sad = 1000.0
     inverse_square = (sad / (sad + frame)) ** 2
+    depth = depth.astype(np.float64)
     dose = (
         aperture[:, None, :]
-        * np.exp(-0.0048 * depth)
-        * (1.0 - np.exp(-depth / 6.0))
+        * exp_ieee(-0.0048 * depth)
+        * (1.0 - exp_ieee(-depth / 6.0))
         * inverse_square[None, :, None]
     )
     dose = dose.astype(np.float32)

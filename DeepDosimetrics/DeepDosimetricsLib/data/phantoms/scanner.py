@@ -1,6 +1,6 @@
 """Scanner sites: how a hospital's CT scanner changes the images (never the anatomy, dose or outcome).
 
-Scanner sites (``sites=N``, ``synth --sites N``; default 0 keeps the files of generator version 1): each
+Scanner sites (``sites=N``, ``synth --sites N``; default 0 keeps the files of a cohort without sites): each
 patient is assigned at random, from its own fifth random stream, to one of the first N of
 ``SCANNER_SITES`` (site_A native; site_B +40 HU, +15 HU noise, slices 2x thicker; site_C -35 HU, +30 HU
 noise, 1.5x; site_D +20 HU, +8 HU noise, 3x). The site's effect is applied to the finished CT only, so

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from DeepDosimetricsLib.data.phantoms.config import (
+    DEFAULT_PATIENTS,
     DEFAULT_SHAPE,
     GENERATOR_NAME,
     PATIENT_PREFIX,
@@ -101,7 +102,7 @@ def _remove_surplus_patients(out_dir: Path, patients: int) -> None:
 
 def synthesize_cohort(
     out_dir: Union[str, Path],
-    patients: int = 6,
+    patients: int = DEFAULT_PATIENTS,
     shape: Sequence[int] = DEFAULT_SHAPE,
     spacing: Optional[Sequence[float]] = None,
     seed: int = 0,

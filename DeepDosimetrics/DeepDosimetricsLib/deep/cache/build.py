@@ -22,6 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from DeepDosimetricsLib.data.geometry import Geometry
+from DeepDosimetricsLib.data.modality import CT
 from DeepDosimetricsLib.deep.cache.store import (
     COHORT_MANIFEST,
     FORMAT_VERSION,
@@ -243,6 +244,10 @@ def build_patient(
     ``prescription_gy`` comes from the cohort's clinical table when it has a prescription column.
     """
     started = time.perf_counter()
+    modality = getattr(patient, "modality", CT)
+    if modality != CT:  # the channels are HU windows and the body comes from HU
+        raise InputError(f"patient {patient.id}: its image is {modality}, not a CT; the cache (train, encode) "
+                         "reads CT values in HU")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=False)
     ct = patient.ct_image()

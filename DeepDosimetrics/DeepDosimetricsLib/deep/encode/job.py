@@ -2,7 +2,9 @@
 
 Writes ``<out>/<patient>/{features.csv, tiles.csv, metrics.csv, recon/*.nrrd, snapshots/*.png, scene.mrb,
 done.json}`` patient by patient (each in a temporary folder renamed when complete, so ``--resume`` skips
-finished patients) and the cohort tables at the end. The per-patient encoder is in ``encoder.py``.
+finished patients), then the cohort tables and ``summary.json`` (patients encoded, reused, and left out with
+the reason: refused by the cache, lacking a channel the model needs, failed). The per-patient encoder is in
+``encoder.py``.
 
 One job owns the output folder: it holds ``<out>/.deepdosimetrics.lock`` while it runs, and a second job
 on the same folder is refused at once, naming the holder (runtime/locks.py). The cache is shared: its
@@ -29,7 +31,7 @@ import pandas as pd
 from DeepDosimetricsLib.deep.channels import ChannelSpec
 from DeepDosimetricsLib.deep.distributed import DistributedContext
 from DeepDosimetricsLib.deep.encode.encoder import TileModel, encode_patient, feature_names
-from DeepDosimetricsLib.deep.encode.outputs import DONE_FILE, JOB_FILE, TABLES
+from DeepDosimetricsLib.deep.encode.outputs import DONE_FILE, JOB_FILE, SUMMARY_FILE, TABLES
 from DeepDosimetricsLib.deep.encode.settings import EncodeSettings
 from DeepDosimetricsLib.runtime.devices import resolve_device
 from DeepDosimetricsLib.runtime.locks import JOB_LOCK, job_lock
@@ -109,7 +111,7 @@ def prepare_output(out_dir, description: dict, resume: bool, overwrite: bool) ->
         if overwrite:
             for pid in previous.get("patients", []):
                 shutil.rmtree(out / pid, ignore_errors=True)
-            for name in (*TABLES, JOB_FILE):
+            for name in (*TABLES, JOB_FILE, SUMMARY_FILE):
                 (out / name).unlink(missing_ok=True)
             for partial in out.glob(".partial-*"):
                 shutil.rmtree(partial, ignore_errors=True)
@@ -184,11 +186,11 @@ def encode_cohort(
     patients. A patient that lacks a channel the model needs (e.g. no dose) is skipped with its reason.
 
     Args:
-        model_dir: a trained model folder (``model.json`` + ``model.pt``).
+        model_dir: a trained model folder (``model.json`` + ``model.pt``), or a shipped model's name.
         cohort_dir: the cohort folder (one sub-folder per patient).
         out_dir: the output folder; per patient ``features.csv`` (one row per structure, features z00...),
             ``tiles.csv`` (one row per tile: position in voxels and mm, features), with ``reconstruct``
-            ``recon/*.nrrd`` on the CT grid and ``metrics.csv``; cohort tables at the top.
+            ``recon/*.nrrd`` on the CT grid and ``metrics.csv``; cohort tables and ``summary.json`` at the top.
         cache_dir: the preprocessing cache (built or completed when needed; an existing one keeps its
             configuration); default the cohort's default cache folder.
         settings: overlap, batch, device, what to write, which patients (:class:`EncodeSettings`).
@@ -208,6 +210,7 @@ def encode_cohort(
     from DeepDosimetricsLib.deep.cache.store import COHORT_MANIFEST, CacheConfig, open_cache
     from DeepDosimetricsLib.deep.channels import parse_channels
     from DeepDosimetricsLib.deep.model import load_model, read_model_json
+    from DeepDosimetricsLib.deep.shipped import resolve_model
     from DeepDosimetricsLib.runtime.errors import InputError
 
     settings = settings or EncodeSettings()
@@ -221,6 +224,7 @@ def encode_cohort(
     if (settings.snapshots or settings.scene) and patient_hook is None:
         raise InputError("snapshots and scenes need a patient_hook that writes them "
                          "(DeepDosimetricsLib.commands.encode.scene_outputs)")
+    model_dir = resolve_model(model_dir)  # a shipped model's name stands for its folder
     read_model_json(model_dir)  # a clear error for a folder that is not a model, before the cache work
     ranks = DistributedContext.from_environment()
     device = resolve_device(settings.device)
@@ -368,6 +372,8 @@ def _encode_patients(model, config, specs, device, model_dir, cohort_dir, out: P
         write_json_atomic(out / JOB_FILE, {"key": key, "description": description,
                                            "patients": sorted(set(previous_patients) | set(done)),
                                            "skipped": skipped})
+        write_json_atomic(out / SUMMARY_FILE, {"patients_encoded": [p for p in done if p not in reused],
+                                               "patients_reused": reused, "left_out_patients": skipped})
         for partial in out.glob(".partial-*"):
             shutil.rmtree(partial, ignore_errors=True)
     ranks.barrier()  # the other ranks return once the tables are written

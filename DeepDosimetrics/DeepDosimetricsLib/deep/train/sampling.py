@@ -184,18 +184,34 @@ def tile_start(index: PatientIndex, config: SamplingConfig, rng: np.random.Gener
     return tuple(int(v) for v in np.clip(start, lo, hi))
 
 
-def augment(tile: np.ndarray, window_channels: Sequence[int], config: SamplingConfig, rng: np.random.Generator) -> np.ndarray:
-    """Random flips of a (C, z, y, x) tile and small intensity jitter of its window channels."""
-    if config.flips:
-        axes = tuple(1 + a for a in range(3) if rng.random() < 0.5)
-        if axes:
-            tile = np.flip(tile, axis=axes)
-    if config.jitter > 0 and len(window_channels):
-        index = list(window_channels)
+@dataclass(frozen=True)
+class Augmentation:
+    """The random augmentation of one tile: flipped spatial axes (0 = z, 1 = y, 2 = x), window gain and offset."""
+
+    flip_axes: tuple[int, ...] = ()
+    scale: float = 1.0
+    shift: float = 0.0
+
+
+def draw_augmentation(config: SamplingConfig, has_windows: bool, rng: np.random.Generator) -> Augmentation:
+    """Draw one tile's augmentation (the draws, in this order, are part of the sampler's determinism)."""
+    axes = tuple(a for a in range(3) if rng.random() < 0.5) if config.flips else ()
+    if config.jitter > 0 and has_windows:
         scale = 1.0 + rng.uniform(-config.jitter, config.jitter)
         shift = rng.uniform(-config.jitter, config.jitter)
+        return Augmentation(axes, scale, shift)
+    return Augmentation(axes)
+
+
+def augment(tile: np.ndarray, window_channels: Sequence[int], config: SamplingConfig, rng: np.random.Generator) -> np.ndarray:
+    """Random flips of a (C, z, y, x) tile and small intensity jitter of its window channels."""
+    drawn = draw_augmentation(config, bool(len(window_channels)), rng)
+    if drawn.flip_axes:
+        tile = np.flip(tile, axis=tuple(1 + a for a in drawn.flip_axes))
+    if drawn.scale != 1.0 or drawn.shift != 0.0:
+        index = list(window_channels)
         tile = np.array(tile, copy=True)
-        values = tile[index] * np.float32(scale) + np.float32(shift)
+        values = tile[index] * np.float32(drawn.scale) + np.float32(drawn.shift)
         tile[index] = np.clip(values, 0.0, 1.0)
     return np.ascontiguousarray(tile, dtype=np.float32)
 
@@ -247,9 +263,10 @@ class TileSampler:
             return np.ascontiguousarray(tile, dtype=np.float32)
         return augment(tile, self.window_channels, self.config, rng)
 
-    def batch(self, step: int) -> np.ndarray:
-        """The (B, C, t, t, t) float32 batch of a training step on this rank (deterministic)."""
-        rng = np.random.default_rng([self.seed, self.rank, int(step)])
+    def batch(self, step: int, stream: int = 0) -> np.ndarray:
+        """The (B, C, t, t, t) float32 batch of a training step on this rank (deterministic); another
+        ``stream`` draws other tiles from the same distribution (e.g. those the PCA start is fitted on)."""
+        rng = np.random.default_rng([self.seed, self.rank, int(step)] + ([int(stream)] if stream else []))
         tiles = []
         for _ in range(self.config.batch):
             patient = int(rng.integers(len(self.sources)))
@@ -297,9 +314,12 @@ class TrainingBatches(_torch_iterable_base()):
             yield torch.from_numpy(self.sampler.batch(step))
 
 
-def make_loader(sampler: TileSampler, start_step: int, stop_step: int, num_workers: int = 0):
-    """A DataLoader of training batches (pinned memory on CUDA is left to the caller)."""
+def make_loader(sampler: TileSampler, start_step: int, stop_step: int, num_workers: int = 0, pin_memory: bool = False):
+    """A DataLoader of training batches: ``num_workers`` processes, each prefetching batches ahead of the
+    step; ``pin_memory`` (feeding a GPU) puts them in page-locked memory for asynchronous copies."""
     from torch.utils.data import DataLoader
 
     dataset = TrainingBatches(sampler, start_step, stop_step)
-    return DataLoader(dataset, batch_size=None, num_workers=max(0, int(num_workers)), prefetch_factor=2 if num_workers > 0 else None)
+    workers = max(0, int(num_workers))
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                      prefetch_factor=4 if workers > 0 else None, persistent_workers=False)

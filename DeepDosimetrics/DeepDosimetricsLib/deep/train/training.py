@@ -46,9 +46,11 @@ HISTORY_CSV = "loss_history.csv"
 LOSS_CURVE_PNG = "loss_curve.png"
 CONFIG_YAML = "train-config.yaml"
 #: options a resumed run takes from the new call rather than from the checkpoint
-RUNTIME_OPTIONS = ("steps", "epochs", "device", "num_workers", "threads", "checkpoint_every", "log_every", "patience",
+RUNTIME_OPTIONS = ("steps", "epochs", "device", "num_workers", "sampler", "threads", "checkpoint_every", "log_every", "patience",
                    "budget_minutes", "compile")
 SCHEDULES = ("cosine", "warmup_cosine", "plateau", "constant")
+#: where training tiles are cut: auto (on a GPU whose memory holds the cache, else on the host), device, host
+SAMPLERS = ("auto", "device", "host")
 
 
 @dataclass
@@ -67,7 +69,8 @@ class TrainConfig:
     edge_share: float = 0.0  # share of tiles centred on the target's surface (taken from ptv_share)
     flips: bool = True
     jitter: float = 0.02
-    num_workers: int = 0
+    num_workers: Optional[int] = None  # DataLoader processes (None: 0 on the CPU, cores - 1 up to 4 feeding a GPU)
+    sampler: str = "auto"  # one of SAMPLERS: tiles cut on the device from a resident cache, or read on the host
     threads: Optional[int] = None  # torch CPU threads per process (None: torch's default; DDP on CPU: cores / local ranks)
     # model
     features: int = 10
@@ -79,6 +82,8 @@ class TrainConfig:
     residual: bool = False  # residual blocks for the extra convolutions of each level
     decoder_convs: Optional[int] = None  # extra convolutions per decoder level (None: convs_per_level)
     init_output_bias: bool = False  # start each output channel at its mean over validation tiles
+    pca_start: bool = False  # residual around PCA: a frozen PCA path fitted on training tiles, convolutions from zero
+    pca_tiles: int = 1024  # training tiles the PCA start is fitted on
     # loss
     channel_weights: dict[str, float] = field(default_factory=dict)  # label -> weight (default 1)
     mask_bce_weight: float = 0.0  # extra binary cross-entropy on mask channels
@@ -109,11 +114,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.widths = [int(w) for w in self.widths]
         self.channel_weights = {str(k): float(v) for k, v in (self.channel_weights or {}).items()}
+        if self.sampler not in SAMPLERS:
+            raise InputError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise InputError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.schedule not in SCHEDULES:
             raise InputError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
             raise InputError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        for name in ("tile", "batch", "steps_per_epoch", "checkpoint_every", "log_every", "features"):
+        for name in ("tile", "batch", "steps_per_epoch", "checkpoint_every", "log_every", "features", "pca_tiles"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.steps is not None and self.steps < 1 or self.epochs is not None and self.epochs < 1:
@@ -314,6 +323,7 @@ def _model_config(config: TrainConfig, labels: list[str]):
         gradient_checkpointing=config.gradient_checkpointing,
         residual=config.residual,
         decoder_convs=config.decoder_convs,
+        pca_start=config.pca_start,
     )
 
 
@@ -485,6 +495,7 @@ class Trainer:
                                indexes=[indexes[i] for i in ids])
 
         self.sampler = sampler(self.train_ids, rank=self.ctx.rank)
+        self.resident = self._resident_sampler()
         if self.val_ids:
             self.val_sampler = sampler(self.val_ids)
             self.val_tiles = self.val_sampler.fixed_tiles(config.val_tiles)
@@ -492,6 +503,27 @@ class Trainer:
             log.warning("only %d patient(s): validation uses fixed tiles of the training patients", len(patients))
             self.val_sampler = sampler(self.train_ids)
             self.val_tiles = self.val_sampler.fixed_tiles(config.val_tiles, stream=2)
+
+    def _resident_sampler(self):
+        """A ResidentTileSampler on the device when asked, or (auto) when the cache fits a GPU's memory; else None."""
+        from DeepDosimetricsLib.deep.train.resident import ResidentTileSampler, fits_on_device
+
+        choice = self.config.sampler
+        if choice == "host" or (choice == "auto" and not fits_on_device(self.sampler, self.device)):
+            return None
+        return ResidentTileSampler(self.sampler, self.device)
+
+    @property
+    def sampler_kind(self) -> str:
+        return "host" if self.resident is None else "device"
+
+    def _loader_workers(self) -> int:
+        """DataLoader processes for host sampling: as configured, or (None) 0 on a CPU and up to 4 feeding a GPU."""
+        if self.config.num_workers is not None:
+            return int(self.config.num_workers)
+        if self.device.type == "cpu":
+            return 0
+        return max(0, min(4, (os.cpu_count() or 1) - 1))
 
     def _setup_model(self, checkpoint: Optional[dict[str, Any]]) -> None:
         """Model (seeded), optimiser and schedule on the device; restored from ``checkpoint`` when resuming."""
@@ -513,13 +545,29 @@ class Trainer:
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.total_steps = config.total_steps
         self.scheduler = _make_scheduler(self.optimizer, config, self.total_steps)
+        self.pca_summary: Optional[dict[str, Any]] = None
         if checkpoint is not None:
             self._restore(checkpoint)
+        elif config.pca_start:
+            self._fit_pca_start()
         elif config.init_output_bias:
             self._init_output_bias()
         self.ddp_model = self.ctx.wrap(model, device)
         if config.compile:
             self.ddp_model = torch.compile(self.ddp_model)
+
+    def _fit_pca_start(self) -> None:
+        """Fit the PCA path on training tiles (rank 0; DistributedDataParallel copies it to the other ranks)."""
+        if not self.ctx.is_main:
+            return
+        from DeepDosimetricsLib.deep.train.pca import fit_pca, sampler_batches
+
+        started = time.perf_counter()
+        basis = fit_pca(sampler_batches(self.sampler, self.config.pca_tiles), self.config.features,
+                        seed=self.config.seed, progress=log.info)
+        self.model.set_pca_basis(basis.mean, basis.axes, basis.variances)
+        self.pca_summary = {"tiles": basis.tiles, "variance_kept": float(basis.variances.sum() / basis.total_variance),
+                            "seconds": round(time.perf_counter() - started, 1)}
 
     def _init_output_bias(self, tiles: int = 16) -> None:
         """Output biases at the logit of each channel's mean over the first validation tiles, so that the
@@ -577,14 +625,22 @@ class Trainer:
         from DeepDosimetricsLib.deep.train.sampling import make_loader
         from DeepDosimetricsLib.runtime.progress import progress_bar
 
+        if self.config.pca_start and self.step_count == 0 and not self.history:
+            # the PCA start is the first candidate for the best model: no run ends below it on validation
+            row = {"step": 0, "epoch": 0.0, "train_loss": None, "val_loss": None, "lr": 0.0, "voxels_per_s": None,
+                   "elapsed_s": 0.0}
+            self._validate_into(row)
+            self.history.append(row)
         self.window_loss, self.window_steps, self.window_start = 0.0, 0, time.perf_counter()
         self.run_start = time.perf_counter() - (self.history[-1]["elapsed_s"] if self.history else 0.0)
         self.bar = progress_bar(range(self.step_count, self.total_steps), total=self.total_steps, desc="train",
                                 quiet=self.quiet or not self.ctx.is_main)
         self.bar.update(self.step_count)
-        loader = make_loader(self.sampler, self.step_count, self.total_steps, self.config.num_workers)
         self.model.train()
-        return loader
+        if self.resident is not None:
+            return (self.resident.batch(step) for step in range(self.step_count, self.total_steps))
+        return make_loader(self.sampler, self.step_count, self.total_steps, self._loader_workers(),
+                           pin_memory=self.device.type == "cuda")
 
     def _to_device(self, batch):
         batch = batch.to(self.device, non_blocking=True)
@@ -735,7 +791,9 @@ class Trainer:
             "best_step": self.best_step, "train_patients": self.train_ids, "val_patients": self.val_ids,
             "world_size": self.ctx.world_size, "device": str(self.device), "bf16": self.use_bf16,
             "train_config": self.config.to_dict(), "cohort": str(self.cohort_dir),
-            "refused_patients": self.refused_patients, "skipped_patients": self.skipped_patients,
+            "training_seconds": round(self.history[-1]["elapsed_s"], 1) if self.history else 0.0,
+            "sampler": self.sampler_kind, "refused_patients": self.refused_patients, "skipped_patients": self.skipped_patients,
+            **({"pca_start": self.pca_summary} if self.pca_summary else {}),
         }
 
     def _write_history(self, final: bool = False) -> None:
