@@ -299,8 +299,8 @@ def read_feature_table(
 ) -> FeatureTable:
     """Read a long or wide feature table into a patients x features matrix named ``name``.
 
-    ``structures`` keeps the columns of those structures (case-insensitive; long tables and wide-by-feature
-    tables); ``select`` is a regular expression searched in the column names.
+    ``structures`` keeps the columns of those structures (case-insensitive, or by their canonical synonym:
+    ``LeftParotid`` keeps ``Parotid_L``; long tables and wide-by-feature tables); ``select`` is a regular expression searched in the column names.
     """
     import pandas as pd
 
@@ -336,8 +336,18 @@ def read_feature_table(
     if non_numeric:
         notes.append(f"{len(non_numeric)} non-numeric column(s) left out: {_preview(non_numeric)}")
     if structures:
+        from DeepDosimetricsLib.data.synonyms import normalize_name
+
         wanted = {s.strip().lower() for s in structures if s.strip()}
-        keep = [c for c in frame.columns if str(c).split("/", 1)[0].lower() in wanted]
+        # a structure matches by its name or by its canonical synonym (LeftParotid = Parotid_L: dvh tables
+        # keep the patients' names, encode's the cache's canonical ones)
+        canonical = {normalize_name(s.strip()).lower() for s in structures if s.strip()}
+        matches = {}
+        for column in frame.columns:
+            structure = str(column).split("/", 1)[0]
+            if structure not in matches:
+                matches[structure] = structure.lower() in wanted or normalize_name(structure).lower() in canonical
+        keep = [c for c in frame.columns if matches[str(c).split("/", 1)[0]]]
         if not keep:
             raise InputError(f"{what} {path}: no column of the structures {', '.join(sorted(wanted))}")
         frame = frame[keep]
