@@ -87,6 +87,7 @@ class DeepDosimetricsParameterNode:
     radiomicsPreset: Annotated[str, Choice(RADIOMICS_PRESETS)] = DEFAULT_PRESET
     radiomicsParameterFile: Path
     radiomicsOnDose: bool = False
+    dvhSpatial: bool = False
     # deep features
     cohortFolder: Path
     modelFolder: Path
@@ -154,9 +155,11 @@ class DeepDosimetricsLogic(JobLogic):
         return tableNode
 
     def computeDoseVolumeMetrics(self, doseNode, segmentationNode, ctNode=None, tableNode=None, binWidthGy=0.1,
-                                 structures=None):
-        """Dose-volume metrics per structure -> (table node, DVH chart node) (``mrml.features.dvh_tables``)."""
-        return mrml.features.dvh_tables(doseNode, segmentationNode, ctNode, tableNode, binWidthGy, structures)
+                                 structures=None, spatial=False):
+        """Dose-volume metrics per structure -> (table node, DVH chart node) (``mrml.features.dvh_tables``);
+        ``spatial``: with the spatial descriptors (``features.spatial``)."""
+        return mrml.features.dvh_tables(doseNode, segmentationNode, ctNode, tableNode, binWidthGy, structures,
+                                        spatial)
 
     # ------------------------------------------------------------------ deep features
     @staticmethod
@@ -299,7 +302,8 @@ class DeepDosimetricsWidget(JobPanel):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Dose-volume metrics failed.", waitCursor=True):
             self.logic.ensureRequirements()
-            table, chart = self.logic.computeDoseVolumeMetrics(p.doseVolume, p.segmentation, p.ctVolume)
+            table, chart = self.logic.computeDoseVolumeMetrics(p.doseVolume, p.segmentation, p.ctVolume,
+                                                               spatial=p.dvhSpatial)
             self.log(f"DVH table '{table.GetName()}' and chart '{chart.GetName()}' added.")
             slicer.modules.plots.logic().ShowChartInLayout(chart)
 

@@ -73,6 +73,7 @@ class DeepDosimetricsOutcomeParameterNode:
     folds: Annotated[int, WithinRange(2, 20)] = DEFAULT_PROTOCOL.folds
     repeats: Annotated[int, WithinRange(1, 100)] = DEFAULT_PROTOCOL.repeats
     harmonizeColumn: str = ""
+    validateOn: str = ""
     analysisFolder: Path
 
 
@@ -103,18 +104,20 @@ class DeepDosimetricsOutcomeLogic(JobLogic):
     @staticmethod
     def predictArguments(clinicalFile, featureTables, outFolder, outcome="outcome", time="", event="",
                          model=DEFAULT_PROTOCOL.model, folds=DEFAULT_PROTOCOL.folds,
-                         repeats=DEFAULT_PROTOCOL.repeats, harmonize=""):
+                         repeats=DEFAULT_PROTOCOL.repeats, harmonize="", validateOn=""):
         """Command-line arguments of ``deepdosimetrics predict``; ``featureTables`` is {name: table} or the
-        text ``"dvh=dvh.csv radiomics=radiomics.csv"``. A time column selects a time-to-event endpoint."""
+        text ``"dvh=dvh.csv radiomics=radiomics.csv"``. A time column selects a time-to-event endpoint;
+        ``validateOn``: the external site (``--validate-on``, ``analysis.external``)."""
         tables = parseFeatureTables(featureTables)
         return cli_arguments(
             "predict", clinical=clinicalFile, time=str(time) if time else None, event=str(event) if time else None,
             outcome=None if time else str(outcome), features=[f"{name}={path}" for name, path in tables.items()],
-            model=model, folds=int(folds), repeats=int(repeats), harmonize=harmonize or None, out=outFolder)
+            model=model, folds=int(folds), repeats=int(repeats), harmonize=harmonize or None,
+            validate_on=validateOn or None, out=outFolder)
 
     def predictOutcome(self, clinicalFile, featureTables, outFolder, outcome="outcome", time="", event="",
                        model=DEFAULT_PROTOCOL.model, folds=DEFAULT_PROTOCOL.folds, repeats=DEFAULT_PROTOCOL.repeats,
-                       harmonize="", blocking=True, showResults=True, **settings):
+                       harmonize="", validateOn="", blocking=True, showResults=True, **settings):
         """Outcome analysis of the clinical table and the feature tables, results in ``outFolder``.
 
         Blocking (console, batch): ``analysis.job.predict_outcome`` in this process (``settings``: further
@@ -125,13 +128,14 @@ class DeepDosimetricsOutcomeLogic(JobLogic):
         """
         if not blocking:
             return self.runJob(self.predictArguments(clinicalFile, featureTables, outFolder, outcome, time, event,
-                                                     model, folds, repeats, harmonize))
+                                                     model, folds, repeats, harmonize, validateOn))
         from DeepDosimetricsLib.analysis.job import PredictSettings, predict_outcome
 
         result = predict_outcome(PredictSettings(
             clinical=str(clinicalFile), features=parseFeatureTables(featureTables), out=str(outFolder),
             outcome=None if time else outcome, time=time or None, event=event or None, model=model,
-            folds=int(folds), repeats=int(repeats), harmonize=harmonize or None, **settings))
+            folds=int(folds), repeats=int(repeats), harmonize=harmonize or None, validate_on=validateOn or None,
+            **settings))
         if showResults:
             self.loadPredictionResults(outFolder)
         return result
@@ -174,7 +178,7 @@ class DeepDosimetricsOutcomeWidget(JobPanel):
         self.startJob(
             lambda: self.logic.predictOutcome(p.clinicalFile, p.featureTables, out, p.outcomeColumn, p.timeColumn,
                                               p.eventColumn, p.predictModel, p.folds, p.repeats, p.harmonizeColumn,
-                                              blocking=False),
+                                              p.validateOn.strip(), blocking=False),
             groups=(None, "analysis"), onFinished=lambda job: self._showPrediction(out))
 
     def _showPrediction(self, out) -> None:

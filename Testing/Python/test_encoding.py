@@ -124,8 +124,12 @@ def test_structure_features_are_voxel_weighted_means_and_stds():
 def test_encoding_outputs(encoded, two_patients, cache_dir):
     features = pd.read_csv(encoded / "features.csv")
     assert list(features.columns) == ["patient", "structure", "feature", "value"]
+    from DeepDosimetricsLib.features.spatial import spatial_metric_names, subvolume_names
+
     pooled = {f"z{i:02d}_{s}" for i in range(10) for s in ("mean", "std", "ctr")}
-    assert set(features["feature"]) == pooled | {"dose_rec_mean_gy", "dose_rec_max_gy"}
+    halves = {f"z{i:02d}_mean_{half}" for i in range(10) for half in subvolume_names((2,))}
+    decoded = {"dose_rec_mean_gy", "dose_rec_max_gy"} | set(encoder.decoded_spatial(dict.fromkeys(spatial_metric_names())))
+    assert set(features["feature"]) == pooled | halves | decoded
     assert not features.query("structure == 'BODY'")["feature"].str.endswith("_ctr").any()
     assert {"BODY", "PTV"} <= set(features["structure"])
     tiles = pd.read_csv(encoded / "tiles.csv")

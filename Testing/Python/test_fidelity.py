@@ -132,6 +132,10 @@ def test_structure_pooling_centred_tiles_and_decoded_dose(cache):
     assert table[("PTV", "z03_ctr")] == pytest.approx(float(encoded.centred["PTV"][3]))
     dose = table[("PTV", "dose_rec_mean_gy")]
     assert 0 <= dose <= table[("PTV", "dose_rec_max_gy")] <= 80.0 + 1e-3
+    # where the decoded dose lies inside the PTV (issue 18), and the codes pooled in its halves
+    assert table[("PTV", "dose_rec_Dmean_cranial_half_Gy")] <= table[("PTV", "dose_rec_max_gy")] + 1e-6
+    assert np.isfinite(table[("PTV", "dose_rec_gradient_cc_gy_per_mm")])
+    assert min(encoded.features[:, 3]) - 1e-6 <= table[("PTV", "z03_mean_cranial_half")] <= max(encoded.features[:, 3]) + 1e-6
     plain = encode_patient(runner, cp, specs, batch=3, structure_tiles=False).feature_table()
     assert not plain["feature"].str.endswith("_ctr").any()
 

@@ -298,6 +298,11 @@ def test_dose_volume_metrics_by_hand_on_the_dose_grid(logic, scene):
     table, _ = logic.computeDoseVolumeMetrics(linear, segmentation)
     metrics = mrml.tables.dataframe_from_table(table).set_index("Metric")["Box"]
     assert metrics["Dmean_Gy"] == pytest.approx(50.0)  # x = 3..7 -> 30..70 Gy, 20 voxels each
+    table, _ = logic.computeDoseVolumeMetrics(linear, segmentation, spatial=True)  # the panel's checkbox
+    metrics = mrml.tables.dataframe_from_table(table).set_index("Metric")["Box"]
+    assert metrics["dose_gradient_lr_gy_per_mm"] == pytest.approx(5.0)  # 10 Gy per 2 mm column, towards the left
+    assert metrics["Dmean_left_half_Gy"] == pytest.approx((70 + 60 + 0.5 * 50) / 2.5)  # columns 7, 6 and half of 5
+    assert metrics["Dmean_right_half_Gy"] == pytest.approx((30 + 40 + 0.5 * 50) / 2.5)
     assert metrics["V40Gy_pct"] == pytest.approx(80.0)
     assert metrics["V70Gy_pct"] == pytest.approx(20.0)
 
@@ -432,6 +437,8 @@ def test_predict_arguments_and_feature_tables(outcome_module):
     assert arguments == ["predict", "--clinical", "c.csv", "--outcome", "outcome", "--features", "dvh=d.csv",
                          "deep=/x/features.csv", "--model", "logistic", "--folds", "3", "--repeats", "10",
                          "--harmonize", "site", "--out", "out"]
+    external = logic.predictArguments("c.csv", "dvh=d.csv", "out", harmonize="site", validateOn="C")
+    assert external[-6:] == ["--harmonize", "site", "--validate-on", "C", "--out", "out"]  # the panel's External site
     survival = logic.predictArguments("c.csv", {"dvh": "d.csv"}, "out", time="months", event="dead")
     assert survival[3:7] == ["--time", "months", "--event", "dead"] and "--outcome" not in survival
     parse = outcome_module.parseFeatureTables

@@ -328,7 +328,8 @@ def test_cli_writes_every_output(tmp_path):
     assert {"auc", "brier", "calibration_slope", "calibration_intercept"} <= set(summary.metric)
     comparison = pd.read_csv(out / "comparison.csv")
     assert list(comparison.columns) == ["feature_set", "reference", "metric", "delta", "ci_low", "ci_high",
-                                        "p_value"]
+                                        "p_value", "validation"]
+    assert set(comparison.validation) == set(summary.validation) == {"cv"}  # no --validate-on: CV rows only
     predictions = pd.read_csv(out / "predictions.csv")
     assert len(predictions) == 3 * 2 * n  # sets x repeats x patients
     page = (out / "report.html").read_text()
@@ -390,3 +391,17 @@ def test_dvh_beats_clinical_on_the_phantom_cohort(tmp_path):
     selected = pd.read_csv(tmp_path / "out" / "selected_features.csv")
     top = selected[selected.feature_set == "dvh"].head(3)["feature"].str.split("/").str[0].str.removeprefix("dvh:")
     assert set(top) & {"Heart", "Rectum", "PTV"}, list(top)
+
+
+def test_structures_match_by_name_or_canonical_synonym(tmp_path):
+    """dvh tables keep the patients' structure names, encode's the cache's canonical ones: --structures
+    LeftParotid keeps both LeftParotid and Parotid_L columns."""
+    from DeepDosimetricsLib.analysis.tables import read_feature_table
+
+    long = pd.DataFrame({"patient": ["p1", "p1", "p1"], "structure": ["LeftParotid", "Parotid_L", "Heart"],
+                         "feature": ["Dmean_Gy", "z00_mean", "Dmean_Gy"], "value": [1.0, 2.0, 3.0]})
+    long.to_csv(tmp_path / "t.csv", index=False)
+    table = read_feature_table(str(tmp_path / "t.csv"), "t", structures=["leftparotid"])
+    assert sorted(c.split("/")[0] for c in table.frame.columns) == ["LeftParotid", "Parotid_L"]
+    with pytest.raises(InputError, match="no column of the structures"):
+        read_feature_table(str(tmp_path / "t.csv"), "t", structures=["Rectum"])

@@ -8,6 +8,10 @@ increments over the base (:mod:`stats`), and writes into ``settings.out``:
 ``summary.csv``, ``comparison.csv``, ``predictions.csv``, ``selected_features.csv``, ``cohort.csv``,
 ``report.html`` (+ ``figures/*.png``) and, last, ``predict.json`` (settings, versions, counts, outputs).
 Every file is written atomically.
+
+With ``validate_on`` (:mod:`external`), the cross-validation runs on the development sites and every set is
+also fitted on all of them and tested once on the held-out site: rows ``validation = external:SITE`` in
+``summary.csv``/``comparison.csv`` (the cross-validation's are ``cv``) and ``external_predictions.csv``.
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ from DeepDosimetricsLib.runtime.errors import InputError
 
 SUMMARY_COLUMNS = [
     "feature_set", "n_patients", "n_events", "n_features", "metric", "estimate", "ci_low", "ci_high",
-    "repeat_sd", "reason",
+    "repeat_sd", "reason", "validation",
 ]
-COMPARISON_COLUMNS = ["feature_set", "reference", "metric", "delta", "ci_low", "ci_high", "p_value"]
+COMPARISON_COLUMNS = ["feature_set", "reference", "metric", "delta", "ci_low", "ci_high", "p_value", "validation"]
 
 
 @dataclass
@@ -47,6 +51,8 @@ class PredictSettings:
     select: Optional[str] = None  # regular expression on feature names
     harmonize: Optional[str] = None  # clinical column of the batch (site/scanner) for ComBat
     harmonize_sets: Optional[List[str]] = None  # feature tables ComBat adjusts (default: every table)
+    validate_on: Optional[str] = None  # external validation: the held-out site's value of the site column
+    site_column: Optional[str] = None  # the site column (default: the harmonize column, else "site")
     model: str = "logistic"  # logistic | elasticnet | forest
     folds: int = 5
     repeats: int = 10
@@ -88,6 +94,10 @@ def _check_settings(settings: PredictSettings) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be an integer of at least {low}, got {value!r}")
     if not settings.features and settings.base not in (None, CLINICAL):
         raise InputError(f"--base {settings.base}: no feature table of that name")
+    if settings.validate_on is not None and not str(settings.validate_on).strip():
+        raise InputError("--validate-on needs a site value (e.g. --validate-on B)")
+    if settings.site_column and settings.validate_on is None:
+        raise InputError("--site-column names the column of --validate-on SITE; give --validate-on too")
 
 
 def build_sets(clinical, tables, ids, base: Optional[str]):
@@ -160,6 +170,7 @@ def predict_outcome(settings: PredictSettings) -> PredictResult:
     """Run the outcome analysis and write its outputs (see the module docstring)."""
     import pandas as pd
 
+    from DeepDosimetricsLib.analysis import external as ext
     from DeepDosimetricsLib.analysis import stats
     from DeepDosimetricsLib.analysis.protocol import ProtocolSettings, oof_matrix, run_protocol
     from DeepDosimetricsLib.analysis.tables import match_patients, read_clinical, read_feature_table
@@ -167,13 +178,25 @@ def predict_outcome(settings: PredictSettings) -> PredictResult:
     start = time.perf_counter()
     _check_settings(settings)
     endpoint = Endpoint(outcome=settings.outcome, time=settings.time, event=settings.event)
-    clinical = read_clinical(settings.clinical, endpoint, settings.covariates, settings.harmonize)
+    site_column = None
+    if settings.validate_on is not None:
+        site_column = settings.site_column or settings.harmonize or ext.DEFAULT_SITE_COLUMN
+    clinical = read_clinical(settings.clinical, endpoint, settings.covariates, settings.harmonize, site_column)
     tables = [
         read_feature_table(path, name, settings.structures, settings.select)
         for name, path in settings.features.items()
     ]
     counts = match_patients(clinical, tables)
     ids = counts.analysed
+    split = None
+    if site_column:  # the cross-validation sees the development sites only
+        split = ext.split_by_site(ids, clinical.site, str(settings.validate_on).strip(), site_column,
+                                  settings.clinical)
+        external_frame = clinical.target.loc[split.external]
+        ext.check_external_target(
+            endpoint.kind, external_frame["outcome"].to_numpy(dtype=int) if endpoint.kind == "binary"
+            else external_frame, split)
+        ids = split.development
     target_frame = clinical.target.loc[ids]
     kind = endpoint.kind
     if kind == "binary":
@@ -245,7 +268,8 @@ def predict_outcome(settings: PredictSettings) -> PredictResult:
 
     summary_rows = []
     for data in datasets:
-        row = {"feature_set": data.name, "n_patients": n, "n_events": n_events, "n_features": data.n_features}
+        row = {"feature_set": data.name, "n_patients": n, "n_events": n_events, "n_features": data.n_features,
+               "validation": ext.CV}
         if reasons[data.name]:
             summary_rows.append({**row, "metric": endpoint.metric, "estimate": np.nan, "ci_low": np.nan,
                                  "ci_high": np.nan, "repeat_sd": np.nan, "reason": reasons[data.name]})
@@ -257,7 +281,6 @@ def predict_outcome(settings: PredictSettings) -> PredictResult:
         for metric, value in metrics.items():
             summary_rows.append({**row, "metric": metric, "estimate": value.estimate, "ci_low": value.ci_low,
                                  "ci_high": value.ci_high, "repeat_sd": value.repeat_sd, "reason": ""})
-    summary = pd.DataFrame(summary_rows, columns=SUMMARY_COLUMNS)
 
     pairs = stats.binary_pairs(y) if kind == "binary" else stats.survival_pairs(time_, event)
     comparison_rows = []
@@ -267,7 +290,16 @@ def predict_outcome(settings: PredictSettings) -> PredictResult:
                 continue
             delta, low, high, p = stats.paired_delta(predictions[data.name], predictions[base], pairs, counts_matrix)
             comparison_rows.append({"feature_set": data.name, "reference": base, "metric": endpoint.metric,
-                                    "delta": delta, "ci_low": low, "ci_high": high, "p_value": p})
+                                    "delta": delta, "ci_low": low, "ci_high": high, "p_value": p,
+                                    "validation": ext.CV})
+    external_context = None
+    if split is not None:
+        external_context = _external_validation(
+            split, runnable, clinical, tables_by_name, harmonized, set_specs, kind, base, endpoint, settings,
+            protocol)
+        summary_rows += external_context["summary_rows"]
+        comparison_rows += external_context["comparison_rows"]
+    summary = pd.DataFrame(summary_rows, columns=SUMMARY_COLUMNS)
     comparison = pd.DataFrame(comparison_rows, columns=COMPARISON_COLUMNS)
 
     prediction_table = _prediction_table(results, ids, target_frame, kind)
@@ -276,6 +308,15 @@ def predict_outcome(settings: PredictSettings) -> PredictResult:
         {"what": f"covariate left out: {name} ({why})", "count": 0, "patients": ""}
         for name, why in clinical.dropped_covariates.items()
     ] + [{"what": f"table {t.name}: {note}", "count": 0, "patients": ""} for t in tables for note in t.notes]
+    if split is not None:
+        cohort_rows += [
+            {"what": f"external validation: development patients ({split.column} != {split.site}; the "
+             "cross-validation's)", "count": len(split.development), "patients": ""},
+            {"what": f"external validation: external patients ({split.column} = {split.site})",
+             "count": len(split.external), "patients": ""},
+            {"what": "external validation: events among the external patients",
+             "count": external_context["n_events"], "patients": ""},
+        ]
     if batch is not None:
         values, numbers = np.unique(batch, return_counts=True)
         cohort_rows += [{"what": f"{settings.harmonize} = {v}", "count": int(c), "patients": ""}
@@ -285,10 +326,15 @@ def predict_outcome(settings: PredictSettings) -> PredictResult:
 
     out = Path(settings.out)
     paths = _write_outputs(out, summary, comparison, prediction_table, selected, cohort)
+    if external_context is not None:
+        from DeepDosimetricsLib.runtime.atomic import write_csv_atomic
+
+        paths["external_predictions.csv"] = write_csv_atomic(external_context["predictions"],
+                                                             out / "external_predictions.csv")
     context = {
         "settings": settings, "endpoint": endpoint, "summary": summary, "comparison": comparison,
         "selected": selected, "cohort": cohort, "predictions": predictions, "results": results, "ids": ids,
-        "target": target_frame, "base": base, "kind": kind,
+        "target": target_frame, "base": base, "kind": kind, "external": external_context,
     }
     if settings.report:
         from DeepDosimetricsLib.analysis.report import write_report
@@ -302,6 +348,9 @@ def predict_outcome(settings: PredictSettings) -> PredictResult:
         "feature_sets": {name: parts for name, parts in set_specs},
         "protocol": asdict(protocol) | {"k_grid": list(protocol.k_grid), "penalty_grid": list(protocol.penalty_grid)},
         "cohort": cohort_rows,
+        "external_validation": None if split is None else {
+            "column": split.column, "site": split.site, "development_patients": len(split.development),
+            "external_patients": len(split.external), "external_events": external_context["n_events"]},
         "versions": library_versions(),
         "machine": {"python": sys.version.split()[0], "platform": platform.platform()},
         "elapsed_s": round(elapsed, 2),
@@ -312,6 +361,58 @@ def predict_outcome(settings: PredictSettings) -> PredictResult:
     paths["predict.json"] = write_json_atomic(out / "predict.json", record)
     return PredictResult(out=out, summary=summary, comparison=comparison, counts=record["cohort"],
                          paths=paths, elapsed_s=elapsed)
+
+
+def _external_validation(split, runnable, clinical, tables_by_name, harmonized, set_specs, kind, base, endpoint,
+                         settings, protocol) -> dict:
+    """Every runnable set fitted on the development patients and tested on the external ones
+    (:mod:`external`): summary and comparison rows, the external predictions and counts."""
+    import pandas as pd
+
+    from DeepDosimetricsLib.analysis import external as ext
+
+    everyone = split.development + split.external
+    development = np.arange(len(split.development))
+    external = np.arange(len(split.development), len(everyone))
+    parts = dict(set_specs)
+    sets = [_set_data(data.name, parts[data.name], clinical, tables_by_name, everyone, harmonized)[0]
+            for data in runnable]
+    frame = clinical.target.loc[everyone]
+    if kind == "binary":
+        target = frame["outcome"].to_numpy(dtype=int)
+        strata = target
+        external_target = target[external]
+    else:
+        from DeepDosimetricsLib.analysis.survival import structured_target
+
+        event = frame["event"].to_numpy(dtype=int)
+        target, strata = structured_target(frame["time"].to_numpy(dtype=float), event), event
+        external_target = {"time": frame["time"].to_numpy(dtype=float)[external], "event": event[external]}
+    batch = None
+    if settings.harmonize:
+        batch = np.asarray([str(clinical.batch.loc[i]) for i in everyone])
+    results = ext.fit_external(sets, target, strata, batch, development, external, protocol, kind,
+                               bool(settings.harmonize), settings.jobs)
+    metrics, deltas = ext.external_metrics(results, external_target, kind, base, settings.bootstrap, settings.seed)
+    label = ext.validation_label(split.site)
+    n_events = int(np.sum(external_target if kind == "binary" else external_target["event"]))
+    summary_rows, comparison_rows = [], []
+    for data in sets:
+        row = {"feature_set": data.name, "n_patients": len(external), "n_events": n_events,
+               "n_features": data.n_features, "validation": label}
+        for metric, value in metrics[data.name].items():
+            summary_rows.append({**row, "metric": metric, "estimate": value.estimate, "ci_low": value.ci_low,
+                                 "ci_high": value.ci_high, "repeat_sd": np.nan, "reason": ""})
+    for name, (delta, low, high, p) in deltas.items():
+        comparison_rows.append({"feature_set": name, "reference": base, "metric": endpoint.metric, "delta": delta,
+                                "ci_low": low, "ci_high": high, "p_value": p, "validation": label})
+    table = pd.concat([
+        pd.DataFrame({"patient": split.external, "feature_set": name, "prediction": result.prediction})
+        for name, result in results.items()
+    ], ignore_index=True)
+    table = table.merge(frame.loc[split.external].rename_axis("patient").reset_index(), on="patient", how="left")
+    return {"split": split, "label": label, "summary_rows": summary_rows, "comparison_rows": comparison_rows,
+            "predictions": table, "results": results, "target": frame.loc[split.external], "n_events": n_events}
 
 
 def _site_trace(tables, ids, batch, column: str, harmonized) -> List[dict]:
@@ -417,7 +518,25 @@ def library_versions() -> Dict[str, str]:
 
 
 def format_summary(summary, comparison) -> str:
-    """The summary and comparison as text tables (printed by the command and the demo)."""
+    """The summary and comparison as text tables (printed by the command and the demo); with an external
+    validation, its rows follow the cross-validation's under their own heading."""
+    lines = []
+    blocks = ["cv"]
+    if "validation" in summary.columns:
+        blocks = list(dict.fromkeys(summary["validation"].fillna("cv")))
+    for block in blocks:
+        rows = summary if "validation" not in summary.columns else summary[summary["validation"].fillna("cv") == block]
+        deltas = comparison if "validation" not in comparison.columns else comparison[
+            comparison["validation"].fillna("cv") == block]
+        if len(blocks) > 1:
+            lines += ([""] if lines else []) + [
+                "nested cross-validation (development sites):" if block == "cv"
+                else f"external validation ({block.split(':', 1)[1]}: trained on the other sites, tested once):"]
+        lines += _format_block(rows, deltas)
+    return "\n".join(lines)
+
+
+def _format_block(summary, comparison) -> List[str]:
     lines = []
     main = summary[summary["metric"].isin(["auc", "c_index"])]
     lines.append(f"{'feature set':24s} {'n':>4s} {'events':>6s} {'features':>8s} {'metric':>7s} "
@@ -435,7 +554,7 @@ def format_summary(summary, comparison) -> str:
         for row in comparison.itertuples(index=False):
             lines.append(f"{row.feature_set:24s} {row.reference:>12s} {row.delta:+7.3f} "
                          f"[{row.ci_low:+.3f}, {row.ci_high:+.3f}] {row.p_value:7.3f}")
-    return "\n".join(lines)
+    return lines
 
 
 __all__ = ["PredictResult", "PredictSettings", "build_sets", "format_summary", "library_versions",

@@ -5,7 +5,8 @@ counts and the exact settings.
 Figures: ``roc.png`` (binary: ROC of each set from the out-of-fold predictions averaged over repeats),
 ``calibration.png`` (observed vs predicted risk by fifths of the prediction), ``increments.png`` (forest
 plot of delta AUC / delta C over the base with 95% CIs), ``km.png`` (time-to-event: Kaplan-Meier curves of
-the risk groups of repeat 1, groups defined inside the folds by the training median).
+the risk groups of repeat 1, groups defined inside the folds by the training median); with an external
+validation, ``roc_external.png`` (binary: ROC of each set on the held-out site) and its tables.
 """
 
 from __future__ import annotations
@@ -43,11 +44,18 @@ def _mean_prediction(matrix: np.ndarray) -> np.ndarray:
     return np.nanmean(matrix, axis=0)
 
 
+def _rows(frame, validation: str = "cv"):
+    """The rows of one validation (``cv`` or ``external:SITE``) of summary/comparison."""
+    if "validation" not in frame.columns:
+        return frame
+    return frame[frame["validation"].fillna("cv") == validation]
+
+
 def roc_figure(context, plt):
     from sklearn.metrics import roc_curve
 
     y = context["target"]["outcome"].to_numpy(dtype=int)
-    summary = context["summary"]
+    summary = _rows(context["summary"])
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for name, matrix in context["predictions"].items():
         fpr, tpr, _ = roc_curve(y, _mean_prediction(matrix))
@@ -55,6 +63,26 @@ def roc_figure(context, plt):
         ax.plot(fpr, tpr, lw=1.6, label=f"{name}: AUC {row.estimate:.2f} [{row.ci_low:.2f}, {row.ci_high:.2f}]")
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC (out-of-fold, mean over repeats)")
+    ax.legend(fontsize=7, loc="lower right")
+    return fig
+
+
+def external_roc_figure(context, plt):
+    """ROC of each set on the external site (one prediction per patient: the model fitted on the others)."""
+    from sklearn.metrics import roc_curve
+
+    external = context["external"]
+    y = external["target"]["outcome"].to_numpy(dtype=int)
+    summary = _rows(context["summary"], external["label"])
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for name, result in external["results"].items():
+        fpr, tpr, _ = roc_curve(y, result.prediction)
+        row = summary[(summary.feature_set == name) & (summary.metric == "auc")].iloc[0]
+        ax.plot(fpr, tpr, lw=1.6, label=f"{name}: AUC {row.estimate:.2f} [{row.ci_low:.2f}, {row.ci_high:.2f}]")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    split = external["split"]
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity",
+           title=f"ROC on the external site ({split.column} = {split.site})")
     ax.legend(fontsize=7, loc="lower right")
     return fig
 
@@ -77,7 +105,7 @@ def calibration_figure(context, plt):
 
 
 def increments_figure(context, plt):
-    comparison = context["comparison"]
+    comparison = _rows(context["comparison"])
     fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * max(1, len(comparison))))
     rows = list(comparison.itertuples(index=False))[::-1]
     for i, row in enumerate(rows):
@@ -128,8 +156,11 @@ def write_report(out: Path, context: dict) -> Dict[str, Path]:
         makers = [("roc", roc_figure), ("calibration", calibration_figure)] + makers
     else:
         makers = [("km", km_figure)] + makers
-    if not len(context["comparison"]):
+    if not len(_rows(context["comparison"])):
         makers = [m for m in makers if m[0] != "increments"]
+    external = context.get("external")
+    if external is not None and context["kind"] == "binary":
+        makers.append(("roc_external", external_roc_figure))
     paths: Dict[str, Path] = {}
     images = []
     for name, maker in makers:
@@ -158,10 +189,26 @@ def write_report(out: Path, context: dict) -> Dict[str, Path]:
         + "constant and correlated (|r| &gt; 0.95) feature removal and scaling fitted on each training fold "
         f"only; 95% CIs from {settings.bootstrap} bootstrap resamples of patients; increments are paired "
         f"differences against <b>{html.escape(context['base'])}</b> on the same folds.</p>",
-        "<h2>Performance</h2>", _table_html(context["summary"]),
+        "<h2>Performance</h2>", _table_html(_rows(context["summary"])),
     ]
-    if len(context["comparison"]):
-        body += ["<h2>Increments over the base</h2>", _table_html(context["comparison"])]
+    if len(_rows(context["comparison"])):
+        body += ["<h2>Increments over the base</h2>", _table_html(_rows(context["comparison"]))]
+    if external is not None:
+        split = external["split"]
+        body += [
+            f"<h2>External validation: {html.escape(split.column)} = {html.escape(split.site)}</h2>",
+            f"<p>The cross-validation above ran on the {len(split.development)} development patients (the other "
+            f"sites). Each set's whole pipeline (preprocessing, inner-CV selection and penalty, refit) was then "
+            f"fitted once on all of them and tested on the {len(split.external)} patients of the held-out site "
+            f"({external['n_events']} events); nothing was fitted on that site"
+            + (" (ComBat included: the external site's features enter unadjusted)" if settings.harmonize else "")
+            + f". 95% CIs from {settings.bootstrap} bootstrap resamples of the external patients; increments "
+            "are paired on them.</p>",
+            _table_html(_rows(context["summary"], external["label"])),
+        ]
+        if len(_rows(context["comparison"], external["label"])):
+            body += ["<h3>Increments over the base on the external site</h3>",
+                     _table_html(_rows(context["comparison"], external["label"]))]
     for name, data in images:
         body.append(f'<h2>{name}</h2><img alt="{name}" src="data:image/png;base64,{data}">')
     body += [

@@ -120,6 +120,11 @@ def _logit(p: np.ndarray) -> np.ndarray:
 def calibration(p: np.ndarray, y: np.ndarray, weights: Optional[np.ndarray] = None) -> tuple:
     """Calibration slope (logistic regression of y on logit p) and intercept (calibration-in-the-large:
     the intercept with the slope fixed at 1), by Newton's method, optionally with case weights."""
+    with np.errstate(over="ignore"):  # exp of a large logit: mu is 0 or 1, as it should be
+        return _calibration(p, y, weights)
+
+
+def _calibration(p: np.ndarray, y: np.ndarray, weights: Optional[np.ndarray]) -> tuple:
     x = _logit(np.asarray(p, dtype=float))
     y = np.asarray(y, dtype=float)
     w = np.ones_like(x) if weights is None else np.asarray(weights, dtype=float)

@@ -84,6 +84,8 @@ class ClinicalData:
     excluded: Dict[str, List[str]] = field(default_factory=dict)
     #: covariates left out, with why
     dropped_covariates: Dict[str, str] = field(default_factory=dict)
+    #: site labels for an external validation (``--validate-on``), else None
+    site: Optional[pd.Series] = None
 
 
 @dataclass
@@ -186,16 +188,19 @@ def read_clinical(
     endpoint: Endpoint,
     covariates: Optional[Sequence[str]] = None,
     batch: Optional[str] = None,
+    site: Optional[str] = None,
 ) -> ClinicalData:
     """Read the clinical table: the endpoint, the covariates (default: every other column) and the batch.
 
-    Patients without an endpoint value are left out and counted. Unknown columns, a non-binary outcome or
+    ``site``: the column whose values split development and external patients (``--validate-on``); it is
+    not a default covariate (the external site's level is never seen in training). Patients without an
+    endpoint value (or without a site, with ``site``) are left out and counted. Unknown columns, a non-binary outcome or
     event, non-positive times and duplicated ids raise InputError.
     """
     import pandas as pd
 
     table = _patient_index(_read_csv(path, "clinical table"), path, "clinical table")
-    wanted = list(endpoint.columns) + list(covariates or []) + ([batch] if batch else [])
+    wanted = list(endpoint.columns) + list(covariates or []) + ([batch] if batch else []) + ([site] if site else [])
     unknown = [c for c in wanted if c not in table.columns]
     if unknown:
         raise InputError(
@@ -221,7 +226,7 @@ def read_clinical(
 
     reserved = set(endpoint.columns)
     if covariates is None:
-        names = [c for c in table.columns if c not in reserved]
+        names = [c for c in table.columns if c not in reserved and c != site]
     else:
         names = [c for c in covariates if c not in reserved]
     dropped: Dict[str, str] = {}
@@ -253,6 +258,12 @@ def read_clinical(
         missing_batch = batch_series.index[batch_series.isna()]
         if len(missing_batch):
             excluded[f"no value in the harmonisation column '{batch}'"] = [str(i) for i in missing_batch]
+    site_series = None
+    if site:
+        site_series = table[site].map(lambda v: v if pd.isna(v) else str(v).strip())
+        missing_site = site_series.index[site_series.isna()]
+        if len(missing_site):
+            excluded[f"no value in the site column '{site}'"] = [str(i) for i in missing_site]
     return ClinicalData(
         path=str(path),
         endpoint=endpoint,
@@ -262,6 +273,7 @@ def read_clinical(
         batch=batch_series,
         excluded=excluded,
         dropped_covariates=dropped,
+        site=site_series,
     )
 
 
@@ -287,8 +299,8 @@ def read_feature_table(
 ) -> FeatureTable:
     """Read a long or wide feature table into a patients x features matrix named ``name``.
 
-    ``structures`` keeps the columns of those structures (case-insensitive; long tables and wide-by-feature
-    tables); ``select`` is a regular expression searched in the column names.
+    ``structures`` keeps the columns of those structures (case-insensitive, or by their canonical synonym:
+    ``LeftParotid`` keeps ``Parotid_L``; long tables and wide-by-feature tables); ``select`` is a regular expression searched in the column names.
     """
     import pandas as pd
 
@@ -324,8 +336,18 @@ def read_feature_table(
     if non_numeric:
         notes.append(f"{len(non_numeric)} non-numeric column(s) left out: {_preview(non_numeric)}")
     if structures:
+        from DeepDosimetricsLib.data.synonyms import normalize_name
+
         wanted = {s.strip().lower() for s in structures if s.strip()}
-        keep = [c for c in frame.columns if str(c).split("/", 1)[0].lower() in wanted]
+        # a structure matches by its name or by its canonical synonym (LeftParotid = Parotid_L: dvh tables
+        # keep the patients' names, encode's the cache's canonical ones)
+        canonical = {normalize_name(s.strip()).lower() for s in structures if s.strip()}
+        matches = {}
+        for column in frame.columns:
+            structure = str(column).split("/", 1)[0]
+            if structure not in matches:
+                matches[structure] = structure.lower() in wanted or normalize_name(structure).lower() in canonical
+        keep = [c for c in frame.columns if matches[str(c).split("/", 1)[0]]]
         if not keep:
             raise InputError(f"{what} {path}: no column of the structures {', '.join(sorted(wanted))}")
         frame = frame[keep]
@@ -388,6 +410,8 @@ def match_patients(clinical: ClinicalData, tables: Sequence[FeatureTable]) -> Co
     excluded = {reason: list(v) for reason, v in clinical.excluded.items()}
     if clinical.batch is not None:
         ids = [i for i in ids if not _is_missing(clinical.batch.get(i))]
+    if clinical.site is not None:
+        ids = [i for i in ids if not _is_missing(clinical.site.get(i))]
     not_in_clinical: Dict[str, List[str]] = {}
     known = set(clinical.covariates.index)
     for table in tables:

@@ -37,6 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="GY",
         help="dose step of the DVH curves in Gy (default %(default)s)",
     )
+    parser.add_argument(
+        "--spatial",
+        action="store_true",
+        help="also the spatial descriptors: mean dose in equal-volume halves and thirds along the patient's "
+        "left-right, anterior-posterior and cranio-caudal axes, dose-weighted centroid offset, spread and "
+        "gradient (mm, Gy/mm; README 'Spatial dose descriptors')",
+    )
     add_common_arguments(parser)
     parser.add_argument("--out", required=True, metavar="FILE.csv", help="output CSV (written atomically)")
 
@@ -61,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         curves=bool(args.dvh_curves),
         bin_width_gy=args.bin_width,
+        spatial=args.spatial,
     )
     if args.dvh_curves:
         write_csv_atomic(result.curves, args.dvh_curves)

@@ -44,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "fitted inside each training fold")
     parser.add_argument("--harmonize-sets", default=None, metavar="A,B",
                         help="feature tables ComBat adjusts (default: every table; e.g. radiomics,deep, not dvh)")
+    parser.add_argument("--validate-on", default=None, metavar="SITE",
+                        help="external validation: cross-validate on the other sites, then fit every set on all of "
+                        "them and test it once on the patients of SITE (its own rows in summary.csv and "
+                        "comparison.csv; nothing, ComBat included, is fitted on SITE)")
+    parser.add_argument("--site-column", default=None, metavar="COLUMN",
+                        help="clinical column of --validate-on (default: the --harmonize column, else 'site')")
     defaults = PredictSettings
     parser.add_argument("--model", default=defaults.model, choices=MODELS,
                         help="logistic (L2; Cox ridge for time-to-event), elasticnet, forest (default %(default)s)")
@@ -85,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         select=args.select, harmonize=args.harmonize, harmonize_sets=split(args.harmonize_sets), model=args.model, folds=args.folds, repeats=args.repeats,
         inner_folds=args.inner_folds, seed=args.seed, jobs=args.jobs, bootstrap=args.bootstrap,
         report=not args.no_report, quiet=args.quiet,
+        validate_on=args.validate_on, site_column=args.site_column,
     )
     result = predict_outcome(settings)
     print(format_summary(result.summary, result.comparison))

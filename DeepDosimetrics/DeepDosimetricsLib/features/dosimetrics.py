@@ -14,6 +14,10 @@ Conventions (every voxel of the structure counts with the same volume, its dose 
   analytic value by at most one voxel's dose step (the voxels sample the dose at their centres).
 - The cumulative DVH curve: volume percentage receiving at least d, for d = 0, w, 2w, ... (bin width w,
   0.1 Gy by default) up to the first multiple of w above the maximum dose (where it reaches 0%).
+
+With ``spatial=True`` the table also holds the spatial descriptors of :mod:`.spatial` (mean dose in
+equal-volume halves and thirds along the patient's axes, the dose-weighted centroid offset, spread and
+gradient), computed in LPS millimetres on the same grid.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from DeepDosimetricsLib.features.spatial import spatial_dose_metrics
 from DeepDosimetricsLib.features.tables import (
     EMPTY_STRUCTURE,
     StructureSkipped,
@@ -45,6 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
     from DeepDosimetricsLib.data.cohort import Cohort
+    from DeepDosimetricsLib.data.geometry import Geometry
     from DeepDosimetricsLib.data.patient import Patient
 
 log = logging.getLogger(__name__)
@@ -123,11 +129,15 @@ def image_dvh(
     curves: bool = False,
     bin_width_gy: float = DEFAULT_BIN_WIDTH_GY,
     patient_id: str = "",
+    spatial: bool = False,
 ) -> DvhTables:
     """DVH metrics (and curves) of several masks over one dose image in Gy, e.g. MRML nodes converted to
     SimpleITK. ``masks`` maps a structure name to a mask on the dose grid, or to ``(labelmap, label)``.
-    An empty mask gives a reason row."""
+    An empty mask gives a reason row. ``spatial``: add the spatial descriptors (:mod:`.spatial`)."""
+    from DeepDosimetricsLib.data.geometry import Geometry
+
     dose_array = sitk.GetArrayFromImage(dose)
+    geometry = Geometry.from_image(dose)
     voxel_volume_cc = float(np.prod(dose.GetSpacing())) / 1000.0
     rows: List[tuple] = []
     for name, source in masks.items():
@@ -141,6 +151,8 @@ def image_dvh(
         mask = mask_array == label if label is not None else mask_array != 0
         try:
             metrics = dose_volume_metrics(dose_array, mask, voxel_volume_cc)
+            if spatial:
+                metrics.update(spatial_dose_metrics(dose_array, mask, geometry))
         except StructureSkipped as skip:
             rows.append(reason_row(patient_id, name, IMAGE, skip))
             continue
@@ -156,6 +168,7 @@ def patient_dvh(
     structures: Optional[Sequence[str]] = None,
     curves: bool = False,
     bin_width_gy: float = DEFAULT_BIN_WIDTH_GY,
+    spatial: bool = False,
 ) -> DvhTables:
     """DVH metrics (long table: patient, structure, image=dose, feature, value, reason) of one patient's
     structures, and their curves (patient, structure, dose_gy, volume_pct) when ``curves``.
@@ -165,12 +178,15 @@ def patient_dvh(
         structures: structure names (case-insensitive); default every structure.
         curves: also compute the cumulative DVH curves.
         bin_width_gy: dose bin width of the curves, in Gy.
+        spatial: also the spatial descriptors (sub-volume means, dose centroid offset, spread, gradient;
+            :mod:`.spatial`).
 
     Returns:
         ``DvhTables``: ``metrics`` (volume_cc, Dmean/Dmin/Dmax and D98..D2 in Gy, V5..V70 in % of the
         structure's volume; see :func:`dose_volume_metrics`) and ``curves`` (or None).
     """
-    return _dvh_of([patient], structures, jobs=1, quiet=True, curves=curves, bin_width_gy=bin_width_gy)
+    return _dvh_of([patient], structures, jobs=1, quiet=True, curves=curves, bin_width_gy=bin_width_gy,
+                   spatial=spatial)
 
 
 def cohort_dvh(
@@ -180,6 +196,7 @@ def cohort_dvh(
     quiet: bool = False,
     curves: bool = False,
     bin_width_gy: float = DEFAULT_BIN_WIDTH_GY,
+    spatial: bool = False,
 ) -> DvhTables:
     """DVH metrics (and curves) of every patient of a cohort, in parallel over (patient, structure).
 
@@ -190,6 +207,7 @@ def cohort_dvh(
         quiet: no progress bar.
         curves: also compute the cumulative DVH curves (patient, structure, dose_gy, volume_pct).
         bin_width_gy: dose bin width of the curves, in Gy.
+        spatial: also the spatial descriptors (:mod:`.spatial`).
 
     Returns:
         ``DvhTables`` (the metrics long table, the curves or None); see :func:`patient_dvh`.
@@ -201,7 +219,7 @@ def cohort_dvh(
 
     if not isinstance(cohort, Cohort):
         cohort = Cohort.open(cohort)
-    tables = _dvh_of(list(cohort), structures, jobs, quiet, curves, bin_width_gy)
+    tables = _dvh_of(list(cohort), structures, jobs, quiet, curves, bin_width_gy, spatial)
     tables.metrics = with_unreadable(tables.metrics, cohort, IMAGE)
     return tables
 
@@ -214,12 +232,13 @@ def _dvh_of(
     quiet: bool,
     curves: bool,
     bin_width_gy: float,
+    spatial: bool = False,
 ) -> DvhTables:
     """Metrics (and curves) of some patients' structures (the work of patient_ and cohort_dvh)."""
     items, rows = work_items(patients, structures, need_dose=True, image=IMAGE)
     rows += run_items(
         items,
-        functools.partial(_dvh_item, curves=curves, bin_width_gy=bin_width_gy),
+        functools.partial(_dvh_item, curves=curves, bin_width_gy=bin_width_gy, spatial=spatial),
         patients={p.id: p for p in patients},
         jobs=jobs,
         quiet=quiet,
@@ -252,13 +271,16 @@ def _volume_pct_at_least(ascending: np.ndarray, levels: np.ndarray) -> np.ndarra
 _CURVE = "__curve__"
 
 
-def _dvh_item(item: WorkItem, patient: Patient, curves: bool, bin_width_gy: float) -> List[tuple]:
+def _dvh_item(item: WorkItem, patient: Patient, curves: bool, bin_width_gy: float,
+              spatial: bool = False) -> List[tuple]:
     """Worker: metrics (and curve) of one structure (loads the dose and that mask only)."""
     from DeepDosimetricsLib.features.tables import PATIENT_CACHE
 
-    dose, voxel_volume_cc = PATIENT_CACHE.derived_value("dose_array", lambda: _dose_array(patient))
+    dose, voxel_volume_cc, geometry = PATIENT_CACHE.derived_value("dose_array", lambda: _dose_array(patient))
     mask = sitk.GetArrayFromImage(patient.structure_image(item.structure))
     metrics = dose_volume_metrics(dose, mask, voxel_volume_cc)
+    if spatial:
+        metrics.update(spatial_dose_metrics(dose, mask, geometry))
     coverage = PATIENT_CACHE.derived_value("dose_coverage", patient.dose_coverage)
     outside = int(np.count_nonzero(mask[coverage == 0]))
     if outside:  # those voxels got 0 Gy as a fill, not as a dose: say so in the table and the log
@@ -274,10 +296,12 @@ def _dvh_item(item: WorkItem, patient: Patient, curves: bool, bin_width_gy: floa
     return rows
 
 
-def _dose_array(patient: Patient) -> Tuple[np.ndarray, float]:
-    """The patient's dose on the CT grid as an array (the image itself is not kept) and the voxel cc."""
+def _dose_array(patient: Patient) -> Tuple[np.ndarray, float, Geometry]:
+    """The patient's dose on the CT grid as an array (the image itself is not kept), the voxel cc and the grid."""
+    from DeepDosimetricsLib.data.geometry import Geometry
+
     image = patient.dose_image()
-    return sitk.GetArrayFromImage(image), float(np.prod(image.GetSpacing())) / 1000.0
+    return sitk.GetArrayFromImage(image), float(np.prod(image.GetSpacing())) / 1000.0, Geometry.from_image(image)
 
 
 def _split(rows: List[tuple], patient_ids: List[str], curves: bool) -> DvhTables:

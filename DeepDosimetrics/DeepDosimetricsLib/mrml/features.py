@@ -127,12 +127,14 @@ def dvh_tables(
     table_node: Any = None,
     bin_width_gy: float = 0.1,
     structures: Optional[Sequence[str]] = None,
+    spatial: bool = False,
 ) -> Tuple[Any, Any]:
     """Dose-volume metrics per structure -> (table node, plot chart node of the cumulative DVHs).
 
     With ``ct_node`` the dose is resampled onto the CT grid (as the ``dvh`` command does); without it the
     segments are exported on the dose grid. The table has a ``Metric`` column (``volume_cc``, ``Dmean_Gy``,
-    ``D95_Gy``, ``V20Gy_pct``...) and one column per structure.
+    ``D95_Gy``, ``V20Gy_pct``...) and one column per structure; ``spatial`` adds the spatial descriptors
+    (``Dmean_cranial_half_Gy``, ``dose_centroid_cc_mm``...: ``features.spatial``).
     """
     from DeepDosimetricsLib.features.dosimetrics import image_dvh
     from DeepDosimetricsLib.features.tables import to_wide
@@ -149,7 +151,7 @@ def dvh_tables(
     else:
         dose = volume_to_image(dose_node, "dose")
         masks, skipped = masks_from_node(segmentation_node, dose_node, structures)
-    tables = image_dvh(dose, masks, curves=True, bin_width_gy=bin_width_gy)
+    tables = image_dvh(dose, masks, curves=True, bin_width_gy=bin_width_gy, spatial=spatial)
     skipped.update({row.structure: row.reason for row in tables.metrics.itertuples() if row.reason})
     frame = to_wide(tables.metrics, with_patient=False)
     if frame.empty:

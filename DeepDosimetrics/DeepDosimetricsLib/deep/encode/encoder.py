@@ -13,7 +13,16 @@ Per structure, the feature table pools them three ways (``BODY``: the whole body
   the organ and its surroundings, the same for every patient whatever the grid's phase);
 - ``dose_rec_mean_gy``/``dose_rec_max_gy``: that tile's K features decoded, and the decoded dose pooled
   over the structure's voxels inside it (a function of the K features and the organ's mask only: the
-  dose the features carry, in Gy), when the model has a dose channel.
+  dose the features carry, in Gy), when the model has a dose channel;
+- where the dose falls inside the organ, so that a within-organ pattern survives the pooling (issue 18),
+  with the ONE sub-volume definition of :mod:`DeepDosimetricsLib.features.spatial` (equal-volume parts along
+  the patient's left-right, anterior-posterior and cranio-caudal axes, in LPS mm):
+  ``zNN_mean_<half>`` (``z03_mean_cranial_half``...): the grid tiles' features weighted by each tile's share
+  of the structure's half (6 halves; thirds would add 9 K columns per structure for tiles several times
+  larger than an organ), and ``dose_rec_<descriptor>``: the spatial descriptors of the decoded dose in the
+  centred tile (``dose_rec_Dmean_cranial_half_Gy``, ``dose_rec_centroid_cc_mm``, ``dose_rec_spread_ap_mm``,
+  ``dose_rec_gradient_lr_gy_per_mm``...; the structure's voxels inside that tile).
+  The encoder is unsupervised (it never sees an outcome); what these pool is what its codes carry.
 
 With a sink, the decoded grid tiles are blended into it slab by slab.
 """
@@ -98,6 +107,7 @@ class PatientTiles:
     counts: dict[str, np.ndarray] = field(default_factory=dict)  # structure -> voxels per tile (N,)
     centred: dict[str, np.ndarray] = field(default_factory=dict)  # structure -> (K,) features of its centred tile
     decoded: dict[str, dict[str, float]] = field(default_factory=dict)  # structure -> decoded-dose statistics
+    parts: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # structure -> {half: (K,) pooled}
 
     def tile_table(self, geometry=None) -> pd.DataFrame:
         """One row per tile: index, start (z, y, x) on the cache grid, centre in LPS mm, voxel counts, features."""
@@ -128,6 +138,8 @@ class PatientTiles:
             if structure in self.centred:
                 rows += [(self.patient, structure, f"{name}_ctr", float(v))
                          for name, v in zip(names, self.centred[structure])]
+            for part, pooled in self.parts.get(structure, {}).items():
+                rows += [(self.patient, structure, f"{name}_mean_{part}", float(v)) for name, v in zip(names, pooled)]
             for feature, value in self.decoded.get(structure, {}).items():
                 rows.append((self.patient, structure, feature, float(value)))
         return pd.DataFrame(rows, columns=["patient", "structure", "feature", "value"])
@@ -171,23 +183,61 @@ def structure_counts(cached_patient, grid: TileGrid, positions: Sequence[Triple]
     return counts
 
 
-def structure_centroids(cached_patient, names: Sequence[str], slab: int = 32) -> dict[str, np.ndarray]:
-    """Centroid (z, y, x) in cache voxels of each named structure that has voxels (read slab by slab)."""
+def structure_voxels(cached_patient, name: str, slab: int = 32) -> np.ndarray:
+    """(N, 3) int (z, y, x) cache indices of a structure's voxels, in C order (read slab by slab)."""
     from DeepDosimetricsLib.deep.channels import mask
 
     depth, height, width = cached_patient.shape
+    found = []
+    for z0 in range(0, depth, slab):
+        planes = min(slab, depth - z0)
+        inside = np.argwhere(cached_patient.read_tile([mask(name)], (z0, 0, 0), (planes, height, width))[0] > 0)
+        if len(inside):
+            inside[:, 0] += z0
+            found.append(inside)
+    return np.concatenate(found) if found else np.zeros((0, 3), dtype=np.int64)
+
+
+def structure_centroids(cached_patient, names: Sequence[str], slab: int = 32) -> dict[str, np.ndarray]:
+    """Centroid (z, y, x) in cache voxels of each named structure that has voxels (read slab by slab)."""
     centroids = {}
     for name in names:
-        total, sums = 0, np.zeros(3)
-        for z0 in range(0, depth, slab):
-            planes = min(slab, depth - z0)
-            found = np.nonzero(cached_patient.read_tile([mask(name)], (z0, 0, 0), (planes, height, width))[0] > 0)
-            if len(found[0]):
-                total += len(found[0])
-                sums += [found[0].sum() + z0 * len(found[0]), found[1].sum(), found[2].sum()]
-        if total:
-            centroids[name] = sums / total
+        voxels = structure_voxels(cached_patient, name, slab)
+        if len(voxels):
+            centroids[name] = voxels.mean(axis=0)
     return centroids
+
+
+#: the equal-volume parts (features.spatial.PARTS) the grid tiles' codes are pooled in: halves
+POOLED_PARTS = (2,)
+
+
+def part_pooled_features(cached_patient, grid: TileGrid, positions: Sequence[Triple], features: np.ndarray,
+                         names: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
+    """Per structure and half (``features.spatial`` sub-volumes cut in :data:`POOLED_PARTS`): the grid tiles'
+    features (N, K) weighted by the part's voxel weight inside each tile (a voxel in several overlapping
+    tiles counts in each, as in ``zNN_mean``)."""
+    from DeepDosimetricsLib.features.spatial import index_positions, iter_subvolume_weights
+
+    starts = np.asarray(positions, dtype=np.int64).reshape(-1, 3)
+    tile = np.asarray(grid.tile)
+    pooled: dict[str, dict[str, np.ndarray]] = {}
+    for name in names:
+        voxels = structure_voxels(cached_patient, name)
+        if not len(voxels):
+            continue
+        low, high = voxels.min(axis=0), voxels.max(axis=0)
+        touching = np.flatnonzero(np.all((starts <= high) & (starts + tile > low), axis=1))
+        inside = [np.all((voxels >= starts[t]) & (voxels < starts[t] + tile), axis=1) for t in touching]
+        result = {}
+        for subvolume, weights in iter_subvolume_weights(index_positions(voxels, cached_patient.geometry)):
+            if subvolume.parts not in POOLED_PARTS:
+                continue
+            per_tile = np.array([weights[rows].sum() for rows in inside])
+            if per_tile.sum() > 0:
+                result[subvolume.name] = weighted_mean_std(features[touching], per_tile)[0]
+        pooled[name] = result
+    return pooled
 
 
 def centred_tiles(
@@ -199,10 +249,12 @@ def centred_tiles(
 ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, float]]]:
     """Per structure: the K features of a tile centred on its centroid, and the decoded dose in it.
 
-    Returns (structure -> (K,) features, structure -> {"dose_rec_mean_gy", "dose_rec_max_gy"}); the second
-    is empty when the model has no dose channel.
+    Returns (structure -> (K,) features, structure -> {"dose_rec_mean_gy", "dose_rec_max_gy", and the
+    spatial descriptors of the decoded dose (:func:`decoded_spatial`)}); the second is empty when the model
+    has no dose channel.
     """
     from DeepDosimetricsLib.deep.channels import mask, to_units
+    from DeepDosimetricsLib.features.spatial import spatial_descriptors, voxel_positions
 
     cp = cached_patient
     tile = runner.config.tile
@@ -228,7 +280,16 @@ def centred_tiles(
                 continue
             dose = to_units(specs[dose_index], values[slot, dose_index][inside], cp.prescription_gy)
             decoded[name] = {"dose_rec_mean_gy": float(dose.mean()), "dose_rec_max_gy": float(dose.max())}
+            _, where = voxel_positions(inside, cp.geometry, starts[name])  # boolean indexing is nonzero order
+            decoded[name].update(decoded_spatial(spatial_descriptors(dose, where)))
     return features, decoded
+
+
+def decoded_spatial(descriptors: dict[str, float]) -> dict[str, float]:
+    """Spatial descriptor names for the decoded dose: ``Dmean_cranial_half_Gy`` -> ``dose_rec_Dmean_cranial_half_Gy``,
+    ``dose_centroid_cc_mm`` -> ``dose_rec_centroid_cc_mm``."""
+    return {"dose_rec_" + (name[len("dose_"):] if name.startswith("dose_") else name): value
+            for name, value in descriptors.items()}
 
 
 def body_slab_reader(cached_patient):
@@ -293,10 +354,11 @@ def encode_patient(
         stitcher.finish()
     counts = structure_counts(cp, grid, positions)
     centred, decoded = {}, {}
+    names = [name for name in counts if name != BODY and counts[name].sum() > 0]
     if structure_tiles:
-        names = [name for name in counts if name != BODY and counts[name].sum() > 0]
         centred, decoded = centred_tiles(runner, cp, specs, names, batch)
-    return PatientTiles(cp.id, grid, positions, features, counts, centred, decoded)
+    parts = part_pooled_features(cp, grid, positions, features, names)
+    return PatientTiles(cp.id, grid, positions, features, counts, centred, decoded, parts)
 
 
 def decode_tiles(
