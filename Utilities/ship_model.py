@@ -3,8 +3,8 @@
 
     .venv/bin/python Utilities/ship_model.py bench/results/shipped-hn/model openkbp-hn
 
-Writes DeepDosimetrics/DeepDosimetricsLib/Resources/models/<name>/{model.json, model.pt}: the weights as
-they are, and model.json with the SHA-256 of the weights (checked by ``load_model`` at every load), the
+Writes DeepDosimetrics/DeepDosimetricsLib/Resources/models/<name>/{model.json, model.pt}: the weights (as
+they are, or in float16 with ``--float16``), and model.json with the SHA-256 of the weights (checked by ``load_model`` at every load), the
 shipped name, and the training summary without this machine's paths. The model card (MODEL_CARD.md) is
 written by hand beside them, from the benchmarks; run ``Utilities/update_cmake_lists.py`` afterwards.
 """
@@ -34,12 +34,23 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", type=Path, help="trained model folder (model.json + model.pt)")
     parser.add_argument("name", help="the shipped model's name (a folder name: letters, digits, '-')")
+    parser.add_argument("--float16", action="store_true",
+                        help="store the weights in float16 (half the size; loaded into the float32 model)")
     args = parser.parse_args(argv)
     load_model(args.source)  # refuse a folder that does not load
     meta = read_model_json(args.source)
     target = SHIPPED_MODELS_DIR / args.name
     target.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(args.source / meta.get("weights", MODEL_WEIGHTS), target / MODEL_WEIGHTS)
+    source = args.source / meta.get("weights", MODEL_WEIGHTS)
+    if args.float16:
+        import torch
+
+        state = torch.load(source, map_location="cpu", weights_only=True)
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        torch.save(state, target / MODEL_WEIGHTS)
+        meta["weights_dtype"] = "float16"
+    else:
+        shutil.copyfile(source, target / MODEL_WEIGHTS)
     training = dict(meta.get("training") or {})
     training.pop("cohort", None)  # a path on the training machine
     run = dict(training.get("run") or {})
