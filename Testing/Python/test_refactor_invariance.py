@@ -83,12 +83,18 @@ def test_encoded_features_are_equal(outputs, reference):
 
 
 def test_encoded_features_follow_the_documented_layout(run_dir):
-    """Per structure: zNN_mean, zNN_std for every feature, then (not BODY) zNN_ctr and the decoded dose."""
+    """Per structure: zNN_mean, zNN_std for every feature, then (not BODY) zNN_ctr, the features pooled in each
+    half of the structure (issue 18) and the decoded dose with its spatial descriptors."""
+    from DeepDosimetricsLib.deep.encode.encoder import decoded_spatial
+    from DeepDosimetricsLib.features.spatial import spatial_metric_names, subvolume_names
+
     features = pd.read_csv(run_dir / "enc" / "features.csv")
     names = [f"z{k:02d}" for k in range(10)]
     pooled = [f"{n}_{kind}" for n in names for kind in ("mean", "std")]
+    halves = [f"{n}_mean_{half}" for half in subvolume_names((2,)) for n in names]
+    decoded = ["dose_rec_mean_gy", "dose_rec_max_gy", *decoded_spatial(dict.fromkeys(spatial_metric_names()))]
     for (patient, structure), rows in features.groupby(["patient", "structure"], sort=False):
-        extra = [] if structure == "BODY" else [f"{n}_ctr" for n in names] + ["dose_rec_mean_gy", "dose_rec_max_gy"]
+        extra = [] if structure == "BODY" else [f"{n}_ctr" for n in names] + halves + decoded
         assert list(rows["feature"]) == pooled + extra, (patient, structure)
 
 
