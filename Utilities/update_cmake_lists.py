@@ -10,7 +10,7 @@ import re
 import sys
 from pathlib import Path
 
-RESOURCE_SUFFIXES = (".yaml", ".yml", ".json", ".csv", ".txt")
+RESOURCE_SUFFIXES = (".yaml", ".yml", ".json", ".csv", ".txt", ".md", ".png", ".pt")  # .pt: shipped models
 
 
 def update(module: Path) -> str:
