@@ -135,18 +135,18 @@ def start(command: list[str], env: dict[str, str], log_path: Optional[Path]) -> 
             output.close()
 
 
-def stop(process: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM to the process's group, then SIGKILL after ``grace`` seconds."""
-    if process.poll() is not None and not _group_alive(process.pid):
-        return
+def stop(*processes: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM to the processes' groups (all at once), then SIGKILL to those left after ``grace`` seconds."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, sig)
+        alive = [p for p in processes if p.poll() is None or _group_alive(p.pid)]
+        if not alive:
+            return
+        for process in alive:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, sig)
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if process.poll() is not None and not _group_alive(process.pid):
-                return
-            time.sleep(0.2)
+        while time.monotonic() < deadline and any(p.poll() is None or _group_alive(p.pid) for p in alive):
+            time.sleep(0.1)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -359,8 +359,7 @@ def run_local(run: RunSettings, sites: dict[str, str], cache_root: Optional[str]
     try:
         return serve(run, f"127.0.0.1:{free_port()}", on_line=on_line, before_run=start_sites)
     finally:
-        for process in processes:
-            stop(process)
+        stop(*processes)
 
 
 __all__ = ["Tls", "NodeAuth", "serve", "run_site", "run_local", "write_app", "require_flower",

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -80,18 +81,18 @@ def train_round(site: SiteSettings, run: RunSettings, weights: dict[str, Any], s
     (tiles seen this round: the FedAvg weight), ``steps``, ``train-loss`` (mean over the round's steps),
     ``val-loss`` and ``val-mse[<channel>]`` (the global weights on the site's held-out tiles, before
     training), ``patients`` (training patients: a count)."""
-    import torch
-
     from DeepDosimetricsLib.deep.distributed import DistributedContext
     from DeepDosimetricsLib.deep.model import plain_state_dict
     from DeepDosimetricsLib.deep.train.training import Trainer
 
+    started = time.perf_counter()
     site.check()
     config = site_train_config(run, site)
     fed = run.federated
     with tempfile.TemporaryDirectory(prefix="deepdosimetrics-site-") as work:
         trainer = Trainer(Path(site.cohort), Path(work), config, DistributedContext(), quiet=True)
         trainer.setup(cache_dir=Path(site.cache) if site.cache else None)
+        ready = time.perf_counter()
         try:
             trainer.model.load_state_dict(weights)
         except RuntimeError as error:
@@ -105,6 +106,7 @@ def train_round(site: SiteSettings, run: RunSettings, weights: dict[str, Any], s
 
             trainer.penalty = proximal
         first = (max(1, int(server_round)) - 1) * fed.local_steps
+        validated = time.perf_counter()
         losses = trainer.run_steps(first % max(1, config.total_steps), fed.local_steps)
         state = plain_state_dict(trainer.model)
         metrics: dict[str, Union[int, float]] = {
@@ -114,9 +116,10 @@ def train_round(site: SiteSettings, run: RunSettings, weights: dict[str, Any], s
         }
         for label, mse in zip(trainer.labels, per_channel):
             metrics[f"val-mse[{label}]"] = float(mse)
+    print(f"site {site.name}, round {server_round}: setup {ready - started:.1f} s, validation "
+          f"{validated - ready:.1f} s, {len(losses)} steps {time.perf_counter() - validated:.1f} s", flush=True)
     if not all(math.isfinite(float(v)) for v in metrics.values()):
         raise InputError(f"site {site.name}: training diverged in round {server_round} (lower the learning rate)")
-    del torch
     return state, metrics
 
 
