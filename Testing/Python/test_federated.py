@@ -117,19 +117,64 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _certificates(folder: Path) -> dict[str, str]:
+    """A CA and a server certificate for 127.0.0.1/localhost, signed by it (the `cryptography` package)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    paths = {}
+
+    def write(name: str, key, certificate) -> None:
+        (folder / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                               serialization.PrivateFormat.PKCS8,
+                                                               serialization.NoEncryption()))
+        (folder / f"{name}.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        paths[name] = str(folder / f"{name}.pem")
+        paths[f"{name}-key"] = str(folder / f"{name}.key")
+
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test federation CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    write("ca", ca_key, ca)
+    key = ec.generate_private_key(ec.SECP384R1())
+    server = (x509.CertificateBuilder()
+              .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+              .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+              .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                          x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                             critical=False)
+              .sign(ca_key, hashes.SHA256()))
+    write("server", key, server)
+    return paths
+
+
 @pytest.mark.slow
 def test_a_killed_site_does_not_stop_the_federation(sites, tmp_path):
-    """`federated server` and three `federated site` processes; site C is killed (SIGKILL, its whole process
-    group) when its first round arrives: the rounds go on with A and B (FedProx) and the model is written."""
+    """`federated server` and three `federated site` processes over TLS (certificates made here); site C is
+    killed (SIGKILL, its whole process group) when its first round arrives: the rounds go on with A and B
+    (FedProx) and the model is written."""
     from DeepDosimetricsLib.deep.federated.launch import free_port, stop
     from DeepDosimetricsLib.deep.model import load_model
 
     out = tmp_path / "model"
     address = f"127.0.0.1:{free_port()}"
+    tls = _certificates(tmp_path)
     server = subprocess.Popen(
         _cli("federated", "server", "--address", address, "--out", str(out), "--rounds", "2", "--local-steps", "2",
              "--strategy", "fedprox", "--mu", "0.1", "--sites", "3", "--min-sites", "2", "--round-timeout", "40",
-             "--config", str(sites["recipe"])),
+             "--config", str(sites["recipe"]), "--ssl-ca-certfile", tls["ca"], "--ssl-certfile", tls["server"],
+             "--ssl-keyfile", tls["server-key"]),
         env=_env(), stdout=open(tmp_path / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     nodes = {}
     try:
@@ -137,7 +182,7 @@ def test_a_killed_site_does_not_stop_the_federation(sites, tmp_path):
         for name in "ABC":
             nodes[name] = subprocess.Popen(
                 _cli("federated", "site", "--cohort", str(sites[name]), "--name", name, "--server", address,
-                     "--insecure", "--runtime-port", str(free_port()), "--threads", "1",
+                     "--root-certificates", tls["ca"], "--runtime-port", str(free_port()), "--threads", "1",
                      "--cache", str(sites["caches"] / name)),
                 env=_env(), stdout=open(tmp_path / f"site-{name}.log", "wb"), stderr=subprocess.STDOUT,
                 start_new_session=True)
