@@ -42,7 +42,8 @@ def _federation_options(parser: argparse.ArgumentParser) -> None:
                         help="sites expected: the first round waits (up to --round-timeout) for N to connect "
                         "(default: --min-sites; local: the number of --site)")
     parser.add_argument("--round-timeout", type=float, default=None, metavar="S",
-                        help=f"seconds a round waits for replies; then it aggregates those at hand (default {fed.round_timeout:g})")
+                        help="seconds a round waits for every site; then it aggregates the replies at hand, waiting up to "
+                        f"twice as long while fewer than --min-sites replied (default {fed.round_timeout:g})")
     parser.add_argument("--round-retries", type=int, default=None, metavar="N",
                         help=f"repeats of a round with fewer than --min-sites replies before stopping (default {fed.round_retries})")
     parser.add_argument("--dp-noise", type=float, default=None, metavar="Z",

@@ -24,7 +24,7 @@ class FederatedConfig:
     strategy: str = "fedavg"  # one of STRATEGIES
     fedprox_mu: float = 0.01  # FedProx: weight of the proximal term (strategy fedprox only)
     min_sites: int = 2  # sites needed to start a round and to aggregate it
-    round_timeout: float = 600.0  # seconds a round waits for the sites' replies; then the replies at hand
+    round_timeout: float = 600.0  # seconds a round waits for every site; then the replies at hand (up to 2x for min_sites)
     round_retries: int = 2  # a round with fewer than min_sites replies is repeated this often, then the run stops
     dp_noise: float = 0.0  # differential privacy (Flower's client-side fixed clipping): noise multiplier (0: off)
     dp_clipping: float = 1.0  # clipping norm of each site's update (with dp_noise > 0)

@@ -3,7 +3,7 @@
 ``run_federation(grid, run)`` runs inside Flower's ServerApp: it starts from seeded weights (or the round
 checkpoint with ``resume``), calls :func:`round_zero` (the place for the sites' admission statistics and the
 federated PCA start), then per round sends the global weights to the connected sites, waits up to
-``round_timeout`` for their replies, aggregates those that came (FedAvg weighted by tiles seen, or FedProx;
+``round_timeout`` for their replies (twice that while fewer than ``min_sites`` replied), aggregates those that came (FedAvg weighted by tiles seen, or FedProx;
 wrapped by Flower's client-side fixed-clipping DP when ``dp_noise`` > 0) when at least ``min_sites``
 replied (else repeats the round), and writes the round checkpoint atomically. A site that disconnects
 mid-round is a failure of that round, never a stop or a partial average. At the end: ``model.json`` +
@@ -163,7 +163,7 @@ def run_federation(grid: Any, run: RunSettings, say: Callable[[str], None] = pri
         round_start = time.perf_counter()
         config = ConfigRecord({"local-steps": int(fed.local_steps)})
         messages = list(strategy.configure_train(server_round, arrays, config, grid))
-        replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
+        replies = collect_replies(grid, messages, fed.round_timeout, fed.min_sites)
         good = [r for r in replies if not r.has_error()]
         for reply in replies:
             if reply.has_error():
@@ -198,6 +198,25 @@ def run_federation(grid: Any, run: RunSettings, say: Callable[[str], None] = pri
         model.load_state_dict(load_round_checkpoint(out / CHECKPOINT)["weights"])
     summary = write_outputs(out, model, model_config, run, history, extra, time.perf_counter() - started)
     return summary
+
+
+def collect_replies(grid: Any, messages: list, timeout: float, enough: int, poll: float = 0.5) -> list:
+    """Send ``messages`` and gather the replies until every site replied, or ``timeout`` seconds passed with
+    at least ``enough`` usable replies, or twice ``timeout`` passed (a late reply is still taken while the
+    quorum is missing; a dead site's error reply, from Flower's heartbeat check, ends its wait)."""
+    pending = set(grid.push_messages(messages))
+    replies: list = []
+    started = time.monotonic()
+    while pending:
+        arrived = list(grid.pull_messages(pending))
+        replies += arrived
+        pending -= {reply.metadata.reply_to_message_id for reply in arrived}
+        elapsed = time.monotonic() - started
+        usable = sum(1 for reply in replies if not reply.has_error())
+        if not pending or (elapsed >= timeout and usable >= enough) or elapsed >= 2 * timeout:
+            break
+        time.sleep(poll)
+    return replies
 
 
 def wait_for_sites(grid: Any, expected: int, timeout: float, say: Callable[[str], None]) -> int:
