@@ -124,29 +124,43 @@ def child_environment(home: Path, threads: Optional[int] = None) -> dict[str, st
     return env
 
 
-def start(command: list[str], env: dict[str, str], log_path: Optional[Path]) -> subprocess.Popen:
-    """A process in its own process group, its output to ``log_path`` (or inherited)."""
+def start(command: list[str], env: dict[str, str], log_path: Optional[Path], own_group: bool = True) -> subprocess.Popen:
+    """A process, its output to ``log_path`` (or inherited): in its own process group (stopped as a group),
+    or with ``own_group=False`` in ours (a site's SuperNode: killing the site's group kills it too)."""
     output = open(log_path, "ab") if log_path else None  # noqa: SIM115 - closed with the process
     try:
-        return subprocess.Popen(command, env=env, stdout=output or None, stderr=subprocess.STDOUT if output else None,
-                                start_new_session=True)
+        process = subprocess.Popen(command, env=env, stdout=output or None,
+                                   stderr=subprocess.STDOUT if output else None, start_new_session=own_group)
     finally:
         if output:
             output.close()
+    process.own_group = own_group  # type: ignore[attr-defined]
+    return process
 
 
 def stop(*processes: subprocess.Popen, grace: float = 10.0) -> None:
     """SIGTERM to the processes' groups (all at once), then SIGKILL to those left after ``grace`` seconds."""
+    def alive(process: subprocess.Popen) -> bool:
+        return process.poll() is None or (_grouped(process) and _group_alive(process.pid))
+
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        alive = [p for p in processes if p.poll() is None or _group_alive(p.pid)]
-        if not alive:
+        running = [p for p in processes if alive(p)]
+        if not running:
             return
-        for process in alive:
+        for process in running:
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, sig)
+                if _grouped(process):
+                    os.killpg(process.pid, sig)
+                else:
+                    process.send_signal(sig)
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and any(p.poll() is None or _group_alive(p.pid) for p in alive):
+        while time.monotonic() < deadline and any(alive(p) for p in running):
             time.sleep(0.1)
+
+
+def _grouped(process: subprocess.Popen) -> bool:
+    """Whether the process leads its own group (started by ``start``, or by a caller with a new session)."""
+    return getattr(process, "own_group", True)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -310,7 +324,7 @@ def run_site(site: SiteSettings, server: str, tls: Optional[Tls] = None, auth: O
         node_config = home / "node-config.toml"
         node_config.write_text(tomli_w.dumps({"settings": str(settings)}), encoding="utf-8")
         process = start(site_command(site, server, tls, auth, runtime_port, node_config),
-                        child_environment(home, site.threads), None)
+                        child_environment(home, site.threads), None, own_group=False)
 
         def forward(signum, _frame) -> None:
             stop(process, grace=5.0)
