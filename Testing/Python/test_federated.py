@@ -159,31 +159,48 @@ def _certificates(folder: Path) -> dict[str, str]:
     return paths
 
 
+def _site_key(folder: Path, name: str) -> tuple[str, str]:
+    """A site's EC P-384 key pair in OpenSSH format (what ssh-keygen -t ecdsa -b 384 writes)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / f"{name}_key", folder / f"{name}_key.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                     serialization.PublicFormat.OpenSSH))
+    return str(private), str(public)
+
+
 @pytest.mark.slow
 def test_a_killed_site_does_not_stop_the_federation(sites, tmp_path):
-    """`federated server` and three `federated site` processes over TLS (certificates made here); site C is
-    killed (SIGKILL, its whole process group) when its first round arrives: the rounds go on with A and B
-    (FedProx) and the model is written."""
+    """`federated server` and three `federated site` processes over TLS (certificates made here) with node
+    authentication (a fourth site with an unregistered key is never sent a round); site C is killed (SIGKILL,
+    its whole process group) when its first round arrives: the rounds go on with A and B (FedProx) and the
+    model is written."""
     from DeepDosimetricsLib.deep.federated.launch import free_port, stop
     from DeepDosimetricsLib.deep.model import load_model
 
     out = tmp_path / "model"
     address = f"127.0.0.1:{free_port()}"
     tls = _certificates(tmp_path)
+    keys = {name: _site_key(tmp_path, name) for name in "ABCD"}
     server = subprocess.Popen(
         _cli("federated", "server", "--address", address, "--out", str(out), "--rounds", "2", "--local-steps", "2",
              "--strategy", "fedprox", "--mu", "0.1", "--sites", "3", "--min-sites", "2", "--round-timeout", "40",
              "--config", str(sites["recipe"]), "--ssl-ca-certfile", tls["ca"], "--ssl-certfile", tls["server"],
-             "--ssl-keyfile", tls["server-key"]),
+             "--ssl-keyfile", tls["server-key"], *[f"--site-public-key={keys[n][1]}" for n in "ABC"]),
         env=_env(), stdout=open(tmp_path / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     nodes = {}
     try:
         time.sleep(3)
-        for name in "ABC":
+        for name in "ABCD":
             nodes[name] = subprocess.Popen(
-                _cli("federated", "site", "--cohort", str(sites[name]), "--name", name, "--server", address,
+                _cli("federated", "site", "--cohort", str(sites[name if name != "D" else "A"]), "--name", name,
+                     "--server", address, "--auth-private-key", keys[name][0],
                      "--root-certificates", tls["ca"], "--runtime-port", str(free_port()), "--threads", "1",
-                     "--cache", str(sites["caches"] / name)),
+                     "--cache", str(sites["caches"] / (name if name != "D" else "A"))),
                 env=_env(), stdout=open(tmp_path / f"site-{name}.log", "wb"), stderr=subprocess.STDOUT,
                 start_new_session=True)
         deadline = time.monotonic() + 240
@@ -196,7 +213,8 @@ def test_a_killed_site_does_not_stop_the_federation(sites, tmp_path):
         stop(server, *nodes.values(), grace=5)
     rounds = _rounds(out)
     assert [r["round"] for r in rounds] == [1, 2]
-    assert rounds[0]["sites"] == 2 and rounds[0]["sent"] == 3
+    assert rounds[0]["sites"] == 2 and rounds[0]["sent"] == 3 and rounds[1]["sent"] <= 3
+    assert "Receiving: train message" not in (tmp_path / "site-D.log").read_text(errors="replace")
     meta = json.loads((out / "model.json").read_text())["training"]["federated"]
     assert meta["strategy"] == "fedprox" and meta["fedprox_mu"] == 0.1
     load_model(out)

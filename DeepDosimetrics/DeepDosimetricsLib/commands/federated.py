@@ -77,8 +77,8 @@ def _tls_options(parser: argparse.ArgumentParser, server: bool) -> None:
         parser.add_argument("--insecure", action="store_true",
                             help="no TLS (trials on one machine only); without it --root-certificates is needed")
         parser.add_argument("--auth-private-key", metavar="FILE",
-                            help="node authentication: this site's private key (ssh-keygen -t ecdsa -b 384)")
-        parser.add_argument("--auth-public-key", metavar="FILE", help="node authentication: its public key")
+                            help="node authentication (needs TLS): this site's private key (OpenSSH EC, e.g. "
+                            "ssh-keygen -t ecdsa -b 384); the server lists its .pub")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -190,11 +190,7 @@ def run(args: argparse.Namespace) -> int:
 
         site = SiteSettings(cohort=args.cohort, name=args.name, cache=args.cache, device=args.device,
                             threads=args.threads, audit=args.audit)
-        auth = None
-        if args.auth_private_key or args.auth_public_key:
-            if not (args.auth_private_key and args.auth_public_key):
-                raise InputError("node authentication needs both --auth-private-key and --auth-public-key")
-            auth = launch.NodeAuth(private_key=args.auth_private_key, public_key=args.auth_public_key)
+        auth = launch.NodeAuth(private_key=args.auth_private_key) if args.auth_private_key else None
         code = launch.run_site(site, args.server, _tls(args, server=False), auth, args.runtime_port)
         return 0 if code in (0, 130, -15, 143) else 2
     settings = _run_settings(args)

@@ -63,8 +63,7 @@ class NodeAuth:
     """SuperNode authentication: the server's registered public keys, or a site's key pair (EC, OpenSSH)."""
 
     public_keys: Sequence[str] = field(default_factory=list)  # server: one file per authorised site
-    private_key: Optional[str] = None  # site
-    public_key: Optional[str] = None  # site
+    private_key: Optional[str] = None  # site (its public key is derived from it)
 
 
 def require_flower() -> str:
@@ -303,8 +302,7 @@ def site_command(site: SiteSettings, server: str, tls: Optional[Tls], auth: Opti
                "--port", str(runtime_port), "--node-config", str(node_config)]
     command += ["--root-certificates", tls.ca] if tls else ["--insecure"]
     if auth and auth.private_key:
-        command += ["--auth-supernode-private-key", auth.private_key, "--auth-supernode-public-key",
-                    str(auth.public_key)]
+        command += ["--auth-supernode-private-key", auth.private_key]
     return command
 
 
@@ -316,8 +314,11 @@ def run_site(site: SiteSettings, server: str, tls: Optional[Tls] = None, auth: O
     require_flower()
     site.check()
     split_address(server)
-    if auth and auth.private_key and tls is None:
-        raise InputError("node authentication needs TLS: pass --root-certificates")
+    if auth and auth.private_key:
+        if tls is None:
+            raise InputError("node authentication needs TLS: pass --root-certificates")
+        if not Path(auth.private_key).is_file():
+            raise InputError(f"site {site.name}: private key {auth.private_key} does not exist")
     with tempfile.TemporaryDirectory(prefix=f"deepdosimetrics-site-{site.name}-") as scratch:
         home = Path(scratch)
         settings = site.save(home / "site.json")
