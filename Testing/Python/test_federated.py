@@ -194,7 +194,10 @@ def test_a_killed_site_does_not_stop_the_federation(sites, tmp_path):
         env=_env(), stdout=open(tmp_path / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     nodes = {}
     try:
-        time.sleep(3)
+        deadline = time.monotonic() + 120
+        while "sites may connect" not in (tmp_path / "server.log").read_text(errors="replace"):
+            assert time.monotonic() < deadline and server.poll() is None, (tmp_path / "server.log").read_text()
+            time.sleep(0.2)
         for name in "ABCD":
             nodes[name] = subprocess.Popen(
                 _cli("federated", "site", "--cohort", str(sites[name if name != "D" else "A"]), "--name", name,

@@ -32,6 +32,9 @@ from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError, InputError
 DEFAULT_SERVER_ADDRESS = "127.0.0.1:9093"
 DEFAULT_SITE_RUNTIME_PORT = 9094
 CONNECTION = "deepdosimetrics"
+#: a site's node is started again when it stops on its own (server not up yet, key not yet registered)
+SITE_ATTEMPTS = 5
+SITE_RETRY_SECONDS = 10
 LOGS = "logs"
 
 
@@ -238,6 +241,7 @@ def superlink(address: str, logs: Path, tls: Optional[Tls] = None, auth: Optiona
             write_connection(home, connect, tls)
             for key in (auth.public_keys if auth else ()):
                 register_site_key(home, key)
+            print(f"SuperLink ready at {address}: sites may connect", flush=True)
             yield home
         finally:
             stop(process)
@@ -307,8 +311,10 @@ def site_command(site: SiteSettings, server: str, tls: Optional[Tls], auth: Opti
 
 
 def run_site(site: SiteSettings, server: str, tls: Optional[Tls] = None, auth: Optional[NodeAuth] = None,
-             runtime_port: int = DEFAULT_SITE_RUNTIME_PORT) -> int:
-    """A hospital's SuperNode connected to ``server`` until it is stopped (Ctrl-C, SIGTERM); its exit code."""
+             runtime_port: int = DEFAULT_SITE_RUNTIME_PORT, attempts: int = SITE_ATTEMPTS) -> int:
+    """A hospital's SuperNode connected to ``server`` until it is stopped (Ctrl-C, SIGTERM); its exit code.
+    A node the server refuses or cannot be reached by (not started yet, its key not yet registered) is
+    started again, ``attempts`` times in all, ``SITE_RETRY_SECONDS`` apart."""
     import tomli_w
 
     require_flower()
@@ -324,21 +330,29 @@ def run_site(site: SiteSettings, server: str, tls: Optional[Tls] = None, auth: O
         settings = site.save(home / "site.json")
         node_config = home / "node-config.toml"
         node_config.write_text(tomli_w.dumps({"settings": str(settings)}), encoding="utf-8")
-        process = start(site_command(site, server, tls, auth, runtime_port, node_config),
-                        child_environment(home, site.threads), None, own_group=False)
+        command = site_command(site, server, tls, auth, runtime_port, node_config)
+        running: list[subprocess.Popen] = []
 
         def forward(signum, _frame) -> None:
-            stop(process, grace=5.0)
+            stop(*running, grace=5.0)
             raise SystemExit(128 + signum)
 
         previous = signal.signal(signal.SIGTERM, forward)
         try:
-            return process.wait()
+            for attempt in range(1, max(1, attempts) + 1):
+                running[:] = [start(command, child_environment(home, site.threads), None, own_group=False)]
+                code = running[0].wait()
+                if code <= 0 or attempt == attempts:
+                    return code
+                print(f"site {site.name}: the node stopped (exit code {code}: the server unreachable or refusing "
+                      f"this node); trying again in {SITE_RETRY_SECONDS} s ({attempt} of {attempts})", flush=True)
+                time.sleep(SITE_RETRY_SECONDS)
+            return 0
         except KeyboardInterrupt:
             return 130
         finally:
             signal.signal(signal.SIGTERM, previous)
-            stop(process, grace=5.0)
+            stop(*running, grace=5.0)
 
 
 def run_local(run: RunSettings, sites: dict[str, str], cache_root: Optional[str] = None,
