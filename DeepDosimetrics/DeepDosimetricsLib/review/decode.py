@@ -3,7 +3,8 @@ the output slices of each tile that cross them.
 
 ``TileAutoencoder.decode`` ends with a nearest-neighbour upsampling and one 3^3 convolution to the output
 channels at full resolution (and, with ``pca_start``, a per-voxel linear path): about two thirds of a tile's
-decoding time. Every layer before it holds GroupNorms, whose statistics span the whole tile, so those run
+decoding time (each nearest upsampling + 3^3 convolution here is one transposed convolution: half the time).
+Every layer before it holds GroupNorms, whose statistics span the whole tile, so those run
 whole; the last stage is local, so one output slice needs only the three upsampled slices around it and one
 channel's weights. The values are those of ``TileAutoencoder.decode`` (the same operations, summed in another
 order: equal to float32 rounding; ``test_review.py`` checks them against the full stitcher).
@@ -11,14 +12,18 @@ order: equal to float32 rounding; ``test_review.py`` checks them against the ful
 
 from __future__ import annotations
 
-from typing import Sequence
+import weakref
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-#: per parity (0: even, 1: odd output voxel) of one axis, which upsampled taps (-1, 0, +1) fall on the
-#: low-resolution voxels (i - 1, i) or (i, i + 1): a nearest upsampling by 2 repeats each voxel twice
-_PARITY = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+#: nearest upsampling by 2 then a 3-tap convolution (padding 1) is a transposed convolution (stride 2,
+#: padding 1) of the low-resolution input with 4 taps, each the sum of the 3-tap kernel's taps that fall on
+#: the same low-resolution voxel: row k of this matrix picks them
+_TAPS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+#: the transposed kernels of the convolutions run so far: conv module -> {channel: (weight version, kernel)}
+_KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _is_upsample_conv(first, second) -> bool:
@@ -28,22 +33,24 @@ def _is_upsample_conv(first, second) -> bool:
             and tuple(second.padding) == (1, 1, 1) and tuple(second.dilation) == (1, 1, 1) and second.groups == 1)
 
 
-def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
-    """``conv3d(upsample_nearest_2x(x), weight, bias, padding=1)`` without the upsampled tensor: each of the 8
-    output parities is a 2^3 convolution of ``x`` with the 3^3 kernel's taps summed (a third of the work)."""
-    batch, _, h, w, d = x.shape
-    padded = F.pad(x, (1, 1, 1, 1, 1, 1))
-    parity = _PARITY.to(weight.dtype)
-    out = torch.empty((batch, weight.shape[0], h, 2, w, 2, d, 2), dtype=x.dtype, device=x.device)
-    for pz in range(2):
-        for py in range(2):
-            for px in range(2):
-                kernel = torch.einsum("ak,bl,cm,oiklm->oiabc", parity[pz], parity[py], parity[px], weight)
-                window = padded[:, :, pz : pz + h + 1, py : py + w + 1, px : px + d + 1]
-                out[:, :, :, pz, :, py, :, px] = F.conv3d(window, kernel, bias)
-    out = out.view(batch, weight.shape[0], 2 * h, 2 * w, 2 * d)
-    return out.contiguous(memory_format=torch.channels_last_3d) if x.is_contiguous(
-        memory_format=torch.channels_last_3d) and not x.is_contiguous() else out
+def transposed_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """The (in, out, 4, 4, 4) kernel of :func:`upsample_conv` from a (out, in, 3, 3, 3) convolution's."""
+    taps = _TAPS.to(weight.dtype)
+    return torch.einsum("ak,bl,cm,oiklm->ioabc", taps, taps, taps, weight).contiguous()
+
+
+def upsample_conv(x: torch.Tensor, conv: torch.nn.Conv3d, channel: Optional[int] = None) -> torch.Tensor:
+    """``conv(upsample_nearest_2x(x))`` (only output ``channel`` when given, kept as a size-1 axis) as one
+    transposed convolution of ``x``: no upsampled tensor, an eighth of the taps' work over the output's voxels.
+    The kernel is made once per module and channel (again when the weights change)."""
+    kept = _KERNELS.setdefault(conv, {})
+    version = conv.weight._version
+    entry = kept.get(channel)
+    if entry is None or entry[0] != version:
+        weight = conv.weight if channel is None else conv.weight[channel : channel + 1]
+        entry = kept[channel] = (version, transposed_kernel(weight.detach()))
+    bias = conv.bias if channel is None or conv.bias is None else conv.bias[channel : channel + 1]
+    return F.conv_transpose3d(x, entry[1], bias, stride=2, padding=1)
 
 
 def _run(layers, x: torch.Tensor) -> torch.Tensor:
@@ -53,7 +60,7 @@ def _run(layers, x: torch.Tensor) -> torch.Tensor:
     i = 0
     while i < len(layers):
         if i + 1 < len(layers) and _is_upsample_conv(layers[i], layers[i + 1]):
-            x = upsample_conv(x, layers[i + 1].weight, layers[i + 1].bias)
+            x = upsample_conv(x, layers[i + 1])
             i += 2
         else:
             x = layers[i](x)
@@ -96,9 +103,7 @@ def _finish(model, z: torch.Tensor, out: torch.Tensor, channel: int, flat_index:
 
 def decode_channel(model, z: torch.Tensor, channel: int) -> torch.Tensor:
     """(B, K) features -> (B, t, t, t) values in [0, 1] of one output channel (``decode(z)[:, channel]``)."""
-    conv = model.to_channels[1]
-    out = upsample_conv(decode_hidden(model, z), conv.weight[channel : channel + 1],
-                        conv.bias[channel : channel + 1])[:, 0]
+    out = upsample_conv(decode_hidden(model, z), model.to_channels[1], channel)[:, 0]
     t = model.config.tile
     index = torch.arange(channel * t**3, (channel + 1) * t**3, device=z.device)
     return _finish(model, z, out, channel, index)
