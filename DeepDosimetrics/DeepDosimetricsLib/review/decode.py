@@ -5,8 +5,8 @@ the output slices of each tile that cross them.
 channels at full resolution (and, with ``pca_start``, a per-voxel linear path): about two thirds of a tile's
 decoding time (each nearest upsampling + 3^3 convolution here is one transposed convolution: half the time).
 Every layer before it holds GroupNorms, whose statistics span the whole tile, so those run
-whole; the last stage is local, so one output slice needs only the three upsampled slices around it and one
-channel's weights. The values are those of ``TileAutoencoder.decode`` (the same operations, summed in another
+whole; the last stage is local, so one output slice needs only the two low-resolution slices under it and
+one channel's weights. The values are those of ``TileAutoencoder.decode`` (the same operations, summed in another
 order: equal to float32 rounding; ``test_review.py`` checks them against the full stitcher).
 """
 
@@ -39,18 +39,42 @@ def transposed_kernel(weight: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ak,bl,cm,oiklm->ioabc", taps, taps, taps, weight).contiguous()
 
 
+#: (parity, low-resolution offset -1/0/+1, transposed tap): the tap of a transposed convolution (stride 2,
+#: padding 1, 4 taps) by which the voxel at that offset reaches an output voxel of that parity
+_PARITY_TAPS = torch.tensor([[[0.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
+                             [[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]]])
+#: at most this many output channels go through :func:`upsample_conv`'s parity convolution (more: transposed)
+PARITY_CHANNELS = 4
+
+
+def parity_kernel(transposed: torch.Tensor) -> torch.Tensor:
+    """(in, out, 4, 4, 4) transposed kernel -> (8 * out, in, 3, 3, 3): a 3^3 convolution of the low-resolution
+    input whose output channel (pz, py, px, o) is output channel o at the voxels of that parity."""
+    taps = _PARITY_TAPS.to(transposed.dtype)
+    kernel = torch.einsum("pak,qbl,rcm,ioklm->pqroiabc", taps, taps, taps, transposed)
+    return kernel.reshape(-1, *kernel.shape[4:]).contiguous(memory_format=torch.channels_last_3d)
+
+
 def upsample_conv(x: torch.Tensor, conv: torch.nn.Conv3d, channel: Optional[int] = None) -> torch.Tensor:
-    """``conv(upsample_nearest_2x(x))`` (only output ``channel`` when given, kept as a size-1 axis) as one
-    transposed convolution of ``x``: no upsampled tensor, an eighth of the taps' work over the output's voxels.
-    The kernel is made once per module and channel (again when the weights change)."""
+    """``conv(upsample_nearest_2x(x))`` (only output ``channel`` when given, kept as a size-1 axis) without the
+    upsampled tensor: one transposed convolution of ``x`` (an eighth of the taps' work), or, for a few output
+    channels (which a transposed convolution runs slowly), one 3^3 convolution of ``x`` giving each output
+    parity as a channel. The kernel is made once per module and channel (again when the weights change)."""
     kept = _KERNELS.setdefault(conv, {})
     version = conv.weight._version
     entry = kept.get(channel)
     if entry is None or entry[0] != version:
         weight = conv.weight if channel is None else conv.weight[channel : channel + 1]
-        entry = kept[channel] = (version, transposed_kernel(weight.detach()))
+        kernel = transposed_kernel(weight.detach())
+        entry = kept[channel] = (version, kernel if kernel.shape[1] > PARITY_CHANNELS else parity_kernel(kernel))
     bias = conv.bias if channel is None or conv.bias is None else conv.bias[channel : channel + 1]
-    return F.conv_transpose3d(x, entry[1], bias, stride=2, padding=1)
+    kernel = entry[1]
+    if kernel.shape[2] == 4:
+        return F.conv_transpose3d(x, kernel, bias, stride=2, padding=1)
+    batch, _, h, w, d = x.shape
+    out = F.conv3d(x, kernel, None if bias is None else bias.repeat(8), padding=1)  # (B, 8 * out, h, w, d)
+    out = out.view(batch, 2, 2, 2, -1, h, w, d).permute(0, 4, 5, 1, 6, 2, 7, 3)
+    return out.reshape(batch, -1, 2 * h, 2 * w, 2 * d)
 
 
 def _run(layers, x: torch.Tensor) -> torch.Tensor:
@@ -80,9 +104,10 @@ def decode_hidden(model, z: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _finish(model, z: torch.Tensor, out: torch.Tensor, channel: int, flat_index: torch.Tensor) -> torch.Tensor:
+def _finish(model, z: torch.Tensor, out: torch.Tensor, channel: int, flat_index) -> torch.Tensor:
     """Logits ``out`` (B, ...) of ``channel`` -> values in [0, 1], with the PCA path at the voxels
-    ``flat_index`` ((B, n) or (n,) indices into a tile's C*t^3 values, matching ``out``'s trailing voxels)."""
+    ``flat_index`` ((B, n) or (n,) indices into a tile's C*t^3 values, or a slice of them, matching ``out``'s
+    trailing voxels)."""
     if not model.config.pca_start:
         return torch.sigmoid(out)
     shape = out.shape
@@ -105,39 +130,56 @@ def decode_channel(model, z: torch.Tensor, channel: int) -> torch.Tensor:
     """(B, K) features -> (B, t, t, t) values in [0, 1] of one output channel (``decode(z)[:, channel]``)."""
     out = upsample_conv(decode_hidden(model, z), model.to_channels[1], channel)[:, 0]
     t = model.config.tile
-    index = torch.arange(channel * t**3, (channel + 1) * t**3, device=z.device)
-    return _finish(model, z, out, channel, index)
+    return _finish(model, z, out, channel, slice(channel * t**3, (channel + 1) * t**3))
+
+
+#: per parity of an output slice (0: even, 1: odd), the weights of the 3-tap kernel's taps on the two
+#: low-resolution slices under it ((o - 1) // 2 and (o + 1) // 2)
+_SLICE_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+
+
+def _slice_kernel(conv: torch.nn.Conv3d, channel: int, axis: int, parity: int) -> torch.Tensor:
+    """The (2 * in, 1, 4, 4) transposed 2-D kernel of output slices of ``parity`` across ``axis``."""
+    kept = _KERNELS.setdefault(conv, {})
+    key = (channel, axis, parity)
+    entry = kept.get(key)
+    if entry is None or entry[0] != conv.weight._version:
+        weight = conv.weight.detach()[channel : channel + 1].movedim(2 + axis, 2)  # (1, in, across, a, b)
+        taps, across = _TAPS.to(weight.dtype), _SLICE_TAPS[parity].to(weight.dtype)
+        kernel = torch.einsum("jk,bl,cm,oiklm->jiobc", across, taps, taps, weight)  # (2, in, 1, 4, 4)
+        entry = kept[key] = (conv.weight._version, kernel.reshape(-1, 1, 4, 4).contiguous())
+    return entry[1]
 
 
 def decode_slices(model, z: torch.Tensor, channel: int, tiles: Sequence[int], axes: Sequence[int],
                   offsets: Sequence[int]) -> torch.Tensor:
     """Row r: the slice ``offsets[r]`` along tile axis ``axes[r]`` (0 z, 1 y, 2 x) of
     ``decode(z[tiles[r]])[channel]``: (R, t, t), the two other axes in their order (a tile crossed by two
-    planes is decoded once)."""
+    planes is decoded once). Each slice is one transposed 2-D convolution of the two low-resolution slices
+    under it."""
     conv = model.to_channels[1]
     t = model.config.tile
+    h = t // 2
     hidden = decode_hidden(model, z)  # (B, W, h, h, h)
     axes_t = torch.as_tensor(list(axes), dtype=torch.long)
     offsets_t = torch.as_tensor(list(offsets), dtype=torch.long)
     rows = torch.as_tensor(list(tiles), dtype=torch.long)
     out = torch.empty((len(rows), t, t), dtype=torch.float32, device=z.device)
-    weight, bias = conv.weight[channel : channel + 1].float(), conv.bias[channel : channel + 1]
+    bias = None if conv.bias is None else conv.bias[channel : channel + 1]
     for axis in range(3):
-        chosen = (axes_t == axis).nonzero().flatten()
-        if not len(chosen):
-            continue
-        # the three upsampled slices around each output slice: hidden slices (o - 1) // 2 .. (o + 1) // 2,
-        # zero outside the tile (the convolution's padding)
-        upsampled = offsets_t[chosen, None] + torch.arange(-1, 2)  # (n, 3) indices on the t grid
-        inside = (upsampled >= 0) & (upsampled < t)
-        source = hidden.movedim(2 + axis, 2)  # (B, W, h(axis), h, h)
-        slab = source[rows[chosen, None], :, upsampled.clamp(0, t - 1) // 2]  # (n, 3, W, h, h)
-        slab = slab * inside[:, :, None, None, None].to(slab.dtype)
-        slab = slab.permute(0, 2, 1, 3, 4)  # (n, W, 3, h, h)
-        slab = slab.repeat_interleave(2, dim=3).repeat_interleave(2, dim=4)  # (n, W, 3, t, t)
-        kernel = weight.movedim(2 + axis, 2)  # the kernel's axes in the slab's order
-        part = F.conv3d(slab.contiguous(), kernel.contiguous(), bias, padding=(0, 1, 1))[:, 0, 0]  # (n, t, t)
-        out[chosen] = part.float()
+        source = hidden.movedim(2 + axis, 1)  # (B, h(axis), W, h, h)
+        for parity in range(2):
+            chosen = ((axes_t == axis) & (offsets_t % 2 == parity)).nonzero().flatten()
+            if not len(chosen):
+                continue
+            # the low-resolution slices (o - 1) // 2 and (o + 1) // 2, zero outside the tile (the padding)
+            under = torch.stack([(offsets_t[chosen] - 1).div(2, rounding_mode="floor"),
+                                 (offsets_t[chosen] + 1).div(2, rounding_mode="floor")], 1)  # (n, 2)
+            inside = ((under >= 0) & (under < h)).to(hidden.dtype)
+            pair = source[rows[chosen, None], under.clamp(0, h - 1)]  # (n, 2, W, h, h)
+            pair = (pair * inside[:, :, None, None, None]).reshape(len(chosen), -1, h, h)
+            part = F.conv_transpose2d(pair, _slice_kernel(conv, channel, axis, parity), bias, stride=2, padding=1)
+            out[chosen] = part[:, 0].float()
     # the PCA path's voxels of each row's slice: channel * t^3 + the slice's flat indices
     grid = torch.arange(t**3, device=z.device).view(t, t, t)
     flat = torch.stack([grid.select(a, int(o)).reshape(-1) for a, o in zip(axes, offsets)]) if len(rows) else \
