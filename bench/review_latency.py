@@ -122,8 +122,10 @@ def main() -> None:
     if args.decode_only:
         print("traverser only, per update (z00 +1, +2, +3 SD, load "
               f"{load_start[0]:.1f} -> {os.getloadavg()[0]:.1f}): " + "; ".join(
-                  f"{mode}: planes {', '.join(f'{v:.2f}' for v in r['planes_s'])} s ({r['plane_tiles']} tiles), "
-                  f"whole volume {', '.join(f'{v:.2f}' for v in r['volume_s'])} s ({r['tiles']} tiles), "
+                  f"{mode}: planes {', '.join(f'{v:.2f}' for v in r['planes_s'])} s (CPU "
+                  f"{', '.join(f'{v:.2f}' for v in r['planes_cpu_s'])} s; {r['plane_tiles']} tiles), "
+                  f"whole volume {', '.join(f'{v:.2f}' for v in r['volume_s'])} s (CPU "
+                  f"{', '.join(f'{v:.2f}' for v in r['volume_cpu_s'])} s; {r['tiles']} tiles), "
                   f"peak RSS {r['peak_rss_mb']:.0f} MB" for mode, r in results.items()))
         return
 
@@ -147,15 +149,20 @@ patient, label = catalog.ids[0], "window:soft_tissue"
 shape = traverser.patient_shape(patient)
 planes = tuple(s // 2 for s in shape)
 traverser.planes(patient, {"z01": 0.5}, label, planes)  # warm-up (first convolutions, the patient's load)
-planes_s, volume_s, tiles = [], [], 0
+planes_s, volume_s, planes_cpu_s, volume_cpu_s, tiles = [], [], [], [], 0
 for value in (1.0, 2.0, 3.0):
+    cpu = time.process_time()
     result = traverser.planes(patient, {"z00": value}, label, planes)
+    planes_cpu_s.append(round(time.process_time() - cpu, 3))
     planes_s.append(round(result.seconds, 3))
     tiles = result.tiles
+    cpu = time.process_time()
     volume = traverser.full(patient, {"z00": value}, label)
+    volume_cpu_s.append(round(time.process_time() - cpu, 3))
     volume_s.append(round(volume.seconds, 3))
     del volume
-print(json.dumps({"planes_s": planes_s, "plane_tiles": tiles, "volume_s": volume_s,
+print(json.dumps({"planes_s": planes_s, "planes_cpu_s": planes_cpu_s, "plane_tiles": tiles, "volume_s": volume_s,
+                  "volume_cpu_s": volume_cpu_s,
                   "tiles": len(traverser.positions), "shape": list(shape),
                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
 """

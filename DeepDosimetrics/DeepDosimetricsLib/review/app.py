@@ -577,7 +577,11 @@ class ReviewApp:
                             html.Input(type="checkbox", value=("n",), v_model=("structures_shown",))
                             html.Span("{{ n }}")
                     html.Div("Latent traversal (SD)", style="font-weight:bold; margin-top:8px")
-                    html.Div("{{ traversal_message }}", id="traversal-message", style="color:#aaa")
+                    with html.Div(style="color:#aaa"):
+                        # "preview": the displayed planes only, the rest of the volume follows; "exact": all of it
+                        html.Span("{{ traversal_stage }}", id="traversal-stage", v_show="traversal_stage",
+                                  style="border:1px solid #888; border-radius:3px; padding:0 4px; margin-right:4px")
+                        html.Span("{{ traversal_message }}", id="traversal-message")
                     for name in self.state.features:
                         with html.Div(style="display:flex; gap:6px"):
                             html.Span(name, style="width:30px")
