@@ -193,18 +193,64 @@ def structure_counts(cached_patient, grid: TileGrid, positions: Sequence[Triple]
 
 
 def structure_voxels(cached_patient, name: str, slab: int = 32) -> np.ndarray:
-    """(N, 3) int (z, y, x) cache indices of a structure's voxels, in C order (read slab by slab)."""
+    """(N, 3) (z, y, x) cache indices of a structure's voxels, in C order (read slab by slab); int16 when
+    the grid allows it (6 bytes a voxel: a full-size lung has millions), else int32."""
     from DeepDosimetricsLib.deep.channels import mask
 
     depth, height, width = cached_patient.shape
+    dtype = np.int16 if max(cached_patient.shape) < 2**15 else np.int32
+    read = getattr(cached_patient, "read_mask_planes", None)  # stored uint8, no float channel
     found = []
     for z0 in range(0, depth, slab):
         planes = min(slab, depth - z0)
-        inside = np.argwhere(cached_patient.read_tile([mask(name)], (z0, 0, 0), (planes, height, width))[0] > 0)
+        if read is not None:
+            block = read(name, z0, z0 + planes)
+        else:
+            block = cached_patient.read_tile([mask(name)], (z0, 0, 0), (planes, height, width))[0]
+        inside = np.argwhere(block > 0).astype(dtype)
         if len(inside):
             inside[:, 0] += z0
             found.append(inside)
-    return np.concatenate(found) if found else np.zeros((0, 3), dtype=np.int64)
+    return np.concatenate(found) if found else np.zeros((0, 3), dtype=dtype)
+
+
+class TileCells:
+    """Sums over the grid tiles of per-voxel values of one structure, in O(N + T).
+
+    The voxels (N, 3) are binned once into the cells the tiles' edges cut each axis into; a tile's sum is
+    then the sum of its few cells (no pass over the voxels per tile, whatever the overlap).
+    """
+
+    def __init__(self, voxels: np.ndarray, grid: TileGrid, positions: Sequence[Triple]):
+        starts = np.asarray(positions, dtype=np.int64).reshape(-1, 3)
+        self.count = len(starts)
+        flat = np.zeros(len(voxels), np.int64)
+        self.bounds, self.sizes = [], []
+        for axis in range(3):
+            cuts = np.unique(np.concatenate([starts[:, axis], starts[:, axis] + grid.tile[axis]]))
+            size = len(cuts) + 1
+            lookup = np.searchsorted(cuts, np.arange(grid.shape[axis]), side="right")  # 0: before the first cut
+            flat *= size
+            flat += lookup[voxels[:, axis]]
+            self.sizes.append(size)
+            self.bounds.append((np.searchsorted(cuts, starts[:, axis]) + 1,
+                                np.searchsorted(cuts, starts[:, axis] + grid.tile[axis]) + 1))
+        self.flat = flat
+
+    def sums(self, weights: Optional[np.ndarray] = None) -> np.ndarray:
+        """Per tile, the sum of ``weights`` (N, k) over its voxels: (T, k) float64; None: (T,) int64 counts."""
+        total = int(np.prod(self.sizes))
+        if weights is None:
+            hist = np.bincount(self.flat, minlength=total).reshape(1, *self.sizes)
+        else:
+            columns = np.asarray(weights, np.float64).reshape(len(self.flat), -1)
+            hist = np.stack([np.bincount(self.flat, weights=columns[:, j], minlength=total)
+                             for j in range(columns.shape[1])]).reshape(-1, *self.sizes)
+        (z0, z1), (y0, y1), (x0, x1) = self.bounds
+        out = np.zeros((self.count, hist.shape[0]), hist.dtype)
+        for t in range(self.count):
+            out[t] = hist[:, z0[t]:z1[t], y0[t]:y1[t], x0[t]:x1[t]].sum(axis=(1, 2, 3))
+        return out[:, 0] if weights is None else out
 
 
 def rows_in_box(voxels: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
@@ -248,29 +294,27 @@ def part_pooled_features(cached_patient, grid: TileGrid, positions: Sequence[Tri
     tiles counts in each, as in ``zNN_mean``). ``found``: name -> :func:`structure_voxels`, when read already."""
     from DeepDosimetricsLib.features.spatial import SUBVOLUMES, index_positions, split_weights
 
-    starts = np.asarray(positions, dtype=np.int64).reshape(-1, 3)
-    tile = np.asarray(grid.tile)
     pooled: dict[str, dict[str, np.ndarray]] = {}
+    chosen = [s for s in SUBVOLUMES if s.parts in POOLED_PARTS]
     for name in names:
         voxels = found[name] if found is not None and name in found else structure_voxels(cached_patient, name)
         if not len(voxels):
             continue
-        touching = _touching(starts, tile, voxels)
-        chosen = [s for s in SUBVOLUMES if s.parts in POOLED_PARTS]
         located = index_positions(voxels, cached_patient.geometry)
-        weights = np.empty((len(voxels), len(chosen)))  # (voxels, sub-volumes): one gather per tile
+        cells = TileCells(voxels, grid, positions)
+        per_tile = np.zeros((len(positions), len(chosen)))
         for parts in POOLED_PARTS:
             for axis in range(3):
                 split = split_weights(located[:, axis], parts)
-                for column, subvolume in enumerate(chosen):
-                    if subvolume.axis == axis and subvolume.parts == parts:
-                        weights[:, column] = split[subvolume.index]
-        del located
-        per_tile = np.array([weights[rows_in_box(voxels, starts[t], tile)].sum(axis=0) for t in touching])
+                columns = [c for c, sub in enumerate(chosen) if sub.axis == axis and sub.parts == parts]
+                indexes = [chosen[c].index for c in columns]
+                per_tile[:, columns] = cells.sums(split[indexes].T)
+                del split
+        del located, cells
         result = {}
         for column, subvolume in enumerate(chosen):
-            if len(touching) and per_tile[:, column].sum() > 0:
-                result[subvolume.name] = weighted_mean_std(features[touching], per_tile[:, column])[0]
+            if per_tile[:, column].sum() > 0:
+                result[subvolume.name] = weighted_mean_std(features, per_tile[:, column])[0]
         pooled[name] = result
     return pooled
 
@@ -332,20 +376,56 @@ class DecodedDose:
 
     def pooled(self, spec: ChannelSpec, cached_patient) -> dict[str, dict[str, float]]:
         """Per structure: ``dose_rec_mean_gy``, ``dose_rec_max_gy`` and the spatial descriptors, in Gy."""
-        from DeepDosimetricsLib.deep.channels import to_units
-        from DeepDosimetricsLib.features.spatial import index_positions, spatial_descriptors
-
         decoded: dict[str, dict[str, float]] = {}
         for name, voxels in self.voxels.items():
             covered = self.totals[name] > 0
-            if not covered.any():
-                continue
-            dose = to_units(spec, (self.sums[name][covered] / self.totals[name][covered]).astype(np.float32),
-                            cached_patient.prescription_gy)
-            decoded[name] = {"dose_rec_mean_gy": float(dose.mean()), "dose_rec_max_gy": float(dose.max())}
-            decoded[name].update(decoded_spatial(spatial_descriptors(
-                dose, index_positions(voxels[covered], cached_patient.geometry))))
+            if covered.any():
+                values = (self.sums[name][covered] / self.totals[name][covered]).astype(np.float32)
+                decoded[name] = pooled_dose(spec, cached_patient, voxels[covered], values)
         return decoded
+
+
+class StitchedDose:
+    """Watches the reconstruction's finished planes (a :class:`~.tiling.SlabStitcher` observer) and keeps
+    the blended dose at each structure's voxels: the same dose as :class:`DecodedDose`, without decoding
+    any tile again."""
+
+    def __init__(self, found: dict[str, np.ndarray], dose_index: int):
+        self.voxels = {name: voxels for name, voxels in found.items() if len(voxels)}
+        self.dose_index = dose_index
+        self.values = {name: np.zeros(len(v), np.float32) for name, v in self.voxels.items()}
+        self.covered = {name: np.zeros(len(v), bool) for name, v in self.voxels.items()}
+
+    def __call__(self, z: int, block: np.ndarray, covered: np.ndarray) -> None:
+        for name, voxels in self.voxels.items():
+            first, last = np.searchsorted(voxels[:, 0], [z, z + block.shape[1]], side="left")
+            if first == last:
+                continue
+            inside = voxels[first:last]
+            local = (inside[:, 0] - z, inside[:, 1], inside[:, 2])
+            self.values[name][first:last] = block[self.dose_index][local]
+            self.covered[name][first:last] = covered[local]
+
+    def pooled(self, spec: ChannelSpec, cached_patient) -> dict[str, dict[str, float]]:
+        """As :meth:`DecodedDose.pooled`."""
+        decoded: dict[str, dict[str, float]] = {}
+        for name, voxels in self.voxels.items():
+            covered = self.covered[name]
+            if covered.any():
+                decoded[name] = pooled_dose(spec, cached_patient, voxels[covered], self.values[name][covered])
+        return decoded
+
+
+def pooled_dose(spec: ChannelSpec, cached_patient, voxels: np.ndarray, values: np.ndarray) -> dict[str, float]:
+    """``dose_rec_mean_gy``, ``dose_rec_max_gy`` and the spatial descriptors (Gy) of a structure's decoded
+    dose ``values`` (N,) in [0, 1] at its ``voxels`` (N, 3)."""
+    from DeepDosimetricsLib.deep.channels import to_units
+    from DeepDosimetricsLib.features.spatial import index_positions, spatial_descriptors
+
+    dose = to_units(spec, values, cached_patient.prescription_gy)
+    result = {"dose_rec_mean_gy": float(dose.mean()), "dose_rec_max_gy": float(dose.max())}
+    result.update(decoded_spatial(spatial_descriptors(dose, index_positions(voxels, cached_patient.geometry))))
+    return result
 
 
 def dose_channel(specs: Sequence[ChannelSpec]) -> Optional[int]:
@@ -436,15 +516,22 @@ def encode_patient(
     grid = TileGrid.create(cp.shape, tile, overlap)
     positions = tiles_touching(grid, body_slab_reader(cp))
     channels = len(specs)
-    counts = structure_counts(cp, grid, positions)
-    names = [name for name in counts if name != BODY and counts[name].sum() > 0]
-    found = {name: structure_voxels(cp, name) for name in names}  # each mask read once
+    counts = structure_counts(cp, grid, positions, structures=[])  # the body, read by tile rows
+    found = {}
+    for name in cp.structure_names:  # each mask read once: voxels, counts, centroids, pooling, decoded dose
+        if name == BODY:
+            continue
+        voxels = structure_voxels(cp, name)
+        counts[name] = TileCells(voxels, grid, positions).sums()
+        if counts[name].sum() > 0:
+            found[name] = voxels
+    names = list(found)
     dose_index = dose_channel(specs)
-    # with a reconstruction, the structures' decoded dose is taken from the tiles decoded for it
-    decoded_dose = (DecodedDose(grid, positions, found)
-                    if structure_tiles and sink is not None and dose_index is not None else None)
+    # with a reconstruction, the structures' decoded dose is read off its finished planes
+    tap = StitchedDose(found, dose_index) if structure_tiles and sink is not None and dose_index is not None else None
     features = np.zeros((len(positions), runner.config.features), np.float32)
-    stitcher = SlabStitcher(grid.shape, channels, grid.tile, sink, fill=fill) if sink is not None else None
+    stitcher = (SlabStitcher(grid.shape, channels, grid.tile, sink, fill=fill, observer=tap)
+                if sink is not None else None)
     buffer = np.empty((batch, channels, *grid.tile), np.float32)
     done = 0
     bar = progress_bar(range(len(positions)), total=len(positions), desc=f"encode {cp.id}", quiet=quiet)
@@ -455,20 +542,21 @@ def encode_patient(
         codes = runner.encode(inputs)
         features[done : done + len(group)] = codes
         if stitcher is not None:
-            for number, (start, values) in enumerate(zip(group, runner.decode_channels_last(codes))):
+            for start, values in zip(group, runner.decode_channels_last(codes)):
                 stitcher.add_channels_last(start, values)
-                if decoded_dose is not None:
-                    decoded_dose.add(done + number, values[..., dose_index])
         done += len(group)
         bar.update(len(group))
     bar.close()
+    del buffer
     if stitcher is not None:
         stitcher.finish()
+        del stitcher  # its buffer (one tile deep) goes before the pooling's temporaries
     centred, decoded = {}, {}
     if structure_tiles:
         centred = centred_tiles(runner, cp, specs, names, batch, found=found)
-        if decoded_dose is not None:
-            decoded = decoded_dose.pooled(specs[dose_index], cp)
+        if tap is not None:
+            decoded = tap.pooled(specs[dose_index], cp)
+            del tap
         else:
             decoded = structure_decoded_dose(runner, cp, grid, positions, features, specs, names, batch, found=found)
     parts = part_pooled_features(cp, grid, positions, features, names, found=found)
