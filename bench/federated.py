@@ -160,7 +160,9 @@ def train_federated_flower(cohort: Path, out: Path, site_ids: dict[str, list[str
     command = [sys.executable, "-m", "DeepDosimetricsLib.cli", "federated", "local",
                *[item for site, folder in folders.items() for item in ("--site", f"{site}={folder}")],
                "--out", str(out / "model"), "--rounds", str(args.rounds), "--local-steps", str(args.local_steps),
-               "--tile", str(args.tile), "--features", str(args.features), "--quiet"]
+               "--tile", str(args.tile), "--features", str(args.features), "--batch", str(args.batch),
+               "--widths", *map(str, args.widths), "--channels", args.channels, "--seed", str(args.seed),
+               "--cache-root", str(out / "caches"), "--device", "cpu", "--threads", "1"]
     started = time.perf_counter()
     subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(REPO / "DeepDosimetrics")})
     return out / "model", time.perf_counter() - started, {"transport": "flower"}
