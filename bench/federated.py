@@ -198,6 +198,11 @@ def run_dataset(name: str, cohort: Path, by_site: dict[str, list[str]], args, wo
     print(f"[{name}] cache of {len(usable)} patients in {time.perf_counter() - t0:.0f} s; sites: "
           + ", ".join(f"{s} {len(train_ids[s])} train + {len(test_ids[s])} test" for s in sorted(by_site)), flush=True)
 
+    # harmonisation: the sites' input statistics compared before training (every site must be admitted)
+    from DeepDosimetricsLib.deep.federated.admission import check_sites, site_statistics
+
+    admission = check_sites({site: site_statistics(cache, args.channels, patients=ids) for site, ids in by_site.items()})
+    print(f"[{name}] admission:\n" + admission.format(), flush=True)
     rounds = args.steps // (SITES * args.local_steps)
     steps = rounds * SITES * args.local_steps  # S, the same for every arm
     base = dict(channels=args.channels, tile=args.tile, features=args.features, batch=args.batch,
@@ -249,7 +254,7 @@ def run_dataset(name: str, cohort: Path, by_site: dict[str, list[str]], args, wo
     return {"dataset": name, "sites": {s: [len(train_ids[s]), len(test_ids[s])] for s in sorted(train_ids)},
             "steps": steps, "rounds": rounds, "local_steps": args.local_steps,
             "seconds": {arm: round(t, 1) for arm, (_, t) in arms.items()}, "psnr": summary,
-            "test_sites": {i: site_of[i] for i in every_test}}
+            "test_sites": {i: site_of[i] for i in every_test}, "admission": admission.to_dict()}
 
 
 def print_table(result: dict) -> None:

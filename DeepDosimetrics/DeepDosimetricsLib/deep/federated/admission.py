@@ -257,7 +257,7 @@ def check_sites(statistics: Mapping[str, SiteStatistics],
         if math.isfinite(s.dose_target_median_gy) and s.dose_target_median_gy > limits.dose_target_max_gy:
             reasons[site].append(f"median target dose {s.dose_target_median_gy:.4g} Gy is above "
                                  f"{limits.dose_target_max_gy:g} Gy (doses in cGy?)")
-        for label, share in s.channel_share.items():
+        for label, share in s.channel_share.items() if s.patients else ():
             if share < limits.min_channel_share:
                 reasons[site].append(f"only {share:.0%} of its patients provide the channel {label}")
     plausible = [site for site, found in reasons.items() if not found]
