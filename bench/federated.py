@@ -140,7 +140,8 @@ def train_federated(cohort: Path, out: Path, config, site_patients: dict[str, li
     return save(first, out / "model", {"arm": "federated", **info}), time.perf_counter() - started, info
 
 
-def train_federated_flower(cohort: Path, out: Path, site_ids: dict[str, list[str]], args) -> tuple[Path, float, dict]:
+def train_federated_flower(cohort: Path, out: Path, site_ids: dict[str, list[str]], rounds: int,
+                           args) -> tuple[Path, float, dict]:
     """The federated arm through ``deepdosimetrics federated local`` (Flower, real processes)."""
     from DeepDosimetricsLib.cli import main as cli_main  # noqa: F401  (the command table)
     from DeepDosimetricsLib.commands import __path__ as command_path
@@ -159,7 +160,7 @@ def train_federated_flower(cohort: Path, out: Path, site_ids: dict[str, list[str
         folders[site] = folder
     command = [sys.executable, "-m", "DeepDosimetricsLib.cli", "federated", "local",
                *[item for site, folder in folders.items() for item in ("--site", f"{site}={folder}")],
-               "--out", str(out / "model"), "--rounds", str(args.rounds), "--local-steps", str(args.local_steps),
+               "--out", str(out / "model"), "--rounds", str(rounds), "--local-steps", str(args.local_steps),
                "--tile", str(args.tile), "--features", str(args.features), "--batch", str(args.batch),
                "--widths", *map(str, args.widths), "--channels", args.channels, "--seed", str(args.seed),
                "--cache-root", str(out / "caches"), "--device", "cpu", "--threads", "1"]
@@ -168,14 +169,28 @@ def train_federated_flower(cohort: Path, out: Path, site_ids: dict[str, list[str
     return out / "model", time.perf_counter() - started, {"transport": "flower"}
 
 
-def evaluate(model_dir: Path, cohort: Path, cache_dir: Path, test_ids: list[str], out: Path, labels) -> dict:
-    """PSNR per channel and patient of ``model_dir`` on ``test_ids`` through encode --reconstruct."""
+def reuse_or_train(out: Path, key: dict, reuse: bool, train) -> tuple[Path, float, bool]:
+    """``train()`` -> (model folder, seconds), or the earlier run's when ``reuse`` and out/arm.json has ``key``."""
+    record = out / "arm.json"
+    if reuse and record.is_file() and (out / "model" / "model.json").is_file():
+        saved = json.loads(record.read_text())
+        if saved.get("key") == key:
+            return out / "model", float(saved["seconds"]), True
+    model, seconds = train()[:2]
+    record.write_text(json.dumps({"key": key, "seconds": seconds}) + "\n")
+    return model, seconds, False
+
+
+def evaluate(model_dir: Path, cohort: Path, cache_dir: Path, test_ids: list[str], out: Path, labels,
+             overwrite: bool = True) -> dict:
+    """PSNR per channel and patient of ``model_dir`` on ``test_ids`` through encode --reconstruct (``overwrite``
+    False: patients already encoded by this model are kept)."""
     import pandas as pd
     from DeepDosimetricsLib.deep.encode.job import EncodeSettings, encode_cohort
 
     settings = EncodeSettings(reconstruct=True, residuals=False, patients=list(test_ids), device="cpu",
                               quiet=True, progress_json=False)
-    encode_cohort(model_dir, cohort, out, cache_dir, settings, overwrite=True)
+    encode_cohort(model_dir, cohort, out, cache_dir, settings, overwrite=overwrite, resume=not overwrite)
     frame = pd.read_csv(out / "metrics.csv")
     return {label: metric(frame, label, "psnr") for label in labels}
 
@@ -210,30 +225,43 @@ def run_dataset(name: str, cohort: Path, by_site: dict[str, list[str]], args, wo
                 pca_tiles=args.pca_tiles, pca_start=args.pca_start, device="cpu", seed=args.seed, threads=1,
                 log_every=10**6, steps_per_epoch=10**6, checkpoint_every=10**6)
     arms: dict[str, tuple[Path, float]] = {}
+    reused: set[str] = set()
     out = work / name
     pooled = [usable[i] for s in sorted(train_ids) for i in train_ids[s]]
-    arms["central"] = train_alone(cohort, out / "central", make_config(None, **base, steps=steps), pooled, steps)
-    print(f"[{name}] central: {steps} steps in {arms['central'][1]:.0f} s", flush=True)
-    if args.transport == "flower":
-        model, seconds, info = train_federated_flower(cohort, out / "federated", train_ids, args)
-    else:
-        model, seconds, info = train_federated(
-            cohort, out / "federated", make_config(None, **base, steps=rounds * args.local_steps),
-            {s: [usable[i] for i in train_ids[s]] for s in sorted(train_ids)}, rounds, args.local_steps,
-            args.pca_tiles)
-    arms["federated"] = (model, seconds)
-    print(f"[{name}] federated: {rounds} rounds x {args.local_steps} local steps x {SITES} sites in {seconds:.0f} s",
-          flush=True)
+
+    def arm(label: str, folder: Path, key: dict, train) -> None:
+        model, seconds, again = reuse_or_train(folder, {**base, **key, "ids": train_ids}, args.reuse, train)
+        arms[label] = (model, seconds)
+        if again:
+            reused.add(label)
+        print(f"[{name}] {label}: {key} in {seconds:.0f} s" + (" (reused)" if again else ""), flush=True)
+
+    arm("central", out / "central", {"steps": steps},
+        lambda: train_alone(cohort, out / "central", make_config(None, **base, steps=steps), pooled, steps))
+    sites = {s: [usable[i] for i in train_ids[s]] for s in sorted(train_ids)}
+    variants = [("federated", rounds)] + ([("federated x3", steps // args.local_steps)] if args.per_site_steps else [])
+    for label, count in variants:
+        folder = out / label.replace(" ", "-")
+        if args.transport == "flower":
+            arm(label, folder, {"rounds": count, "transport": "flower"},
+                lambda folder=folder, count=count: train_federated_flower(cohort, folder, train_ids, count, args))
+        else:
+            arm(label, folder, {"rounds": count, "local_steps": args.local_steps},
+                lambda folder=folder, count=count: train_federated(
+                    cohort, folder, make_config(None, **base, steps=count * args.local_steps), sites, count,
+                    args.local_steps, args.pca_tiles))
     for site in sorted(train_ids):
-        arms[f"alone:{site}"] = train_alone(cohort, out / f"alone-{site}", make_config(None, **base, steps=steps),
-                                            [usable[i] for i in train_ids[site]], steps)
-        print(f"[{name}] {site} alone: {steps} steps in {arms[f'alone:{site}'][1]:.0f} s", flush=True)
+        arm(f"alone:{site}", out / f"alone-{site}", {"steps": steps},
+            lambda site=site: train_alone(cohort, out / f"alone-{site}", make_config(None, **base, steps=steps),
+                                          sites[site], steps))
 
     every_test = sorted(i for ids in test_ids.values() for i in ids)
     site_of = {i: s for s, ids in test_ids.items() for i in ids}
     psnr = {}
-    for arm, (model_dir, _) in arms.items():
-        psnr[arm] = evaluate(model_dir, cohort, cache_dir, every_test, out / f"encode-{arm.replace(':', '-')}", labels)
+    for which, (model_dir, _) in arms.items():
+        psnr[which] = evaluate(model_dir, cohort, cache_dir, every_test,
+                               out / f"encode-{which.replace(':', '-').replace(' ', '-')}", labels,
+                               overwrite=which not in reused)
     rows, summary = [], {}
     for label in labels:
         def median(arm, ids, label=label):
@@ -250,6 +278,10 @@ def run_dataset(name: str, cohort: Path, by_site: dict[str, list[str]], args, wo
             # each hospital on its own patients: federated against what it would get alone
             "fed_minus_own_site_db": {s: per_site[s]["federated"] - per_site[s][f"alone:{s}"] for s in test_ids},
         }
+        if "federated x3" in overall:
+            summary[label].update({
+                "fed3_minus_central_db": overall["federated x3"] - overall["central"],
+                "fed3_minus_best_site_db": overall["federated x3"] - max(overall[a] for a in alone)})
         rows.append(label)
     return {"dataset": name, "sites": {s: [len(train_ids[s]), len(test_ids[s])] for s in sorted(train_ids)},
             "steps": steps, "rounds": rounds, "local_steps": args.local_steps,
@@ -286,6 +318,10 @@ def main(argv=None) -> int:
     parser.add_argument("--pca-start", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--pca-tiles", type=int, default=192)
     parser.add_argument("--transport", choices=("inprocess", "flower"), default="inprocess")
+    parser.add_argument("--per-site-steps", action="store_true",
+                        help="also a federated arm whose every site takes --steps steps ('federated x3': 3x the tiles)")
+    parser.add_argument("--reuse", action="store_true", help="reuse arms (and their encodings) trained by an "
+                        "earlier run with the same options")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=HERE / "results" / "federated")
     args = parser.parse_args(argv)
