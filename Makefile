@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q numpy wheel versioneer setuptools
 	$(PY) -m pip install -q --no-build-isolation "pyradiomics>=3.0.1"
-	$(PY) -m pip install -q -e ".[slicer,review,dev,cluster]"
+	$(PY) -m pip install -q -e ".[slicer,review,dev,cluster,federated]"
 	rm -f $(VENV)/.deps-*
 	touch $@
 

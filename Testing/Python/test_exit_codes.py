@@ -179,6 +179,7 @@ def test_exit_code_2_bad_input_stops_the_command(command, tmp_path, capsys):
         "review": ["review", "--encoding", nowhere, "--cohort", nowhere],
         "predict": ["predict", "--clinical", str(tmp_path / "nowhere.csv"), "--outcome", "y", "--features",
                     f"dvh={tmp_path / 'none.csv'}", "--out", str(tmp_path / "p")],
+        "federated": ["federated", "local", "--site", f"A={nowhere}", "--out", str(tmp_path / "fed")],
     }[command]
     assert main(argv) == 2
     printed = capsys.readouterr()

@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "encode": "encode",
     "review": "review",
     "predict": "predict",
+    "federated": "federated",
 }
 
 

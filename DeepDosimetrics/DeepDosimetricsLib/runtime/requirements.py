@@ -77,6 +77,7 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("slicer-core", ">=5.11.0.6,<5.12", "slicer", extra="slicer", install=SLICER),
     Requirement("trame-slicer", "==2.0.0", "trame_slicer", extra="review", pip_extras="[standalone]"),
     Requirement("dask", ">=2024.1", "distributed", extra="cluster", pip_extras="[distributed]"),
+    Requirement("flwr", "==1.42.0", "flwr", extra="federated"),
 )
 # fmt: on
 

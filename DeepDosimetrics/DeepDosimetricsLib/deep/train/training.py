@@ -327,6 +327,11 @@ def _model_config(config: TrainConfig, labels: list[str]):
     )
 
 
+def model_config_for(config: TrainConfig, labels: list[str]):
+    """The ModelConfig a TrainConfig trains (the federated server builds the same model)."""
+    return _model_config(config, labels)
+
+
 def _make_scheduler(optimizer, config: TrainConfig, total_steps: int):
     import torch
 
@@ -425,6 +430,8 @@ class Trainer:
         self.stopped_early = False
         self._budget_reached = False
         self.last_train_loss: Optional[float] = None
+        #: an extra loss term of the model added in ``step`` (None: none; federated FedProx: the proximal term)
+        self.penalty: Optional[Any] = None
 
     # ------------------------------------------------------------------ setup
     def setup(self, cache: Any = None, cache_dir: Optional[Path] = None) -> None:
@@ -642,6 +649,22 @@ class Trainer:
         return make_loader(self.sampler, self.step_count, self.total_steps, self._loader_workers(),
                            pin_memory=self.device.type == "cuda")
 
+    def run_steps(self, first_step: int, count: int) -> list[float]:
+        """``count`` optimisation steps on the batches of steps ``first_step`` .. ``first_step + count - 1``,
+        without logging, validation or checkpoints: a federated round (the caller loads the weights before
+        and reads them after). The losses of the steps."""
+        from DeepDosimetricsLib.deep.train.sampling import make_loader
+
+        self.model.train()
+        self.step_count = int(first_step)
+        stop = self.step_count + int(count)
+        if self.resident is not None:
+            source = (self.resident.batch(step) for step in range(self.step_count, stop))
+        else:
+            source = make_loader(self.sampler, self.step_count, stop, self._loader_workers(),
+                                 pin_memory=self.device.type == "cuda")
+        return [self.step(batch) for batch in source]
+
     def _to_device(self, batch):
         batch = batch.to(self.device, non_blocking=True)
         return batch.contiguous(memory_format=self.memory_format) if self.cpu else batch
@@ -669,6 +692,8 @@ class Trainer:
         with self._autocast():
             logits, _ = self.ddp_model(x)
         loss, _ = self._loss(logits, x)
+        if self.penalty is not None:
+            loss = loss + self.penalty(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -881,5 +906,5 @@ def _update_summary(out_dir: Path, extra: dict) -> None:
 
 __all__ = [
     "TrainConfig", "TrainResult", "make_config", "load_config_file", "train",
-    "write_history_csv", "write_loss_curve", "Trainer",
+    "write_history_csv", "write_loss_curve", "Trainer", "model_config_for",
 ]
