@@ -162,13 +162,20 @@ WORKERS = {"prepare": prepare, "ours": run_ours, "monai": run_monai, "pipeline":
 
 
 # ------------------------------------------------------------------------------------------ driver
-def child(mode: str, args, *extra: str) -> dict:
-    """Run one worker in a fresh process; its result is the JSON on its last stdout line."""
+def child(mode: str, args, *extra: str, library: Path | None = None) -> dict:
+    """Run one worker in a fresh process; its result is the JSON on its last stdout line.
+
+    ``library``: the DeepDosimetrics folder to import instead (a checkout of the previous version)."""
+    import os
+
+    env = dict(os.environ)
+    if library is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(library), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
     command = [sys.executable, __file__, "--worker", mode, "--workdir", str(args.workdir),
                "--shape", *map(str, args.shape), "--tile", str(args.tile), "--overlap", str(args.overlap),
                "--batch", str(args.batch), "--threads", str(args.threads),
                "--widths", ",".join(map(str, args.widths)), *extra]
-    completed = subprocess.run(command, capture_output=True, text=True)
+    completed = subprocess.run(command, capture_output=True, text=True, env=env)
     if completed.returncode != 0:
         sys.stderr.write(completed.stdout[-2000:] + completed.stderr[-4000:])
         raise SystemExit(f"worker {mode} failed with exit code {completed.returncode}")
@@ -189,6 +196,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads in each process")
     parser.add_argument("--workdir", type=Path, default=None, help="work folder (default: a new temporary one)")
     parser.add_argument("--pipeline", action="store_true", help="also measure the whole encode --reconstruct job")
+    parser.add_argument("--previous", type=Path, default=None,
+                        help="a checkout of the previous version (its repository root): its encoder (and with "
+                             "--pipeline its job) runs in the same rounds, side by side")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--sw-batch", type=int, default=4, help=argparse.SUPPRESS)
     parser.add_argument("--zrange", type=lambda s: tuple(int(v) for v in s.split(":")), default=None,
@@ -218,13 +228,19 @@ def main() -> int:
     if args.batch <= 0:
         args.batch = best  # the same batch for both
 
-    runs_ours, runs_monai = [], []
+    previous_library = args.previous / "DeepDosimetrics" if args.previous else None
+    runs_ours, runs_monai, runs_previous = [], [], []
     for repeat in range(args.repeats):  # interleaved, so both see the same machine load on average
         last = repeat == args.repeats - 1
         ours = child("ours", args)
         runs_ours.append(ours["seconds"])
         print(f"DeepDosimetrics run {repeat + 1}: {ours['seconds']:.1f} s, peak RSS {ours['rss_mb']:.0f} MB, "
               f"{ours['tiles']} of {ours['grid']} tiles (batch {args.batch})", flush=True)
+        if previous_library is not None:
+            previous = child("ours", args, library=previous_library)
+            runs_previous.append(previous["seconds"])
+            print(f"previous version ({args.previous}) run {repeat + 1}: {previous['seconds']:.1f} s, peak RSS "
+                  f"{previous['rss_mb']:.0f} MB", flush=True)
         monai = child("monai", args, "--sw-batch", str(best), *(["--compare"] if last else []))
         runs_monai.append(monai["seconds"])
         print(f"MONAI sliding_window_inference run {repeat + 1}: {monai['seconds']:.1f} s, peak RSS "
@@ -232,14 +248,25 @@ def main() -> int:
     ratio = statistics.median(runs_ours) / statistics.median(runs_monai)
     print(f"medians: DeepDosimetrics {statistics.median(runs_ours):.1f} s, MONAI {statistics.median(runs_monai):.1f} s",
           flush=True)
+    extra = ""
+    if runs_previous:
+        previous_ratio = statistics.median(runs_previous) / statistics.median(runs_monai)
+        print(f"previous version: median {statistics.median(runs_previous):.1f} s, time_ratio {previous_ratio:.3f}",
+              flush=True)
+        extra += f" previous_time_ratio={previous_ratio:.3f}"
     if args.pipeline:
         args.batch = args.batch or 8
         pipeline = child("pipeline", args)
         print(f"whole encode --reconstruct job (NRRDs, residuals, metrics): {pipeline['seconds']:.1f} s, "
               f"peak RSS {pipeline['rss_mb']:.0f} MB", flush=True)
+        extra += f" pipeline_rss_mb={pipeline['rss_mb']:.0f}"
+        if previous_library is not None:
+            before = child("pipeline", args, library=previous_library)
+            print(f"previous version's job: {before['seconds']:.1f} s, peak RSS {before['rss_mb']:.0f} MB", flush=True)
+            extra += f" previous_pipeline_rss_mb={before['rss_mb']:.0f}"
     print(f"time_ratio={ratio:.3f} max_abs_diff={monai['max_abs_diff']:.3g} "
           f"rss_ours_mb={ours['rss_mb']:.0f} rss_monai_mb={monai['rss_mb']:.0f} "
-          f"body_fraction={info['body_fraction']:.3f}")
+          f"body_fraction={info['body_fraction']:.3f}{extra}")
     return 0
 
 

@@ -4,6 +4,8 @@
     python bench/review_latency.py --phantom 256 256 175                          # a half-size phantom
     python bench/review_latency.py --phantom-fullsize                             # the 512x512x350 phantom
     python bench/review_latency.py --phantom 256 256 175 --prepare-only           # synth/train/encode only
+    python bench/review_latency.py --phantom-fullsize --mode both --work DIR      # previous and current, one run
+    python bench/review_latency.py --phantom-fullsize --mode both --work DIR --decode-only  # no browser
 
 Prepares a one-patient cohort (a link to the OpenKBP folder, or `synth`), trains a small model a few steps
 and encodes it with --reconstruct (all under a temporary folder), starts `deepdosimetrics review --model` and
@@ -12,7 +14,15 @@ opacity slider and a traversal slider -> the view's image changes (each traversa
 message, then for the whole volume decoded in the background before the next step). The server's peak RSS is
 its VmHWM. Besides wall-clock times it records the server's CPU seconds per update (utime + stime): on a
 shared, loaded machine that is the fairer figure (an idle 2-core machine answers in about that time or less,
-the decoder using both cores). The load average is recorded at the start and the end. Prints one JSON line.
+the decoder using both cores). The load average is recorded at the start and the end. Prints one JSON line per
+server, then one summary line: per traversal update, the preview (slider to the changed image: the displayed
+planes) and the exact volume (slider to the whole volume in place).
+
+``--mode previous`` serves with the library of ``--previous REV`` (a git revision of this repository, extracted
+to a temporary folder: by default the last commit before issue 20's traversal work), ``--mode both`` runs the
+previous and the current library one after the other on the same prepared data. ``--decode-only`` times the
+station's traverser in a fresh process per library, without the server and the browser: the displayed planes
+through the volume's centre and the whole volume, per update.
 """
 
 from __future__ import annotations
@@ -28,6 +38,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+#: the last commit before issue 20's traversal work (planes decoded from whole tiles, every channel)
+PREVIOUS = "e2e65f6"
 
 
 def cli(*arguments: str, env=None) -> None:
@@ -57,6 +71,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--prepare-only", action="store_true", help="synth/train/encode into --work, no browser")
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
+    parser.add_argument("--mode", choices=("current", "previous", "both"), default="current",
+                        help="serve with this checkout's library, --previous's, or both one after the other")
+    parser.add_argument("--previous", default=PREVIOUS, metavar="REV", help=f"the previous version (default {PREVIOUS})")
+    parser.add_argument("--decode-only", action="store_true", help="time the traverser in-process, no browser")
     args = parser.parse_args()
     if args.phantom_fullsize:
         args.phantom = [512, 512, 350]
@@ -79,7 +97,79 @@ def main() -> None:
     if args.prepare_only:
         print(f"prepared {work}")
         return
+    results = {}
+    for mode in (("previous", "current") if args.mode == "both" else (args.mode,)):
+        run_env = dict(env)
+        if mode == "previous":
+            library = Path(tempfile.mkdtemp(prefix="review-previous-"))
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", args.previous, "DeepDosimetrics"],
+                                     check=True, capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(library)], input=archive, check=True)
+            run_env["PYTHONPATH"] = os.pathsep.join([str(library / "DeepDosimetrics"), env.get("PYTHONPATH", "")])
+        else:
+            run_env["PYTHONPATH"] = os.pathsep.join([str(REPO / "DeepDosimetrics"), env.get("PYTHONPATH", "")])
+        if args.decode_only:
+            out = subprocess.run([sys.executable, "-c", DECODE_ONLY, str(enc), str(cohort), str(model)], env=run_env,
+                                 check=True, capture_output=True, text=True).stdout
+            results[mode] = json.loads(out.strip().splitlines()[-1])
+            results[mode]["library"] = args.previous if mode == "previous" else "current"
+            print(json.dumps(results[mode]), flush=True)
+            continue
+        results[mode] = measure(args, work, cohort, model, enc, run_env, mode)
+        results[mode]["library"] = args.previous if mode == "previous" else "current"
+        print(json.dumps(results[mode]), flush=True)
 
+    if args.decode_only:
+        print("traverser only, per update (z00 +1, +2, +3 SD, load "
+              f"{load_start[0]:.1f} -> {os.getloadavg()[0]:.1f}): " + "; ".join(
+                  f"{mode}: planes {', '.join(f'{v:.2f}' for v in r['planes_s'])} s (CPU "
+                  f"{', '.join(f'{v:.2f}' for v in r['planes_cpu_s'])} s; {r['plane_tiles']} tiles), "
+                  f"whole volume {', '.join(f'{v:.2f}' for v in r['volume_s'])} s (CPU "
+                  f"{', '.join(f'{v:.2f}' for v in r['volume_cpu_s'])} s; {r['tiles']} tiles), "
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB" for mode, r in results.items()))
+        return
+
+    def seconds(values):
+        return ", ".join("-" if v is None else f"{v:.2f}" for v in values)
+
+    parts = [f"{mode}: preview {seconds(r['traversal_to_image_s'])} s, exact {seconds(r['traversal_whole_volume_s'])} s"
+             f" (server peak RSS {r['server_peak_rss_mb']:.0f} MB)" for mode, r in results.items()]
+    print(f"traversal per update (z00 +1, +2, +3 SD, {args.openkbp or 'x'.join(map(str, args.phantom))}, load "
+          f"{load_start[0]:.1f} -> {os.getloadavg()[0]:.1f}): " + "; ".join(parts))
+
+
+#: run in a fresh process with one library on PYTHONPATH: argv = ENC_DIR COHORT MODEL; prints one JSON line
+DECODE_ONLY = """
+import json, resource, sys, time
+from DeepDosimetricsLib.review.catalog import Catalog
+from DeepDosimetricsLib.review.traversal import Traverser
+catalog = Catalog(sys.argv[1], sys.argv[2])
+traverser = Traverser(sys.argv[3], catalog)
+patient, label = catalog.ids[0], "window:soft_tissue"
+shape = traverser.patient_shape(patient)
+planes = tuple(s // 2 for s in shape)
+traverser.planes(patient, {"z01": 0.5}, label, planes)  # warm-up (first convolutions, the patient's load)
+planes_s, volume_s, planes_cpu_s, volume_cpu_s, tiles = [], [], [], [], 0
+for value in (1.0, 2.0, 3.0):
+    cpu = time.process_time()
+    result = traverser.planes(patient, {"z00": value}, label, planes)
+    planes_cpu_s.append(round(time.process_time() - cpu, 3))
+    planes_s.append(round(result.seconds, 3))
+    tiles = result.tiles
+    cpu = time.process_time()
+    volume = traverser.full(patient, {"z00": value}, label)
+    volume_cpu_s.append(round(time.process_time() - cpu, 3))
+    volume_s.append(round(volume.seconds, 3))
+    del volume
+print(json.dumps({"planes_s": planes_s, "planes_cpu_s": planes_cpu_s, "plane_tiles": tiles, "volume_s": volume_s,
+                  "volume_cpu_s": volume_cpu_s,
+                  "tiles": len(traverser.positions), "shape": list(shape),
+                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
+"""
+
+
+def measure(args, work: Path, cohort: Path, model: Path, enc: Path, env: dict, mode: str) -> dict:
+    """One server (the library on ``env``'s PYTHONPATH) driven by Chromium: the figures as a dict."""
     from PIL import Image
     from selenium import webdriver
     from selenium.common.exceptions import WebDriverException
@@ -87,7 +177,8 @@ def main() -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    log = open(work / "server.log", "w+")
+    load_start = os.getloadavg()
+    log = open(work / f"server-{mode}.log", "w+")
     started = time.perf_counter()
     server = subprocess.Popen([sys.executable, "-m", "DeepDosimetricsLib.cli", "review", "--encoding", str(enc),
                                "--cohort", str(cohort), "--model", str(model), "--port", "0"],
@@ -164,7 +255,7 @@ def main() -> None:
         for value in (1.0, 2.0, 3.0):
             cpu0 = cpu_s(server.pid)
             set_range("slider-z00", value)
-            tag = f"z00 {value:+.1f} SD: decoded"
+            tag = f"z00 {value:+.1f} SD: decoded"  # the previous and the current library's message
             seconds, before = wait(lambda tag=tag, old=before: (
                 lambda i: i if tag in message() and np.abs(i - old).mean() > 0.05 else None)(image()), timeout=600.0)
             traversal.append(seconds)
@@ -182,7 +273,7 @@ def main() -> None:
         peak = vm_hwm_mb(server.pid)
         server.terminate()  # also when a step failed: no server left behind
         server.wait(20)
-    print(json.dumps({"source": str(args.openkbp or args.phantom), "server_ready_s": round(serving_s, 2),
+    return {"mode": mode, "source": str(args.openkbp or args.phantom), "server_ready_s": round(serving_s, 2),
                       "page_s": round(page_s, 2), "patient_to_first_image_s": round(first_s, 2),
                       "patient_to_3d_surfaces_s": surfaces_s and round(surfaces_s, 2), "surfaces": surfaces,
                       "opacity_to_image_s": opacity_s and round(opacity_s, 2),
@@ -193,7 +284,7 @@ def main() -> None:
                       "traversal_messages": messages, "traversal_message": message,
                       "server_peak_rss_mb": round(peak, 1),
                       "load_average_start": [round(v, 1) for v in load_start],
-                      "load_average_end": [round(v, 1) for v in os.getloadavg()]}))
+                      "load_average_end": [round(v, 1) for v in os.getloadavg()]}
 
 
 if __name__ == "__main__":

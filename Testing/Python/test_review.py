@@ -204,3 +204,136 @@ def test_traversal_planes_first_equal_the_full_blend_on_the_planes():
         assert sorted(got) == [a for a, p in enumerate(planes) if p is not None]
         for axis, (index, plane) in got.items():
             np.testing.assert_allclose(plane, np.take(full, index, axis=axis), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(pca_start=True), dict(residual=True, decoder_convs=2)])
+def test_decoded_channel_and_plane_slices_equal_the_model_decode(variant):
+    """The station's decoder (one channel; only the slices crossing the planes) gives the model's values
+    (in [0, 1]; summed in another order: equal to float32 rounding)."""
+    import torch
+    from DeepDosimetricsLib.deep.model import ModelConfig, TileAutoencoder
+    from DeepDosimetricsLib.review.decode import decode_channel, decode_slices
+
+    torch.manual_seed(1)
+    config = ModelConfig(channels=["window:soft_tissue", "mask:PTV", "dose"], tile=16, features=4, widths=[4, 8],
+                         groups=2, **variant)
+    model = TileAutoencoder(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))  # the zero-started gains and biases too
+        if config.pca_start:
+            d = config.tile_values
+            model.set_pca_basis(0.25 + 0.5 * torch.rand(d), 0.05 * torch.randn(d, 4), torch.ones(4))
+    model.eval().to(memory_format=torch.channels_last_3d)
+    z = torch.randn(5, 4)
+    tiles, axes, offsets = [0, 0, 1, 2, 3, 4, 4], [0, 1, 2, 0, 1, 2, 0], [0, 15, 7, 8, 1, 14, 9]
+    with torch.inference_mode():
+        full = model.decode(z)
+        for channel in range(3):
+            np.testing.assert_allclose(decode_channel(model, z, channel), full[:, channel], atol=1e-5)
+            got = decode_slices(model, z, channel, tiles, axes, offsets)
+            want = torch.stack([full[t, channel].select(a, o) for t, a, o in zip(tiles, axes, offsets)])
+            np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def traversal_setup(phantom_subset, tiny_model, tmp_path_factory):
+    """A one-patient phantom encoding by the tiny model, its Traverser, and the reference whole-volume decode
+    (``decode_tiles``: every channel, every tile, the encoder's SlabStitcher) of a shift in physical units."""
+    from DeepDosimetricsLib.cli import main
+    from DeepDosimetricsLib.review.catalog import Catalog
+    from DeepDosimetricsLib.review.traversal import Traverser
+
+    root = tmp_path_factory.mktemp("traversal")
+    cohort, model, enc, cache = phantom_subset(root / "cohort", 1), tiny_model(root / "model"), root / "enc", root / "cache"
+    assert main(["encode", "--model", str(model), "--cohort", str(cohort), "--out", str(enc), "--cache", str(cache),
+                 "--reconstruct", "--quiet"]) == 0
+    catalog = Catalog(enc, cohort)
+    traverser = Traverser(model, catalog, cache, threads=1)
+
+    def reference(patient: str, shifts: dict, label: str) -> np.ndarray:
+        from DeepDosimetricsLib.deep.encode.encoder import decode_tiles
+        from DeepDosimetricsLib.deep.tiling import ArraySink
+
+        traverser.patient_shape(patient)
+        sink = ArraySink(traverser.shape, len(traverser.labels))
+        decode_tiles(traverser.runner, traverser.grid, traverser.positions, traverser._features(traverser.key(shifts)),
+                     sink, traverser.fill)
+        return traverser._units(label, sink.array[traverser.labels.index(label)])
+
+    return catalog, traverser, reference
+
+
+def _unit_range(traverser, label: str) -> float:
+    """The physical range of the channel's [0, 1] (the decoder's float32 rounding is relative to it)."""
+    ends = traverser._units(label, np.array([0.0, 1.0], np.float32))
+    return float(abs(ends[1] - ends[0]))
+
+
+def test_traversal_preview_then_exact_equal_the_full_stitcher(traversal_setup):
+    """Preview (the displayed planes) first, then the exact whole volume: both equal to the full stitcher's."""
+    from DeepDosimetricsLib.review.traversal import EXACT, PREVIEW, Updates
+
+    catalog, traverser, reference = traversal_setup
+    patient, label, shifts = catalog.ids[0], "window:soft_tissue", {"z00": 2.0, "z02": -1.5}
+    want = reference(patient, shifts, label)
+    scale = _unit_range(traverser, label)
+    shape = traverser.patient_shape(patient)
+    planes = (shape[0] // 2, shape[1] // 3, shape[2] - 1)
+    updates = Updates(traverser)
+    ticket, preview = updates.preview(patient, shifts, label, planes)
+    assert preview.stage == PREVIEW and preview.full is None and 0 < preview.tiles < len(traverser.positions)
+    for axis, (index, plane) in preview.planes.items():
+        assert index == planes[axis]
+        np.testing.assert_allclose(plane, np.take(want, index, axis=axis), atol=1e-5 * scale)
+    exact = asyncio.run(updates.exact(ticket, patient, shifts, label))
+    assert exact is not None and exact.volume.shape == shape
+    np.testing.assert_allclose(exact.volume, want, atol=1e-5 * scale)
+    assert np.abs(exact.volume - reference(patient, {}, label)).max() > 1e-3 * scale  # the shift shows
+    again = traverser.planes(patient, shifts, label, planes)  # a small volume is kept: exact at once
+    assert again.stage == EXACT and again.tiles == 0
+    residual = traverser.full(patient, shifts, label, residual=True)
+    np.testing.assert_allclose(residual.volume, want - traverser.truth(label), atol=1e-5 * scale)
+
+
+def test_a_move_supersedes_the_pending_exact_decode(traversal_setup, monkeypatch):
+    """A slider move while the whole volume of the previous one is being decoded stops that decode between
+    batches and drops it; the newer request's exact volume arrives."""
+    import threading
+
+    import DeepDosimetricsLib.review.decode as decode
+    from DeepDosimetricsLib.review.traversal import BATCH, Updates
+
+    catalog, traverser, reference = traversal_setup
+    patient, label = catalog.ids[0], "dose"
+    first, second = {"z01": 1.0}, {"z01": 1.5}
+    original, started, moved, calls = decode.decode_channel, threading.Event(), threading.Event(), []
+
+    def slow(model, z, channel):
+        calls.append(len(z))
+        started.set()
+        assert moved.wait(30)  # the first batch waits until the slider has moved
+        return original(model, z, channel)
+
+    monkeypatch.setattr(decode, "decode_channel", slow)
+    planes = (3, None, 20)
+    updates = Updates(traverser)
+
+    async def run():
+        ticket_a, _ = updates.preview(patient, first, label, planes)
+        pending = asyncio.ensure_future(updates.exact(ticket_a, patient, first, label))
+        assert await asyncio.to_thread(started.wait, 30)
+        ticket_b, preview = updates.preview(patient, second, label, planes)  # the move
+        assert not updates.wanted(ticket_a) and updates.wanted(ticket_b)
+        moved.set()
+        assert await pending is None  # superseded: nothing to put in place
+        stopped_after = len(calls)
+        return stopped_after, preview, await updates.exact(ticket_b, patient, second, label)
+
+    stopped_after, preview, exact = asyncio.run(run())
+    batches = -(-len(traverser.positions) // BATCH)
+    assert batches > 2 and stopped_after == 1  # the first request decoded one batch, not the volume
+    want = reference(patient, second, label)
+    scale = _unit_range(traverser, label)
+    np.testing.assert_allclose(exact.volume, want, atol=1e-5 * scale)
+    np.testing.assert_allclose(preview.planes[2][1], want[:, :, 20], atol=1e-5 * scale)

@@ -224,6 +224,7 @@ def test_review_in_chromium(station):
     _wait(_changed(driver, third), what="the view to change with the traversal slider")
     _wait(lambda: "whole volume in" in driver.find_element(By.ID, "traversal-message").text,
           what="the whole traversed volume (decoded in the background after the displayed planes)")
+    assert driver.find_element(By.ID, "traversal-stage").text == "exact"  # the preview's label replaced
 
     driver.find_element(By.ID, "verdict-not-acceptable").click()
     driver.find_element(By.ID, "comment").send_keys("PTV edge lost, =cmd")

@@ -163,8 +163,11 @@ class SlabStitcher:
         sink: Sink,
         fill: Optional[Sequence[float]] = None,
         weights: Optional[np.ndarray] = None,
+        observer: Optional[Callable[[int, np.ndarray, np.ndarray], None]] = None,
     ):
         self.shape = as_triple(shape)
+        #: also sees each finished block, with its (n, y, x) coverage mask (False: no tile, ``fill``)
+        self.observer = observer
         self.channels = int(channels)
         self.tile = as_triple(tile)
         self.sink = sink
@@ -209,7 +212,10 @@ class SlabStitcher:
         count = min(count, depth)
         for first in range(0, count, self.flush_planes):  # small blocks: no buffer-sized temporary
             last = min(first + self.flush_planes, count)
-            self.sink(self._base + first, self._finish(first, last))
+            block, covered = self._finish(first, last)
+            if self.observer is not None:
+                self.observer(self._base + first, block, covered)
+            self.sink(self._base + first, block)
         rest = depth - count
         if rest > 0:
             self._values[:rest] = self._values[count:]
@@ -224,7 +230,7 @@ class SlabStitcher:
         """Send every remaining plane to the sink."""
         self.flush_until(self.shape[0])
 
-    def _finish(self, first: int, last: int) -> np.ndarray:
+    def _finish(self, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
         sums = self._sums[first:last]
         covered = sums > 0
         normalised = np.divide(self._values[first:last], np.where(covered, sums, 1.0)[..., None])
@@ -232,7 +238,7 @@ class SlabStitcher:
         if not covered.all():
             for channel in range(self.channels):
                 block[channel][~covered] = self.fill[channel]
-        return block
+        return block, covered
 
 
 class ArraySink:

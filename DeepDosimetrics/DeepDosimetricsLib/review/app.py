@@ -102,8 +102,11 @@ class ReviewApp:
         self._dvh_curves: Dict[str, Any] = {}
         self._traversal_node = None
         self._traversal_request = None
-        self._generation = 0  # bumped by every traversal request and patient change: stale background work stops
-        self._executor = None
+        self._updates = None  # review.traversal.Updates: preview then exact; a newer request supersedes
+        if traverser is not None:
+            from DeepDosimetricsLib.review.traversal import Updates
+
+            self._updates = Updates(traverser)
         self._setup_crosshair()
         self._init_state()
         self._build_ui()
@@ -140,6 +143,7 @@ class ReviewApp:
             s[name] = 0.0
         s.traversal_message = "" if self.traverser is not None else "start with --model MODEL_DIR for traversal"
         s.traversal_ms = 0
+        s.traversal_stage = ""  # "preview": only the displayed planes are decoded yet; "exact": the whole volume
         s.surfaces = ""
         s.verdict = ""
         s.comment = ""
@@ -226,8 +230,9 @@ class ReviewApp:
     def _foreground(self):
         """The foreground node: the file reconstruction/residual, or the traversal result when shifted.
 
-        A traversal decodes the displayed planes first (the views update from them), then the whole volume in
-        the background (:meth:`_complete_traversal`), which replaces the node's voxels if still wanted.
+        A traversal decodes the displayed planes first (the views update from them: ``traversal_stage``
+        "preview"), then the whole volume in the background (:meth:`_complete_traversal`), which replaces the
+        node's voxels if still wanted (``traversal_stage`` "exact").
         """
         from DeepDosimetricsLib.review.traversal import put_planes, traversal_node
 
@@ -236,8 +241,9 @@ class ReviewApp:
         mode = s.fg_mode if s.fg_mode in FOREGROUND_MODES else "reconstruction"
         shifts = self._shifts()
         if not shifts or s.channel not in getattr(self.traverser, "labels", []):
-            self._generation += 1  # any background decode is no longer wanted
+            self._supersede()  # any background decode is no longer wanted
             self._traversal_node, self._traversal_request = None, None
+            s.traversal_stage = ""
             return self.builder.foreground(s.channel, mode)
         residual = mode == "residual"
         key = ("traversal", s.channel, mode)
@@ -245,14 +251,15 @@ class ReviewApp:
         request = (current.patient, self.traverser.key(shifts), s.channel, mode)
         if reuse is not None and reuse.GetScene() is not None and self._traversal_request == request:
             return reuse  # e.g. the opacity moved: nothing to decode
-        self._generation += 1  # a background decode of an earlier request is no longer wanted
         self._traversal_request = request
         started = time.perf_counter()
         traverser = self.traverser
         node = traversal_node(self.slicer.scene, f"{current.patient} {s.channel} traversal",
                               traverser.patient_shape(current.patient), traverser.geometry,
                               fill=0.0 if residual else traverser.fill_units(s.channel), existing=reuse)
-        result = traverser.planes(current.patient, shifts, s.channel, self._display_planes(node), residual)
+        # supersedes the background decode of an earlier request
+        ticket, result = self._updates.preview(current.patient, shifts, s.channel, self._display_planes(node),
+                                               residual)
         put_planes(node, result)
         if reuse is None:
             limit = None
@@ -266,13 +273,18 @@ class ReviewApp:
         self._traversal_node = node
         s.traversal_ms = int(round(1000 * (time.perf_counter() - started)))
         text = ", ".join(f"{k} {v:+.1f} SD" for k, v in sorted(shifts.items()))
+        s.traversal_stage = result.stage
         if result.full is not None:
-            s.traversal_message = f"{text}: decoded in {s.traversal_ms} ms (kept)"
+            s.traversal_message = f"{text}: decoded in {s.traversal_ms} ms (kept, exact)"
         else:
-            s.traversal_message = (f"{text}: decoded in {s.traversal_ms} ms ({result.tiles} tiles of the "
-                                   "displayed planes; whole volume following)")
-            self._complete_traversal(current.patient, shifts, s.channel, residual, node, text)
+            s.traversal_message = (f"{text}: decoded in {s.traversal_ms} ms (preview: the displayed planes, from "
+                                   f"the {result.tiles} tiles crossing them; whole volume following)")
+            self._complete_traversal(ticket, current.patient, shifts, s.channel, residual, node, text)
         return node
+
+    def _supersede(self) -> None:
+        if self._updates is not None:
+            self._updates.supersede()
 
     def _display_planes(self, node):
         """(z, y, x) indices on ``node``'s grid of the planes the slice views show (None where none does)."""
@@ -292,37 +304,24 @@ class ReviewApp:
             planes[2 - axis] = int(round(float(ijk[axis])))
         return tuple(planes)
 
-    def _complete_traversal(self, patient, shifts, channel, residual, node, text) -> None:
+    def _complete_traversal(self, ticket, patient, shifts, channel, residual, node, text) -> None:
         """Decode the whole volume in a worker thread; put it into ``node`` unless a newer request came."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        from DeepDosimetricsLib.review.traversal import Cancelled, put_volume
+        from DeepDosimetricsLib.review.traversal import EXACT, put_volume
 
         try:
-            loop = asyncio.get_running_loop()
+            asyncio.get_running_loop()
         except RuntimeError:  # no event loop (scripts): the planes are what was asked for
             return
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="traversal")
-        generation = self._generation
-
-        def work():
-            return self.traverser.full(patient, shifts, channel, residual,
-                                       cancelled=lambda: generation != self._generation)
 
         async def finish():
-            await asyncio.sleep(BACKGROUND_DELAY_S)  # the planes' frames go out first
-            if generation != self._generation:
-                return
             try:
-                result = await loop.run_in_executor(self._executor, work)
-            except Cancelled:
-                return
+                result = await self._updates.exact(ticket, patient, shifts, channel, residual,
+                                                   delay=BACKGROUND_DELAY_S)  # the planes' frames go out first
             except Exception:  # noqa: BLE001 - logged; the planes stay on show
                 log.exception("background traversal decode")
                 return
-            if generation != self._generation or self._traversal_node is not node or node.GetScene() is None:
-                return
+            if result is None or self._traversal_node is not node or node.GetScene() is None:
+                return  # superseded
             put_volume(node, result.volume)
             seconds = result.seconds
             del result
@@ -330,8 +329,9 @@ class ReviewApp:
             for view in self.slice_views():
                 view.schedule_render()
             with self.state:
+                self.state.traversal_stage = EXACT
                 self.state.traversal_message = (f"{text}: decoded in {self.state.traversal_ms} ms, whole volume "
-                                                f"in {1000 * seconds:.0f} ms more")
+                                                f"in {1000 * seconds:.0f} ms more (exact)")
 
         asyncio.ensure_future(finish())
 
@@ -350,7 +350,7 @@ class ReviewApp:
                 for name in self.traverser.names:
                     s[name] = 0.0
             self._traversal_node, self._traversal_request = None, None
-            self._generation += 1
+            self._supersede()
             current = self.builder.load(pid)
             release_memory()
             s.structures_all = list(current.structures)
@@ -577,7 +577,11 @@ class ReviewApp:
                             html.Input(type="checkbox", value=("n",), v_model=("structures_shown",))
                             html.Span("{{ n }}")
                     html.Div("Latent traversal (SD)", style="font-weight:bold; margin-top:8px")
-                    html.Div("{{ traversal_message }}", id="traversal-message", style="color:#aaa")
+                    with html.Div(style="color:#aaa"):
+                        # "preview": the displayed planes only, the rest of the volume follows; "exact": all of it
+                        html.Span("{{ traversal_stage }}", id="traversal-stage", v_show="traversal_stage",
+                                  style="border:1px solid #888; border-radius:3px; padding:0 4px; margin-right:4px")
+                        html.Span("{{ traversal_message }}", id="traversal-message")
                     for name in self.state.features:
                         with html.Div(style="display:flex; gap:6px"):
                             html.Span(name, style="width:30px")

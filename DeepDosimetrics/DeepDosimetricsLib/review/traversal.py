@@ -5,14 +5,17 @@ Nothing is encoded again: the patient's tile features and positions come from ``
 encoder's own output), the standard deviation of each feature over every tile of the cohort from
 ``ENC_DIR/tiles.csv``.
 
-Fast by design, in two stages:
+Fast by design, in two stages (:class:`Updates` runs them for the station, a newer request superseding):
 
-1. :meth:`Traverser.planes` decodes only the tiles that cross the three displayed planes (one batched
-   decoder call per 32 tiles, ``torch.inference_mode``, a channels_last_3d network) and blends those planes
-   alone. Every tile that covers a voxel of a plane crosses that plane, so the planes are exactly what the
-   full decode gives there. The views are updated from them at once.
-2. :meth:`Traverser.full` decodes every body tile (in the background, cancellable between batches) for the
-   rest of the volume; the station puts it in place when it is done and still wanted.
+1. the preview, :meth:`Traverser.planes`: only the tiles that cross the three displayed planes, and of each
+   only the output slices on those planes (``review.decode.decode_slices``: the full-resolution last layer,
+   two thirds of a tile's decoding, runs for one channel on three upsampled slices), blended on the planes
+   alone (batches of BATCH tiles, ``torch.inference_mode``, a channels_last_3d network). Every tile that
+   covers a voxel of a plane crosses that plane, so the planes are exactly what the full decode gives there;
+   the rest of the volume is still the previous request's until stage 2 (the state says "preview").
+2. the exact volume, :meth:`Traverser.full`: every body tile, the shown channel only
+   (``review.decode.decode_channel``), in the background, cancellable between batches; the station puts it
+   in place when it is done and still wanted (the state says "exact").
 
 Only the channel on show is blended and kept (one (z, y, x) float32 per shift vector, a few of them, within a
 memory budget), and the original's planes for the residual are read from the cache as thin slabs, never the
@@ -42,8 +45,9 @@ KEEP = 4
 KEEP_BYTES = 256 << 20
 #: tiles per decoder call (8: the decoder's activations for a batch stay near 50 MB; 32 needed ~200 MB)
 BATCH = 8
-#: decoded plane tiles (the shown channel) kept for the whole-volume decode that follows, at most this much
-TILE_BYTES = 128 << 20
+#: what a traversal on show is: the displayed planes decoded (the rest of the volume still the previous
+#: request's), then the whole volume decoded exactly
+PREVIEW, EXACT = "preview", "exact"
 #: (z index, y index, x index) of the displayed planes on the cache grid; None = that plane is not shown
 Planes = Tuple[Optional[int], Optional[int], Optional[int]]
 
@@ -65,6 +69,11 @@ class PlaneResult:
     seconds: float
     tiles: int  # tiles decoded for the planes (0 when a kept full volume answered)
     full: Optional[np.ndarray] = None  # the whole volume when it was already decoded
+
+    @property
+    def stage(self) -> str:
+        """:data:`EXACT` when the whole volume answered, else :data:`PREVIEW` (only the planes are new)."""
+        return EXACT if self.full is not None else PREVIEW
 
 
 def find_cache(catalog, cache_dir: Optional[Union[str, Path]]):
@@ -100,12 +109,26 @@ def plane_tiles(positions: Sequence[Sequence[int]], tile: Sequence[int], planes:
     return keep
 
 
-def blend_planes(shape: Sequence[int], weights: np.ndarray, starts: Sequence[Sequence[int]],
-                 values: Sequence[np.ndarray], planes: Planes, fill: float) -> Dict[int, Tuple[int, np.ndarray]]:
-    """The planes of the Gaussian blend of tiles ``values`` (each (tz, ty, tx), one channel) at ``starts``.
+def plane_slices(positions: Sequence[Sequence[int]], tile: Sequence[int], planes: Planes,
+                 chosen: Sequence[int]) -> List[Tuple[int, int, int]]:
+    """(tile index, axis, offset in the tile) of each displayed plane crossing each tile of ``chosen``."""
+    rows = []
+    for index in chosen:
+        start = positions[index]
+        for axis, plane in enumerate(planes):
+            if plane is not None and start[axis] <= plane < start[axis] + tile[axis]:
+                rows.append((index, axis, int(plane - start[axis])))
+    return rows
 
-    Equal, on the planes, to what ``SlabStitcher`` gives for the whole volume when ``starts`` holds every tile
-    crossing them. Voxels of a plane no tile covers get ``fill``. Returns axis -> (index, 2-D array).
+
+def blend_slices(shape: Sequence[int], weights: np.ndarray, starts: Sequence[Sequence[int]],
+                 axes: Sequence[int], slices: Sequence[np.ndarray], planes: Planes,
+                 fill: float) -> Dict[int, Tuple[int, np.ndarray]]:
+    """The planes of the Gaussian blend of tile slices: ``slices[r]`` (2-D, one channel) is the tile at
+    ``starts[r]`` cut by the plane of axis ``axes[r]``.
+
+    Equal, on the planes, to what ``SlabStitcher`` gives for the whole volume when the slices of every tile
+    crossing them are given. Voxels of a plane no tile covers get ``fill``. Returns axis -> (index, 2-D array).
     """
     shape = tuple(int(s) for s in shape)
     tile = weights.shape
@@ -115,19 +138,21 @@ def blend_planes(shape: Sequence[int], weights: np.ndarray, starts: Sequence[Seq
             rest = tuple(s for a, s in enumerate(shape) if a != axis)
             sums[axis] = np.zeros(rest, np.float32)
             totals[axis] = np.zeros(rest, np.float32)
-    for start, value in zip(starts, values):
+    for start, axis, value in zip(starts, axes, slices):
+        if axis not in sums:
+            continue
         start = tuple(int(s) for s in start)
         ends = tuple(min(s + t, n) for s, t, n in zip(start, tile, shape))
-        for axis in sums:
-            offset = planes[axis] - start[axis]
-            if not 0 <= offset < ends[axis] - start[axis]:
-                continue
-            crop = [slice(0, e - s) for s, e in zip(start, ends)]
-            crop[axis] = offset
-            target = tuple(slice(s, e) for a, (s, e) in enumerate(zip(start, ends)) if a != axis)
-            w = weights[tuple(crop)]
-            sums[axis][target] += np.asarray(value)[tuple(crop)] * w
-            totals[axis][target] += w
+        offset = planes[axis] - start[axis]
+        if not 0 <= offset < ends[axis] - start[axis]:
+            continue
+        crop = [slice(0, e - s) for s, e in zip(start, ends)]
+        crop[axis] = offset
+        target = tuple(slice(s, e) for a, (s, e) in enumerate(zip(start, ends)) if a != axis)
+        w = weights[tuple(crop)]
+        in_plane = tuple(c for a, c in enumerate(crop) if a != axis)
+        sums[axis][target] += np.asarray(value)[in_plane] * w
+        totals[axis][target] += w
     out = {}
     for axis in sums:
         covered = totals[axis] > 0
@@ -135,6 +160,16 @@ def blend_planes(shape: Sequence[int], weights: np.ndarray, starts: Sequence[Seq
         plane[~covered] = fill
         out[axis] = (int(planes[axis]), plane.astype(np.float32))
     return out
+
+
+def blend_planes(shape: Sequence[int], weights: np.ndarray, starts: Sequence[Sequence[int]],
+                 values: Sequence[np.ndarray], planes: Planes, fill: float) -> Dict[int, Tuple[int, np.ndarray]]:
+    """The planes of the Gaussian blend of whole tiles ``values`` (each (tz, ty, tx)) at ``starts``
+    (:func:`blend_slices` with each tile cut by the planes crossing it)."""
+    tile = weights.shape
+    rows = plane_slices(starts, tile, planes, range(len(starts)))
+    return blend_slices(shape, weights, [starts[i] for i, _, _ in rows], [a for _, a, _ in rows],
+                        [np.take(np.asarray(values[i]), o, axis=a) for i, a, o in rows], planes, fill)
 
 
 class _ChannelSink:
@@ -190,7 +225,6 @@ class Traverser:
         self._kept: OrderedDict[Tuple, np.ndarray] = OrderedDict()  # (shift key, label) -> (z, y, x) in [0, 1]
         self._truth_planes: Dict[Tuple, np.ndarray] = {}
         self._truth: Dict[str, np.ndarray] = {}
-        self._tiles: Tuple[Tuple, Dict[int, np.ndarray]] = ((), {})  # (shift key, label), tile index -> values
         self._lock = threading.RLock()  # the background decode and the event loop share the patient state
 
     # ------------------------------------------------------------------ patient
@@ -212,7 +246,6 @@ class Traverser:
         self.fill = air_values(self.cp, self.specs)
         self._patient = patient
         self._kept.clear()
-        self._tiles = ((), {})
         self._truth_planes.clear()
         self._truth.clear()
 
@@ -275,19 +308,11 @@ class Traverser:
                 count = 0
             else:
                 chosen = plane_tiles(self.positions, self.grid.tile, planes)
-                known = self._tiles[1] if self._tiles[0] == (key, label) else {}
-                wanted = [i for i in chosen if i not in known]
-                features = self._features(key)
-                for group in _chunks(wanted, BATCH):
-                    decoded = self.runner.decode_channels_last(features[group])[..., channel]
-                    for index, values in zip(group, decoded):
-                        known[index] = np.ascontiguousarray(values)
-                values = blend_planes(shape, self.weights, [self.positions[i] for i in chosen],
-                                      [known[i] for i in chosen], planes, float(self.fill[channel]))
-                # kept for the whole-volume decode that follows (these tiles are not decoded twice)
-                room = max(0, TILE_BYTES // max(1, self.weights.nbytes))
-                self._tiles = ((key, label), dict(list(known.items())[:room]))
-                count = len(wanted)
+                rows = plane_slices(self.positions, self.grid.tile, planes, chosen)
+                slices = self._decode_slices(self._features(key), channel, chosen, rows)
+                values = blend_slices(shape, self.weights, [self.positions[i] for i, _, _ in rows],
+                                      [a for _, a, _ in rows], slices, planes, float(self.fill[channel]))
+                count = len(chosen)
             result = {}
             for axis, (index, plane) in values.items():
                 plane = self._units(label, plane)
@@ -300,6 +325,29 @@ class Traverser:
                 if residual:
                     full = full - self.truth(label)
         return PlaneResult(result, self.geometry, time.perf_counter() - start, count, full)
+
+    def _decode_slices(self, features: np.ndarray, channel: int, chosen: Sequence[int],
+                       rows: Sequence[Tuple[int, int, int]]) -> List[np.ndarray]:
+        """The 2-D slices ``rows`` ((tile, axis, offset)) of ``channel``, decoded BATCH tiles at a time."""
+        import torch
+
+        from DeepDosimetricsLib.review.decode import decode_slices
+
+        by_tile: Dict[int, List[int]] = {}
+        for r, (index, _, _) in enumerate(rows):
+            by_tile.setdefault(index, []).append(r)
+        out: List[Optional[np.ndarray]] = [None] * len(rows)
+        model = self.runner.model
+        with torch.inference_mode():
+            for group in _chunks(chosen, BATCH):
+                mine = [r for i in group for r in by_tile.get(i, [])]
+                local = {index: n for n, index in enumerate(group)}
+                z = torch.from_numpy(np.ascontiguousarray(features[group]))
+                decoded = decode_slices(model, z, channel, [local[rows[r][0]] for r in mine],
+                                        [rows[r][1] for r in mine], [rows[r][2] for r in mine]).numpy()
+                for r, values in zip(mine, decoded):
+                    out[r] = values
+        return out
 
     def _truth_plane(self, label: str, axis: int, index: int) -> np.ndarray:
         """The original's plane in physical units, read from the cache as one thin slab (kept)."""
@@ -341,21 +389,23 @@ class Traverser:
             kept = self._kept.get((key, label))
             features = self._features(key) if kept is None else None
             positions, grid, fill, cp = list(self.positions), self.grid, self.fill, self.cp
-            known = dict(self._tiles[1]) if self._tiles[0] == (key, label) else {}
         cached = kept is not None
         if kept is None:
+            import torch
+
+            from DeepDosimetricsLib.review.decode import decode_channel
+
             sink = _ChannelSink(grid.shape, 0)
             stitcher = SlabStitcher(grid.shape, 1, grid.tile, sink, fill=fill[channel : channel + 1])
             ordered = sorted(range(len(positions)), key=lambda i: positions[i])
             for group in _chunks(ordered, BATCH):  # small groups: a newer request stops this one soon
                 if cancelled():
                     raise Cancelled()
-                missing = [i for i in group if i not in known]
-                if missing:
-                    for index, values in zip(missing, self.runner.decode_channels_last(features[missing])):
-                        known[index] = values[..., channel]
-                for index in group:
-                    stitcher.add_channels_last(positions[index], known.pop(index)[..., None])
+                with torch.inference_mode():
+                    z = torch.from_numpy(np.ascontiguousarray(features[group]))
+                    decoded = decode_channel(self.runner.model, z, channel).numpy()
+                for index, values in zip(group, decoded):
+                    stitcher.add_channels_last(positions[index], values[..., None])
             stitcher.finish()
             kept = sink.array
             with self._lock:
@@ -402,6 +452,58 @@ class Traverser:
     def channel(self, patient: str, shifts: Dict[str, float], label: str, residual: bool = False) -> TraversalResult:
         """One channel of the traversed patient in physical units, whole (scripts; the station uses planes)."""
         return self.full(patient, shifts, label, residual)
+
+
+class Updates:
+    """Preview, then exact, for the station's traversal on show: each request supersedes the earlier ones.
+
+    :meth:`preview` answers at once with the displayed planes (exact on them; the rest of the volume is still
+    the previous request's, so the state says :data:`PREVIEW`); :meth:`exact` decodes the whole volume in a
+    worker thread and returns it, or None when a later request (or :meth:`supersede`: a patient change, the
+    traversal switched off) came first: that decode stops between two batches and its result is dropped.
+    """
+
+    def __init__(self, traverser: Traverser):
+        self.traverser = traverser
+        self.generation = 0
+        self._executor = None
+
+    def supersede(self) -> int:
+        """Every earlier request is no longer wanted; returns the new request's ticket."""
+        self.generation += 1
+        return self.generation
+
+    def wanted(self, ticket: int) -> bool:
+        return ticket == self.generation
+
+    def preview(self, patient: str, shifts: Dict[str, float], label: str, planes: Planes,
+                residual: bool = False) -> Tuple[int, PlaneResult]:
+        """(ticket, the displayed planes): supersedes every earlier request."""
+        ticket = self.supersede()
+        return ticket, self.traverser.planes(patient, shifts, label, planes, residual)
+
+    async def exact(self, ticket: int, patient: str, shifts: Dict[str, float], label: str,
+                    residual: bool = False, delay: float = 0.0) -> Optional[TraversalResult]:
+        """The whole volume of request ``ticket`` (after ``delay`` s: the preview's frames go out first), or
+        None when it was superseded before or while it was decoded."""
+        import asyncio
+        from concurrent.futures import ThreadPoolExecutor
+
+        if delay:
+            await asyncio.sleep(delay)
+        if not self.wanted(ticket):
+            return None
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="traversal")
+
+        def work():
+            return self.traverser.full(patient, shifts, label, residual, cancelled=lambda: not self.wanted(ticket))
+
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self._executor, work)
+        except Cancelled:
+            return None
+        return result if self.wanted(ticket) else None
 
 
 def _chunks(items: Sequence[int], size: int):

@@ -322,6 +322,14 @@ class CachedPatient:
         """A structure mask, uint8 (z, y, x), memory-mapped (``BODY`` gives the body)."""
         return self._load(self._mask_file(name))
 
+    def read_mask_planes(self, name: str, z0: int, z1: int) -> np.ndarray:
+        """Planes ``z0:z1`` of a structure mask (``BODY``: the body) as stored, uint8 (n, y, x), read through
+        small temporary maps (no page of the file stays resident): the cheap way to scan a whole mask."""
+        layout = self._layout(self._mask_file(name))
+        _, height, width = self.shape
+        out = np.empty((z1 - z0, height, width), layout.dtype)
+        return read_region(layout, (z0, 0, 0), (z1, height, width), out)
+
     # ------------------------------------------------------------------ channels
     def check_channels(self, specs: Union[str, Sequence[Union[str, ChannelSpec]]]) -> List[ChannelSpec]:
         """Raise InputError naming the patient and the first channel this patient cannot provide."""

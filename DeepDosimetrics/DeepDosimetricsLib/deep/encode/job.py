@@ -387,7 +387,9 @@ def _encode_one(runner: TileModel, cp, specs, settings: EncodeSettings, out, key
     from DeepDosimetricsLib.deep.encode.reconstruction import (
         ReconstructionOptions,
         air_values,
+        can_stream,
         write_reconstruction,
+        write_reconstruction_streamed,
     )
     from DeepDosimetricsLib.deep.tiling import NpyChannelSink
     from DeepDosimetricsLib.runtime.atomic import replace_folder, write_csv_atomic, write_json_atomic
@@ -406,7 +408,10 @@ def _encode_one(runner: TileModel, cp, specs, settings: EncodeSettings, out, key
     if sink is not None:
         sink.close()
         options = ReconstructionOptions(residuals=settings.residuals, compress=settings.compress)
-        rows = write_reconstruction(cp, specs, sink.read, partial / "recon", options)
+        if can_stream(cp):  # block by block from the stitched files: no whole volume in memory
+            rows = write_reconstruction_streamed(cp, specs, sink.paths, partial / "recon", options)
+        else:  # a resampled cache: whole channels through SimpleITK's resampling
+            rows = write_reconstruction(cp, specs, sink.read, partial / "recon", options)
         sink.remove()
         shutil.rmtree(partial / ".stitch", ignore_errors=True)
         write_csv_atomic(pd.DataFrame(rows, columns=["patient", "channel", "metric", "value"]),

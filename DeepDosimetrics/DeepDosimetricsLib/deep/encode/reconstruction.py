@@ -186,10 +186,15 @@ def _unit_metrics(spec: ChannelSpec, recon: np.ndarray, residual: np.ndarray, re
     elif spec.kind == "dose" and target is not None:
         rows.append({"channel": label, "metric": "mae_gy_ptv",
                      "value": metrics.mean_absolute_error(zeros, residual, target)})
-        inside = target != 0
-        reconstructed_doses = recon[inside]
+        reconstructed_doses, residuals = [], []
+        for z0 in range(0, recon.shape[0], _slab_planes(recon.shape)):  # the voxels in C order, slab by slab
+            z1 = min(z0 + _slab_planes(recon.shape), recon.shape[0])
+            inside = np.asarray(target[z0:z1]) != 0
+            reconstructed_doses.append(np.asarray(recon[z0:z1])[inside])
+            residuals.append(np.asarray(residual[z0:z1])[inside])
+        reconstructed_doses = np.concatenate(reconstructed_doses)
         reconstructed = metrics.dose_statistics(reconstructed_doses)
-        truth = metrics.dose_statistics(reconstructed_doses - residual[inside])
+        truth = metrics.dose_statistics(reconstructed_doses - np.concatenate(residuals))
         for name in ("D95", "Dmean"):
             error = reconstructed[name] - truth[name]
             rows.append({"channel": label, "metric": f"{name}_gy", "value": truth[name]})
@@ -197,3 +202,158 @@ def _unit_metrics(spec: ChannelSpec, recon: np.ndarray, residual: np.ndarray, re
             rows.append({"channel": label, "metric": f"{name}_abs_error_gy",
                          "value": abs(error) if not math.isnan(error) else math.nan})
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# Streamed: plane blocks from the stitched files to the NRRDs, never a whole volume in memory
+# ---------------------------------------------------------------------------------------------------
+class SlabVolume:
+    """A (z, y, x) volume read a block of planes at a time (``volume[z0:z1]``), as the metrics index it."""
+
+    ndim = 3
+
+    def __init__(self, shape: Sequence[int], read: Callable[[int, int], np.ndarray]):
+        self.shape = tuple(int(v) for v in shape)
+        self._read = read
+
+    def __getitem__(self, key) -> np.ndarray:
+        if not isinstance(key, slice):
+            raise TypeError("a SlabVolume is read by plane ranges (volume[z0:z1])")
+        start, stop, step = key.indices(self.shape[0])
+        if step != 1:
+            raise TypeError("a SlabVolume is read by contiguous plane ranges")
+        return self._read(start, max(start, stop))
+
+
+def npy_planes(path: PathLike) -> SlabVolume:
+    """A C-ordered 3D ``.npy`` file as a :class:`SlabVolume`: each block read through small temporary maps
+    (``cache.store.read_region``), so no page of the file stays resident."""
+    from DeepDosimetricsLib.deep.cache.store import NpyLayout, read_region
+
+    layout = NpyLayout.read(Path(path))
+    _, height, width = layout.shape
+
+    def read(z0: int, z1: int) -> np.ndarray:
+        out = np.empty((z1 - z0, height, width), layout.dtype)
+        return read_region(layout, (z0, 0, 0), (z1, height, width), out) if z1 > z0 else out
+
+    return SlabVolume(layout.shape, read)
+
+
+def _unit_volumes(spec: ChannelSpec, recon: SlabVolume, truth: SlabVolume,
+                  prescription: Optional[float]) -> tuple[SlabVolume, SlabVolume]:
+    """The reconstruction and the residual (reconstruction minus original) in physical units, block by block."""
+    units = SlabVolume(recon.shape, lambda z0, z1: to_units(spec, recon[z0:z1], prescription))
+    residual = SlabVolume(recon.shape, lambda z0, z1: to_units(spec, recon[z0:z1], prescription)
+                          - to_units(spec, truth[z0:z1], prescription))
+    return units, residual
+
+
+def _cropped_offset(cached_patient) -> Optional[np.ndarray]:
+    """(z, y, x) of the cache grid's first voxel on the original grid when the cache only crops it, else None."""
+    from DeepDosimetricsLib.deep.cache.store import grid_offset
+
+    offset = grid_offset(cached_patient.original_geometry, cached_patient.geometry)
+    return None if offset is None else np.asarray(offset[::-1], dtype=int)
+
+
+def can_stream(cached_patient) -> bool:
+    """Whether :func:`write_reconstruction_streamed` applies: the cache grid is the original grid, cropped
+    (the default cache keeps the CT's spacing); a resampled cache needs the whole-volume resampling."""
+    return _cropped_offset(cached_patient) is not None
+
+
+def write_reconstruction_streamed(
+    cached_patient,
+    specs: Sequence[ChannelSpec],
+    channel_files: Sequence[PathLike],
+    out_dir: PathLike,
+    options: ReconstructionOptions = ReconstructionOptions(),
+    work_dir: Optional[PathLike] = None,
+) -> list[dict]:
+    """:func:`write_reconstruction` (``original=True``) from the stitched ``.npy`` files, block by block.
+
+    The same files and metric rows as the in-memory path (tested equal), for a cache grid that crops the
+    original grid (:func:`can_stream`): each channel's truth is computed once into a temporary ``.npy`` in
+    ``work_dir`` (default: beside the first channel file), the metrics read both files by slabs, and the
+    reconstruction, label and residual NRRDs are written plane block by plane block on the original grid.
+    Memory: a few blocks of planes and the metrics' slabs, whatever the volume's size.
+    """
+    from DeepDosimetricsLib.deep.channels import mask as mask_spec
+    from DeepDosimetricsLib.deep.tiling import NpyChannelSink
+    from DeepDosimetricsLib.runtime.nrrd_stream import open_writer
+
+    cp = cached_patient
+    offset = _cropped_offset(cp)
+    if offset is None:
+        raise ValueError(f"patient {cp.id}: the cache grid is resampled; use write_reconstruction")
+    out = Path(out_dir)
+    work = Path(work_dir) if work_dir is not None else Path(channel_files[0]).parent
+    shape = cp.shape
+    depth, height, width = shape
+    step = _slab_planes(shape)
+    original = cp.original_geometry
+    full_depth, full_height, full_width = original.shape_zyx
+    air = air_values(cp, specs)
+    prescription = cp.prescription_gy
+
+    def mask_volume(name: str) -> SlabVolume:
+        return SlabVolume(shape, lambda z0, z1: (cp.read_tile([mask_spec(name)], (z0, 0, 0), (z1 - z0, height, width))[0]
+                                                 > 0).astype(np.uint8))
+
+    regions = None
+    if options.metrics:
+        regions = {"BODY": mask_volume("BODY"), "PTV": mask_volume("PTV") if cp.has_structure("PTV") else None}
+    # the cache grid's planes and rows on the original grid (clipped)
+    lo = np.clip(offset, 0, original.shape_zyx)
+    hi = np.clip(offset + np.asarray(shape), 0, original.shape_zyx)
+    rows: list[dict] = []
+    for index, spec in enumerate(specs):
+        stem = channel_stem(spec.label)
+        recon = npy_planes(channel_files[index])
+        truth_sink = NpyChannelSink([work / f"truth{index}.npy"], shape)
+        for z0 in range(0, depth, step):
+            z1 = min(z0 + step, depth)
+            truth_sink(z0, cp.read_tile([spec], (z0, 0, 0), (z1 - z0, height, width)))
+        truth_sink.close()
+        truth = npy_planes(truth_sink.paths[0])
+        if options.metrics:
+            rows += _unit_free_metrics(spec, recon, truth, options.threshold, regions)
+        fill = float(to_units(spec, air[index : index + 1], prescription)[0])
+        writers = {"recon": (open_writer(out / f"{stem}.nrrd", original, np.float32, options.compress), fill)}
+        if spec.kind == "mask":
+            writers["label"] = (open_writer(out / f"{stem}_label.nrrd", original, np.uint8, True), 0)
+        if options.residuals:
+            writers["residual"] = (open_writer(out / f"{stem}_residual.nrrd", original, np.float32, options.compress),
+                                   0.0)
+        try:
+            for k0 in range(0, full_depth, step):  # planes of the original grid
+                k1 = min(k0 + step, full_depth)
+                blocks = {key: np.full((k1 - k0, full_height, full_width), value, writer.dtype)
+                          for key, (writer, value) in writers.items()}
+                a, b = max(k0, lo[0]), min(k1, hi[0])  # original planes the cache covers
+                if a < b:
+                    values = recon[a - offset[0] : b - offset[0]][:, lo[1] - offset[1] : hi[1] - offset[1],
+                                                                   lo[2] - offset[2] : hi[2] - offset[2]]
+                    target = (slice(a - k0, b - k0), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+                    if "label" in blocks:
+                        blocks["label"][target] = values >= np.float32(options.threshold)
+                    units = to_units(spec, values, prescription)
+                    blocks["recon"][target] = units
+                    if "residual" in blocks:
+                        original_values = truth[a - offset[0] : b - offset[0]][:, lo[1] - offset[1] : hi[1] - offset[1],
+                                                                               lo[2] - offset[2] : hi[2] - offset[2]]
+                        blocks["residual"][target] = units - to_units(spec, original_values, prescription)
+                for key, (writer, _) in writers.items():
+                    writer.write(blocks[key])
+            for writer, _ in writers.values():
+                writer.close()
+        except BaseException:
+            for writer, _ in writers.values():
+                writer.abandon()
+            raise
+        if options.metrics:
+            units_recon, residual = _unit_volumes(spec, recon, truth, prescription)
+            rows += _unit_metrics(spec, units_recon, residual, regions)
+        truth_sink.remove()
+    return [{"patient": cp.id, **row} for row in rows]
