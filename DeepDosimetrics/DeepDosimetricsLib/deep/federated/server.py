@@ -199,7 +199,13 @@ def round_zero(grid: Any, run: RunSettings, model: Any, completed: int,
     channels; a mismatching site is named and left out of every round, not averaged in), then, on a new
     federation with ``pca_start``, the PCA start is fitted from the admitted sites' sums. Returns the
     refused nodes and what model.json records (``admission``, ``pca_start``)."""
+    fed = run.federated
+    if len(list(grid.get_node_ids())) < fed.min_sites:
+        wait_for_sites(grid, fed.min_sites, fed.round_timeout * (1 + fed.round_retries), say)
     nodes = sorted(grid.get_node_ids())
+    if len(nodes) < fed.min_sites:
+        raise DeepDosimetricsError(f"{len(nodes)} site(s) connected, {fed.min_sites} needed (--min-sites); start the "
+                                   "sites (`federated site --server ...`) and the server again")
     refused, admission = admit_sites(grid, run, nodes, say)
     extra: dict[str, Any] = {"admission": admission}
     if completed == 0 and train_config_of(run).pca_start:
