@@ -319,3 +319,21 @@ def test_the_app_bundle_names_this_library_and_carries_the_run(tmp_path):
     assert RunSettings.from_run_config(flwr_app["config"]) == run
     assert app["project"]["dependencies"] == [f"flwr=={FLOWER_VERSION}"]
     assert re.fullmatch(r"\d+\.\d+\.\d+", FLOWER_VERSION)
+
+
+def test_the_average_is_weighted_by_tiles_and_keeps_names_and_dtypes():
+    import numpy as np
+    from DeepDosimetricsLib.deep.federated.config import FederatedConfig
+    from DeepDosimetricsLib.deep.federated.server import average_contents, make_strategy
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+    def content(value: float, tiles: int) -> RecordDict:
+        arrays = {"w": Array(np.full((2, 3), value, np.float32)), "b": Array(np.full(3, value, np.float32))}
+        return RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"tiles": tiles})})
+
+    averaged = average_contents([content(1.0, 10), content(4.0, 20)])
+    assert list(averaged.keys()) == ["w", "b"]
+    for array in averaged.values():
+        assert array.numpy().dtype == np.float32 and np.allclose(array.numpy(), 3.0)
+    assert type(make_strategy(FederatedConfig(strategy="fedprox"))).__mro__[1].__name__ == "FedProx"
+    assert "Differential Privacy" in repr(make_strategy(FederatedConfig(dp_noise=0.1, dp_clipping=2.0), sites=3))

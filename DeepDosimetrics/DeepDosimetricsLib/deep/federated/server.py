@@ -110,12 +110,25 @@ def starting_state(run: RunSettings) -> tuple[Any, Any, int, list[dict[str, Any]
 # ------------------------------------------------------------------------------------- strategy
 def make_strategy(fed: FederatedConfig, sites: Optional[int] = None):
     """Flower's FedAvg or FedProx (weighted by tiles seen, no federated evaluation round: each reply carries
-    the global weights' validation loss), wrapped by client-side fixed-clipping DP when asked."""
+    the global weights' validation loss) averaging with ``averaging.weighted_average`` (the project's one
+    weighted average: float64 sums), wrapped by client-side fixed-clipping DP when asked."""
     from flwr.serverapp.strategy import FedAvg, FedProx
 
     common = dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=fed.min_sites,
                   min_evaluate_nodes=0, min_available_nodes=fed.min_sites, weighted_by_key=WEIGHT_KEY)
-    strategy = FedProx(proximal_mu=fed.fedprox_mu, **common) if fed.strategy == "fedprox" else FedAvg(**common)
+    base = FedProx if fed.strategy == "fedprox" else FedAvg
+
+    class TilesWeighted(base):  # type: ignore[misc, valid-type]
+        def aggregate_train(self, server_round: int, replies: Any) -> tuple[Any, Any]:
+            valid, _ = self._check_and_log_replies(replies, is_train=True)
+            if not valid:
+                return None, None
+            contents = [reply.content for reply in valid]
+            return (average_contents(contents, self.arrayrecord_key),
+                    self.train_metrics_aggr_fn(contents, self.weighted_by_key))
+
+    strategy = (TilesWeighted(proximal_mu=fed.fedprox_mu, **common) if fed.strategy == "fedprox"
+                else TilesWeighted(**common))
     if fed.differential_privacy:
         from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 
@@ -123,6 +136,19 @@ def make_strategy(fed: FederatedConfig, sites: Optional[int] = None):
             strategy, noise_multiplier=fed.dp_noise, clipping_norm=fed.dp_clipping,
             num_sampled_clients=int(sites or fed.min_sites))
     return strategy
+
+
+def average_contents(contents: list, arrays_key: str = "arrays") -> Any:
+    """The sites' replies (Flower RecordDicts: arrays + metrics) averaged array by array, weighted by the
+    tiles each saw (averaging.weighted_average); an ArrayRecord with the same names."""
+    from flwr.app import Array, ArrayRecord
+
+    from DeepDosimetricsLib.deep.federated.averaging import weighted_average
+
+    records = [content[arrays_key] for content in contents]
+    averaged = weighted_average([record.to_numpy_ndarrays() for record in records],
+                                [float(content["metrics"][WEIGHT_KEY]) for content in contents])
+    return ArrayRecord({key: Array(value) for key, value in zip(records[0].keys(), averaged)})
 
 
 # ------------------------------------------------------------------------------------- round 0
