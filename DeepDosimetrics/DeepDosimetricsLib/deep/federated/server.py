@@ -186,6 +186,8 @@ def admit_sites(grid: Any, run: RunSettings, nodes: list[int], say: Callable[[st
             name = f"{name} (node {reply.metadata.src_node_id})"
         statistics[name] = SiteStatistics.from_metrics(values)
         node_of[name] = reply.metadata.src_node_id
+    if not statistics:
+        raise DeepDosimetricsError("round 0: no site sent its input statistics (see the sites' logs)")
     report = check_sites(statistics)
     for line in report.format().splitlines():
         say(line)
