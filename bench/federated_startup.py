@@ -28,7 +28,7 @@ LIB = HERE.parent / "DeepDosimetrics"
 sys.path.insert(0, str(LIB))
 
 RECIPE = {"channels": "default", "tile": 32, "batch": 2, "features": 8, "widths": [8, 16], "groups": 4,
-          "val_fraction": 0.34, "val_tiles": 4, "num_workers": 0}
+          "val_fraction": 0.34, "val_tiles": 4, "num_workers": 0, "pca_start": False}
 
 
 def cli(*args: str) -> list[str]:

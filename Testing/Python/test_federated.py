@@ -22,7 +22,7 @@ from DeepDosimetricsLib.cli import main
 pytest.importorskip("flwr", reason="Flower is not installed (pip install 'deepdosimetrics[federated]')")
 
 TINY = dict(channels="window:soft_tissue,mask:PTV,dose", tile=16, batch=2, features=4, widths=[4, 8], groups=2,
-            val_fraction=0.5, val_tiles=2, edge_share=0.0, num_workers=0)
+            val_fraction=0.5, val_tiles=2, edge_share=0.0, num_workers=0, pca_start=False)
 LIB_ROOT = Path(__file__).resolve().parents[2] / "DeepDosimetrics"
 
 
@@ -86,11 +86,20 @@ def test_local_federation_model_messages_resume_and_privacy(sites, tmp_path, cap
     texts = [pid.encode() for pid in sites["ids"]] + [str(sites[n]).encode() for n in "ABC"]
     for name in ("A", "B"):
         described = sorted((audit / name).glob("*.json"))
-        assert len(described) == 2, f"site {name} sent {len(described)} messages"
+        kinds = [json.loads(path.read_text())["message_type"] for path in described]
+        assert kinds == ["query.admission", "train"] * 2, kinds  # per run: round 0's admission, the round
         for path in described:
             message = json.loads(path.read_text())
-            assert message["error"] is None and message["message_type"] == "train"
+            payload = path.with_suffix(".bin").read_bytes()
+            assert message["error"] is None
+            assert not [t for t in texts if t in payload], "an id or a path left the site"
             content = message["content"]
+            if message["message_type"] == "query.admission":  # aggregate statistics: scalars and labels
+                assert not content["arrays"] and list(content["configs"]) == ["statistics"]
+                statistics = content["configs"]["statistics"]
+                assert statistics["site"] == name and statistics["patients"] == len(list(sites[name].iterdir()))
+                assert all(isinstance(v, (int, float, str)) for v in statistics.values())
+                continue
             assert list(content["arrays"]) == ["arrays"] and not content["configs"]
             arrays = content["arrays"]["arrays"]
             assert {k: v["shape"] for k, v in arrays.items()} == shapes
@@ -99,11 +108,40 @@ def test_local_federation_model_messages_resume_and_privacy(sites, tmp_path, cap
             assert all(isinstance(v, (int, float)) for v in metrics.values()), metrics
             assert set(metrics) - {"tiles", "steps", "train-loss", "val-loss", "patients"} == \
                 {f"val-mse[{label}]" for label in config.channels}
-            payload = path.with_suffix(".bin").read_bytes()
-            assert not [t for t in texts if t in payload], "an id or a path left the site"
             # the bytes hold the arrays and little else: no tile of voxels hides beside them
             weights = sum(int(torch.tensor(v["shape"]).prod()) * 4 for v in arrays.values())
             assert weights <= len(payload) < weights + 64 * 1024
+
+
+@pytest.mark.slow
+def test_round_zero_names_a_cgy_site_and_fits_the_pca_start(sites, tmp_path, capsys):
+    """Round 0: site D's doses are in cGy: it is named and left out of every round; the PCA start is fitted
+    from A's and B's sums (the model's PCA path is set, its convolutions start at zero gain)."""
+    import shutil
+
+    import SimpleITK as sitk
+    from DeepDosimetricsLib.deep.model import load_model
+
+    bad = tmp_path / "cGy"
+    shutil.copytree(sites["C"], bad)
+    for dose_path in bad.glob("*/dose.nrrd"):
+        image = sitk.ReadImage(str(dose_path))
+        scaled = sitk.GetImageFromArray(sitk.GetArrayFromImage(image) * 100.0)
+        scaled.CopyInformation(image)
+        sitk.WriteImage(scaled, str(dose_path), True)
+    recipe = tmp_path / "pca.yaml"
+    recipe.write_text(yaml.safe_dump({**TINY, "pca_start": True, "pca_tiles": 16}))
+    out = tmp_path / "model"
+    assert main(["federated", "local", "--site", f"A={sites['A']}", "--site", f"B={sites['B']}", "--site", f"D={bad}",
+                 "--out", str(out), "--rounds", "1", "--local-steps", "1", "--config", str(recipe), "--min-sites", "2",
+                 "--cache-root", str(sites["caches"]), "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    meta = json.loads((out / "model.json").read_text())["training"]["federated"]
+    assert list(meta["admission"]["refused"]) == ["D"] and sorted(meta["admission"]["admitted"]) == ["A", "B"]
+    assert "D" in printed and meta["pca_start"]["sites"] == 2 and meta["pca_start"]["tiles"] >= 32
+    assert meta["history"][0]["sent"] == 2 and meta["history"][0]["sites"] == 2
+    model, config = load_model(out)
+    assert config.pca_start and float(model.state_dict()["pca_axes"].abs().sum()) > 0
 
 
 def _cli(*args: str) -> list[str]:
@@ -159,31 +197,51 @@ def _certificates(folder: Path) -> dict[str, str]:
     return paths
 
 
+def _site_key(folder: Path, name: str) -> tuple[str, str]:
+    """A site's EC P-384 key pair in OpenSSH format (what ssh-keygen -t ecdsa -b 384 writes)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / f"{name}_key", folder / f"{name}_key.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                     serialization.PublicFormat.OpenSSH))
+    return str(private), str(public)
+
+
 @pytest.mark.slow
 def test_a_killed_site_does_not_stop_the_federation(sites, tmp_path):
-    """`federated server` and three `federated site` processes over TLS (certificates made here); site C is
-    killed (SIGKILL, its whole process group) when its first round arrives: the rounds go on with A and B
-    (FedProx) and the model is written."""
+    """`federated server` and three `federated site` processes over TLS (certificates made here) with node
+    authentication (a fourth site with an unregistered key is never sent a round); site C is killed (SIGKILL,
+    its whole process group) when its first round arrives: the rounds go on with A and B (FedProx) and the
+    model is written."""
     from DeepDosimetricsLib.deep.federated.launch import free_port, stop
     from DeepDosimetricsLib.deep.model import load_model
 
     out = tmp_path / "model"
     address = f"127.0.0.1:{free_port()}"
     tls = _certificates(tmp_path)
+    keys = {name: _site_key(tmp_path, name) for name in "ABCD"}
     server = subprocess.Popen(
         _cli("federated", "server", "--address", address, "--out", str(out), "--rounds", "2", "--local-steps", "2",
              "--strategy", "fedprox", "--mu", "0.1", "--sites", "3", "--min-sites", "2", "--round-timeout", "40",
              "--config", str(sites["recipe"]), "--ssl-ca-certfile", tls["ca"], "--ssl-certfile", tls["server"],
-             "--ssl-keyfile", tls["server-key"]),
+             "--ssl-keyfile", tls["server-key"], *[f"--site-public-key={keys[n][1]}" for n in "ABC"]),
         env=_env(), stdout=open(tmp_path / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     nodes = {}
     try:
-        time.sleep(3)
-        for name in "ABC":
+        deadline = time.monotonic() + 120
+        while "sites may connect" not in (tmp_path / "server.log").read_text(errors="replace"):
+            assert time.monotonic() < deadline and server.poll() is None, (tmp_path / "server.log").read_text()
+            time.sleep(0.2)
+        for name in "ABCD":
             nodes[name] = subprocess.Popen(
-                _cli("federated", "site", "--cohort", str(sites[name]), "--name", name, "--server", address,
+                _cli("federated", "site", "--cohort", str(sites[name if name != "D" else "A"]), "--name", name,
+                     "--server", address, "--auth-private-key", keys[name][0],
                      "--root-certificates", tls["ca"], "--runtime-port", str(free_port()), "--threads", "1",
-                     "--cache", str(sites["caches"] / name)),
+                     "--cache", str(sites["caches"] / (name if name != "D" else "A"))),
                 env=_env(), stdout=open(tmp_path / f"site-{name}.log", "wb"), stderr=subprocess.STDOUT,
                 start_new_session=True)
         deadline = time.monotonic() + 240
@@ -196,7 +254,8 @@ def test_a_killed_site_does_not_stop_the_federation(sites, tmp_path):
         stop(server, *nodes.values(), grace=5)
     rounds = _rounds(out)
     assert [r["round"] for r in rounds] == [1, 2]
-    assert rounds[0]["sites"] == 2 and rounds[0]["sent"] == 3
+    assert rounds[0]["sites"] == 2 and rounds[0]["sent"] == 3 and rounds[1]["sent"] <= 3
+    assert "Receiving: train message" not in (tmp_path / "site-D.log").read_text(errors="replace")
     meta = json.loads((out / "model.json").read_text())["training"]["federated"]
     assert meta["strategy"] == "fedprox" and meta["fedprox_mu"] == 0.1
     load_model(out)

@@ -61,6 +61,9 @@ def _federation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--widths", type=int, nargs="+", default=None, metavar="W", help="encoder widths per level")
     parser.add_argument("--lr", type=float, default=None, help=f"learning rate (default {defaults.get('lr')})")
     parser.add_argument("--seed", type=int, default=None, help=f"random seed (default {defaults.get('seed', 0)})")
+    parser.add_argument("--pca-start", action=argparse.BooleanOptionalAction, default=None,
+                        help="start at PCA fitted in round 0 from the sites' sums (default: the recipe's pca_start, "
+                        f"{defaults.get('pca_start')})")
 
 
 def _tls_options(parser: argparse.ArgumentParser, server: bool) -> None:
@@ -77,8 +80,8 @@ def _tls_options(parser: argparse.ArgumentParser, server: bool) -> None:
         parser.add_argument("--insecure", action="store_true",
                             help="no TLS (trials on one machine only); without it --root-certificates is needed")
         parser.add_argument("--auth-private-key", metavar="FILE",
-                            help="node authentication: this site's private key (ssh-keygen -t ecdsa -b 384)")
-        parser.add_argument("--auth-public-key", metavar="FILE", help="node authentication: its public key")
+                            help="node authentication (needs TLS): this site's private key (OpenSSH EC, e.g. "
+                            "ssh-keygen -t ecdsa -b 384); the server lists its .pub")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "and cache each round; images, tiles and patient ids never leave.")
     describe_command(site, ok="the site was stopped (Ctrl-C, SIGTERM) or its node ended")
     add_common_arguments(site, cohort=True, cache=True, quiet=False)
-    site.add_argument("--name", default="site", help="this site's name in its own logs (never sent; default %(default)s)")
+    site.add_argument("--name", default="site", help="this site's name: in its logs, and sent in round 0 so the server can name it (default %(default)s)")
     site.add_argument("--server", required=True, metavar="HOST:PORT", help="the server's address")
     site.add_argument("--runtime-port", type=int, default=DEFAULT_SITE_RUNTIME_PORT, metavar="PORT",
                       help="local port of the node's runtime API (127.0.0.1; default %(default)s)")
@@ -133,7 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_settings(args: argparse.Namespace):
     """RunSettings from the options: FederatedConfig defaults <- options; the training recipe from
-    make_config (the PCA start and output-bias start are site-data starts: off until round 0 fits them)."""
+    make_config (the output-bias start needs one site's data: off; the PCA start is fitted in round 0)."""
     from pathlib import Path
 
     from DeepDosimetricsLib.deep.federated.config import FederatedConfig, RunSettings
@@ -145,7 +148,7 @@ def _run_settings(args: argparse.Namespace):
                                     source="federated options")
     recipe = make_config(args.config, channels=args.channels, tile=args.tile, batch=args.batch,
                          features=args.features, widths=args.widths, lr=args.lr, seed=args.seed,
-                         pca_start=False, init_output_bias=False)
+                         pca_start=args.pca_start, init_output_bias=False)
     return RunSettings(federated=fed, train=recipe.to_dict(), out=str(Path(args.out).resolve()),
                        resume=bool(args.resume), sites=args.sites)
 
@@ -190,11 +193,7 @@ def run(args: argparse.Namespace) -> int:
 
         site = SiteSettings(cohort=args.cohort, name=args.name, cache=args.cache, device=args.device,
                             threads=args.threads, audit=args.audit)
-        auth = None
-        if args.auth_private_key or args.auth_public_key:
-            if not (args.auth_private_key and args.auth_public_key):
-                raise InputError("node authentication needs both --auth-private-key and --auth-public-key")
-            auth = launch.NodeAuth(private_key=args.auth_private_key, public_key=args.auth_public_key)
+        auth = launch.NodeAuth(private_key=args.auth_private_key) if args.auth_private_key else None
         code = launch.run_site(site, args.server, _tls(args, server=False), auth, args.runtime_port)
         return 0 if code in (0, 130, -15, 143) else 2
     settings = _run_settings(args)

@@ -12,12 +12,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from DeepDosimetricsLib.deep.federated.config import RunSettings
-from DeepDosimetricsLib.deep.federated.site import SiteSettings, train_round
+from DeepDosimetricsLib.deep.federated.site import (
+    SiteSettings,
+    admission_statistics,
+    pca_statistics,
+    train_round,
+)
 from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError
 
 log = logging.getLogger(__name__)
@@ -47,7 +52,8 @@ def dp_mod(msg: Message, context: Context, call_next) -> Message:
     """Flower's client-side fixed clipping (preview) when the federation asks for differential privacy."""
     from flwr.clientapp.mod import fixedclipping_mod
 
-    if RunSettings.from_run_config(dict(context.run_config)).federated.differential_privacy:
+    if (msg.metadata.message_type == MessageType.TRAIN
+            and RunSettings.from_run_config(dict(context.run_config)).federated.differential_privacy):
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
 
@@ -75,6 +81,41 @@ def site_round(msg: Message, context: Context) -> Message:
         return Message(Error(code=SITE_FAILED, reason="the site's round failed (details in the site's log)"),
                        reply_to=msg)
     return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def _guarded(msg: Message, context: Context, work) -> Message:
+    """``work(site, run) -> RecordDict`` as the reply; a failure replies with the fixed reason."""
+    import torch  # noqa: F401 - Flower's ArrayRecord converts state dicts only when torch is imported
+
+    site = None
+    try:
+        site = _site(context)
+        return Message(work(site, RunSettings.from_run_config(dict(context.run_config))), reply_to=msg)
+    except Exception as error:  # noqa: BLE001 - reported here, a fixed reason travels
+        name = site.name if site else "?"
+        log.error("site %s: %s failed: %s", name, msg.metadata.message_type, error, exc_info=True)
+        print(f"site {name}: {msg.metadata.message_type} failed: {error}", flush=True)
+        return Message(Error(code=SITE_FAILED, reason="the site's round failed (details in the site's log)"),
+                       reply_to=msg)
+
+
+@client_app.query("admission")
+def site_admission(msg: Message, context: Context) -> Message:
+    """Round 0: the site's input statistics (scalars and labels) for the server's admission check."""
+    return _guarded(msg, context, lambda site, run: RecordDict(
+        {"statistics": ConfigRecord(admission_statistics(site, run))}))
+
+
+@client_app.query("pca")
+def site_pca(msg: Message, context: Context) -> Message:
+    """Round 0: the site's sums over its tiles for one pass of the federated PCA start."""
+
+    def work(site: SiteSettings, run: RunSettings) -> RecordDict:
+        arrays = msg.content["arrays"].to_numpy_ndarrays() if "arrays" in msg.content else []
+        out_arrays, scalars = pca_statistics(site, run, arrays, dict(msg.content["config"]))
+        return RecordDict({"arrays": ArrayRecord(out_arrays), "metrics": MetricRecord(scalars)})
+
+    return _guarded(msg, context, work)
 
 
 server_app = ServerApp()

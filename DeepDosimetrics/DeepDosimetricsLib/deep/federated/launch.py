@@ -32,6 +32,9 @@ from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError, InputError
 DEFAULT_SERVER_ADDRESS = "127.0.0.1:9093"
 DEFAULT_SITE_RUNTIME_PORT = 9094
 CONNECTION = "deepdosimetrics"
+#: a site's node is started again when it stops on its own (server not up yet, key not yet registered)
+SITE_ATTEMPTS = 5
+SITE_RETRY_SECONDS = 10
 LOGS = "logs"
 
 
@@ -63,8 +66,7 @@ class NodeAuth:
     """SuperNode authentication: the server's registered public keys, or a site's key pair (EC, OpenSSH)."""
 
     public_keys: Sequence[str] = field(default_factory=list)  # server: one file per authorised site
-    private_key: Optional[str] = None  # site
-    public_key: Optional[str] = None  # site
+    private_key: Optional[str] = None  # site (its public key is derived from it)
 
 
 def require_flower() -> str:
@@ -124,29 +126,43 @@ def child_environment(home: Path, threads: Optional[int] = None) -> dict[str, st
     return env
 
 
-def start(command: list[str], env: dict[str, str], log_path: Optional[Path]) -> subprocess.Popen:
-    """A process in its own process group, its output to ``log_path`` (or inherited)."""
+def start(command: list[str], env: dict[str, str], log_path: Optional[Path], own_group: bool = True) -> subprocess.Popen:
+    """A process, its output to ``log_path`` (or inherited): in its own process group (stopped as a group),
+    or with ``own_group=False`` in ours (a site's SuperNode: killing the site's group kills it too)."""
     output = open(log_path, "ab") if log_path else None  # noqa: SIM115 - closed with the process
     try:
-        return subprocess.Popen(command, env=env, stdout=output or None, stderr=subprocess.STDOUT if output else None,
-                                start_new_session=True)
+        process = subprocess.Popen(command, env=env, stdout=output or None,
+                                   stderr=subprocess.STDOUT if output else None, start_new_session=own_group)
     finally:
         if output:
             output.close()
+    process.own_group = own_group  # type: ignore[attr-defined]
+    return process
 
 
 def stop(*processes: subprocess.Popen, grace: float = 10.0) -> None:
     """SIGTERM to the processes' groups (all at once), then SIGKILL to those left after ``grace`` seconds."""
+    def alive(process: subprocess.Popen) -> bool:
+        return process.poll() is None or (_grouped(process) and _group_alive(process.pid))
+
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        alive = [p for p in processes if p.poll() is None or _group_alive(p.pid)]
-        if not alive:
+        running = [p for p in processes if alive(p)]
+        if not running:
             return
-        for process in alive:
+        for process in running:
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, sig)
+                if _grouped(process):
+                    os.killpg(process.pid, sig)
+                else:
+                    process.send_signal(sig)
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and any(p.poll() is None or _group_alive(p.pid) for p in alive):
+        while time.monotonic() < deadline and any(alive(p) for p in running):
             time.sleep(0.1)
+
+
+def _grouped(process: subprocess.Popen) -> bool:
+    """Whether the process leads its own group (started by ``start``, or by a caller with a new session)."""
+    return getattr(process, "own_group", True)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -225,6 +241,7 @@ def superlink(address: str, logs: Path, tls: Optional[Tls] = None, auth: Optiona
             write_connection(home, connect, tls)
             for key in (auth.public_keys if auth else ()):
                 register_site_key(home, key)
+            print(f"SuperLink ready at {address}: sites may connect", flush=True)
             yield home
         finally:
             stop(process)
@@ -289,41 +306,53 @@ def site_command(site: SiteSettings, server: str, tls: Optional[Tls], auth: Opti
                "--port", str(runtime_port), "--node-config", str(node_config)]
     command += ["--root-certificates", tls.ca] if tls else ["--insecure"]
     if auth and auth.private_key:
-        command += ["--auth-supernode-private-key", auth.private_key, "--auth-supernode-public-key",
-                    str(auth.public_key)]
+        command += ["--auth-supernode-private-key", auth.private_key]
     return command
 
 
 def run_site(site: SiteSettings, server: str, tls: Optional[Tls] = None, auth: Optional[NodeAuth] = None,
-             runtime_port: int = DEFAULT_SITE_RUNTIME_PORT) -> int:
-    """A hospital's SuperNode connected to ``server`` until it is stopped (Ctrl-C, SIGTERM); its exit code."""
+             runtime_port: int = DEFAULT_SITE_RUNTIME_PORT, attempts: int = SITE_ATTEMPTS) -> int:
+    """A hospital's SuperNode connected to ``server`` until it is stopped (Ctrl-C, SIGTERM); its exit code.
+    A node the server refuses or cannot be reached by (not started yet, its key not yet registered) is
+    started again, ``attempts`` times in all, ``SITE_RETRY_SECONDS`` apart."""
     import tomli_w
 
     require_flower()
     site.check()
     split_address(server)
-    if auth and auth.private_key and tls is None:
-        raise InputError("node authentication needs TLS: pass --root-certificates")
+    if auth and auth.private_key:
+        if tls is None:
+            raise InputError("node authentication needs TLS: pass --root-certificates")
+        if not Path(auth.private_key).is_file():
+            raise InputError(f"site {site.name}: private key {auth.private_key} does not exist")
     with tempfile.TemporaryDirectory(prefix=f"deepdosimetrics-site-{site.name}-") as scratch:
         home = Path(scratch)
         settings = site.save(home / "site.json")
         node_config = home / "node-config.toml"
         node_config.write_text(tomli_w.dumps({"settings": str(settings)}), encoding="utf-8")
-        process = start(site_command(site, server, tls, auth, runtime_port, node_config),
-                        child_environment(home, site.threads), None)
+        command = site_command(site, server, tls, auth, runtime_port, node_config)
+        running: list[subprocess.Popen] = []
 
         def forward(signum, _frame) -> None:
-            stop(process, grace=5.0)
+            stop(*running, grace=5.0)
             raise SystemExit(128 + signum)
 
         previous = signal.signal(signal.SIGTERM, forward)
         try:
-            return process.wait()
+            for attempt in range(1, max(1, attempts) + 1):
+                running[:] = [start(command, child_environment(home, site.threads), None, own_group=False)]
+                code = running[0].wait()
+                if code <= 0 or attempt == attempts:
+                    return code
+                print(f"site {site.name}: the node stopped (exit code {code}: the server unreachable or refusing "
+                      f"this node); trying again in {SITE_RETRY_SECONDS} s ({attempt} of {attempts})", flush=True)
+                time.sleep(SITE_RETRY_SECONDS)
+            return 0
         except KeyboardInterrupt:
             return 130
         finally:
             signal.signal(signal.SIGTERM, previous)
-            stop(process, grace=5.0)
+            stop(*running, grace=5.0)
 
 
 def run_local(run: RunSettings, sites: dict[str, str], cache_root: Optional[str] = None,

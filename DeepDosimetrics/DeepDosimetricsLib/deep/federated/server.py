@@ -1,16 +1,17 @@
-"""The aggregating side: rounds, a checkpoint per round, resume, and the model folder it leaves.
+"""The aggregating side: round 0, the rounds, a checkpoint per round, resume, and the model folder it leaves.
 
 ``run_federation(grid, run)`` runs inside Flower's ServerApp: it starts from seeded weights (or the round
-checkpoint with ``resume``), calls :func:`round_zero` (the place for the sites' admission statistics and the
-federated PCA start), then per round sends the global weights to the connected sites, waits up to
-``round_timeout`` for their replies (twice that while fewer than ``min_sites`` replied), aggregates those that came (FedAvg weighted by tiles seen, or FedProx;
-wrapped by Flower's client-side fixed-clipping DP when ``dp_noise`` > 0) when at least ``min_sites``
-replied (else repeats the round), and writes the round checkpoint atomically. A site that disconnects
-mid-round is a failure of that round, never a stop or a partial average. At the end: ``model.json`` +
-``model.pt`` (loadable by ``encode``, the panel and the review station), ``rounds.csv``, ``MODEL_CARD.md``
-and ``federation.json`` (the status the ``federated server`` command reads).
+checkpoint with ``resume``); :func:`round_zero` checks every site's input statistics (admission: a
+mismatching site is named and left out) and, on a new federation with ``pca_start``, fits the PCA start from
+the admitted sites' sums; then per round it sends the global weights to the sites, waits up to
+``round_timeout`` for their replies (twice that while fewer than ``min_sites`` replied), aggregates those
+that came (FedAvg weighted by tiles seen, or FedProx; wrapped by Flower's client-side fixed-clipping DP when
+``dp_noise`` > 0) when at least ``min_sites`` replied (else repeats the round), and writes the round
+checkpoint atomically. A site that disconnects mid-round is missing from that round's average, never a stop
+or a partial average. At the end: ``model.json`` + ``model.pt`` (loadable by ``encode``, the panel and the
+review station), ``rounds.csv``, ``MODEL_CARD.md`` and ``federation.json`` (the status the ``federated
+server`` command reads).
 """
-
 from __future__ import annotations
 
 import json
@@ -37,11 +38,7 @@ def train_config_of(run: RunSettings):
     """The federation's TrainConfig (InputError for what a federation cannot do yet)."""
     from DeepDosimetricsLib.deep.train.training import TrainConfig
 
-    config = TrainConfig.from_dict(dict(run.train), source="federated training recipe")
-    if config.pca_start:
-        raise InputError("pca_start needs the federated PCA start (round 0 sums, not available yet): "
-                         "train without it (pca_start: false)")
-    return config
+    return TrainConfig.from_dict(dict(run.train), source="federated training recipe")
 
 
 def initial_model(run: RunSettings):
@@ -129,13 +126,85 @@ def make_strategy(fed: FederatedConfig, sites: Optional[int] = None):
 
 
 # ------------------------------------------------------------------------------------- round 0
-def round_zero(grid: Any, run: RunSettings, model: Any, completed: int) -> dict[str, Any]:
-    """Before the first round (not on resume past it): the place for the sites' admission statistics
-    (harmonisation: HU, dose scale, spacing; a mismatching site named, not averaged in) and for the federated
-    PCA start (sums of outer products from every site, added exactly). Returns what it records in model.json
-    (nothing yet: both land with issue 19 item 4 and the federated PCA sums)."""
-    del grid, run, model, completed
-    return {}
+def query_sites(grid: Any, nodes: list[int], action: str, records: dict[str, Any], timeout: float,
+                strict: bool = True) -> tuple[list, set]:
+    """One query to every node in ``nodes`` (``query.<action>``): the usable replies and the nodes that gave
+    none (``strict``: DeepDosimetricsError when any)."""
+    from flwr.app import Message, RecordDict
+
+    messages = [Message(content=RecordDict(dict(records)), message_type=f"query.{action}", dst_node_id=node)
+                for node in nodes]
+    replies = [r for r in collect_replies(grid, messages, timeout, len(nodes)) if not r.has_error()]
+    silent = set(nodes) - {r.metadata.src_node_id for r in replies}
+    if silent and strict:
+        raise DeepDosimetricsError(f"round 0 ({action}): {len(silent)} of {len(nodes)} site(s) did not answer "
+                                   "(see their logs)")
+    return replies, silent
+
+
+def admit_sites(grid: Any, run: RunSettings, nodes: list[int], say: Callable[[str], None]) -> tuple[set, dict]:
+    """Admission (admission.check_sites on every site's statistics): the refused nodes and the report."""
+    from flwr.app import ConfigRecord
+
+    from DeepDosimetricsLib.deep.federated.admission import SiteStatistics, check_sites
+
+    replies, silent = query_sites(grid, nodes, "admission", {"config": ConfigRecord({})}, run.federated.round_timeout,
+                                  strict=False)
+    for node in sorted(silent):
+        say(f"round 0: the site of node {node} sent no statistics (see its log): left out")
+    statistics, node_of = {}, {}
+    for reply in replies:
+        values = dict(reply.content["statistics"])
+        name = str(values.pop("site", "site"))
+        if name in statistics:
+            name = f"{name} (node {reply.metadata.src_node_id})"
+        statistics[name] = SiteStatistics.from_metrics(values)
+        node_of[name] = reply.metadata.src_node_id
+    report = check_sites(statistics)
+    for line in report.format().splitlines():
+        say(line)
+    report.require(run.federated.min_sites)
+    return {node_of[name] for name in report.refused} | silent, {**report.to_dict(), "silent_nodes": len(silent)}
+
+
+def federated_pca_start(grid: Any, run: RunSettings, nodes: list[int], model: Any,
+                        say: Callable[[str], None]) -> dict[str, Any]:
+    """The PCA start fitted from the admitted sites' sums (pca_rounds.FederatedPca: a mean pass, subspace
+    iterations, a final pass; the sums add up to the pooled fit), set in the model; its summary."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from DeepDosimetricsLib.deep.federated.pca_rounds import FederatedPca, statistics_from_message
+
+    config = train_config_of(run)
+    fit = FederatedPca(config.features, seed=config.seed)
+    started = time.perf_counter()
+    while not fit.done:
+        arrays, scalars = fit.request().to_message()
+        records: dict[str, Any] = {"config": ConfigRecord(scalars)}
+        if arrays:
+            records["arrays"] = ArrayRecord(list(arrays))
+        replies, _ = query_sites(grid, nodes, "pca", records, run.federated.round_timeout)
+        fit.merge([statistics_from_message(r.content["arrays"].to_numpy_ndarrays(), dict(r.content["metrics"]))
+                   for r in replies])
+        say(f"round 0: PCA pass {fit.round} of {fit.rounds} over {len(replies)} site(s)")
+    basis = fit.finish()
+    model.set_pca_basis(basis.mean, basis.axes, basis.variances)
+    return {"tiles": int(basis.tiles), "variance_kept": float(basis.variances.sum() / basis.total_variance),
+            "sites": len(nodes), "seconds": round(time.perf_counter() - started, 1)}
+
+
+def round_zero(grid: Any, run: RunSettings, model: Any, completed: int,
+               say: Callable[[str], None] = print) -> tuple[set, dict[str, Any]]:
+    """Before the rounds: every site's input statistics are checked (harmonisation: HU, dose scale, spacing,
+    channels; a mismatching site is named and left out of every round, not averaged in), then, on a new
+    federation with ``pca_start``, the PCA start is fitted from the admitted sites' sums. Returns the
+    refused nodes and what model.json records (``admission``, ``pca_start``)."""
+    nodes = sorted(grid.get_node_ids())
+    refused, admission = admit_sites(grid, run, nodes, say)
+    extra: dict[str, Any] = {"admission": admission}
+    if completed == 0 and train_config_of(run).pca_start:
+        extra["pca_start"] = federated_pca_start(grid, run, [n for n in nodes if n not in refused], model, say)
+    return refused, extra
 
 
 # ------------------------------------------------------------------------------------- the rounds
@@ -150,19 +219,20 @@ def run_federation(grid: Any, run: RunSettings, say: Callable[[str], None] = pri
     out.mkdir(parents=True, exist_ok=True)
     model, model_config, completed, history = starting_state(run)
     started = time.perf_counter()
-    extra = round_zero(grid, run, model, completed) if completed == 0 else {}
     strategy = make_strategy(fed, run.sites)
-    arrays = ArrayRecord(plain_state_dict(model))
     if completed:
         say(f"resuming after round {completed} of {fed.rounds} ({out / CHECKPOINT})")
     if run.sites:
         wait_for_sites(grid, run.sites, fed.round_timeout, say)
+    refused, extra = round_zero(grid, run, model, completed, say)
+    arrays = ArrayRecord(plain_state_dict(model))
     failures = 0
     server_round = completed + 1
     while server_round <= fed.rounds:
         round_start = time.perf_counter()
         config = ConfigRecord({"local-steps": int(fed.local_steps)})
-        messages = list(strategy.configure_train(server_round, arrays, config, grid))
+        messages = [m for m in strategy.configure_train(server_round, arrays, config, grid)
+                    if m.metadata.dst_node_id not in refused]
         replies = collect_replies(grid, messages, fed.round_timeout, fed.min_sites)
         good = [r for r in replies if not r.has_error()]
         for reply in replies:

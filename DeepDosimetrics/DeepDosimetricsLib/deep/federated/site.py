@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SiteSettings:
-    """What a hospital chooses for its site (kept on the site; never sent)."""
+    """What a hospital chooses for its site (kept on the site; only ``name`` is sent, in round 0)."""
 
     cohort: str
     name: str = "site"
@@ -55,12 +55,13 @@ class SiteSettings:
 def site_train_config(run: RunSettings, site: SiteSettings):
     """The TrainConfig a site trains with: the server's recipe, the run's length in steps (rounds x local
     steps, so a cosine schedule follows the whole federation: it is applied per step from the global step),
-    the site's device and threads. Starts (PCA, output biases) come from the server's weights, not here."""
+    the site's device and threads. Starts (PCA, output biases) come from the server's weights, not here
+    (``pca_start`` keeps the model's frozen PCA path: its buffers arrive with the weights)."""
     from DeepDosimetricsLib.deep.train.training import TrainConfig
 
     data = dict(run.train)
     fed = run.federated
-    data.update(steps=fed.rounds * fed.local_steps, epochs=None, init_output_bias=False, pca_start=False,
+    data.update(steps=fed.rounds * fed.local_steps, epochs=None, init_output_bias=False,
                 device=site.device, compile=False)
     if data.get("schedule", "cosine") in ("cosine", "warmup_cosine"):
         if data.get("schedule", "cosine") == "cosine":
@@ -73,6 +74,47 @@ def site_train_config(run: RunSettings, site: SiteSettings):
     return TrainConfig.from_dict(data, source=f"site {site.name}: training recipe of the federation")
 
 
+def open_trainer(site: SiteSettings, config: Any, work: Path) -> Any:
+    """The site's Trainer, set up on its cohort and cache (its own starts skipped: the weights come from the
+    server)."""
+    from DeepDosimetricsLib.deep.distributed import DistributedContext
+    from DeepDosimetricsLib.deep.train.training import Trainer
+
+    trainer = Trainer(Path(site.cohort), work, config, DistributedContext(), quiet=True)
+    trainer.external_start = True
+    trainer.setup(cache_dir=Path(site.cache) if site.cache else None)
+    return trainer
+
+
+def admission_statistics(site: SiteSettings, run: RunSettings) -> dict[str, Union[int, float, str]]:
+    """Round 0, admission: the site's input statistics (aggregate scalars, admission.site_statistics) and
+    its name (so the server can name a mismatching site)."""
+    from DeepDosimetricsLib.deep.federated.admission import cohort_statistics
+
+    site.check()
+    statistics = cohort_statistics(site.cohort, site.cache, channels=run.train.get("channels", "default"))
+    return {"site": site.name, **statistics.to_metrics()}
+
+
+def pca_statistics(site: SiteSettings, run: RunSettings, arrays: list, scalars: dict[str, Any]) -> tuple[list, dict]:
+    """Round 0, the federated PCA start: the site's sums over its training tiles for the server's request
+    (pca_rounds.site_pca_statistics; the same tiles in every pass, refused below MIN_SITE_TILES tiles)."""
+    from DeepDosimetricsLib.deep.federated.pca_rounds import (
+        PcaRequest,
+        site_pca_statistics,
+        statistics_to_message,
+    )
+    from DeepDosimetricsLib.deep.train.pca import sampler_batches
+
+    site.check()
+    config = site_train_config(run, site)
+    request = PcaRequest.from_message(arrays, scalars)
+    with tempfile.TemporaryDirectory(prefix="deepdosimetrics-site-") as work:
+        trainer = open_trainer(site, config, Path(work))
+        sums = site_pca_statistics(sampler_batches(trainer.sampler, config.pca_tiles), request)
+    return statistics_to_message(sums)
+
+
 def train_round(site: SiteSettings, run: RunSettings, weights: dict[str, Any], server_round: int,
                 proximal_mu: float = 0.0) -> tuple[dict[str, Any], dict[str, Union[int, float]]]:
     """Train the global ``weights`` (a state dict) for one round on the site's data.
@@ -81,17 +123,14 @@ def train_round(site: SiteSettings, run: RunSettings, weights: dict[str, Any], s
     (tiles seen this round: the FedAvg weight), ``steps``, ``train-loss`` (mean over the round's steps),
     ``val-loss`` and ``val-mse[<channel>]`` (the global weights on the site's held-out tiles, before
     training), ``patients`` (training patients: a count)."""
-    from DeepDosimetricsLib.deep.distributed import DistributedContext
     from DeepDosimetricsLib.deep.model import plain_state_dict
-    from DeepDosimetricsLib.deep.train.training import Trainer
 
     started = time.perf_counter()
     site.check()
     config = site_train_config(run, site)
     fed = run.federated
     with tempfile.TemporaryDirectory(prefix="deepdosimetrics-site-") as work:
-        trainer = Trainer(Path(site.cohort), Path(work), config, DistributedContext(), quiet=True)
-        trainer.setup(cache_dir=Path(site.cache) if site.cache else None)
+        trainer = open_trainer(site, config, Path(work))
         ready = time.perf_counter()
         try:
             trainer.model.load_state_dict(weights)
@@ -123,4 +162,5 @@ def train_round(site: SiteSettings, run: RunSettings, weights: dict[str, Any], s
     return state, metrics
 
 
-__all__ = ["SiteSettings", "site_train_config", "train_round"]
+__all__ = ["SiteSettings", "site_train_config", "open_trainer", "train_round", "admission_statistics",
+           "pca_statistics"]

@@ -432,6 +432,8 @@ class Trainer:
         self.last_train_loss: Optional[float] = None
         #: an extra loss term of the model added in ``step`` (None: none; federated FedProx: the proximal term)
         self.penalty: Optional[Any] = None
+        #: the weights come from elsewhere (a federated round): no PCA or output-bias start is fitted here
+        self.external_start = False
 
     # ------------------------------------------------------------------ setup
     def setup(self, cache: Any = None, cache_dir: Optional[Path] = None) -> None:
@@ -555,6 +557,8 @@ class Trainer:
         self.pca_summary: Optional[dict[str, Any]] = None
         if checkpoint is not None:
             self._restore(checkpoint)
+        elif self.external_start:
+            pass
         elif config.pca_start:
             self._fit_pca_start()
         elif config.init_output_bias:
