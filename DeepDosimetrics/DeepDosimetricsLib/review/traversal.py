@@ -539,6 +539,11 @@ def traversal_node(scene, name: str, shape: Sequence[int], geometry, fill: float
     seed.SetOrigin(tuple(geometry.origin))
     seed.SetDirection(tuple(geometry.direction))
     node = volumes.image_to_volume(seed, name, scene=scene)
+    display = node.GetDisplayNode()
+    if display is not None and hasattr(display, "AutoWindowLevelOff"):
+        # the caller styles it (fixed window/level, dose wash, residual range): no automatic window/level,
+        # whose histogram of the whole volume took seconds at every change of the voxels (92 M at full size)
+        display.AutoWindowLevelOff()
     image = node.GetImageData()
     image.SetDimensions(*(int(v) for v in reversed(tuple(shape))))
     image.AllocateScalars(vtk.VTK_FLOAT, 1)
