@@ -278,7 +278,8 @@ class ReviewApp:
             s.traversal_message = f"{text}: decoded in {s.traversal_ms} ms (kept, exact)"
         else:
             s.traversal_message = (f"{text}: decoded in {s.traversal_ms} ms (preview: the displayed planes, from "
-                                   f"the {result.tiles} tiles crossing them; whole volume following)")
+                                   f"the {result.tiles} tiles crossing them, in {result.precision}; whole volume "
+                                   "following)")
             self._complete_traversal(ticket, current.patient, shifts, s.channel, residual, node, text)
         return node
 
