@@ -258,9 +258,12 @@ class ReviewApp:
                               traverser.patient_shape(current.patient), traverser.geometry,
                               fill=0.0 if residual else traverser.fill_units(s.channel), existing=reuse)
         # supersedes the background decode of an earlier request
+        marks = [("node", time.perf_counter())]
         ticket, result = self._updates.preview(current.patient, shifts, s.channel, self._display_planes(node),
                                                residual)
+        marks.append(("planes", time.perf_counter()))
         put_planes(node, result)
+        marks.append(("put", time.perf_counter()))
         if reuse is None:
             limit = None
             if residual:
@@ -269,9 +272,13 @@ class ReviewApp:
                 values = np.concatenate([plane.ravel() for _, plane in result.planes.values()] or [np.zeros(1)])
                 limit = float(np.percentile(np.abs(values), 99)) or 1.0
             self.builder.style_foreground(node, s.channel, mode, limit)
-        self.builder.replace_foreground(node, key)
+        marks.append(("style", time.perf_counter()))
+        self.builder.replace_foreground(node, key, later=self._later)
         self._traversal_node = node
         s.traversal_ms = int(round(1000 * (time.perf_counter() - started)))
+        marks.append(("shown", time.perf_counter()))
+        log.debug("traversal update: %s", ", ".join(f"{name} {1000 * (t - before):.0f} ms" for (name, t), before
+                                                     in zip(marks, [started] + [t for _, t in marks])))
         text = ", ".join(f"{k} {v:+.1f} SD" for k, v in sorted(shifts.items()))
         s.traversal_stage = result.stage
         if result.full is not None:
@@ -282,6 +289,14 @@ class ReviewApp:
                                    "following)")
             self._complete_traversal(ticket, current.patient, shifts, s.channel, residual, node, text)
         return node
+
+    @staticmethod
+    def _later(work) -> None:
+        """Run ``work`` once the frames of this update went out (at once without an event loop)."""
+        try:
+            asyncio.get_running_loop().call_later(BACKGROUND_DELAY_S, work)
+        except RuntimeError:  # no event loop (scripts)
+            work()
 
     def _supersede(self) -> None:
         if self._updates is not None:
