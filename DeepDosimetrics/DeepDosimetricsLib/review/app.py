@@ -55,6 +55,26 @@ def release_memory() -> None:
         pass
 
 
+#: glibc's mallopt parameters and the values the station sets: freed blocks up to 32 MB (a decoder batch's
+#: activations) stay in the heap, whose top is returned to the system above 256 MB or by ``release_memory``
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+HEAP_TRIM_BYTES, HEAP_MMAP_BYTES = 256 << 20, 32 << 20
+
+
+def keep_heap() -> None:
+    """Fixed glibc heap thresholds (instead of its adaptive ones): without them the heap handed back by
+    ``release_memory`` after a patient's load was faulted in again page by page, batch after batch, by the first
+    traversal update (twice its decoding time at full size). Elsewhere than glibc, nothing."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_BYTES)
+        libc.mallopt(M_TRIM_THRESHOLD, HEAP_TRIM_BYTES)
+    except (OSError, AttributeError):
+        pass
+
+
 def _no_view_ui(*_args, **_kwargs) -> None:
     """No per-view gutter: the page's own controls drive the views."""
 
@@ -76,6 +96,7 @@ class ReviewApp:
         self.verdicts = verdicts
         self.policy = policy
         self.traverser = traverser
+        keep_heap()
         self.server = server or get_server("deepdosimetrics_review", client_type="vue3")
         self.server.enable_module(trame_slicer_module)
         install(self.server, policy)
@@ -369,6 +390,8 @@ class ReviewApp:
             self._supersede()
             current = self.builder.load(pid)
             release_memory()
+            if self.traverser is not None:
+                self.traverser.warm_up()  # the decoder's working memory faulted in again after the release
             s.structures_all = list(current.structures)
             s.structures_shown = [n for n in current.structures if n.upper().startswith("PTV")][:1] or \
                 list(current.structures[:3])

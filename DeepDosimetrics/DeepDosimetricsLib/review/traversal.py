@@ -234,11 +234,12 @@ class Traverser:
         self._truth_planes: Dict[Tuple, np.ndarray] = {}
         self._truth: Dict[str, np.ndarray] = {}
         self._lock = threading.RLock()  # the background decode and the event loop share the patient state
-        self._warm_up()
+        self.warm_up()
 
-    def _warm_up(self) -> None:
+    def warm_up(self) -> None:
         """Decode a batch of zero features once as the preview and the exact volume do: the convolutions'
-        kernels are prepared (oneDNN) before the first slider move, which took twice as long without it."""
+        kernels are prepared (oneDNN) and their working memory is in place before the first slider move, which
+        took twice as long without it (the station calls it again after a patient's load releases memory)."""
         import torch
 
         from DeepDosimetricsLib.review.decode import ROWS, decode_channel, decode_slices
