@@ -171,6 +171,10 @@ def _slice_kernel(conv: torch.nn.Conv3d, channel: int, axis: int, parity: int) -
     return entry[1]
 
 
+#: the plane slices of a batch go through the last layer in groups padded to a multiple of this many rows
+ROWS = 8
+
+
 def decode_slices(model, z: torch.Tensor, channel: int, tiles: Sequence[int], axes: Sequence[int],
                   offsets: Sequence[int]) -> torch.Tensor:
     """Row r: the slice ``offsets[r]`` along tile axis ``axes[r]`` (0 z, 1 y, 2 x) of
@@ -198,8 +202,12 @@ def decode_slices(model, z: torch.Tensor, channel: int, tiles: Sequence[int], ax
             inside = ((under >= 0) & (under < h)).to(hidden.dtype)
             pair = source[rows[chosen, None], under.clamp(0, h - 1)]  # (n, 2, W, h, h)
             pair = (pair * inside[:, :, None, None, None]).reshape(len(chosen), -1, h, h)
+            # rows padded to a multiple of ROWS: a few convolution shapes, each prepared once
+            padded = -(-len(chosen) // ROWS) * ROWS
+            if padded != len(chosen):
+                pair = torch.cat([pair, pair.new_zeros((padded - len(chosen), *pair.shape[1:]))])
             part = F.conv_transpose2d(pair, _slice_kernel(conv, channel, axis, parity), bias, stride=2, padding=1)
-            out[chosen] = part[:, 0].float()
+            out[chosen] = part[: len(chosen), 0].float()
     # the PCA path's voxels of each row's slice: channel * t^3 + the slice's flat indices
     grid = torch.arange(t**3, device=z.device).view(t, t, t)
     flat = torch.stack([grid.select(a, int(o)).reshape(-1) for a, o in zip(axes, offsets)]) if len(rows) else \

@@ -234,6 +234,24 @@ class Traverser:
         self._truth_planes: Dict[Tuple, np.ndarray] = {}
         self._truth: Dict[str, np.ndarray] = {}
         self._lock = threading.RLock()  # the background decode and the event loop share the patient state
+        self.warm_up()
+
+    def warm_up(self) -> None:
+        """Decode a batch of zero features once as the preview and the exact volume do: the convolutions'
+        kernels are prepared (oneDNN) and their working memory is in place before the first slider move, which
+        took twice as long without it (the station calls it again after a patient's load releases memory)."""
+        import torch
+
+        from DeepDosimetricsLib.review.decode import ROWS, decode_channel, decode_slices
+
+        z = torch.zeros((BATCH, len(self.names)))
+        t = self.runner.config.tile
+        with torch.inference_mode():
+            with torch.autocast("cpu", torch.bfloat16, enabled=self.preview_bfloat16):
+                for rows in range(ROWS, 2 * BATCH + 1, ROWS):
+                    decode_slices(self.runner.model, z, 0, [i % BATCH for i in range(rows)], [0] * rows,
+                                  [t // 2] * rows)
+            decode_channel(self.runner.model, z, 0)
 
     # ------------------------------------------------------------------ patient
     def _load_patient(self, patient: str) -> None:
@@ -353,7 +371,8 @@ class Traverser:
             for group in _chunks(chosen, BATCH):
                 mine = [r for i in group for r in by_tile.get(i, [])]
                 local = {index: n for n, index in enumerate(group)}
-                z = torch.from_numpy(np.ascontiguousarray(features[group]))
+                # the last group padded to BATCH tiles: one shape for the decoder's convolutions
+                z = torch.from_numpy(np.ascontiguousarray(features[_padded(group)]))
                 decoded = decode_slices(model, z, channel, [local[rows[r][0]] for r in mine],
                                         [rows[r][1] for r in mine], [rows[r][2] for r in mine]).numpy()
                 for r, values in zip(mine, decoded):
@@ -413,9 +432,9 @@ class Traverser:
                 if cancelled():
                     raise Cancelled()
                 with torch.inference_mode():
-                    z = torch.from_numpy(np.ascontiguousarray(features[group]))
+                    z = torch.from_numpy(np.ascontiguousarray(features[_padded(group)]))
                     decoded = decode_channel(self.runner.model, z, channel).numpy()
-                for index, values in zip(group, decoded):
+                for index, values in zip(group, decoded):  # (the padding's rows past the group are dropped)
                     stitcher.add_channels_last(positions[index], values[..., None])
             stitcher.finish()
             kept = sink.array
@@ -515,6 +534,11 @@ class Updates:
         except Cancelled:
             return None
         return result if self.wanted(ticket) else None
+
+
+def _padded(group: List[int]) -> List[int]:
+    """``group`` filled up to BATCH indices with its last one (the decoder then sees one batch shape)."""
+    return list(group) + [group[-1]] * (BATCH - len(group)) if 0 < len(group) < BATCH else list(group)
 
 
 def _chunks(items: Sequence[int], size: int):
