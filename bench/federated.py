@@ -140,15 +140,19 @@ def train_federated(cohort: Path, out: Path, config, site_patients: dict[str, li
     return save(first, out / "model", {"arm": "federated", **info}), time.perf_counter() - started, info
 
 
-def train_federated_flower(cohort: Path, out: Path, site_ids: dict[str, list[str]], rounds: int,
-                           args) -> tuple[Path, float, dict]:
-    """The federated arm through ``deepdosimetrics federated local`` (Flower, real processes)."""
-    from DeepDosimetricsLib.cli import main as cli_main  # noqa: F401  (the command table)
+def require_flower_command() -> None:
+    """SystemExit with a clear message when this checkout has no ``deepdosimetrics federated`` command."""
     from DeepDosimetricsLib.commands import __path__ as command_path
 
     if not (Path(command_path[0]) / "federated.py").is_file():
-        raise SystemExit("--transport flower needs the `deepdosimetrics federated` command (issue 19, Flower "
+        raise SystemExit("--transport flower needs the `deepdosimetrics federated` command (issue 19, the Flower "
                          "transport), which this checkout does not have; use --transport inprocess")
+
+
+def train_federated_flower(cohort: Path, out: Path, site_ids: dict[str, list[str]], rounds: int,
+                           args) -> tuple[Path, float, dict]:
+    """The federated arm through ``deepdosimetrics federated local`` (Flower, real processes)."""
+    require_flower_command()
     folders = {}
     for site, ids in site_ids.items():  # one cohort folder per site: links to its training patients
         folder = out / "cohorts" / site
@@ -328,6 +332,8 @@ def main(argv=None) -> int:
     args.rounds = args.steps // (SITES * args.local_steps)
     if args.rounds < 1:
         parser.error(f"--steps {args.steps} is fewer than one round ({SITES} sites x {args.local_steps} local steps)")
+    if args.transport == "flower":
+        require_flower_command()
     import torch
 
     torch.set_num_threads(1)

@@ -77,6 +77,8 @@ def test_a_site_with_cgy_doses_is_named_and_refused(sites, monkeypatch, tmp_path
     # the cache's value checks already refuse a dose maximum above 200 Gy: the site reports the count by category
     stats = {site: site_statistics(sites["caches"][site], "default") for site in ("site_A", "site_B", "site_C", "site_cGy")}
     assert stats["site_cGy"].patients == 0 and stats["site_cGy"].refused == len(sites["ids"]["site_A"])
+    # a cache shared by several sites: each counts only its own patients' refusals
+    assert site_statistics(sites["caches"]["site_cGy"], "default", patients=["someone_else"]).refused == 0
     report = check_sites(stats)
     assert report.admitted == ["site_A", "site_B", "site_C"]
     assert "site_cGy" in report.refused and "cGy" in "; ".join(report.refused["site_cGy"])

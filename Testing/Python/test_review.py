@@ -249,7 +249,7 @@ def traversal_setup(phantom_subset, tiny_model, tmp_path_factory):
     assert main(["encode", "--model", str(model), "--cohort", str(cohort), "--out", str(enc), "--cache", str(cache),
                  "--reconstruct", "--quiet"]) == 0
     catalog = Catalog(enc, cohort)
-    traverser = Traverser(model, catalog, cache, threads=1)
+    traverser = Traverser(model, catalog, cache, threads=1, preview_bfloat16=False)  # float32: exact on the planes
 
     def reference(patient: str, shifts: dict, label: str) -> np.ndarray:
         from DeepDosimetricsLib.deep.encode.encoder import decode_tiles
@@ -261,6 +261,7 @@ def traversal_setup(phantom_subset, tiny_model, tmp_path_factory):
                      sink, traverser.fill)
         return traverser._units(label, sink.array[traverser.labels.index(label)])
 
+    traverser.model_dir = model
     return catalog, traverser, reference
 
 
@@ -294,6 +295,27 @@ def test_traversal_preview_then_exact_equal_the_full_stitcher(traversal_setup):
     assert again.stage == EXACT and again.tiles == 0
     residual = traverser.full(patient, shifts, label, residual=True)
     np.testing.assert_allclose(residual.volume, want - traverser.truth(label), atol=1e-5 * scale)
+
+
+def test_bfloat16_preview_is_close_and_labelled(traversal_setup):
+    """Where the CPU runs bfloat16 natively the preview is decoded in it: labelled, close to the exact values."""
+    from DeepDosimetricsLib.review.decode import native_bfloat16
+    from DeepDosimetricsLib.review.traversal import Traverser
+
+    catalog, exact, reference = traversal_setup
+    assert not exact.preview_bfloat16 and exact.planes(catalog.ids[0], {"z01": 1.0}, "dose", (5, None, None)
+                                                         ).precision == "float32"
+    if not native_bfloat16():
+        pytest.skip("this CPU has no native bfloat16 (the preview is float32 here)")
+    traverser = Traverser(exact.model_dir, catalog, exact.cache.folder, threads=1)
+    assert traverser.preview_bfloat16
+    patient, label, shifts = catalog.ids[0], "window:soft_tissue", {"z03": -2.0}
+    want = reference(patient, shifts, label)
+    planes = (4, 17, 30)
+    preview = traverser.planes(patient, shifts, label, planes)
+    assert preview.precision == "bfloat16" and preview.full is None
+    for axis, (index, plane) in preview.planes.items():
+        np.testing.assert_allclose(plane, np.take(want, index, axis=axis), atol=2e-2 * _unit_range(traverser, label))
 
 
 def test_a_move_supersedes_the_pending_exact_decode(traversal_setup, monkeypatch):

@@ -55,6 +55,26 @@ def release_memory() -> None:
         pass
 
 
+#: glibc's mallopt parameters and the values the station sets: freed blocks up to 32 MB (a decoder batch's
+#: activations) stay in the heap, whose top is returned to the system above 256 MB or by ``release_memory``
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+HEAP_TRIM_BYTES, HEAP_MMAP_BYTES = 256 << 20, 32 << 20
+
+
+def keep_heap() -> None:
+    """Fixed glibc heap thresholds (instead of its adaptive ones): without them the heap handed back by
+    ``release_memory`` after a patient's load was faulted in again page by page, batch after batch, by the first
+    traversal update (twice its decoding time at full size). Elsewhere than glibc, nothing."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_BYTES)
+        libc.mallopt(M_TRIM_THRESHOLD, HEAP_TRIM_BYTES)
+    except (OSError, AttributeError):
+        pass
+
+
 def _no_view_ui(*_args, **_kwargs) -> None:
     """No per-view gutter: the page's own controls drive the views."""
 
@@ -76,6 +96,7 @@ class ReviewApp:
         self.verdicts = verdicts
         self.policy = policy
         self.traverser = traverser
+        keep_heap()
         self.server = server or get_server("deepdosimetrics_review", client_type="vue3")
         self.server.enable_module(trame_slicer_module)
         install(self.server, policy)
@@ -258,9 +279,12 @@ class ReviewApp:
                               traverser.patient_shape(current.patient), traverser.geometry,
                               fill=0.0 if residual else traverser.fill_units(s.channel), existing=reuse)
         # supersedes the background decode of an earlier request
+        marks = [("node", time.perf_counter())]
         ticket, result = self._updates.preview(current.patient, shifts, s.channel, self._display_planes(node),
                                                residual)
+        marks.append(("planes", time.perf_counter()))
         put_planes(node, result)
+        marks.append(("put", time.perf_counter()))
         if reuse is None:
             limit = None
             if residual:
@@ -269,18 +293,31 @@ class ReviewApp:
                 values = np.concatenate([plane.ravel() for _, plane in result.planes.values()] or [np.zeros(1)])
                 limit = float(np.percentile(np.abs(values), 99)) or 1.0
             self.builder.style_foreground(node, s.channel, mode, limit)
-        self.builder.replace_foreground(node, key)
+        marks.append(("style", time.perf_counter()))
+        self.builder.replace_foreground(node, key, later=self._later)
         self._traversal_node = node
         s.traversal_ms = int(round(1000 * (time.perf_counter() - started)))
+        marks.append(("shown", time.perf_counter()))
+        log.debug("traversal update: %s", ", ".join(f"{name} {1000 * (t - before):.0f} ms" for (name, t), before
+                                                     in zip(marks, [started] + [t for _, t in marks])))
         text = ", ".join(f"{k} {v:+.1f} SD" for k, v in sorted(shifts.items()))
         s.traversal_stage = result.stage
         if result.full is not None:
             s.traversal_message = f"{text}: decoded in {s.traversal_ms} ms (kept, exact)"
         else:
             s.traversal_message = (f"{text}: decoded in {s.traversal_ms} ms (preview: the displayed planes, from "
-                                   f"the {result.tiles} tiles crossing them; whole volume following)")
+                                   f"the {result.tiles} tiles crossing them, in {result.precision}; whole volume "
+                                   "following)")
             self._complete_traversal(ticket, current.patient, shifts, s.channel, residual, node, text)
         return node
+
+    @staticmethod
+    def _later(work) -> None:
+        """Run ``work`` once the frames of this update went out (at once without an event loop)."""
+        try:
+            asyncio.get_running_loop().call_later(BACKGROUND_DELAY_S, work)
+        except RuntimeError:  # no event loop (scripts)
+            work()
 
     def _supersede(self) -> None:
         if self._updates is not None:
@@ -353,6 +390,8 @@ class ReviewApp:
             self._supersede()
             current = self.builder.load(pid)
             release_memory()
+            if self.traverser is not None:
+                self.traverser.warm_up()  # the decoder's working memory faulted in again after the release
             s.structures_all = list(current.structures)
             s.structures_shown = [n for n in current.structures if n.upper().startswith("PTV")][:1] or \
                 list(current.structures[:3])

@@ -26,6 +26,23 @@ _TAPS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0
 _KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _version(weight: torch.Tensor) -> int:
+    """The weight's in-place change counter (0 for an inference tensor, which cannot change in place)."""
+    try:
+        return weight._version
+    except RuntimeError:
+        return 0
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU runs bfloat16 convolutions natively (AVX512-BF16 or AMX): about twice as fast as
+    float32 there, far slower elsewhere."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _is_upsample_conv(first, second) -> bool:
     return (isinstance(first, torch.nn.Upsample) and first.mode == "nearest" and first.size is None
             and float(first.scale_factor) == 2.0 and isinstance(second, torch.nn.Conv3d)
@@ -61,12 +78,14 @@ def upsample_conv(x: torch.Tensor, conv: torch.nn.Conv3d, channel: Optional[int]
     channels (which a transposed convolution runs slowly), one 3^3 convolution of ``x`` giving each output
     parity as a channel. The kernel is made once per module and channel (again when the weights change)."""
     kept = _KERNELS.setdefault(conv, {})
-    version = conv.weight._version
+    version = _version(conv.weight)
     entry = kept.get(channel)
     if entry is None or entry[0] != version:
         weight = conv.weight if channel is None else conv.weight[channel : channel + 1]
-        kernel = transposed_kernel(weight.detach())
-        entry = kept[channel] = (version, kernel if kernel.shape[1] > PARITY_CHANNELS else parity_kernel(kernel))
+        with torch.autocast(weight.device.type, enabled=False):  # kept in the weights' precision
+            kernel = transposed_kernel(weight.detach())
+            kernel = kernel if kernel.shape[1] > PARITY_CHANNELS else parity_kernel(kernel)
+        entry = kept[channel] = (version, kernel)
     bias = conv.bias if channel is None or conv.bias is None else conv.bias[channel : channel + 1]
     kernel = entry[1]
     if kernel.shape[2] == 4:
@@ -143,12 +162,17 @@ def _slice_kernel(conv: torch.nn.Conv3d, channel: int, axis: int, parity: int) -
     kept = _KERNELS.setdefault(conv, {})
     key = (channel, axis, parity)
     entry = kept.get(key)
-    if entry is None or entry[0] != conv.weight._version:
+    if entry is None or entry[0] != _version(conv.weight):
         weight = conv.weight.detach()[channel : channel + 1].movedim(2 + axis, 2)  # (1, in, across, a, b)
         taps, across = _TAPS.to(weight.dtype), _SLICE_TAPS[parity].to(weight.dtype)
-        kernel = torch.einsum("jk,bl,cm,oiklm->jiobc", across, taps, taps, weight)  # (2, in, 1, 4, 4)
-        entry = kept[key] = (conv.weight._version, kernel.reshape(-1, 1, 4, 4).contiguous())
+        with torch.autocast(weight.device.type, enabled=False):  # kept in the weights' precision
+            kernel = torch.einsum("jk,bl,cm,oiklm->jiobc", across, taps, taps, weight)  # (2, in, 1, 4, 4)
+        entry = kept[key] = (_version(conv.weight), kernel.reshape(-1, 1, 4, 4).contiguous())
     return entry[1]
+
+
+#: the plane slices of a batch go through the last layer in groups padded to a multiple of this many rows
+ROWS = 8
 
 
 def decode_slices(model, z: torch.Tensor, channel: int, tiles: Sequence[int], axes: Sequence[int],
@@ -178,8 +202,12 @@ def decode_slices(model, z: torch.Tensor, channel: int, tiles: Sequence[int], ax
             inside = ((under >= 0) & (under < h)).to(hidden.dtype)
             pair = source[rows[chosen, None], under.clamp(0, h - 1)]  # (n, 2, W, h, h)
             pair = (pair * inside[:, :, None, None, None]).reshape(len(chosen), -1, h, h)
+            # rows padded to a multiple of ROWS: a few convolution shapes, each prepared once
+            padded = -(-len(chosen) // ROWS) * ROWS
+            if padded != len(chosen):
+                pair = torch.cat([pair, pair.new_zeros((padded - len(chosen), *pair.shape[1:]))])
             part = F.conv_transpose2d(pair, _slice_kernel(conv, channel, axis, parity), bias, stride=2, padding=1)
-            out[chosen] = part[:, 0].float()
+            out[chosen] = part[: len(chosen), 0].float()
     # the PCA path's voxels of each row's slice: channel * t^3 + the slice's flat indices
     grid = torch.arange(t**3, device=z.device).view(t, t, t)
     flat = torch.stack([grid.select(a, int(o)).reshape(-1) for a, o in zip(axes, offsets)]) if len(rows) else \

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -448,12 +448,22 @@ class SceneBuilder:
             scale = 255.0 if node.GetImageData().GetScalarType() == 3 else 1.0  # VTK_UNSIGNED_CHAR
             display.set_dose_display(node, maximum=scale, hide_below=0.05 * scale)
 
-    def replace_foreground(self, node: Any, key: tuple) -> None:
-        """Show a node made elsewhere (a traversal result) as the foreground, dropping the previous one."""
+    def replace_foreground(self, node: Any, key: tuple, later: Optional[Callable[[Callable[[], None]], None]] = None
+                           ) -> None:
+        """Show a node made elsewhere (a traversal result) as the foreground, dropping the previous one (through
+        ``later(drop)`` when given: removing a large node from the scene takes about a second at full size, which
+        need not delay the new frames)."""
         current = self._require()
         if current.foreground is not node:
-            self._remove(current.foreground)
+            old = current.foreground
+            if later is None:
+                self._remove(old)
+            else:
+                later(lambda: self._remove(old) if old is not self._shown_foreground() else None)
         current.foreground, current.foreground_key = node, key
+
+    def _shown_foreground(self) -> Optional[Any]:
+        return None if self.current is None else self.current.foreground
 
     def _dose_max(self) -> Optional[float]:
         import slicer

@@ -143,8 +143,9 @@ def site_statistics(cache: Any, channels: Union[str, Sequence[str]] = "default",
 
     specs = parse_channels(channels if isinstance(channels, str) else ",".join(channels))
     labels = channel_labels(specs)
-    chosen = [p for p in cache if patients is None or p.id in set(patients)]
-    failed = dict(getattr(cache, "failed", None) or {})
+    wanted = None if patients is None else {str(p) for p in patients}
+    chosen = [p for p in cache if wanted is None or p.id in wanted]
+    failed = {k: v for k, v in (getattr(cache, "failed", None) or {}).items() if wanted is None or str(k) in wanted}
     reasons: dict[str, int] = {}
     for reason in failed.values():
         category = refusal_category(reason)
