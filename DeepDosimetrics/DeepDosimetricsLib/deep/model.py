@@ -277,13 +277,18 @@ class TileAutoencoder(nn.Module):
                 z = z.float() * self.feature_gain + scores / self.pca_scale
         return z
 
-    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, K) features -> (B, C, t, t, t) logits (before the sigmoid)."""
+    def decoder_input(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, K) features -> the first decoder level's input (B, W, s, s, s), in the weights' memory format."""
         s = self.config.bottleneck_size
         x = self.from_features_act(self.from_features(z))
         x = x.view(z.shape[0], self.config.widths[-1], s, s, s)
         if self.to_channels[1].weight.is_contiguous(memory_format=torch.channels_last_3d):
             x = x.contiguous(memory_format=torch.channels_last_3d)
+        return x
+
+    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, K) features -> (B, C, t, t, t) logits (before the sigmoid)."""
+        x = self.decoder_input(z)
         for level in self.decoder_levels:
             x = self._run_level(level, x)
         out = self.to_channels(x)

@@ -113,11 +113,7 @@ def _run(layers, x: torch.Tensor) -> torch.Tensor:
 
 def decode_hidden(model, z: torch.Tensor) -> torch.Tensor:
     """(B, K) features -> the last decoder level's output (B, W, t/2, t/2, t/2), before the last upsampling."""
-    s = model.config.bottleneck_size
-    x = model.from_features_act(model.from_features(z))
-    x = x.view(z.shape[0], model.config.widths[-1], s, s, s)
-    if model.to_channels[1].weight.is_contiguous(memory_format=torch.channels_last_3d):
-        x = x.contiguous(memory_format=torch.channels_last_3d)
+    x = model.decoder_input(z)
     for level in model.decoder_levels:
         x = _run(level.children(), x)
     return x
