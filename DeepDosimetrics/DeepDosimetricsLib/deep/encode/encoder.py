@@ -101,7 +101,11 @@ class TileModel:
 
         with torch.inference_mode(), self._autocast():
             z = torch.from_numpy(np.ascontiguousarray(features, np.float32)).to(self.device)
-            values = self.model.decode(z).float().permute(0, 2, 3, 4, 1)
+            if self.device.type == "cpu":  # the model's decode, with the sigmoid in place: one tile batch less
+                values = self.model.decode_logits(z).float()
+                values = torch.sigmoid(values, out=values).permute(0, 2, 3, 4, 1)
+            else:
+                values = self.model.decode(z).float().permute(0, 2, 3, 4, 1)
             return values.contiguous().cpu().numpy()  # a no-op copy for channels_last output
 
 
@@ -519,8 +523,10 @@ def encode_patient(
         structure_tiles: also encode one tile centred on each structure (``zNN_ctr``) and decode the dose the
             grid tiles carry in each structure (``dose_rec_*``).
     """
+    from DeepDosimetricsLib.runtime.memory import return_freed_memory
     from DeepDosimetricsLib.runtime.progress import progress_bar
 
+    return_freed_memory()  # each batch's freed tiles leave the resident set at once
     cp = cached_patient
     tile = runner.config.tile
     grid = TileGrid.create(cp.shape, tile, overlap)
