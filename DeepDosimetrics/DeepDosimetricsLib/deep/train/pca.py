@@ -143,28 +143,40 @@ def orthonormal(matrix: np.ndarray, overwrite: bool = False) -> np.ndarray:
     return q.astype(np.float32)
 
 
-def basis_from_sums(mean: TileSums, directions: np.ndarray, product: TileSums, features: int) -> PcaBasis:
-    """The PCA basis from the final pass: ``product`` = C Q summed over tiles for orthonormal ``directions`` Q."""
+def projected_covariance(mean: TileSums, directions: np.ndarray, product: TileSums) -> np.ndarray:
+    """Q^T C Q (r x r, float64, symmetric) from the final pass's ``product`` = C Q summed over tiles."""
     if product.count != mean.count:
         raise InputError(f"PCA start: the passes saw {mean.count} and {product.count} tiles (they must agree)")
-    dimension = len(directions)
     small = np.zeros((directions.shape[1], directions.shape[1]))
-    for first in range(0, dimension, ROW_BLOCK):  # Q^T C Q in float64, block of rows by block (no (D, r) copy)
+    for first in range(0, len(directions), ROW_BLOCK):  # block of rows by block (no (D, r) float64 copy of Q)
         rows = slice(first, first + ROW_BLOCK)
         small += np.asarray(directions[rows], np.float64).T @ product.total[rows]
-    small /= max(1, mean.count - 1)  # symmetric r x r
-    values, vectors = np.linalg.eigh((small + small.T) / 2)
+    small /= max(1, mean.count - 1)
+    return (small + small.T) / 2
+
+
+def basis_from_projection(mean: TileSums, directions: np.ndarray, small: np.ndarray, features: int) -> PcaBasis:
+    """The PCA basis from Q^T C Q (:func:`projected_covariance`) and the orthonormal ``directions`` Q."""
+    values, vectors = np.linalg.eigh(small)
     order = np.argsort(values)[::-1][:features]
+    dimension = len(directions)
     axes = np.empty((dimension, len(order)), np.float32)
     for first in range(0, dimension, ROW_BLOCK):
         rows = slice(first, first + ROW_BLOCK)
         axes[rows] = np.asarray(directions[rows], np.float64) @ vectors[:, order]
     # a fixed sign per axis (its largest component positive), so the same tiles give the same basis everywhere
-    signs = np.sign(axes[np.abs(axes).argmax(axis=0), np.arange(axes.shape[1])])
-    axes *= np.where(signs == 0, 1, signs).astype(np.float32)
+    for column in range(axes.shape[1]):
+        sign = np.sign(axes[np.abs(axes[:, column]).argmax(), column])
+        if sign < 0:
+            axes[:, column] *= np.float32(-1)
     return PcaBasis(mean=(mean.total / mean.count).astype(np.float32), axes=axes,
                     variances=np.clip(values[order], 0.0, None).astype(np.float32), tiles=int(mean.count),
                     total_variance=mean.total_variance)
+
+
+def basis_from_sums(mean: TileSums, directions: np.ndarray, product: TileSums, features: int) -> PcaBasis:
+    """The PCA basis from the final pass: ``product`` = C Q summed over tiles for orthonormal ``directions`` Q."""
+    return basis_from_projection(mean, directions, projected_covariance(mean, directions, product), features)
 
 
 #: the sampler's stream of the tiles a PCA start is fitted on (training draws stream 0)
@@ -218,7 +230,10 @@ def fit_pca(
         q = orthonormal(product.total, overwrite=True)
         del product
         report(f"PCA start: subspace iteration {step + 1}/{iterations}")
-    basis = basis_from_sums(totals, q, covariance_sums(batches(), mean, q), features)
+    product = covariance_sums(batches(), mean, q)
+    small = projected_covariance(totals, q, product)
+    del product  # the (D, r) sum goes before the axes are built
+    basis = basis_from_projection(totals, q, small, features)
     share = basis.variances.sum() / basis.total_variance if basis.total_variance > 0 else float("nan")
     report(f"PCA start: {features} axes keep {share:.1%} of the variance of {basis.tiles} tiles")
     return basis
