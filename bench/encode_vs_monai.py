@@ -15,7 +15,9 @@ Timed: from the opened cache and loaded model to the finished output (imports an
 outside). Peak RSS: ``ru_maxrss`` of each process at the end of its timed part. Agreement: max
 absolute difference of the two outputs over the body voxels, on the [0, 1] scale.
 With ``--pipeline``, a third process runs the whole ``encode --reconstruct`` job on the patient
-(NRRD volumes + residuals + metrics on the original grid) and reports its peak RSS.
+(NRRD volumes + residuals + metrics on the original grid, the job's default batch unless ``--batch``) and
+reports its peak RSS. With ``--previous DIR`` (a checkout of an older version) its encoder runs in the same
+rounds (and its job after ours), side by side.
 
 The last line is ``time_ratio=<ours/monai> max_abs_diff=<d> rss_ours_mb=<a> rss_monai_mb=<b> body_fraction=<f>``.
 
@@ -225,6 +227,7 @@ def main() -> int:
         timings[size] = child("monai", args, "--sw-batch", str(size), "--zrange", slab)["seconds"]
         print(f"MONAI tuning on z {slab}: sw_batch_size {size}: {timings[size]:.1f} s", flush=True)
     best = min(timings, key=timings.get)
+    batch_given = args.batch if args.batch > 0 else 0
     if args.batch <= 0:
         args.batch = best  # the same batch for both
 
@@ -254,8 +257,10 @@ def main() -> int:
         print(f"previous version: median {statistics.median(runs_previous):.1f} s, time_ratio {previous_ratio:.3f}",
               flush=True)
         extra += f" previous_time_ratio={previous_ratio:.3f}"
-    if args.pipeline:
-        args.batch = args.batch or 8
+    if args.pipeline:  # the job as a user runs it: the default batch (the tuned one only when --batch is given)
+        from DeepDosimetricsLib.deep.encode.settings import DEFAULT_BATCH
+
+        args.batch = batch_given or DEFAULT_BATCH
         pipeline = child("pipeline", args)
         print(f"whole encode --reconstruct job (NRRDs, residuals, metrics): {pipeline['seconds']:.1f} s, "
               f"peak RSS {pipeline['rss_mb']:.0f} MB", flush=True)

@@ -164,8 +164,12 @@ class SlabStitcher:
         fill: Optional[Sequence[float]] = None,
         weights: Optional[np.ndarray] = None,
         observer: Optional[Callable[[int, np.ndarray, np.ndarray], None]] = None,
+        extent: Optional[Sequence[int]] = None,
     ):
         self.shape = as_triple(shape)
+        _, height, width = self.shape
+        #: (y0, y1, x0, x1): the rows and columns tiles can reach (the buffer's extent); outside is ``fill``
+        self.extent = (0, height, 0, width) if extent is None else tuple(int(v) for v in extent)
         #: also sees each finished block, with its (n, y, x) coverage mask (False: no tile, ``fill``)
         self.observer = observer
         self.channels = int(channels)
@@ -177,9 +181,9 @@ class SlabStitcher:
         self.weights = gaussian_weights(self.tile) if weights is None else weights.astype(np.float32)
         self._weights_last = np.ascontiguousarray(self.weights[..., None])
         depth = min(self.tile[0], self.shape[0])
-        _, height, width = self.shape
-        self._values = np.zeros((depth, height, width, self.channels), np.float32)
-        self._sums = np.zeros((depth, height, width), np.float32)
+        y0, y1, x0, x1 = self.extent
+        self._values = np.zeros((depth, y1 - y0, x1 - x0, self.channels), np.float32)
+        self._sums = np.zeros((depth, y1 - y0, x1 - x0), np.float32)
         self._base = 0  # z of the buffer's first plane; planes below it went to the sink
         #: planes per block handed to the sink (about 16 MB per channel)
         self.flush_planes = max(1, (4 << 20) // max(1, height * width))
@@ -197,8 +201,11 @@ class SlabStitcher:
         if z + min(self.tile[0], self.shape[0] - z) > self._base + depth:
             self.flush_until(z)
         z1, y1, x1 = (min(s + t, n) for s, t, n in zip((z, y, x), self.tile, self.shape))
+        top, _, left, _ = self.extent
+        if y < top or x < left or y1 > self.extent[1] or x1 > self.extent[3]:
+            raise ValueError(f"tile at {tuple(start)} reaches outside the stitcher's extent {self.extent}")
         crop = (slice(0, z1 - z), slice(0, y1 - y), slice(0, x1 - x))
-        target = (slice(z - self._base, z1 - self._base), slice(y, y1), slice(x, x1))
+        target = (slice(z - self._base, z1 - self._base), slice(y - top, y1 - top), slice(x - left, x1 - left))
         weighted = np.multiply(values[crop], self._weights_last[crop])
         self._values[target] += weighted
         self._sums[target] += self.weights[crop]
@@ -232,9 +239,18 @@ class SlabStitcher:
 
     def _finish(self, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
         sums = self._sums[first:last]
-        covered = sums > 0
-        normalised = np.divide(self._values[first:last], np.where(covered, sums, 1.0)[..., None])
-        block = np.ascontiguousarray(np.moveaxis(normalised, -1, 0))  # (C, n, y, x)
+        inside = sums > 0
+        normalised = np.divide(self._values[first:last], np.where(inside, sums, 1.0)[..., None])
+        _, height, width = self.shape
+        y0, y1, x0, x1 = self.extent
+        if (y0, y1, x0, x1) == (0, height, 0, width):
+            block, covered = np.ascontiguousarray(np.moveaxis(normalised, -1, 0)), inside  # (C, n, y, x)
+        else:
+            block = np.empty((self.channels, last - first, height, width), np.float32)
+            block[:] = self.fill[:, None, None, None]
+            block[:, :, y0:y1, x0:x1] = np.moveaxis(normalised, -1, 0)
+            covered = np.zeros((last - first, height, width), bool)
+            covered[:, y0:y1, x0:x1] = inside
         if not covered.all():
             for channel in range(self.channels):
                 block[channel][~covered] = self.fill[channel]

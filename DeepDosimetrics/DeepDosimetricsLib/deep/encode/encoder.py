@@ -101,7 +101,11 @@ class TileModel:
 
         with torch.inference_mode(), self._autocast():
             z = torch.from_numpy(np.ascontiguousarray(features, np.float32)).to(self.device)
-            values = self.model.decode(z).float().permute(0, 2, 3, 4, 1)
+            if self.device.type == "cpu":  # the model's decode, with the sigmoid in place: one tile batch less
+                values = self.model.decode_logits(z).float()
+                values = torch.sigmoid(values, out=values).permute(0, 2, 3, 4, 1)
+            else:
+                values = self.model.decode(z).float().permute(0, 2, 3, 4, 1)
             return values.contiguous().cpu().numpy()  # a no-op copy for channels_last output
 
 
@@ -474,6 +478,16 @@ def decoded_spatial(descriptors: dict[str, float]) -> dict[str, float]:
             for name, value in descriptors.items()}
 
 
+def tile_extent(grid: TileGrid, positions: Sequence[Triple]) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1): the rows and columns the tiles at ``positions`` cover (a stitcher's buffer needs no more)."""
+    if not len(positions):
+        return (0, 0, 0, 0)
+    starts = np.asarray(positions, dtype=np.int64).reshape(-1, 3)
+    _, height, width = grid.shape
+    return (int(starts[:, 1].min()), int(min(starts[:, 1].max() + grid.tile[1], height)),
+            int(starts[:, 2].min()), int(min(starts[:, 2].max() + grid.tile[2], width)))
+
+
 def body_slab_reader(cached_patient):
     """``(z0, z1) -> body[z0:z1]`` (float32 0/1) read through ``read_tile``, for :func:`tiles_touching`."""
     from DeepDosimetricsLib.deep.channels import mask
@@ -509,8 +523,10 @@ def encode_patient(
         structure_tiles: also encode one tile centred on each structure (``zNN_ctr``) and decode the dose the
             grid tiles carry in each structure (``dose_rec_*``).
     """
+    from DeepDosimetricsLib.runtime.memory import return_freed_memory
     from DeepDosimetricsLib.runtime.progress import progress_bar
 
+    return_freed_memory()  # each batch's freed tiles leave the resident set at once
     cp = cached_patient
     tile = runner.config.tile
     grid = TileGrid.create(cp.shape, tile, overlap)
@@ -530,8 +546,8 @@ def encode_patient(
     # with a reconstruction, the structures' decoded dose is read off its finished planes
     tap = StitchedDose(found, dose_index) if structure_tiles and sink is not None and dose_index is not None else None
     features = np.zeros((len(positions), runner.config.features), np.float32)
-    stitcher = (SlabStitcher(grid.shape, channels, grid.tile, sink, fill=fill, observer=tap)
-                if sink is not None else None)
+    stitcher = (SlabStitcher(grid.shape, channels, grid.tile, sink, fill=fill, observer=tap,
+                             extent=tile_extent(grid, positions)) if sink is not None else None)
     buffer = np.empty((batch, channels, *grid.tile), np.float32)
     done = 0
     bar = progress_bar(range(len(positions)), total=len(positions), desc=f"encode {cp.id}", quiet=quiet)

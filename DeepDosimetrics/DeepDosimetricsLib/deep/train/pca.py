@@ -94,14 +94,24 @@ def mean_sums(batches: Iterable[np.ndarray]) -> TileSums:
     return TileSums(count, total, squares)
 
 
+#: rows (of the D values) per block when a pass adds a batch into the (D, r) sum: no (D, r) temporary per batch
+ROW_BLOCK = 1 << 16
+
+
 def covariance_sums(batches: Iterable[np.ndarray], mean: np.ndarray, directions: np.ndarray) -> TileSums:
-    """Count and sum over tiles of (x - m)((x - m)^T Q): the covariance times ``directions`` (D, r), unnormalised."""
+    """Count and sum over tiles of (x - m)((x - m)^T Q): the covariance times ``directions`` (D, r), unnormalised.
+
+    The (D, r) float64 sum is Fortran-ordered (what LAPACK's QR works on in place) and each batch is added
+    block of rows by block, so a pass holds the sum and one batch, never a second (D, r) array."""
     q = np.asarray(directions, np.float32)
     mean = np.asarray(mean, np.float32)
-    count, total = 0, np.zeros(q.shape, dtype=np.float64)
+    count, total = 0, np.zeros(q.shape, dtype=np.float64, order="F")
     for batch in batches:
         centred = _flat(batch) - mean
-        total += centred.T @ (centred @ q)
+        scores = centred @ q  # (B, r)
+        for first in range(0, len(mean), ROW_BLOCK):
+            rows = slice(first, first + ROW_BLOCK)
+            total[rows] += centred[:, rows].T @ scores
         count += len(centred)
     return TileSums(count, total)
 
@@ -111,31 +121,62 @@ def start_directions(dimension: int, features: int, seed: int, oversampling: int
     if features < 1 or features > dimension:
         raise InputError(f"PCA start: K = {features} components do not fit tiles of {dimension} values")
     rank = min(dimension, features + max(0, oversampling))
-    gaussian = np.random.default_rng([int(seed), 0x9CA]).standard_normal((dimension, rank))
-    return orthonormal(gaussian)
+    rng = np.random.default_rng([int(seed), 0x9CA])
+    gaussian = np.empty((dimension, rank), order="F")  # filled by blocks of rows: the values of one C-order draw
+    for first in range(0, dimension, ROW_BLOCK):
+        gaussian[first : first + ROW_BLOCK] = rng.standard_normal((min(ROW_BLOCK, dimension - first), rank))
+    return orthonormal(gaussian, overwrite=True)
 
 
-def orthonormal(matrix: np.ndarray) -> np.ndarray:
-    """Orthonormal columns spanning ``matrix``'s (QR), float32."""
-    q, _ = np.linalg.qr(np.asarray(matrix, np.float64))
+def orthonormal(matrix: np.ndarray, overwrite: bool = False) -> np.ndarray:
+    """Orthonormal columns spanning ``matrix``'s (Householder QR in float64), float32.
+
+    With ``overwrite`` a Fortran-ordered float64 ``matrix`` is factorised in place (its content is lost): a
+    (D, r) array of a million-value tile then costs no copy (numpy's QR made three)."""
+    from scipy.linalg import qr
+
+    work = np.asarray(matrix, np.float64, order="F")
+    if work is matrix and not overwrite:
+        work = work.copy(order="F")
+    q = qr(work, mode="economic", overwrite_a=True, check_finite=False)[0]
+    del work
     return q.astype(np.float32)
+
+
+def projected_covariance(mean: TileSums, directions: np.ndarray, product: TileSums) -> np.ndarray:
+    """Q^T C Q (r x r, float64, symmetric) from the final pass's ``product`` = C Q summed over tiles."""
+    if product.count != mean.count:
+        raise InputError(f"PCA start: the passes saw {mean.count} and {product.count} tiles (they must agree)")
+    small = np.zeros((directions.shape[1], directions.shape[1]))
+    for first in range(0, len(directions), ROW_BLOCK):  # block of rows by block (no (D, r) float64 copy of Q)
+        rows = slice(first, first + ROW_BLOCK)
+        small += np.asarray(directions[rows], np.float64).T @ product.total[rows]
+    small /= max(1, mean.count - 1)
+    return (small + small.T) / 2
+
+
+def basis_from_projection(mean: TileSums, directions: np.ndarray, small: np.ndarray, features: int) -> PcaBasis:
+    """The PCA basis from Q^T C Q (:func:`projected_covariance`) and the orthonormal ``directions`` Q."""
+    values, vectors = np.linalg.eigh(small)
+    order = np.argsort(values)[::-1][:features]
+    dimension = len(directions)
+    axes = np.empty((dimension, len(order)), np.float32)
+    for first in range(0, dimension, ROW_BLOCK):
+        rows = slice(first, first + ROW_BLOCK)
+        axes[rows] = np.asarray(directions[rows], np.float64) @ vectors[:, order]
+    # a fixed sign per axis (its largest component positive), so the same tiles give the same basis everywhere
+    for column in range(axes.shape[1]):
+        sign = np.sign(axes[np.abs(axes[:, column]).argmax(), column])
+        if sign < 0:
+            axes[:, column] *= np.float32(-1)
+    return PcaBasis(mean=(mean.total / mean.count).astype(np.float32), axes=axes,
+                    variances=np.clip(values[order], 0.0, None).astype(np.float32), tiles=int(mean.count),
+                    total_variance=mean.total_variance)
 
 
 def basis_from_sums(mean: TileSums, directions: np.ndarray, product: TileSums, features: int) -> PcaBasis:
     """The PCA basis from the final pass: ``product`` = C Q summed over tiles for orthonormal ``directions`` Q."""
-    if product.count != mean.count:
-        raise InputError(f"PCA start: the passes saw {mean.count} and {product.count} tiles (they must agree)")
-    q = np.asarray(directions, np.float64)
-    small = q.T @ product.total / max(1, mean.count - 1)  # Q^T C Q, symmetric r x r
-    values, vectors = np.linalg.eigh((small + small.T) / 2)
-    order = np.argsort(values)[::-1][:features]
-    axes = (q @ vectors[:, order]).astype(np.float32)
-    # a fixed sign per axis (its largest component positive), so the same tiles give the same basis everywhere
-    signs = np.sign(axes[np.abs(axes).argmax(axis=0), np.arange(axes.shape[1])])
-    axes *= np.where(signs == 0, 1, signs).astype(np.float32)
-    return PcaBasis(mean=(mean.total / mean.count).astype(np.float32), axes=axes,
-                    variances=np.clip(values[order], 0.0, None).astype(np.float32), tiles=int(mean.count),
-                    total_variance=mean.total_variance)
+    return basis_from_projection(mean, directions, projected_covariance(mean, directions, product), features)
 
 
 #: the sampler's stream of the tiles a PCA start is fitted on (training draws stream 0)
@@ -184,9 +225,15 @@ def fit_pca(
     report(f"PCA start: mean of {totals.count} tiles")
     q = start_directions(len(mean), features, seed, oversampling)
     for step in range(max(0, int(iterations))):
-        q = orthonormal(covariance_sums(batches(), mean, q).total)
+        product = covariance_sums(batches(), mean, q)
+        del q  # one (D, r) array at a time besides the sum, which the QR then overwrites
+        q = orthonormal(product.total, overwrite=True)
+        del product
         report(f"PCA start: subspace iteration {step + 1}/{iterations}")
-    basis = basis_from_sums(totals, q, covariance_sums(batches(), mean, q), features)
+    product = covariance_sums(batches(), mean, q)
+    small = projected_covariance(totals, q, product)
+    del product  # the (D, r) sum goes before the axes are built
+    basis = basis_from_projection(totals, q, small, features)
     share = basis.variances.sum() / basis.total_variance if basis.total_variance > 0 else float("nan")
     report(f"PCA start: {features} axes keep {share:.1%} of the variance of {basis.tiles} tiles")
     return basis

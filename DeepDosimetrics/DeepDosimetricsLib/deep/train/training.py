@@ -397,6 +397,9 @@ def train(
     Returns:
         A TrainResult (steps done, best validation loss, history, the trained model on its device).
     """
+    from DeepDosimetricsLib.runtime.memory import return_freed_memory
+
+    return_freed_memory()  # the steps' freed tiles and activations leave the resident set at once
     config = config or make_config()
     ctx = DistributedContext.from_environment()
     try:
