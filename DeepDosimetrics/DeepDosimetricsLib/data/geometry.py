@@ -7,10 +7,12 @@ as in ITK/DICOM. Slicer works in RAS: ``ijk_to_ras`` flips the first two physica
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Sequence, Tuple
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 import numpy as np
-import SimpleITK as sitk
+
+if TYPE_CHECKING:  # SimpleITK is imported where an image is made: a training process never loads it (88 MB)
+    import SimpleITK as sitk
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -114,9 +116,12 @@ class Geometry:
         lo_b, hi_b = other.bounds_lps()
         return bool(np.all(lo_a < hi_b) and np.all(lo_b < hi_a))
 
-    def reference_image(self, pixel_id: int = sitk.sitkUInt8) -> sitk.Image:
-        """An image on this grid (zero-filled), usable as a resampling reference."""
-        image = sitk.Image([int(v) for v in self.size], pixel_id)
+    def reference_image(self, pixel_id: Optional[int] = None) -> sitk.Image:
+        """An image on this grid (zero-filled; ``pixel_id`` None: 8-bit unsigned), usable as a resampling
+        reference."""
+        import SimpleITK as sitk
+
+        image = sitk.Image([int(v) for v in self.size], sitk.sitkUInt8 if pixel_id is None else pixel_id)
         self.apply_to(image)
         return image
 
@@ -131,6 +136,8 @@ class Geometry:
 
     def image_from_array(self, array_zyx: np.ndarray) -> sitk.Image:
         """A SimpleITK image of a (z, y, x) array with this geometry."""
+        import SimpleITK as sitk
+
         image = sitk.GetImageFromArray(array_zyx)
         return self.apply_to(image)
 

@@ -21,6 +21,7 @@ from DeepDosimetricsLib.review.scene import WL_PRESETS, SceneBuilder, set_layers
 from DeepDosimetricsLib.review.security import AccessPolicy, install
 from DeepDosimetricsLib.review.verdicts import VERDICTS, VerdictStore
 from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError
+from DeepDosimetricsLib.runtime.memory import keep_heap, release_memory
 
 log = logging.getLogger(__name__)
 FOREGROUND_MODES = ("reconstruction", "residual")
@@ -42,37 +43,6 @@ def _number(value: Any, low: float, high: float, default: float) -> float:
     if math.isnan(number):
         return default
     return min(max(number, low), high)
-
-
-def release_memory() -> None:
-    """Hand the heap's free pages back to the system (glibc ``malloc_trim``; elsewhere nothing): the
-    volumes of a patient or a traversal freed in pieces would otherwise stay in the server's RSS."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-#: glibc's mallopt parameters and the values the station sets: freed blocks up to 32 MB (a decoder batch's
-#: activations) stay in the heap, whose top is returned to the system above 256 MB or by ``release_memory``
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-HEAP_TRIM_BYTES, HEAP_MMAP_BYTES = 256 << 20, 32 << 20
-
-
-def keep_heap() -> None:
-    """Fixed glibc heap thresholds (instead of its adaptive ones): without them the heap handed back by
-    ``release_memory`` after a patient's load was faulted in again page by page, batch after batch, by the first
-    traversal update (twice its decoding time at full size). Elsewhere than glibc, nothing."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_BYTES)
-        libc.mallopt(M_TRIM_THRESHOLD, HEAP_TRIM_BYTES)
-    except (OSError, AttributeError):
-        pass
 
 
 def _no_view_ui(*_args, **_kwargs) -> None:

@@ -16,10 +16,9 @@ import socket
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import SimpleITK as sitk
 
 from DeepDosimetricsLib.data.geometry import Geometry
 from DeepDosimetricsLib.data.modality import CT
@@ -41,6 +40,9 @@ from DeepDosimetricsLib.runtime.atomic import write_json_atomic
 from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError, InputError
 from DeepDosimetricsLib.runtime.locks import LOCK_FOLDER, file_lock
 from DeepDosimetricsLib.runtime.pools import PoolSpec, as_pool, run_tasks
+
+if TYPE_CHECKING:  # SimpleITK is imported where a patient is built: a training run on a built cache never loads it
+    import SimpleITK as sitk
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,8 @@ def resample_into(
 
     Aligned grids (same spacing and direction, integer offset) are copied without interpolation.
     """
+    import SimpleITK as sitk
+
     source = Geometry.from_image(image)
     offset = grid_offset(source, target)
     depth = max(1, SLAB_VOXELS // max(1, target.size[0] * target.size[1]))
@@ -243,6 +247,8 @@ def build_patient(
 
     ``prescription_gy`` comes from the cohort's clinical table when it has a prescription column.
     """
+    import SimpleITK as sitk
+
     started = time.perf_counter()
     modality = getattr(patient, "modality", CT)
     if modality != CT:  # the channels are HU windows and the body comes from HU
