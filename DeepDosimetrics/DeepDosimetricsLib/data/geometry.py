@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 import numpy as np
 
-if TYPE_CHECKING:  # SimpleITK is imported where an image is made: a training process never loads it (88 MB)
+if TYPE_CHECKING:  # SimpleITK (88 MB of library pages) is imported where an image is made
     import SimpleITK as sitk
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])

@@ -41,7 +41,8 @@ from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError, InputError
 from DeepDosimetricsLib.runtime.locks import LOCK_FOLDER, file_lock
 from DeepDosimetricsLib.runtime.pools import PoolSpec, as_pool, run_tasks
 
-if TYPE_CHECKING:  # SimpleITK is imported where a patient is built: a training run on a built cache never loads it
+if TYPE_CHECKING:  # SimpleITK is imported where a patient is built (data.patient still imports it when
+    # ensure_cache opens the cohort: a training run loads it today)
     import SimpleITK as sitk
 
 log = logging.getLogger(__name__)
