@@ -4,9 +4,10 @@ run configuration Flower carries from the server to the ServerApp and the sites.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
+from DeepDosimetricsLib.runtime.configs import dataclass_from_dict
 from DeepDosimetricsLib.runtime.errors import InputError
 
 #: aggregation strategies: FedAvg weighted by tiles seen; FedProx adds mu/2 |w - w_global|^2 to each site's loss
@@ -58,13 +59,7 @@ class FederatedConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "federated configuration") -> FederatedConfig:
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise InputError(f"{source}: unknown federated option(s) {', '.join(unknown)}")
-        try:
-            return cls(**data)
-        except (TypeError, ValueError) as error:
-            raise InputError(f"{source}: {error}") from error
+        return dataclass_from_dict(cls, data, source, "federated")
 
 
 @dataclass

@@ -34,6 +34,7 @@ from DeepDosimetricsLib.deep.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from DeepDosimetricsLib.runtime.configs import dataclass_from_dict
 from DeepDosimetricsLib.runtime.devices import DEVICES, resolve_device
 from DeepDosimetricsLib.runtime.errors import DeepDosimetricsError, InputError
 from DeepDosimetricsLib.runtime.progress import emit_progress
@@ -147,14 +148,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "configuration") -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(f"{source}: unknown training option(s) {', '.join(unknown)}")
-        try:
-            return cls(**data)
-        except (TypeError, ValueError) as error:
-            raise InputError(f"{source}: {error}") from error
+        return dataclass_from_dict(cls, data, source, "training")
 
 
 def load_config_file(path: Union[str, Path, None]) -> dict[str, Any]:
